@@ -1,0 +1,250 @@
+"""The `p2pfl` command line: `run | sim | monitor | peers | keys | topology`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from p2pfl import __version__
+
+app = typer.Typer(
+    name="p2pfl",
+    help=(
+        "Decentralized gossip learning: every machine runs the same daemon, finds its peers, "
+        "trains on its own data and swaps model weights with neighbours over MQTT. "
+        "No aggregation server."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _not_yet(command: str, issue: int) -> None:
+    typer.echo(
+        f"p2pfl {command}: not implemented yet in p2pfl {__version__} (planned, issue #{issue}).",
+        err=True,
+    )
+    raise typer.Exit(code=1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"p2pfl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Decentralized gossip learning over MQTT, with no aggregation server."""
+
+
+_RUN_EPILOG = """
+Examples:
+
+  # four nodes on one machine, each with its own embedded broker, a ring, 30 sync rounds
+  p2pfl run --id n0 --listen 127.0.0.1:18830 --state-dir st/n0 \\
+      --peer n1=mqtt://127.0.0.1:18831 --peer n2=mqtt://127.0.0.1:18832 ... \\
+      --schedule ring --mode sync --rounds 30 --partition dirichlet:0.5 \\
+      --num-partitions 4 --partition-index 0
+
+  # every node on one shared Mosquitto
+  p2pfl run --broker mqtt://10.0.0.5:1883 --num-partitions 4 --partition-index 2
+
+Flags override the keys of the TOML file given with --config (same names, with _ for -).
+"""
+
+
+@app.command(epilog=_RUN_EPILOG)
+def run(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="TOML file with any of these keys."
+    ),
+    network: str | None = typer.Option(
+        None, help="Network name; nodes only talk within one. [default: default]"
+    ),
+    node_id: str | None = typer.Option(
+        None, "--id", help="Node id. [default: hostname-based, kept in the state dir]"
+    ),
+    broker: str | None = typer.Option(
+        None, help="embedded | local | mqtt[s]://HOST:PORT. [default: embedded]"
+    ),
+    listen: str | None = typer.Option(
+        None, help="HOST:PORT of the embedded/local broker; port 0 = free. [default: 0.0.0.0:0]"
+    ),
+    advertise: str | None = typer.Option(None, help="Host peers use to reach this node's broker."),
+    ca: Path | None = typer.Option(None, help="CA file for mqtts://."),
+    cert: Path | None = typer.Option(None, help="Client certificate for mqtts://."),
+    key: Path | None = typer.Option(None, help="Client key for mqtts://."),
+    username: str | None = typer.Option(None, help="Broker username."),
+    password: str | None = typer.Option(None, help="Broker password."),
+    peer: list[str] | None = typer.Option(
+        None, "--peer", help="Static peer ID=mqtt://HOST:PORT (repeatable)."
+    ),
+    discovery: str | None = typer.Option(
+        None, help="Comma list of static,presence. [default: static,presence]"
+    ),
+    schedule: str | None = typer.Option(
+        None, help="ring | random-walk | partial-mesh. [default: ring]"
+    ),
+    degree: int | None = typer.Option(
+        None, help="Neighbours per node for partial-mesh. [default: 4]"
+    ),
+    topology_file: Path | None = typer.Option(
+        None, help="Fixed graph (TOML edge list or GraphML) for partial-mesh."
+    ),
+    walkers: int | None = typer.Option(
+        None, help="Model tokens circulating (ring, random-walk); 0 = every node active."
+    ),
+    mode: str | None = typer.Option(
+        None, help="async (gossip) | sync (rounds, reproducible). [default: async]"
+    ),
+    rounds: int | None = typer.Option(
+        None, help="Stop after N rounds; 0 = until stopped. [default: 0]"
+    ),
+    duration: float | None = typer.Option(None, help="Stop after this many seconds."),
+    period: float | None = typer.Option(
+        None, help="Async mode: pause between local steps, seconds."
+    ),
+    round_timeout: float | None = typer.Option(
+        None, help="Sync mode: wait this long for neighbours' models. [default: 30]"
+    ),
+    presence_ttl: float | None = typer.Option(
+        None, help="Forget a silent peer after this many seconds. [default: 15]"
+    ),
+    dataset: str | None = typer.Option(
+        None, help="mnist1d | digits | npz:PATH. [default: mnist1d]"
+    ),
+    partition: str | None = typer.Option(
+        None, help="iid | dirichlet:ALPHA | shards:K. [default: iid]"
+    ),
+    num_partitions: int | None = typer.Option(
+        None, help="How many shares the dataset is cut into. [default: 1]"
+    ),
+    partition_index: int | None = typer.Option(
+        None, help="Which share this node trains on. [default: 0]"
+    ),
+    model: str | None = typer.Option(
+        None, help="logreg | mlp | cnn1d | package.module:factory. [default: cnn1d]"
+    ),
+    merge: str | None = typer.Option(
+        None, help="average | weighted | median | trimmed-mean:F | krum:F. [default: average]"
+    ),
+    optimizer: str | None = typer.Option(None, help="sgd | adam. [default: sgd]"),
+    lr: float | None = typer.Option(None, help="Learning rate. [default: 0.05]"),
+    local_epochs: int | None = typer.Option(None, help="Local epochs per round. [default: 3]"),
+    batch_size: int | None = typer.Option(None, help="Batch size. [default: 32]"),
+    mu: float | None = typer.Option(None, help="FedProx proximal term; 0 = off. [default: 0]"),
+    codec: str | None = typer.Option(None, help="raw | fp16 | int8 | topk:F. [default: raw]"),
+    seed: int | None = typer.Option(
+        None, help="Seed for data split, model init and schedule. [default: 0]"
+    ),
+    state_dir: Path | None = typer.Option(
+        None, help="Identity, checkpoints, metrics. [default: ~/.local/state/p2pfl/NET/ID]"
+    ),
+    log_format: str | None = typer.Option(None, help="text | json. [default: text]"),
+    log_level: str | None = typer.Option(
+        None, help="debug | info | warning | error. [default: info]"
+    ),
+) -> None:
+    """Run the node daemon on this machine: train, gossip with peers, merge. Stops on Ctrl-C."""
+    import asyncio
+
+    from p2pfl.config import ConfigError, StaticPeer, load_config
+    from p2pfl.logs import setup_logging
+
+    overrides: dict[str, Any] = {
+        "network": network,
+        "id": node_id,
+        "broker": broker,
+        "listen": listen,
+        "advertise": advertise,
+        "ca": ca,
+        "cert": cert,
+        "key": key,
+        "username": username,
+        "password": password,
+        "schedule": schedule,
+        "degree": degree,
+        "topology_file": topology_file,
+        "walkers": walkers,
+        "mode": mode,
+        "rounds": rounds,
+        "duration": duration,
+        "period": period,
+        "round_timeout": round_timeout,
+        "presence_ttl": presence_ttl,
+        "dataset": dataset,
+        "partition": partition,
+        "num_partitions": num_partitions,
+        "partition_index": partition_index,
+        "model": model,
+        "merge": merge,
+        "optimizer": optimizer,
+        "lr": lr,
+        "local_epochs": local_epochs,
+        "batch_size": batch_size,
+        "mu": mu,
+        "codec": codec,
+        "seed": seed,
+        "state_dir": state_dir,
+        "log_format": log_format,
+        "log_level": log_level,
+    }
+    if discovery is not None:
+        overrides["discovery"] = [s.strip() for s in discovery.split(",") if s.strip()]
+    try:
+        if peer:
+            overrides["peers"] = [StaticPeer.parse(p).model_dump() for p in peer]
+        cfg = load_config(config, overrides)
+    except (ConfigError, ValueError) as exc:
+        message = str(exc)
+        if not message.startswith("config error"):
+            message = f"config error: peer: {message}"
+        typer.echo(message, err=True)
+        raise typer.Exit(code=2) from None
+    setup_logging(cfg.log_format, cfg.log_level)
+    from p2pfl.daemon import serve
+    from p2pfl.store import StateDirError
+
+    try:
+        asyncio.run(serve(cfg))
+    except StateDirError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+
+
+@app.command()
+def sim() -> None:
+    """Simulate a whole network of nodes on this machine. [not implemented yet]"""
+    _not_yet("sim", 5)
+
+
+@app.command()
+def monitor() -> None:
+    """Watch a running network: peers, rounds, accuracy, traffic. [not implemented yet]"""
+    _not_yet("monitor", 6)
+
+
+@app.command()
+def peers() -> None:
+    """List the peers mDNS finds on the local network. [not implemented yet]"""
+    _not_yet("peers", 4)
+
+
+@app.command()
+def keys() -> None:
+    """Create and show this node's signing identity. [not implemented yet]"""
+    _not_yet("keys", 3)
+
+
+@app.command()
+def topology() -> None:
+    """Show the overlay a schedule builds for a set of node ids. [not implemented yet]"""
+    _not_yet("topology", 3)

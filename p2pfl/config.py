@@ -1,0 +1,231 @@
+"""Node configuration: one immutable pydantic model, loaded from TOML and overridden by flags.
+
+Validated once at start-up; a bad value becomes one readable line naming the key
+(`format_error`), and the CLI exits with status 2.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from p2pfl.protocol.topics import validate_name
+
+Schedule = Literal["ring", "random-walk", "partial-mesh"]
+DiscoverySource = Literal["static", "presence", "mdns"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+class StaticPeer(BaseModel):
+    """A peer known in advance: its id and its home broker."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    broker: str
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        return validate_name(value, "peer id")
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        from p2pfl.transport.mqtt import parse_broker_uri
+
+        parse_broker_uri(value)
+        return value
+
+    @classmethod
+    def parse(cls, text: str) -> StaticPeer:
+        """Parse the `--peer ID=mqtt://HOST:PORT` form."""
+        peer_id, sep, broker = text.partition("=")
+        if not sep:
+            raise ValueError(f"expected ID=mqtt://HOST:PORT, got {text!r}")
+        return cls(id=peer_id.strip(), broker=broker.strip())
+
+
+class NodeConfig(BaseModel):
+    """Everything a node needs to run. Immutable once validated."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # identity and network
+    network: str = "default"
+    id: str | None = None
+    role: Literal["trainer", "monitor"] = "trainer"
+    # brokers: embedded (amqtt in-process), local (private mosquitto child), or a URI
+    broker: str = "embedded"
+    listen: str = "0.0.0.0:0"
+    advertise: str | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password: str | None = None
+    # membership
+    peers: tuple[StaticPeer, ...] = ()
+    discovery: tuple[DiscoverySource, ...] = ("static", "presence")
+    interfaces: tuple[str, ...] = ()
+    presence_ttl: float = Field(15.0, gt=0)
+    # schedule
+    schedule: Schedule = "ring"
+    degree: int = Field(4, ge=1)
+    topology_file: Path | None = None
+    walkers: int = Field(0, ge=0)
+    mode: Literal["async", "sync"] = "async"
+    period: float = Field(0.0, ge=0)
+    round_timeout: float = Field(30.0, gt=0)
+    rounds: int = Field(0, ge=0)
+    duration: float | None = Field(None, gt=0)
+    # learning
+    dataset: str = "mnist1d"
+    partition: str = "iid"
+    num_partitions: int = Field(1, ge=1)
+    partition_index: int = Field(0, ge=0)
+    model: str = "cnn1d"
+    merge: str = "average"
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    local_epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    mu: float = Field(0.0, ge=0)
+    seed: int = 0
+    codec: str = "raw"
+    max_round_lag: int = Field(10, ge=0)
+    # limits, state, output
+    max_message_size: int = Field(64 * 1024 * 1024, ge=1024)
+    max_chunk: int = Field(1024 * 1024, ge=1024)
+    state_dir: Path | None = None
+    checkpoints_keep: int = Field(3, ge=1)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("network")
+    @classmethod
+    def _check_network(cls, value: str) -> str:
+        return validate_name(value, "network")
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str | None) -> str | None:
+        return None if value is None else validate_name(value, "id")
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        if value in ("embedded", "local"):
+            return value
+        from p2pfl.transport.mqtt import parse_broker_uri
+
+        parse_broker_uri(value)
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @field_validator("partition")
+    @classmethod
+    def _check_partition(cls, value: str) -> str:
+        from p2pfl.learning.partition import parse_partition
+
+        parse_partition(value)
+        return value
+
+    @field_validator("merge")
+    @classmethod
+    def _check_merge(cls, value: str) -> str:
+        from p2pfl.learning.merge import parse_merge
+
+        parse_merge(value)
+        return value
+
+    @field_validator("codec")
+    @classmethod
+    def _check_codec(cls, value: str) -> str:
+        from p2pfl.protocol.codec import parse_codec
+
+        parse_codec(value)
+        return value
+
+    @field_validator("discovery")
+    @classmethod
+    def _check_discovery(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("choose at least one of static, presence, mdns")
+        return tuple(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> NodeConfig:
+        if self.partition_index >= self.num_partitions:
+            raise ValueError(
+                f"partition_index ({self.partition_index}) must be below "
+                f"num_partitions ({self.num_partitions})"
+            )
+        if self.topology_file is not None and not self.topology_file.is_file():
+            raise ValueError(f"topology_file: no such file {self.topology_file}")
+        return self
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Split `HOST:PORT` (IPv6 as `[::1]:PORT`); port 0 means a free port."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port must be a number, got {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0-65535, got {port}")
+    return host, port
+
+
+def format_error(exc: ValidationError) -> str:
+    """One readable line per problem, naming the key and the bad value."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = err.get("input")
+        shown = (
+            "" if isinstance(value, Mapping) or err["type"] == "missing" else f" (got {value!r})"
+        )
+        lines.append(f"config error: {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any]) -> NodeConfig:
+    """Read the TOML file (if any), apply flag overrides (None = not given), validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config error: {path} is not valid TOML: {exc}") from None
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+    for key, value in overrides.items():
+        if value is None or value == ():
+            continue
+        data[key] = value
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_error(exc)) from None

@@ -1,0 +1,163 @@
+"""`p2pfl run`: build a node's parts from its `NodeConfig` and run it until done or signalled.
+
+Order of start-up: state dir (lock, id) -> data and model -> home broker -> transport -> node.
+Shutdown (SIGINT/SIGTERM) runs in reverse: the node finishes its local step, checkpoints,
+publishes `bye`, closes its clients; then the home broker stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from p2pfl.config import NodeConfig, parse_host_port
+from p2pfl.learning.datasets import load_dataset
+from p2pfl.learning.partition import partition
+from p2pfl.learning.torch_learner import TorchLearner, build_learner
+from p2pfl.node import Node, NodeCounters, RoundReport
+from p2pfl.store import StateDir
+from p2pfl.topology import load_graph, make_schedule
+from p2pfl.transport.embedded import EmbeddedBroker
+from p2pfl.transport.mosquitto import MosquittoBroker
+from p2pfl.transport.mqtt import MqttTransport
+
+log = logging.getLogger(__name__)
+progress = logging.getLogger("p2pfl.progress")
+
+
+def default_state_dir(network: str, node_id: str | None) -> Path:
+    """`$XDG_STATE_HOME/p2pfl/<network>/<id or 'node'>`."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "p2pfl" / network / (node_id or "node")
+
+
+def build_torch_learner(config: NodeConfig) -> TorchLearner:
+    """Load the dataset, take this node's partition, build the model. Blocking."""
+    dataset = load_dataset(config.dataset, seed=config.seed)
+    parts = partition(dataset.y_train, config.num_partitions, config.partition, seed=config.seed)
+    return build_learner(
+        config.model,
+        dataset,
+        parts[config.partition_index],
+        batch_size=config.batch_size,
+        # Same seed on every node: identical initial models, so early averaging is not harmful.
+        init_seed=config.seed,
+        seed=config.seed * 1000 + config.partition_index,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        momentum=config.momentum,
+        local_epochs=config.local_epochs,
+        mu=config.mu,
+    )
+
+
+def advertised_host(listen_host: str, advertise: str | None) -> str:
+    """The host peers should use to reach our broker."""
+    if advertise:
+        return advertise
+    if listen_host not in ("0.0.0.0", "::", ""):
+        return listen_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+@contextlib.asynccontextmanager
+async def home_broker(config: NodeConfig) -> AsyncIterator[str]:
+    """Start the node's home broker (embedded or local) or pass an external URI through."""
+    if config.broker not in ("embedded", "local"):
+        yield config.broker
+        return
+    host, port = parse_host_port(config.listen)
+    public = advertised_host(host, config.advertise)
+    if config.broker == "embedded":
+        broker: EmbeddedBroker | MosquittoBroker = EmbeddedBroker(host=host, port=port)
+    else:
+        broker = MosquittoBroker(host=host, port=port, max_packet_size=config.max_message_size)
+    await asyncio.to_thread(broker.start)
+    try:
+        yield f"mqtt://{public}:{broker.port}"
+    finally:
+        await asyncio.to_thread(broker.stop)
+
+
+def report_round(report: RoundReport) -> None:
+    """The per-round progress line (text) or JSON object (json)."""
+    fields = report.as_dict()
+    progress.info(
+        "round %d loss=%.4f acc=%.4f peers=%d merged=%d sent=%d recv=%d rejected=%d",
+        report.round,
+        report.train_loss,
+        report.accuracy,
+        report.peers,
+        report.merged,
+        fields["models_sent"],
+        fields["models_received"],
+        fields["rejected"],
+        extra={"fields": fields},
+    )
+
+
+async def serve(config: NodeConfig) -> NodeCounters:
+    """Run one node described by `config` until its budget is spent or it is signalled."""
+    state_path = config.state_dir or default_state_dir(config.network, config.id)
+    with StateDir(state_path, keep=config.checkpoints_keep) as state:
+        node_id = state.node_id(config.id)
+        log.info("loading data dataset=%s model=%s", config.dataset, config.model)
+        learner = await asyncio.to_thread(build_torch_learner, config)
+        graph = None if config.topology_file is None else load_graph(config.topology_file)
+        schedule = make_schedule(
+            config.schedule, degree=config.degree, seed=config.seed, graph=graph
+        )
+        async with home_broker(config) as home_uri:
+            transport = MqttTransport(
+                home_uri,
+                client_id=f"{node_id}-{secrets.token_hex(3)}",
+                ca=config.ca,
+                cert=config.cert,
+                key=config.key,
+                username=config.username,
+                password=config.password,
+            )
+            node = Node(
+                config,
+                learner,
+                transport,
+                node_id=node_id,
+                home_broker=home_uri,
+                schedule=schedule,
+                state=state,
+                on_round=report_round,
+            )
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, node.stop)
+            try:
+                counters = await node.run()
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+        final = node.last_eval
+        progress.info(
+            "done rounds=%d accuracy=%s",
+            node.round,
+            "n/a" if final is None else f"{final.accuracy:.4f}",
+            extra={
+                "fields": {
+                    "event": "done",
+                    "node": node_id,
+                    "round": node.round,
+                    "accuracy": None if final is None else final.accuracy,
+                    **counters.as_dict(),
+                }
+            },
+        )
+        return counters

@@ -1,0 +1,79 @@
+"""MQTT presence: the retained join record a node publishes, and the offline record of its will.
+
+A node publishes ``presence`` (online, with its role, home broker and round) on
+``p2pfl/v1/<net>/presence/<id>``, retained, on its home broker and on the home broker of every
+peer it knows, and repeats it every third of the presence TTL as a heartbeat. Each of those
+connections carries a will with the ``offline`` record, so a crash is seen at once by every
+broker the node was connected to; a graceful stop publishes ``bye``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from p2pfl.protocol.envelope import PROTOCOL_VERSION, Envelope, pack_envelope
+from p2pfl.protocol.errors import ProtocolError
+
+ROLES = ("trainer", "monitor")
+
+
+@dataclass(frozen=True)
+class PresenceRecord:
+    """What a presence message says about its sender."""
+
+    node_id: str
+    online: bool
+    role: str = "trainer"
+    broker: str = ""
+    round: int | None = None
+
+
+def encode_presence(
+    net: str,
+    node_id: str,
+    seq: int,
+    *,
+    online: bool,
+    role: str,
+    broker: str,
+    round: int | None = None,
+) -> bytes:
+    """The presence (online) or bye (offline) envelope of `node_id`."""
+    body = {"state": "online" if online else "offline", "role": role, "broker": broker}
+    if round is not None:
+        body["round"] = round
+    env = Envelope(
+        v=PROTOCOL_VERSION,
+        kind="presence" if online else "bye",
+        net=net,
+        src=node_id,
+        seq=seq,
+        ts=time.time(),
+        body=body,
+    )
+    return pack_envelope(env)
+
+
+def parse_presence(env: Envelope) -> PresenceRecord:
+    """Validate a presence/bye envelope; ProtocolError when it is not one."""
+    if env.kind not in ("presence", "bye"):
+        raise ProtocolError(f"expected a presence record, got kind {env.kind!r}")
+    body = env.body
+    if not isinstance(body, dict):
+        raise ProtocolError("presence body must be a map")
+    state = body.get("state", "offline" if env.kind == "bye" else None)
+    if state not in ("online", "offline"):
+        raise ProtocolError(f"presence state must be online or offline, got {state!r}")
+    role = body.get("role", "trainer")
+    if role not in ROLES:
+        raise ProtocolError(f"unknown role {role!r}")
+    broker = body.get("broker", "")
+    if not isinstance(broker, str) or len(broker) > 512:
+        raise ProtocolError("presence broker must be a short string")
+    rnd = body.get("round")
+    if rnd is not None and (not isinstance(rnd, int) or rnd < 0 or not math.isfinite(rnd)):
+        raise ProtocolError(f"presence round must be a non-negative integer, got {rnd!r}")
+    online = env.kind == "presence" and state == "online"
+    return PresenceRecord(node_id=env.src, online=online, role=role, broker=broker, round=rnd)

@@ -1,0 +1,68 @@
+"""The `Learner` seam: what a node needs from a model, whatever framework trains it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["EvalResult", "FitResult", "Learner"]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Outcome of one local training step.
+
+    `loss` is the mean training loss over the last local epoch (the data term only, without
+    any proximal term); `samples` counts the examples processed during the whole step.
+    """
+
+    loss: float
+    samples: int
+    seconds: float
+
+
+# eq=False: a dataclass compares fields with ==, which is ambiguous for arrays.
+@dataclass(frozen=True, eq=False)
+class EvalResult:
+    """Outcome of an evaluation on the local test set.
+
+    `confusion` is an int64 [n_classes, n_classes] matrix, rows = true label, columns =
+    predicted label; summing the matrices of several peers gives their joint evaluation.
+    """
+
+    loss: float
+    accuracy: float
+    samples: int
+    confusion: np.ndarray
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """A trainable model with its local data, exchanging weights as named numpy arrays.
+
+    Methods block (training takes seconds); a node calls them through `asyncio.to_thread`.
+    """
+
+    @property
+    def num_samples(self) -> int:
+        """Number of local training samples."""
+        ...
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Return a copy of every tensor of the model, by name."""
+        ...
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Replace the model's tensors; names and shapes must match the model's."""
+        ...
+
+    def fit(self) -> FitResult:
+        """Train on the local data for the configured number of epochs."""
+        ...
+
+    def evaluate(self) -> EvalResult:
+        """Evaluate on the local test data."""
+        ...

@@ -1,0 +1,159 @@
+"""Built-in models, and user models named `package.module:factory`.
+
+The built-ins avoid BatchNorm on purpose: peers average every tensor of the state dict, and
+averaging BatchNorm running statistics across peers whose data differ (non-IID) gives
+statistics that match nobody's activations, which wrecks evaluation (Hsieh et al. 2020,
+"The non-IID data quagmire"). A user model may still use it, knowingly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["BUILTIN_MODELS", "Cnn1d", "build_model"]
+
+# Seeding the init goes through torch's global generator (nn.Module init functions take no
+# generator); the lock keeps two of our threads from interleaving their seeded sections.
+_INIT_LOCK = threading.Lock()
+
+
+def _flat_features(in_shape: tuple[int, ...]) -> int:
+    return math.prod(in_shape)
+
+
+def _logreg(in_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(_flat_features(in_shape), n_classes))
+
+
+def _mlp(in_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    hidden = 100
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(_flat_features(in_shape), hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, n_classes),
+    )
+
+
+class Cnn1d(nn.Module):
+    """Three strided 1-D convolutions and a linear head, sized for MNIST-1D (40 samples).
+
+    Accepts [B, L] (one channel) or [B, C, L]. About 12k parameters for MNIST-1D.
+    """
+
+    def __init__(self, in_shape: tuple[int, ...], n_classes: int, channels: int = 32) -> None:
+        super().__init__()
+        if len(in_shape) == 1:
+            in_channels, length = 1, in_shape[0]
+        elif len(in_shape) == 2:
+            in_channels, length = in_shape
+        else:
+            raise ValueError(f"cnn1d expects inputs shaped (L,) or (C, L), got {in_shape}")
+        self.features = nn.Sequential(
+            nn.Conv1d(in_channels, channels, kernel_size=5, stride=2, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, kernel_size=5, stride=2, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, kernel_size=5, stride=2, padding=2),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        for _ in range(3):
+            length = (length + 2 * 2 - 5) // 2 + 1
+        if length < 1:
+            raise ValueError(f"cnn1d needs signals of at least 1 sample, got {in_shape}")
+        self.head = nn.Linear(channels * length, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits [B, n_classes]."""
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        return self.head(self.features(x))
+
+
+BUILTIN_MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
+    "logreg": _logreg,
+    "mlp": _mlp,
+    "cnn1d": Cnn1d,
+}
+
+
+def build_model(
+    name: str, in_shape: tuple[int, ...], n_classes: int, *, seed: int | None = None
+) -> nn.Module:
+    """Build a built-in model (`logreg`, `mlp`, `cnn1d`) or a user one (`package.module:factory`).
+
+    A user factory is called with the keyword arguments `in_shape` and `n_classes` it
+    declares (none if it declares neither). With `seed`, the initial weights are a function of
+    the seed, so peers can start from the same model.
+    """
+    in_shape = tuple(int(d) for d in in_shape)
+    if name in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[name]
+
+        def factory() -> nn.Module:
+            return builtin(in_shape, n_classes)
+
+    elif ":" in name:
+        user_factory = _import_factory(name)
+
+        def factory() -> nn.Module:
+            return _call_user_factory(name, user_factory, in_shape, n_classes)
+
+    else:
+        choices = ", ".join(sorted(BUILTIN_MODELS))
+        raise ValueError(
+            f"unknown model {name!r}: choose one of {choices}, or give 'package.module:factory'"
+        )
+    if seed is None:
+        return factory()
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return factory()
+
+
+def _import_factory(spec: str) -> Callable[..., Any]:
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise ValueError(f"model {spec!r}: expected 'package.module:factory'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model {spec!r}: cannot import {module_name!r}: {e}") from e
+    for attr in attr_path.split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError as e:
+            raise ValueError(f"model {spec!r}: {module_name!r} has no {attr_path!r}") from e
+    if not callable(obj):
+        raise ValueError(f"model {spec!r}: {attr_path!r} is not callable")
+    return obj
+
+
+def _call_user_factory(
+    spec: str, factory: Callable[..., Any], in_shape: tuple[int, ...], n_classes: int
+) -> nn.Module:
+    offered: dict[str, Any] = {"in_shape": in_shape, "n_classes": n_classes}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # some builtins and C extensions have no signature
+        kwargs: dict[str, Any] = {}
+    else:
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            kwargs = offered
+        else:
+            kwargs = {k: v for k, v in offered.items() if k in params}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {spec!r}: factory returned {type(model).__name__}, not nn.Module")
+    return model

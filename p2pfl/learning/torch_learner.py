@@ -1,0 +1,263 @@
+"""`TorchLearner`: the `Learner` protocol for any `nn.Module` and a pair of DataLoaders."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Literal, TypedDict, Unpack
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+from p2pfl.learning.datasets import Dataset
+from p2pfl.learning.learner import EvalResult, FitResult
+from p2pfl.learning.models import build_model
+
+__all__ = ["LearnerOptions", "TorchLearner", "build_learner", "make_loaders"]
+
+OptimizerName = Literal["sgd", "adam"]
+
+
+class TorchLearner:
+    """Trains a torch model on local data; weights travel as named numpy arrays.
+
+    The optimizer is created once and kept across fits, so SGD momentum (and Adam's moments)
+    survive merges: a merge moves the weights a little and the running direction stays a
+    good estimate, which is what the measured gossip recipe (SGD, momentum 0.9, lr 0.05,
+    3 local epochs) relies on. `reset_optimizer()` drops that state, e.g. after adopting a
+    very different model.
+
+    With `mu > 0`, fit adds FedProx's proximal term mu/2 * ||w - w0||^2, where w0 are the
+    weights at the start of that fit (Li et al. 2020, "Federated optimization in
+    heterogeneous networks").
+
+    The learner never changes torch's global thread settings; the caller decides them.
+    Methods are serialized by an internal lock; call them from a worker thread
+    (`asyncio.to_thread`), never on an event loop while a fit may be running.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: DataLoader[tuple[torch.Tensor, ...]],
+        test: DataLoader[tuple[torch.Tensor, ...]],
+        *,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        local_epochs: int = 3,
+        mu: float = 0.0,
+        n_classes: int,
+        device: str | torch.device = "cpu",
+        seed: int | None = None,
+    ) -> None:
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        if lr <= 0 or local_epochs < 1 or mu < 0 or weight_decay < 0 or n_classes < 1:
+            raise ValueError(
+                f"need lr > 0, local_epochs >= 1, mu >= 0, weight_decay >= 0, n_classes >= 1; "
+                f"got lr={lr}, local_epochs={local_epochs}, mu={mu}, "
+                f"weight_decay={weight_decay}, n_classes={n_classes}"
+            )
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.train_loader = train
+        self.test_loader = test
+        self.optimizer_name: OptimizerName = optimizer
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.local_epochs = local_epochs
+        self.mu = mu
+        self.n_classes = n_classes
+        if seed is not None:
+            _seed_sampler(train, seed)
+        self._lock = threading.Lock()
+        self._optimizer = self._new_optimizer()
+
+    @property
+    def num_samples(self) -> int:
+        """Number of local training samples."""
+        return len(self.train_loader.dataset)  # type: ignore[arg-type]
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Return contiguous numpy copies of the state dict (parameters and buffers)."""
+        with self._lock:
+            return {
+                name: np.array(t.detach().cpu().contiguous().numpy(), copy=True, order="C")
+                for name, t in self.model.state_dict().items()
+            }
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Load weights; all-or-nothing: ValueError naming the tensor on a name/shape mismatch."""
+        with self._lock:
+            state = self.model.state_dict()
+            missing = sorted(set(state) - set(weights))
+            unexpected = sorted(set(weights) - set(state))
+            if missing or unexpected:
+                raise ValueError(
+                    f"weights do not match the model: missing {missing}, unexpected {unexpected}"
+                )
+            for name, target in state.items():
+                shape = tuple(np.shape(weights[name]))
+                if shape != tuple(target.shape):
+                    raise ValueError(
+                        f"tensor {name!r} has shape {shape}, model expects {tuple(target.shape)}"
+                    )
+            with torch.no_grad():
+                for name, target in state.items():
+                    # torch.tensor copies, so read-only arrays (decoded from bytes) are fine.
+                    target.copy_(torch.tensor(np.asarray(weights[name])))
+
+    def reset_optimizer(self) -> None:
+        """Drop optimizer state (momentum buffers, Adam moments and step counts)."""
+        with self._lock:
+            self._optimizer = self._new_optimizer()
+
+    def fit(self) -> FitResult:
+        """Train `local_epochs` epochs over the local training data."""
+        with self._lock:
+            start = time.perf_counter()
+            self.model.train()
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            anchor = [p.detach().clone() for p in params] if self.mu > 0 else []
+            samples = 0
+            epoch_loss, epoch_samples = 0.0, 0
+            for _ in range(self.local_epochs):
+                epoch_loss, epoch_samples = 0.0, 0
+                for xb, yb in self.train_loader:
+                    x, y = xb.to(self.device), yb.to(self.device)
+                    self._optimizer.zero_grad(set_to_none=True)
+                    data_loss = F.cross_entropy(self.model(x), y)
+                    loss = data_loss
+                    if anchor:
+                        prox = sum(
+                            ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
+                        )
+                        loss = loss + 0.5 * self.mu * prox
+                    loss.backward()
+                    self._optimizer.step()
+                    epoch_loss += data_loss.item() * len(y)
+                    epoch_samples += len(y)
+                samples += epoch_samples
+            mean = epoch_loss / epoch_samples if epoch_samples else float("nan")
+            return FitResult(mean, samples, time.perf_counter() - start)
+
+    def evaluate(self) -> EvalResult:
+        """Loss, accuracy and confusion matrix (rows true, columns predicted) on the test data."""
+        with self._lock:
+            start_mode = self.model.training
+            self.model.eval()
+            k = self.n_classes
+            confusion = np.zeros(k * k, dtype=np.int64)
+            total_loss, total = 0.0, 0
+            try:
+                with torch.no_grad():
+                    for xb, yb in self.test_loader:
+                        x, y = xb.to(self.device), yb.to(self.device)
+                        logits = self.model(x)
+                        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+                        truth = y.cpu().numpy()
+                        if truth.size and (truth.min() < 0 or truth.max() >= k):
+                            raise ValueError(f"test labels outside [0, {k})")
+                        pred = logits.argmax(dim=1).cpu().numpy()
+                        confusion += np.bincount(truth * k + pred, minlength=k * k)
+                        total += len(truth)
+            finally:
+                self.model.train(start_mode)
+            matrix = confusion.reshape(k, k)
+            if total == 0:
+                return EvalResult(float("nan"), float("nan"), 0, matrix)
+            accuracy = float(np.trace(matrix)) / total
+            return EvalResult(total_loss / total, accuracy, total, matrix)
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        params = self.model.parameters()
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(
+            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+
+
+def _seed_sampler(loader: DataLoader[tuple[torch.Tensor, ...]], seed: int) -> None:
+    """Make a shuffling loader's batch order a function of `seed`."""
+    sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
+    if isinstance(sampler, RandomSampler):
+        sampler.generator = torch.Generator().manual_seed(seed)
+
+
+def make_loaders(
+    dataset: Dataset,
+    indices: np.ndarray | None,
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
+    test_indices: np.ndarray | None = None,
+    test_batch_size: int = 1024,
+) -> tuple[DataLoader[tuple[torch.Tensor, ...]], DataLoader[tuple[torch.Tensor, ...]]]:
+    """Loaders over the chosen training (and test) samples; None means all of them.
+
+    The training order comes from a `torch.Generator` seeded with `seed`, not from torch's
+    global generator, so runs are reproducible and peers in one process do not disturb
+    each other.
+    """
+
+    def tensors(x: np.ndarray, y: np.ndarray, idx: np.ndarray | None) -> TensorDataset:
+        if idx is not None:
+            x, y = x[idx], y[idx]
+        return TensorDataset(torch.tensor(x), torch.tensor(y))
+
+    train = DataLoader(
+        tensors(dataset.x_train, dataset.y_train, indices),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    test = DataLoader(
+        tensors(dataset.x_test, dataset.y_test, test_indices), batch_size=test_batch_size
+    )
+    return train, test
+
+
+class LearnerOptions(TypedDict, total=False):
+    """Training options `build_learner` passes through to `TorchLearner`."""
+
+    optimizer: OptimizerName
+    lr: float
+    momentum: float
+    weight_decay: float
+    local_epochs: int
+    mu: float
+    device: str | torch.device
+
+
+def build_learner(
+    model_name: str,
+    dataset: Dataset,
+    indices: np.ndarray | None,
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
+    init_seed: int | None = None,
+    test_indices: np.ndarray | None = None,
+    **opts: Unpack[LearnerOptions],
+) -> TorchLearner:
+    """Build a model and loaders for a slice of `dataset` and wrap them in a `TorchLearner`.
+
+    `seed` fixes the batch order; `init_seed` (default: `seed`) fixes the initial weights, so
+    peers given the same `init_seed` start from the same model.
+    """
+    model = build_model(
+        model_name,
+        dataset.in_shape,
+        dataset.n_classes,
+        seed=seed if init_seed is None else init_seed,
+    )
+    train, test = make_loaders(
+        dataset, indices, batch_size=batch_size, seed=seed, test_indices=test_indices
+    )
+    return TorchLearner(model, train, test, n_classes=dataset.n_classes, **opts)

@@ -1,0 +1,506 @@
+"""The node daemon: membership, schedule, training, gossip and merge in one asyncio loop.
+
+`Node` is given its parts (a `Learner`, a `Transport`, a state directory) and runs them; it never
+knows whether it talks to a real broker or the simulator's in-memory bus. `p2pfl.daemon` builds
+the parts from a `NodeConfig` for `p2pfl run`.
+
+Data path (DESIGN.md): the schedule picks targets from the live view; the model is trained in a
+worker thread, encoded (chunked when large) and published to each target's inbox on the target's
+home broker; received models are reassembled, decoded, validated against the local model's
+shapes, and merged with the local model by the configured rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from p2pfl.config import NodeConfig
+from p2pfl.discovery.peerview import PeerInfo, PeerView
+from p2pfl.discovery.presence import encode_presence, parse_presence
+from p2pfl.learning.learner import EvalResult, FitResult, Learner
+from p2pfl.learning.merge import parse_merge
+from p2pfl.protocol import chunking, topics
+from p2pfl.protocol.envelope import unpack_envelope
+from p2pfl.protocol.errors import ProtocolError
+from p2pfl.protocol.model import decode_model, encode_model
+from p2pfl.store import StateDir
+from p2pfl.topology import Schedule
+from p2pfl.transport.base import Message, Transport
+
+log = logging.getLogger(__name__)
+
+# Decoding big payloads is done off the loop; small ones are cheaper inline.
+_INLINE_DECODE_BYTES = 256 * 1024
+
+
+@dataclass
+class NodeCounters:
+    """What a node has done so far; reported every round and in telemetry."""
+
+    rounds: int = 0
+    models_sent: int = 0
+    models_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "models_sent": self.models_sent,
+            "models_received": self.models_received,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "rejected": self.rejected_total,
+            "rejected_by_reason": dict(self.rejected),
+        }
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """One line of progress: what a round did."""
+
+    node_id: str
+    round: int
+    train_loss: float
+    test_loss: float
+    accuracy: float
+    peers: int
+    merged: int
+    seconds: float
+    counters: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "event": "round",
+            "node": self.node_id,
+            "round": self.round,
+            "train_loss": round(self.train_loss, 6),
+            "test_loss": round(self.test_loss, 6),
+            "accuracy": round(self.accuracy, 6),
+            "peers": self.peers,
+            "merged": self.merged,
+            "seconds": round(self.seconds, 4),
+            **self.counters,
+        }
+
+
+@dataclass(frozen=True)
+class _Received:
+    round: int
+    age: float
+    weights: dict[str, np.ndarray]
+
+
+def _reason_key(reason: str) -> str:
+    """A short, bounded counter label for a rejection reason."""
+    return reason.split(":", 1)[0].strip()[:48] or "invalid"
+
+
+class Node:
+    """One participant of the gossip network."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        learner: Learner,
+        transport: Transport,
+        *,
+        node_id: str,
+        home_broker: str,
+        schedule: Schedule,
+        state: StateDir | None = None,
+        on_round: Callable[[RoundReport], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.learner = learner
+        self.transport = transport
+        self.node_id = node_id
+        self.home_broker = home_broker
+        self.schedule = schedule
+        self.state = state
+        self.on_round = on_round
+        self.clock = clock
+        self.net = config.network
+        self.view = PeerView(node_id, ttl=config.presence_ttl, clock=clock)
+        self.counters = NodeCounters()
+        self.round = 0
+        self.last_eval: EvalResult | None = None
+        self._merge = parse_merge(config.merge)
+        self._seq = 0
+        self._inbox_topic = topics.inbox(self.net, node_id)
+        self._received: dict[str, _Received] = {}
+        self._arrived = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._reassembler = chunking.Reassembler(
+            max_pending_bytes_per_sender=2 * config.max_message_size,
+            timeout=max(config.round_timeout, 30.0),
+            clock=clock,
+        )
+        self._expected: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}
+        self._logged_peers: set[tuple[str, str]] = set()
+        self._announced: set[str] = set()
+        self._started = clock()
+
+    # ---- public control -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the node to finish: stop taking work, checkpoint, say bye, close."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self) -> NodeCounters:
+        """Run until the round/time budget is spent or `stop()` is called."""
+        weights = self.learner.get_weights()
+        self._expected = {k: (v.dtype, tuple(v.shape)) for k, v in weights.items()}
+        await self._resume()
+        await self.transport.connect(will=self._presence_message(online=False))
+        await self.transport.subscribe(self._inbox_topic)
+        if "presence" in self.config.discovery:
+            await self.transport.subscribe(topics.presence_all(self.net))
+        for peer in self.config.peers:
+            if peer.id == self.node_id:
+                continue
+            if "presence" in self.config.discovery:
+                await self._announce_to(peer.broker)
+            else:
+                self.view.upsert(self._static_info(peer.id, peer.broker))
+        await self._publish_presence(online=True)
+        log.info(
+            "node started id=%s net=%s broker=%s schedule=%s mode=%s round=%d",
+            self.node_id,
+            self.net,
+            self.home_broker,
+            self.schedule.name,
+            self.config.mode,
+            self.round,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                receiver = tg.create_task(self._receive_loop())
+                heartbeat = tg.create_task(self._heartbeat_loop())
+                await self._train_loop()
+                receiver.cancel()
+                heartbeat.cancel()
+        finally:
+            await self._shutdown()
+        return self.counters
+
+    # ---- training ---------------------------------------------------------------------------
+
+    async def _train_loop(self) -> None:
+        deadline = None if self.config.duration is None else self.clock() + self.config.duration
+        while not self.stopping:
+            if self.config.rounds and self.round >= self.config.rounds:
+                break
+            if deadline is not None and self.clock() >= deadline:
+                break
+            await self._one_round()
+            if self.config.mode == "async" and self.config.period > 0:
+                await self._sleep(self.config.period)
+
+    async def _one_round(self) -> None:
+        started = self.clock()
+        r = self.round + 1
+        fit: FitResult = await asyncio.to_thread(self.learner.fit)
+        if self.stopping:
+            return
+        weights = await asyncio.to_thread(self.learner.get_weights)
+        try:
+            payload: bytes | None = await asyncio.to_thread(self._encode, weights, r, fit.samples)
+        except ValueError as exc:
+            # e.g. training diverged to NaN: peers would refuse it, so keep it to ourselves
+            log.error("not sending model round=%d reason=%s", r, exc)
+            payload = None
+        sent: set[str] = set()
+        if payload is not None:
+            await self._send_planned(r, payload, sent)
+            if self.config.mode == "sync":
+                await self._wait_for_round(r, payload, sent)
+        merged = await self._merge_received(weights, r, float(self.learner.num_samples))
+        result = await asyncio.to_thread(self.learner.evaluate)
+        self.last_eval = result
+        self.round = max(r, self.round)
+        self.counters.rounds += 1
+        if self.state is not None:
+            await asyncio.to_thread(
+                self.state.save_checkpoint, self.round, self.learner.get_weights(), {}
+            )
+        report = RoundReport(
+            node_id=self.node_id,
+            round=self.round,
+            train_loss=fit.loss,
+            test_loss=result.loss,
+            accuracy=result.accuracy,
+            peers=len(self.view.live()),
+            merged=merged,
+            seconds=self.clock() - started,
+            counters=self.counters.as_dict(),
+        )
+        if self.state is not None:
+            await asyncio.to_thread(self.state.append_metrics, report.as_dict())
+        if self.on_round is not None:
+            self.on_round(report)
+
+    def _plan_targets(self, r: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        plan = self.schedule.plan(self.node_id, self.view.live(), r)
+        return plan.send_to, plan.expect_from
+
+    async def _send_planned(self, r: int, payload: bytes, sent: set[str]) -> None:
+        send_to, _ = self._plan_targets(r)
+        for target in send_to:
+            if target in sent:
+                continue
+            info = self.view.get(target)
+            if info is None:
+                continue
+            sent.add(target)
+            await self._send(target, info.broker, payload)
+
+    async def _wait_for_round(self, r: int, payload: bytes, sent: set[str]) -> None:
+        """Sync mode: wait for the expected senders' round-r models, re-planning on view changes."""
+        deadline = self.clock() + self.config.round_timeout
+        view_version = self.view.version
+        while not self.stopping:
+            _, expect = self._plan_targets(r)
+            missing = [p for p in expect if p not in self._received or self._received[p].round < r]
+            if not missing:
+                return
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                log.info("round timeout round=%d missing=%s", r, ",".join(missing))
+                return
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(min(remaining, 1.0)):
+                    await self._arrived.wait()
+            except TimeoutError:
+                pass
+            if self.view.version != view_version:
+                # A neighbour joined or left: our new successor may not have our model yet.
+                view_version = self.view.version
+                await self._send_planned(r, payload, sent)
+
+    async def _merge_received(self, own: dict[str, np.ndarray], r: int, own_age: float) -> int:
+        received = self._received
+        self._received = {}
+        fresh = [m for m in received.values() if m.round >= r - self.config.max_round_lag]
+        if not fresh:
+            return 0
+        models = [own, *(m.weights for m in fresh)]
+        ages = [own_age, *(m.age for m in fresh)]
+        merged = await asyncio.to_thread(self._merge, models, ages)
+        await asyncio.to_thread(self.learner.set_weights, merged)
+        # Rounds are adopted from the furthest peer, so a restarted node catches up.
+        self.round = max(self.round, max(m.round for m in fresh) - 1)
+        return len(fresh)
+
+    def _encode(self, weights: Mapping[str, np.ndarray], r: int, age: float) -> bytes:
+        self._seq += 1
+        return encode_model(
+            dict(weights),
+            net=self.net,
+            src=self.node_id,
+            seq=self._seq,
+            round=r,
+            age=age,
+            codec=self.config.codec,
+        )
+
+    async def _send(self, target: str, broker: str, payload: bytes) -> None:
+        topic = topics.inbox(self.net, target)
+        self._seq += 1
+        parts = chunking.split(
+            payload,
+            max_chunk=self.config.max_chunk,
+            transfer_id=f"{self.node_id}-{self._seq}",
+            net=self.net,
+            src=self.node_id,
+            seq=self._seq,
+        )
+        for part in parts:
+            await self.transport.publish(topic, part, qos=1, broker=self._broker_for(broker))
+            self.counters.bytes_sent += len(part)
+        self.counters.models_sent += 1
+
+    def _broker_for(self, broker: str) -> str | None:
+        return None if broker in ("", self.home_broker) else broker
+
+    # ---- receiving --------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        async for message in self.transport.messages():
+            self.counters.bytes_received += len(message.payload)
+            if message.topic == self._inbox_topic:
+                await self._on_inbox(message)
+            else:
+                await self._on_other(message)
+
+    def _reject(self, src: str, reason: str) -> None:
+        self.counters.rejected[_reason_key(reason)] += 1
+        key = (src, _reason_key(reason))
+        if key not in self._logged_peers:
+            self._logged_peers.add(key)
+            log.warning("message rejected peer=%s reason=%s", src, reason)
+
+    async def _on_inbox(self, message: Message) -> None:
+        data = message.payload
+        src = "?"
+        try:
+            if len(data) > self.config.max_message_size:
+                raise ProtocolError(f"oversize: {len(data)} bytes")
+            env = unpack_envelope(data, max_size=self.config.max_message_size)
+            src = env.src
+            if env.net != self.net:
+                raise ProtocolError(f"wrong network: {env.net!r}")
+            if env.kind == "chunk":
+                self._reassembler.expire()
+                complete = self._reassembler.feed(env.src, env)
+                if complete is None:
+                    return
+                data = complete
+            elif env.kind != "model":
+                raise ProtocolError(f"unexpected kind in inbox: {env.kind}")
+            if len(data) > _INLINE_DECODE_BYTES:
+                env, model = await asyncio.to_thread(self._decode, data)
+            else:
+                env, model = self._decode(data)
+            if env.src != src:
+                raise ProtocolError("sender mismatch between chunks and model")
+            if model.round < self.round - self.config.max_round_lag:
+                raise ProtocolError(f"stale round: {model.round} < {self.round}")
+        except ProtocolError as exc:
+            self._reject(src, exc.reason)
+            return
+        self.counters.models_received += 1
+        previous = self._received.get(src)
+        if previous is None or model.round >= previous.round:
+            self._received[src] = _Received(model.round, model.age, model.weights)
+        self._arrived.set()
+
+    def _decode(self, data: bytes) -> Any:
+        return decode_model(
+            data, expected=self._expected, net=self.net, max_size=self.config.max_message_size
+        )
+
+    async def _on_other(self, message: Message) -> None:
+        try:
+            _net, kind, peer_id = topics.parse(message.topic)
+        except ProtocolError:
+            return
+        if kind != "presence" or peer_id == self.node_id or not message.payload:
+            return
+        try:
+            env = unpack_envelope(message.payload, max_size=64 * 1024)
+            record = parse_presence(env)
+            if env.src != peer_id or env.net != self.net:
+                raise ProtocolError("presence record does not match its topic")
+        except ProtocolError as exc:
+            self._reject(peer_id, exc.reason)
+            return
+        if not record.online:
+            if self.view.remove(peer_id, "offline"):
+                log.info("peer left id=%s", peer_id)
+            return
+        info = PeerInfo(
+            id=peer_id,
+            role=record.role,
+            broker=record.broker,
+            source="presence",
+            last_seen=self.clock(),
+            round=record.round,
+        )
+        if peer_id not in self.view:
+            log.info("peer joined id=%s broker=%s", peer_id, record.broker)
+        self.view.upsert(info)
+        if record.broker and record.broker not in self._announced:
+            # The peer learned of us before we knew it: make sure it hears our presence too.
+            await self._announce_to(record.broker)
+
+    # ---- presence ---------------------------------------------------------------------------
+
+    def _presence_message(self, *, online: bool) -> Message:
+        self._seq += 1
+        payload = encode_presence(
+            self.net,
+            self.node_id,
+            self._seq,
+            online=online,
+            role=self.config.role,
+            broker=self.home_broker,
+            round=self.round,
+        )
+        return Message(topics.presence(self.net, self.node_id), payload, retain=True)
+
+    def _static_info(self, peer_id: str, broker: str) -> PeerInfo:
+        return PeerInfo(
+            id=peer_id, role="trainer", broker=broker, source="static", last_seen=self.clock()
+        )
+
+    async def _announce_to(self, broker: str) -> None:
+        self._announced.add(broker)
+        if broker == self.home_broker:
+            return
+        msg = self._presence_message(online=True)
+        await self.transport.publish(
+            msg.topic, msg.payload, qos=1, retain=True, broker=self._broker_for(broker)
+        )
+
+    async def _publish_presence(self, *, online: bool) -> None:
+        if "presence" not in self.config.discovery:
+            return
+        msg = self._presence_message(online=online)
+        brokers = {self.home_broker} | self._announced
+        for broker in brokers:
+            await self.transport.publish(
+                msg.topic, msg.payload, qos=1, retain=True, broker=self._broker_for(broker)
+            )
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.presence_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            for gone in self.view.expire():
+                log.info("peer expired id=%s", gone)
+            await self._publish_presence(online=True)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        except TimeoutError:
+            pass
+
+    async def _resume(self) -> None:
+        if self.state is None:
+            return
+        ckpt = await asyncio.to_thread(self.state.latest_checkpoint)
+        if ckpt is None:
+            return
+        self.learner.set_weights(ckpt.weights)
+        self.round = ckpt.round
+        log.info("resumed from checkpoint round=%d", ckpt.round)
+
+    async def _shutdown(self) -> None:
+        try:
+            await self._publish_presence(online=False)
+        except Exception as exc:  # the broker may be gone already; closing matters more
+            log.warning("could not publish bye error=%s", exc)
+        await self.transport.close()
+        log.info("node stopped id=%s round=%d", self.node_id, self.round)

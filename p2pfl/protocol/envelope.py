@@ -1,0 +1,178 @@
+"""The envelope every p2pfl v1 message travels in: a msgpack map ``{v, kind, net, src, seq, ts,
+body, sig}``.
+
+Decoding is defensive: the size is checked before parsing, msgpack runs with explicit limits,
+and every field is type-checked; whatever goes wrong surfaces as one ``ProtocolError``.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from p2pfl.protocol.errors import ProtocolError
+from p2pfl.protocol.topics import validate_name
+
+PROTOCOL_VERSION = 1
+KINDS = frozenset({"model", "chunk", "presence", "bye", "telemetry", "log", "control"})
+FIELDS = ("v", "kind", "net", "src", "seq", "ts", "body", "sig")
+
+DEFAULT_MAX_MESSAGE = 256 * 2**20
+"""Largest message (after reassembly of chunks) a node parses by default."""
+
+# msgpack preallocates containers from their declared length, so these bound the work a tiny
+# hostile message can cause; they are far above what any p2pfl message needs.
+MAX_STR_LEN = 2**20
+MAX_ARRAY_LEN = 2**14
+MAX_MAP_LEN = 2**14
+MAX_SIG_LEN = 1024
+
+BytesLike = bytes | bytearray | memoryview
+
+# Binary values at least this large are copied once, straight into the output buffer, instead of
+# through msgpack's buffer, which doubles as it grows and is copied again into a bytes object.
+_SPLICE_MIN = 4096
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One decoded message; ``sig`` is carried but not verified here."""
+
+    v: int
+    kind: str
+    net: str
+    src: str
+    seq: int
+    ts: float
+    body: dict[str, Any]
+    sig: bytes | None = None
+
+    @classmethod
+    def create(
+        cls,
+        kind: str,
+        body: dict[str, Any],
+        *,
+        net: str,
+        src: str,
+        seq: int,
+        ts: float | None = None,
+    ) -> "Envelope":
+        """An envelope of the current protocol version, stamped with the wall clock by default."""
+        return cls(PROTOCOL_VERSION, kind, net, src, seq, time.time() if ts is None else ts, body)
+
+
+def pack_envelope(env: Envelope) -> bytearray:
+    """Serialise ``env``; large binary values in the body (memoryviews of tensors) are copied once.
+
+    Returns a bytearray (bytes-like, accepted wherever bytes are) to avoid a final full copy.
+    """
+    if env.kind not in KINDS:
+        raise ValueError(f"unknown message kind {env.kind!r}")
+    validate_name(env.net, "network name")
+    validate_name(env.src, "node id")
+    fields = {name: getattr(env, name) for name in FIELDS}
+    packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+    parts: list[bytes | memoryview] = []
+    _flatten(fields, packer, parts)
+    out = bytearray(sum(len(part) if isinstance(part, bytes) else part.nbytes for part in parts))
+    with memoryview(out) as view:
+        pos = 0
+        for part in parts:
+            size = len(part) if isinstance(part, bytes) else part.nbytes
+            view[pos : pos + size] = part
+            pos += size
+    return out
+
+
+def unpack_envelope(data: BytesLike, *, max_size: int = DEFAULT_MAX_MESSAGE) -> Envelope:
+    """Parse and type-check one message; raise ProtocolError on anything unexpected."""
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_size:
+        raise ProtocolError(f"message of {size} bytes exceeds the limit of {max_size} bytes")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=max_size,
+            max_str_len=min(max_size, MAX_STR_LEN),
+            max_array_len=min(max_size, MAX_ARRAY_LEN),
+            max_map_len=min(max_size, MAX_MAP_LEN),
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises many types (ValueError, StackError, UnicodeError...)
+        raise ProtocolError(f"not a valid msgpack message: {str(exc)[:200]}") from None
+    return _check_envelope(obj)
+
+
+def _check_envelope(obj: object) -> Envelope:
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"envelope must be a map, got {type(obj).__name__}")
+    if set(obj) != set(FIELDS):
+        missing = sorted(set(FIELDS) - set(obj))
+        extra = sorted(map(str, set(obj) - set(FIELDS)))[:5]
+        raise ProtocolError(f"envelope fields wrong: missing {missing}, unexpected {extra}")
+    v, kind, net, src, seq, ts, body, sig = (obj[name] for name in FIELDS)
+    if not is_int(v) or v != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {v!r:.40}")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ProtocolError(f"unknown message kind {kind!r:.40}")
+    try:
+        validate_name(net, "network name")
+        validate_name(src, "sender id")
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    if not is_int(seq) or not 0 <= seq < 2**64:
+        raise ProtocolError(f"sequence number must be an unsigned integer, got {seq!r:.40}")
+    if not is_number(ts) or not math.isfinite(ts):
+        raise ProtocolError(f"timestamp must be a finite number, got {ts!r:.40}")
+    if not isinstance(body, dict) or not all(isinstance(key, str) for key in body):
+        raise ProtocolError("body must be a map with string keys")
+    if sig is not None and (not isinstance(sig, bytes) or len(sig) > MAX_SIG_LEN):
+        raise ProtocolError("signature must be absent or at most 1024 bytes")
+    return Envelope(v, kind, net, src, seq, float(ts), body, sig)
+
+
+def is_int(value: object) -> bool:
+    """True for a msgpack integer (bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """True for a msgpack integer or float (bool is not one)."""
+    return isinstance(value, float) or is_int(value)
+
+
+def _flatten(obj: object, packer: msgpack.Packer, parts: list[bytes | memoryview]) -> None:
+    """Append the msgpack encoding of ``obj`` to ``parts``, leaving large blobs as views."""
+    if isinstance(obj, dict):
+        parts.append(packer.pack_map_header(len(obj)))
+        for key, value in obj.items():
+            parts.append(packer.pack(key))
+            _flatten(value, packer, parts)
+    elif isinstance(obj, list | tuple):
+        parts.append(packer.pack_array_header(len(obj)))
+        for item in obj:
+            _flatten(item, packer, parts)
+    elif isinstance(obj, bytes | bytearray | memoryview):
+        view = memoryview(obj)
+        if view.nbytes >= _SPLICE_MIN:
+            parts.append(_bin_header(view.nbytes))
+            parts.append(view.cast("B"))
+        else:
+            parts.append(packer.pack(view.tobytes()))
+    else:
+        parts.append(packer.pack(obj))
+
+
+def _bin_header(size: int) -> bytes:
+    if size < 2**8:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 2**16:
+        return b"\xc5" + size.to_bytes(2, "big")
+    if size < 2**32:
+        return b"\xc6" + size.to_bytes(4, "big")
+    raise ValueError(f"binary value of {size} bytes is too large for msgpack")

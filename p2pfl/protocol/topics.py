@@ -1,0 +1,101 @@
+"""MQTT topic names of wire protocol v1 (see DESIGN.md, "Wire protocol v1").
+
+Every topic lives under ``p2pfl/v1/<net>/``; node ids and network names are single topic levels,
+so they may not contain ``/``, ``+`` or ``#``.
+"""
+
+import unicodedata
+from typing import Literal
+
+from p2pfl.protocol.errors import ProtocolError
+
+PREFIX = "p2pfl/v1"
+MAX_NAME_LENGTH = 64
+
+TopicKind = Literal["inbox", "presence", "telemetry", "log"]
+
+_FORBIDDEN = frozenset("/+#")
+_RECORD_KINDS: dict[str, TopicKind] = {
+    "presence": "presence",
+    "telemetry": "telemetry",
+    "log": "log",
+}
+
+
+def validate_name(value: str, what: str) -> str:
+    """Return ``value`` if it is usable as a node id or network name; else raise ValueError.
+
+    ``what`` names the value in the message, e.g. ``"node id"``.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} {value[:16]!r}... is longer than {MAX_NAME_LENGTH} characters")
+    for char in value:
+        # MQTT wildcards and level separators would change which topics match; whitespace and
+        # control characters make ids unreadable in logs and ambiguous on the command line.
+        if char in _FORBIDDEN or char.isspace() or unicodedata.category(char).startswith("C"):
+            raise ValueError(f"{what} {value!r} must not contain {char!r}")
+    return value
+
+
+def inbox(net: str, node_id: str) -> str:
+    """Topic on which a node receives models and control messages."""
+    return f"{_base(net)}/node/{validate_name(node_id, 'node id')}/inbox"
+
+
+def presence(net: str, node_id: str) -> str:
+    """Retained presence record of a node (replaced by its will when it dies)."""
+    return f"{_base(net)}/presence/{validate_name(node_id, 'node id')}"
+
+
+def telemetry(net: str, node_id: str) -> str:
+    """Retained latest status of a node."""
+    return f"{_base(net)}/telemetry/{validate_name(node_id, 'node id')}"
+
+
+def log(net: str, node_id: str) -> str:
+    """Warnings and errors of a node, for distributed logging."""
+    return f"{_base(net)}/log/{validate_name(node_id, 'node id')}"
+
+
+def presence_all(net: str) -> str:
+    """Subscription matching every node's presence record."""
+    return f"{_base(net)}/presence/+"
+
+
+def telemetry_all(net: str) -> str:
+    """Subscription matching every node's telemetry."""
+    return f"{_base(net)}/telemetry/+"
+
+
+def log_all(net: str) -> str:
+    """Subscription matching every node's log topic."""
+    return f"{_base(net)}/log/+"
+
+
+def parse(topic: str) -> tuple[str, TopicKind, str]:
+    """Split an incoming topic into ``(net, kind, node_id)``; raise ProtocolError if not ours."""
+    levels = topic.split("/")
+    if len(levels) < 5 or "/".join(levels[:2]) != PREFIX:
+        raise ProtocolError(f"topic {topic[:200]!r} is not a p2pfl v1 topic")
+    net, rest = levels[2], levels[3:]
+    kind: TopicKind
+    if len(rest) == 3 and rest[0] == "node" and rest[2] == "inbox":
+        kind, node_id = "inbox", rest[1]
+    elif len(rest) == 2 and rest[0] in _RECORD_KINDS:
+        kind, node_id = _RECORD_KINDS[rest[0]], rest[1]
+    else:
+        raise ProtocolError(f"topic {topic[:200]!r} has an unknown layout")
+    try:
+        validate_name(net, "network name")
+        validate_name(node_id, "node id")
+    except ValueError as exc:
+        raise ProtocolError(f"topic {topic[:200]!r}: {exc}") from None
+    return net, kind, node_id
+
+
+def _base(net: str) -> str:
+    return f"{PREFIX}/{validate_name(net, 'network name')}"

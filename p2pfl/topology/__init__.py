@@ -1,0 +1,53 @@
+"""Schedules: who sends to whom each round (ring, random-walk, partial-mesh), plus graph files.
+
+Schedules are pure functions of (own id, live view, round, seed), shared by the daemon and the
+simulator.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from p2pfl.topology.base import Plan, Schedule, overlay
+from p2pfl.topology.graph_file import load_graph, write_graph
+from p2pfl.topology.partial_mesh import PartialMesh, effective_degree, mesh_graph
+from p2pfl.topology.random_walk import RandomWalk
+from p2pfl.topology.ring import Ring
+from p2pfl.topology.walkers import initial_token_holders, should_regenerate
+
+SCHEDULES = ("ring", "random-walk", "partial-mesh")
+
+__all__ = [
+    "SCHEDULES",
+    "PartialMesh",
+    "Plan",
+    "RandomWalk",
+    "Ring",
+    "Schedule",
+    "effective_degree",
+    "initial_token_holders",
+    "load_graph",
+    "make_schedule",
+    "mesh_graph",
+    "overlay",
+    "should_regenerate",
+    "write_graph",
+]
+
+
+def make_schedule(
+    name: str, *, degree: int = 4, seed: int = 0, graph: nx.Graph | None = None
+) -> Schedule:
+    """The schedule called ``name``; ``degree`` and ``graph`` apply to partial-mesh only.
+
+    Raises ValueError for an unknown name, or a graph given to a schedule that ignores it.
+    """
+    if graph is not None and name != "partial-mesh":
+        raise ValueError(f"a topology graph applies to partial-mesh only, not to {name!r}")
+    if name == "ring":
+        return Ring()
+    if name == "random-walk":
+        return RandomWalk(seed=seed)
+    if name == "partial-mesh":
+        return PartialMesh(degree=degree, seed=seed, graph=graph)
+    raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")

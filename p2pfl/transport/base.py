@@ -1,0 +1,157 @@
+"""The transport seam: a few async primitives every transport implements, and MQTT topic rules.
+
+`MqttTransport` (real brokers) and `MemoryTransport` (the simulator's bus) both implement
+`Transport`; the node never knows which one it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+# MQTT's "remaining length" field caps a packet at 268,435,455 bytes; leave room for the header.
+MAX_PAYLOAD = 268_435_455 - 65_536 - 8
+
+
+class TransportError(Exception):
+    """A transport cannot do what was asked (closed, not connected, broker unreachable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One MQTT application message; `retain` is set when it came from the retained store."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(slots=True)
+class TransportStats:
+    """Counters of one transport; `dropped` counts messages lost here, in either direction."""
+
+    published_messages: int = 0
+    published_bytes: int = 0
+    received_messages: int = 0
+    received_bytes: int = 0
+    dropped: int = 0
+    reconnects: int = 0
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Publish/subscribe with MQTT semantics: wildcards, retained messages, a will."""
+
+    stats: TransportStats
+
+    async def connect(self, will: Message | None = None) -> None:
+        """Connect; `will` is published by the broker if this client vanishes without `close`."""
+        ...
+
+    async def subscribe(self, pattern: str) -> None:
+        """Receive messages whose topic matches `pattern` (MQTT `+`/`#` wildcards)."""
+        ...
+
+    async def unsubscribe(self, pattern: str) -> None:
+        """Stop receiving messages for `pattern`."""
+        ...
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        broker: str | None = None,
+    ) -> None:
+        """Send `payload` to `topic` on `broker` (a URI; None = the home broker)."""
+        ...
+
+    def messages(self) -> AsyncIterator[Message]:
+        """Messages for this client's subscriptions; ends when the transport closes."""
+        ...
+
+    async def close(self) -> None:
+        """Disconnect gracefully: queued messages are flushed and the will is not published."""
+        ...
+
+    async def abort(self) -> None:
+        """Drop the connection abruptly, as a crash would: the broker publishes the will."""
+        ...
+
+
+class LocalBroker(Protocol):
+    """A broker this process starts and owns: `EmbeddedBroker` (amqtt) or `MosquittoBroker`."""
+
+    @property
+    def uri(self) -> str:
+        """`mqtt://host:port` where it listens (known once started)."""
+        ...
+
+    @property
+    def port(self) -> int:
+        """The listening port (known once started)."""
+        ...
+
+    def start(self) -> None:
+        """Start serving; blocks until connections are accepted."""
+        ...
+
+    def stop(self) -> None:
+        """Stop serving; `start` again reuses the same port."""
+        ...
+
+    def restart(self) -> None:
+        """Stop, then start on the same port."""
+        ...
+
+    def close(self) -> None:
+        """Stop and release everything (temporary files)."""
+        ...
+
+
+def validate_topic(topic: str) -> None:
+    """Raise ValueError unless `topic` is a valid MQTT topic name to publish to."""
+    if not topic:
+        raise ValueError("MQTT topic must not be empty")
+    if "+" in topic or "#" in topic:
+        raise ValueError(f"MQTT topic {topic!r} must not contain wildcards '+' or '#'")
+    if "\x00" in topic:
+        raise ValueError(f"MQTT topic {topic!r} must not contain NUL")
+
+
+def validate_pattern(pattern: str) -> None:
+    """Raise ValueError unless `pattern` is a valid MQTT topic filter."""
+    if not pattern:
+        raise ValueError("MQTT topic filter must not be empty")
+    if "\x00" in pattern:
+        raise ValueError(f"MQTT topic filter {pattern!r} must not contain NUL")
+    levels = pattern.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError(f"MQTT topic filter {pattern!r}: '#' must be the whole last level")
+        if "+" in level and level != "+":
+            raise ValueError(f"MQTT topic filter {pattern!r}: '+' must be a whole level")
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """Whether `topic` matches the MQTT filter `pattern` (`+` one level, `#` the rest).
+
+    As the MQTT spec says, `a/#` also matches `a`, and a filter starting with a wildcard does
+    not match topics starting with `$`. Raises ValueError for an invalid filter.
+    """
+    validate_pattern(pattern)
+    if "+" not in pattern and "#" not in pattern:
+        return pattern == topic
+    if topic.startswith("$") and pattern[0] in "+#":
+        return False
+    plevels = pattern.split("/")
+    tlevels = topic.split("/")
+    for i, level in enumerate(plevels):
+        if level == "#":
+            return True
+        if i >= len(tlevels) or (level != "+" and level != tlevels[i]):
+            return False
+    return len(plevels) == len(tlevels)

@@ -1,0 +1,338 @@
+"""One supervised connection from an `MqttTransport` to one broker, with its outgoing queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import aiomqtt
+from paho.mqtt.reasoncodes import ReasonCode
+
+from p2pfl.transport.address import BrokerAddress
+from p2pfl.transport.base import Message
+
+if TYPE_CHECKING:
+    from p2pfl.transport.mqtt import MqttTransport
+
+log = logging.getLogger(__name__)
+
+# What a broken connection raises: aiomqtt wraps most errors, but aiomqtt's graceful
+# disconnect may re-raise the socket error that broke the connection.
+_CONNECTION_ERRORS = (aiomqtt.MqttError, OSError)
+
+
+class Outgoing:
+    """A message waiting for, or in, its publish; `attempts` counts broken connections."""
+
+    __slots__ = ("attempts", "payload", "qos", "retain", "seq", "topic")
+
+    def __init__(self, seq: int, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        self.seq = seq
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.attempts = 0
+
+
+class _LinkIdle(Exception):
+    """A remote link had nothing to send for `link_idle` seconds."""
+
+
+class Outbox:
+    """A FIFO bounded by messages and bytes, whose failed sends go back to the front."""
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._items: deque[Outgoing] = deque()
+        self._nonempty = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Outgoing) -> bool:
+        """Append `item`; False (and nothing queued) when a bound would be exceeded."""
+        size = len(item.payload)
+        if len(self._items) >= self.max_messages or self.nbytes + size > self.max_bytes:
+            return False
+        self._items.append(item)
+        self.nbytes += size
+        self._nonempty.set()
+        return True
+
+    def requeue(self, items: Iterable[Outgoing]) -> None:
+        """Put `items` (oldest first) back at the front; they were accepted once, so no bound."""
+        for item in reversed(list(items)):
+            self._items.appendleft(item)
+            self.nbytes += len(item.payload)
+            self._nonempty.set()
+
+    async def get(self) -> Outgoing:
+        """Wait for and remove the oldest item."""
+        while not self._items:
+            self._nonempty.clear()
+            await self._nonempty.wait()
+        item = self._items.popleft()
+        self.nbytes -= len(item.payload)
+        return item
+
+    def clear(self) -> int:
+        """Remove everything; returns how many items were removed."""
+        count = len(self._items)
+        self._items.clear()
+        self.nbytes = 0
+        return count
+
+
+class Link:
+    """Connects to one broker again and again until stopped, and sends its outbox there."""
+
+    def __init__(
+        self,
+        owner: MqttTransport,
+        address: BrokerAddress,
+        identifier: str,
+        *,
+        home: bool,
+        will: Message | None,
+    ) -> None:
+        opts = owner.options
+        self.owner = owner
+        self.address = address
+        self.identifier = identifier
+        self.home = home
+        self.will = will
+        self.outbox = Outbox(opts.max_queued_messages, opts.max_queued_bytes)
+        self.inflight: dict[int, Outgoing] = {}
+        self.inflight_bytes = 0
+        self.connected = asyncio.Event()
+        self.drained = asyncio.Event()
+        self.drained.set()
+        self.client: aiomqtt.Client | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.last_error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"Link({self.identifier!r} -> {self.address.uri})"
+
+    def enqueue(self, item: Outgoing) -> bool:
+        """Queue `item` for sending; False when the outbox is full."""
+        if not self.outbox.put(item):
+            return False
+        self.drained.clear()
+        return True
+
+    def pending(self) -> int:
+        """Messages not yet acknowledged by the broker."""
+        return len(self.outbox) + len(self.inflight)
+
+    def clear(self) -> int:
+        """Forget every pending message; returns how many there were."""
+        count = self.pending()
+        self.outbox.clear()
+        self.inflight.clear()
+        self.inflight_bytes = 0
+        self.drained.set()
+        return count
+
+    def kill(self) -> None:
+        """Shut the socket down without DISCONNECT, so the broker publishes the will."""
+        client = self.client
+        if client is None:
+            return
+        # aiomqtt keeps paho's client private; paho's socket() is public API.
+        sock = client._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect with capped exponential backoff and jitter."""
+        opts = self.owner.options
+        loop = asyncio.get_running_loop()
+        delay = opts.backoff_min
+        down_since = loop.time()
+        while True:
+            was_up, idle = await self._connect_once()
+            if idle or self.owner.aborting:
+                return
+            now = loop.time()
+            if was_up:
+                delay = opts.backoff_min
+                down_since = now
+            if not self.home and now - down_since >= opts.link_give_up:
+                self.owner.forget(self)
+                self.owner.dropped(self.clear(), f"broker {self.address.uri} unreachable")
+                return
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, opts.backoff_max)
+
+    async def _connect_once(self) -> tuple[bool, bool]:
+        """One connection's life; returns (whether it came up, whether the link went idle)."""
+        opts = self.owner.options
+        idle = False
+        was_up = False
+        error: BaseException | None = None
+        try:
+            async with self._client() as client:
+                self.client = client
+                if self.home:
+                    await self._resubscribe(client)
+                was_up = True
+                self.connected.set()
+                if self.last_error is not None:
+                    self.owner.stats.reconnects += 1
+                    log.info("reconnected client=%s broker=%s", self.identifier, self.address)
+                self.last_error = None
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._receive(client))
+                    tg.create_task(self._send(client, tg))
+        except* _LinkIdle:
+            idle = True
+        except* _CONNECTION_ERRORS as group:
+            error = group.exceptions[0]
+        finally:
+            self.connected.clear()
+            self.client = None
+            self._requeue_inflight(opts.max_attempts)
+        if error is not None and not self.owner.aborting:
+            level = logging.WARNING if was_up or self.last_error is None else logging.DEBUG
+            log.log(
+                level,
+                "broker connection %s client=%s broker=%s error=%s",
+                "lost" if was_up else "failed",
+                self.identifier,
+                self.address,
+                error,
+            )
+            self.last_error = error
+        return was_up, idle
+
+    def _client(self) -> aiomqtt.Client:
+        opts = self.owner.options
+        tls = None
+        if self.address.tls:
+            t = opts.tls
+            tls = aiomqtt.TLSParameters(
+                ca_certs=t.ca if t else None,
+                certfile=t.cert if t else None,
+                keyfile=t.key if t else None,
+            )
+        will = None
+        if self.will is not None:
+            will = aiomqtt.Will(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
+        client = aiomqtt.Client(
+            self.address.host,
+            self.address.port,
+            identifier=self.identifier,
+            username=opts.username,
+            password=opts.password,
+            will=will,
+            clean_session=True,
+            timeout=opts.timeout,
+            keepalive=opts.keepalive,
+            max_inflight_messages=opts.max_inflight,
+            tls_params=tls,
+        )
+        # aiomqtt warns above 10 pending calls; our window is deliberate.
+        client.pending_calls_threshold = opts.max_inflight + 8
+        return client
+
+    async def _resubscribe(self, client: aiomqtt.Client) -> None:
+        # Loop: subscribe() may add filters while we wait for a SUBACK.
+        done: set[str] = set()
+        while pending := [p for p in self.owner.patterns if p not in done]:
+            codes: Sequence[int | ReasonCode] = await client.subscribe([(p, 1) for p in pending])
+            for pattern, code in zip(pending, codes, strict=False):
+                # MQTT 3.1.1 gives ints in some paho paths, ReasonCode objects in others.
+                if code.is_failure if isinstance(code, ReasonCode) else code >= 0x80:
+                    log.warning("broker refused subscription filter=%s code=%s", pattern, code)
+            done.update(pending)
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        # Also the link's disconnect detector: the iterator raises MqttError when the
+        # connection breaks, which tears the TaskGroup (and the in-flight publishes) down.
+        async for m in client.messages:
+            if not self.home:
+                continue  # a publish-only link; see MqttTransport.wanted
+            topic = m.topic.value
+            if not self.owner.wanted(topic):
+                continue
+            payload = m.payload
+            if not isinstance(payload, bytes):
+                payload = bytes(payload) if isinstance(payload, bytearray) else b""
+            self.owner.deliver(Message(topic, payload, bool(m.retain)))
+
+    async def _send(self, client: aiomqtt.Client, tg: asyncio.TaskGroup) -> None:
+        opts = self.owner.options
+        window = asyncio.Semaphore(opts.max_inflight)
+        while True:
+            await window.acquire()
+            try:
+                item = await self._next(opts.link_idle)
+            except BaseException:
+                window.release()
+                raise
+            self.inflight[item.seq] = item
+            self.inflight_bytes += len(item.payload)
+            tg.create_task(self._send_one(client, item, window))
+
+    async def _next(self, idle_after: float) -> Outgoing:
+        if self.home:
+            return await self.outbox.get()
+        while True:
+            try:
+                async with asyncio.timeout(idle_after):
+                    return await self.outbox.get()
+            except TimeoutError:
+                if not self.inflight and not self.outbox:
+                    # Unroute before any await, so no publish lands in a closing link.
+                    self.owner.forget(self)
+                    raise _LinkIdle from None
+
+    async def _send_one(
+        self, client: aiomqtt.Client, item: Outgoing, window: asyncio.Semaphore
+    ) -> None:
+        opts = self.owner.options
+        size = len(item.payload)
+        try:
+            # Big payloads queue behind each other in paho's socket buffer: give them time.
+            timeout = opts.timeout + self.inflight_bytes / opts.min_rate
+            await client.publish(
+                item.topic, item.payload, qos=item.qos, retain=item.retain, timeout=timeout
+            )
+        finally:
+            window.release()
+        # On failure the item stays in `inflight` and is requeued when the connection ends.
+        if self.inflight.pop(item.seq, None) is not None:
+            self.inflight_bytes -= size
+        stats = self.owner.stats
+        stats.published_messages += 1
+        stats.published_bytes += size
+        if not self.inflight and not self.outbox:
+            self.drained.set()
+
+    def _requeue_inflight(self, max_attempts: int) -> None:
+        if not self.inflight:
+            return
+        items = sorted(self.inflight.values(), key=lambda it: it.seq)
+        self.inflight.clear()
+        self.inflight_bytes = 0
+        keep = []
+        for item in items:
+            item.attempts += 1
+            if item.attempts >= max_attempts:
+                self.owner.dropped(1, f"no acknowledgement from {self.address.uri} after retries")
+            else:
+                keep.append(item)
+        self.outbox.requeue(keep)
+        if not self.outbox:
+            self.drained.set()

@@ -1,0 +1,252 @@
+"""In-process transport with MQTT semantics, for the simulator and for tests.
+
+A `MemoryBus` plays the broker of one simulated network: it matches topics against a trie of
+subscriptions, keeps retained messages, and publishes a client's will when the client aborts.
+Payloads are never copied: every subscriber receives the same immutable `Message`.
+
+The bus's `delay` hook, `(src_id, dst_id, payload_len) -> seconds | None`, lets a network model
+delay a delivery (scheduled with `loop.call_later`, no task per message) or drop it (None).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Final
+
+from p2pfl.transport.base import (
+    Message,
+    TransportError,
+    TransportStats,
+    topic_matches,
+    validate_pattern,
+    validate_topic,
+)
+
+log = logging.getLogger(__name__)
+
+DelayHook = Callable[[str, str, int], float | None]
+"""`(src_id, dst_id, payload_len) -> delay in seconds`, or None to drop the message."""
+
+_CLOSED: Final = object()
+
+
+class _TrieNode:
+    __slots__ = ("children", "subscribers")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _TrieNode] = {}
+        # A dict, not a set: delivery order must not depend on hashing, so runs are reproducible.
+        self.subscribers: dict[MemoryTransport, None] = {}
+
+
+class MemoryBus:
+    """The broker of one simulated network: subscriptions, retained messages, wills."""
+
+    def __init__(self, delay: DelayHook | None = None) -> None:
+        self.delay = delay
+        self._root = _TrieNode()
+        self._retained: dict[str, tuple[Message, str]] = {}
+        self._clients: dict[str, MemoryTransport] = {}
+
+    @property
+    def clients(self) -> list[str]:
+        """Ids of the connected clients."""
+        return list(self._clients)
+
+    def retained(self, topic: str) -> bytes | None:
+        """The retained payload on `topic`, if any."""
+        entry = self._retained.get(topic)
+        return entry[0].payload if entry else None
+
+    def _attach(self, client: MemoryTransport) -> None:
+        if client.client_id in self._clients:
+            raise TransportError(f"client id {client.client_id!r} is already connected")
+        self._clients[client.client_id] = client
+
+    def _detach(self, client: MemoryTransport) -> None:
+        if self._clients.get(client.client_id) is client:
+            del self._clients[client.client_id]
+        for pattern in list(client._patterns):
+            self._unsubscribe(pattern, client)
+
+    def _subscribe(self, pattern: str, client: MemoryTransport) -> None:
+        node = self._root
+        for level in pattern.split("/"):
+            node = node.children.setdefault(level, _TrieNode())
+        node.subscribers[client] = None
+        for topic, (message, src) in self._retained.items():
+            if topic_matches(pattern, topic):
+                self._send(src, client, message)
+
+    def _unsubscribe(self, pattern: str, client: MemoryTransport) -> None:
+        path = [self._root]
+        levels = pattern.split("/")
+        for level in levels:
+            child = path[-1].children.get(level)
+            if child is None:
+                return
+            path.append(child)
+        path[-1].subscribers.pop(client, None)
+        # Prune empty branches so that churn does not grow the trie forever.
+        for depth in range(len(levels), 0, -1):
+            node = path[depth]
+            if node.subscribers or node.children:
+                break
+            del path[depth - 1].children[levels[depth - 1]]
+
+    def _route(self, src: str, topic: str, payload: bytes, retain: bool) -> int:
+        """Deliver to every matching subscriber; returns how many copies the network dropped."""
+        if retain:
+            if payload:
+                self._retained[topic] = (Message(topic, payload, True), src)
+            else:
+                self._retained.pop(topic, None)
+        targets: dict[MemoryTransport, None] = {}
+        levels = topic.split("/")
+        _collect(self._root, levels, 0, topic.startswith("$"), targets)
+        if not targets:
+            return 0
+        message = Message(topic, payload, False)
+        return sum(not self._send(src, dst, message) for dst in targets)
+
+    def _send(self, src: str, dst: MemoryTransport, message: Message) -> bool:
+        if self.delay is None:
+            dst._deliver(message)
+            return True
+        seconds = self.delay(src, dst.client_id, len(message.payload))
+        if seconds is None:
+            return False
+        if seconds <= 0:
+            dst._deliver(message)
+        else:
+            asyncio.get_running_loop().call_later(seconds, dst._deliver, message)
+        return True
+
+
+def _collect(
+    node: _TrieNode,
+    levels: list[str],
+    i: int,
+    dollar: bool,
+    out: dict[MemoryTransport, None],
+) -> None:
+    # MQTT: a filter starting with a wildcard does not match a topic starting with '$'.
+    wild = not (i == 0 and dollar)
+    hash_node = node.children.get("#")
+    if hash_node is not None and wild:
+        out.update(hash_node.subscribers)  # 'a/#' matches 'a' and everything below it
+    if i == len(levels):
+        out.update(node.subscribers)
+        return
+    plus = node.children.get("+")
+    if plus is not None and wild:
+        _collect(plus, levels, i + 1, dollar, out)
+    child = node.children.get(levels[i])
+    if child is not None:
+        _collect(child, levels, i + 1, dollar, out)
+
+
+class MemoryTransport:
+    """A client of a `MemoryBus`; implements `Transport`. The `broker` argument is ignored."""
+
+    def __init__(self, bus: MemoryBus, client_id: str, *, max_inbox: int = 0) -> None:
+        self.bus = bus
+        self.client_id = client_id
+        self.stats = TransportStats()
+        self._max_inbox = max_inbox
+        self._inbox: asyncio.Queue[Message | object] = asyncio.Queue()
+        self._patterns: dict[str, None] = {}
+        self._will: Message | None = None
+        self._state = "new"
+
+    def __repr__(self) -> str:
+        return f"MemoryTransport({self.client_id!r}, {self._state})"
+
+    async def connect(self, will: Message | None = None) -> None:
+        """Join the bus; `will` is published when this client aborts."""
+        if self._state != "new":
+            raise TransportError(f"{self.client_id}: connect() called twice")
+        if will is not None:
+            validate_topic(will.topic)
+        self.bus._attach(self)
+        self._will = will
+        self._state = "connected"
+
+    async def subscribe(self, pattern: str) -> None:
+        """Receive messages matching `pattern`; retained ones are delivered at once."""
+        self._check_connected()
+        validate_pattern(pattern)
+        if pattern not in self._patterns:
+            self._patterns[pattern] = None
+            self.bus._subscribe(pattern, self)
+
+    async def unsubscribe(self, pattern: str) -> None:
+        """Stop receiving messages for `pattern`."""
+        self._check_connected()
+        if pattern in self._patterns:
+            del self._patterns[pattern]
+            self.bus._unsubscribe(pattern, self)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        broker: str | None = None,
+    ) -> None:
+        """Deliver `payload` to every subscriber of `topic` on the bus."""
+        self._check_connected()
+        validate_topic(topic)
+        self.stats.published_messages += 1
+        self.stats.published_bytes += len(payload)
+        self.stats.dropped += self.bus._route(self.client_id, topic, payload, retain)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Messages for this client's subscriptions, until it is closed or aborted."""
+        while True:
+            item = await self._inbox.get()
+            if item is _CLOSED:
+                self._inbox.put_nowait(_CLOSED)  # later iterators end too
+                return
+            assert isinstance(item, Message)
+            yield item
+
+    async def close(self) -> None:
+        """Leave the bus without publishing the will."""
+        self._leave()
+
+    async def abort(self) -> None:
+        """Leave the bus as a crash would: the bus publishes the will."""
+        will, connected = self._will, self._state == "connected"
+        self._leave()
+        if will is not None and connected:
+            self.bus._route(self.client_id, will.topic, will.payload, will.retain)
+
+    def _leave(self) -> None:
+        if self._state == "closed":
+            return
+        if self._state == "connected":
+            self.bus._detach(self)
+        self._patterns.clear()
+        self._state = "closed"
+        self._inbox.put_nowait(_CLOSED)
+
+    def _check_connected(self) -> None:
+        if self._state != "connected":
+            state = "closed" if self._state == "closed" else "not connected"
+            raise TransportError(f"{self.client_id}: transport is {state}")
+
+    def _deliver(self, message: Message) -> None:
+        # A delayed delivery may land after this client left; the network lost it.
+        if self._state != "connected":
+            return
+        if self._max_inbox and self._inbox.qsize() >= self._max_inbox:
+            self.stats.dropped += 1
+            return
+        self.stats.received_messages += 1
+        self.stats.received_bytes += len(message.payload)
+        self._inbox.put_nowait(message)

@@ -1,0 +1,218 @@
+"""A private Mosquitto broker run as a child process (`--broker local`, and the test fixtures).
+
+The broker gets its own config in a temporary directory (loopback listener, anonymous access,
+no persistence, an explicit `max_packet_size`), so the system's mosquitto.conf never matters.
+`restart()` reuses the same port, which is how tests take a broker down and bring it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from p2pfl.transport.base import TransportError
+
+log = logging.getLogger(__name__)
+
+# Debian puts mosquitto in /usr/sbin, which is not on a normal user's PATH.
+_EXTRA_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin", "/opt/homebrew/bin")
+
+
+def find_mosquitto() -> str | None:
+    """Path of the `mosquitto` binary, looking on PATH and then in the usual sbin folders."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for folder in _EXTRA_DIRS:
+        candidate = Path(folder) / "mosquitto"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now (the OS picks it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> None:
+    """Block until a TCP connect to `host:port` succeeds; TimeoutError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing accepts connections on {host}:{port}") from None
+            time.sleep(0.02)
+
+
+class MosquittoBroker:
+    """A Mosquitto child process listening on `host:port` (port 0 = pick a free one)."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_packet_size: int = 16 * 1024 * 1024,
+        max_queued_messages: int = 10_000,
+        binary: str | None = None,
+        start_timeout: float = 5.0,
+    ) -> None:
+        self.host = host
+        self._port = port
+        self.max_packet_size = max_packet_size
+        self.max_queued_messages = max_queued_messages
+        self._binary = binary
+        self._start_timeout = start_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def port(self) -> int:
+        """The listening port (known once started)."""
+        if not self._port:
+            raise TransportError("MosquittoBroker has no port until start()")
+        return self._port
+
+    @property
+    def uri(self) -> str:
+        """`mqtt://host:port` of this broker."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the child process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Spawn mosquitto and block until it accepts connections."""
+        if self.running:
+            return
+        binary = self._binary or find_mosquitto()
+        if binary is None:
+            raise TransportError(
+                "mosquitto not found on PATH or in /usr/sbin; install it "
+                "(apt install mosquitto / brew install mosquitto) or use the embedded broker"
+            )
+        if not self._port:
+            self._port = free_port(self.host)
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="p2pfl-mosquitto-")
+        folder = Path(self._dir.name)
+        conf = folder / "mosquitto.conf"
+        conf.write_text(self._config())
+        logfile = folder / "mosquitto.log"
+        with logfile.open("ab") as err:
+            self._proc = subprocess.Popen(
+                [binary, "-c", str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+            )
+        deadline = time.monotonic() + self._start_timeout
+        while True:
+            if self._proc.poll() is not None:
+                text = logfile.read_text(errors="replace").strip()
+                self._proc = None
+                raise TransportError(f"mosquitto exited at start on port {self._port}: {text}")
+            try:
+                wait_for_port(self.host, self._port, timeout=0.1)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TransportError(
+                        f"mosquitto did not accept connections on {self.host}:{self._port} "
+                        f"within {self._start_timeout} s"
+                    ) from None
+        log.debug("mosquitto started pid=%d uri=%s", self._proc.pid, self.uri)
+
+    def stop(self) -> None:
+        """Terminate the child process (SIGTERM, then SIGKILL after 5 s)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.debug("mosquitto stopped port=%s rc=%s", self._port, proc.returncode)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (clients see the broker go away and return)."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop the broker and remove its temporary directory."""
+        self.stop()
+        if self._dir is not None:
+            with contextlib.suppress(OSError):
+                self._dir.cleanup()
+            self._dir = None
+
+    def log_text(self) -> str:
+        """What mosquitto logged so far (errors and warnings), for test failure messages."""
+        if self._dir is None:
+            return ""
+        path = Path(self._dir.name) / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _config(self) -> str:
+        return "\n".join(
+            [
+                f"listener {self._port} {self.host}",
+                "allow_anonymous true",
+                "persistence false",
+                f"max_packet_size {self.max_packet_size}",
+                f"max_queued_messages {self.max_queued_messages}",
+                "log_dest stderr",
+                "log_type error",
+                "log_type warning",
+                "",
+            ]
+        )
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.close)

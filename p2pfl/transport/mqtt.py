@@ -1,0 +1,347 @@
+"""MQTT transport on aiomqtt 2.5 (MQTT 3.1.1).
+
+A node has one *home* broker, where its subscriptions live, and publishes to a peer through the
+peer's home broker (`publish(..., broker=URI)`): the transport opens one extra client per distinct
+remote broker, lazily, and closes it again when idle.
+
+aiomqtt has no automatic reconnect, so each broker link runs a supervised loop (a child of the
+transport's `asyncio.TaskGroup`): connect, re-subscribe, send and receive until the connection
+breaks, then reconnect with capped exponential backoff and jitter. Publishes go through a
+bounded outgoing queue per link, so they wait while the broker is away; a message is either
+acknowledged by the broker (QoS 1) or dropped and counted in `stats.dropped`, never lost
+silently: on overflow, after `max_attempts` broken connections while it was in flight, when a
+remote broker stays unreachable for `link_give_up` seconds, or when `close` cannot flush it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final
+
+import aiomqtt
+
+from p2pfl.transport.address import BrokerAddress, TlsOptions, parse_broker_uri
+from p2pfl.transport.base import (
+    MAX_PAYLOAD,
+    Message,
+    TransportError,
+    TransportStats,
+    topic_matches,
+    validate_pattern,
+    validate_topic,
+)
+from p2pfl.transport.link import Link, Outgoing
+
+log = logging.getLogger(__name__)
+
+_CLOSED: Final = object()
+
+
+@dataclass(frozen=True, slots=True)
+class MqttOptions:
+    """Settings of an `MqttTransport`; the defaults suit a LAN with 1 MiB model chunks."""
+
+    username: str | None = None
+    password: str | None = None
+    tls: TlsOptions | None = None
+    timeout: float = 30.0
+    """Base timeout of one broker operation (connect, subscribe, publish acknowledgement)."""
+    min_rate: float = 1e6
+    """Bytes/s a broker is assumed to sustain at worst: a publish may take `len/min_rate` more."""
+    keepalive: int = 30
+    connect_timeout: float = 10.0
+    """How long `connect()` waits for the home broker before raising TransportError."""
+    backoff_min: float = 0.2
+    backoff_max: float = 5.0
+    max_inflight: int = 16
+    max_queued_messages: int = 10_000
+    max_queued_bytes: int = 256 * 1024 * 1024
+    max_inbox: int = 10_000
+    max_payload: int = MAX_PAYLOAD
+    max_attempts: int = 5
+    drain_timeout: float = 5.0
+    """How long `close()` waits for queued messages to be acknowledged."""
+    link_idle: float = 120.0
+    """A remote-broker link with nothing to send for this long is closed (reopened on demand)."""
+    link_give_up: float = 60.0
+    """A remote broker unreachable for this long: its queued messages are dropped."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(uri: str) -> BrokerAddress:
+    return parse_broker_uri(uri)
+
+
+class MqttTransport:
+    """`Transport` over MQTT brokers; subscriptions on the home broker, publishes anywhere."""
+
+    def __init__(
+        self,
+        home: str | BrokerAddress,
+        client_id: str,
+        options: MqttOptions | None = None,
+    ) -> None:
+        if not client_id:
+            raise ValueError("client_id must not be empty")
+        self.home = parse_broker_uri(home) if isinstance(home, str) else home
+        self.client_id = client_id
+        self.options = options or MqttOptions()
+        self.stats = TransportStats()
+        self._patterns: dict[str, None] = {}
+        self._inbox: asyncio.Queue[Message | object] = asyncio.Queue()
+        self._links: dict[BrokerAddress, Link] = {}
+        self._running: set[Link] = set()
+        self._home_link: Link | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._state = "new"
+        self.aborting = False
+        self._seq = itertools.count()
+        self._failure: BaseException | None = None
+        self._drop_reasons: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"MqttTransport({self.client_id!r}, home={self.home.uri}, {self._state})"
+
+    @property
+    def connected(self) -> bool:
+        """Whether the home broker connection is up right now."""
+        return self._home_link is not None and self._home_link.connected.is_set()
+
+    @property
+    def patterns(self) -> list[str]:
+        """The topic filters subscribed to (re-subscribed after every reconnect)."""
+        return list(self._patterns)
+
+    async def connect(self, will: Message | None = None) -> None:
+        """Connect to the home broker; TransportError if it is not reachable in time."""
+        if self._state != "new":
+            raise TransportError(f"{self.client_id}: connect() called twice")
+        if will is not None:
+            validate_topic(will.topic)
+        home = Link(self, self.home, self.client_id, home=True, will=will)
+        self._home_link = home
+        self._links[self.home] = home
+        self._state = "connecting"
+        self._runner = asyncio.create_task(self._run(home), name=f"mqtt:{self.client_id}")
+        waiter = asyncio.ensure_future(home.connected.wait())
+        try:
+            await asyncio.wait(
+                {waiter, self._runner},
+                timeout=self.options.connect_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            waiter.cancel()
+        if home.connected.is_set():
+            self._state = "connected"
+            return
+        self._state = "closing"
+        self._stop.set()
+        await asyncio.wait({self._runner})
+        raise TransportError(
+            f"{self.client_id}: cannot connect to broker {self.home.uri}: "
+            f"{home.last_error or 'timed out'}"
+        ) from self._failure
+
+    async def subscribe(self, pattern: str) -> None:
+        """Subscribe on the home broker; kept across reconnects."""
+        self._check_open()
+        validate_pattern(pattern)
+        if pattern in self._patterns:
+            return
+        self._patterns[pattern] = None
+        client = self._home_client()
+        if client is not None:
+            # A broken connection here is fine: the link subscribes again when it reconnects.
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.subscribe(pattern, qos=1, timeout=self.options.timeout)
+
+    async def unsubscribe(self, pattern: str) -> None:
+        """Unsubscribe on the home broker."""
+        self._check_open()
+        if pattern not in self._patterns:
+            return
+        del self._patterns[pattern]
+        client = self._home_client()
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.unsubscribe(pattern, timeout=self.options.timeout)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        broker: str | None = None,
+    ) -> None:
+        """Queue `payload` for `topic` on `broker` (None = home); returns without waiting."""
+        self._check_open()
+        validate_topic(topic)
+        if qos not in (0, 1, 2):
+            raise ValueError(f"MQTT QoS must be 0, 1 or 2, got {qos}")
+        if len(payload) > self.options.max_payload:
+            raise ValueError(
+                f"payload of {len(payload)} bytes exceeds max_payload={self.options.max_payload}; "
+                "chunk it"
+            )
+        address = self.home if broker is None else _address(broker)
+        link = self._links.get(address) or self._open_link(address)
+        item = Outgoing(next(self._seq), topic, payload, qos, retain)
+        if not link.enqueue(item):
+            self.dropped(1, f"outgoing queue to {address.uri} is full")
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Messages for the subscriptions, until the transport is closed."""
+        while True:
+            item = await self._inbox.get()
+            if item is _CLOSED:
+                self._inbox.put_nowait(_CLOSED)  # later iterators end too
+                if self._failure is not None:
+                    raise TransportError(f"{self.client_id}: transport failed") from self._failure
+                return
+            assert isinstance(item, Message)
+            yield item
+
+    async def close(self) -> None:
+        """Flush queued messages (up to `drain_timeout`), then disconnect; no will."""
+        if self._state in ("new", "connecting"):
+            self._finish()
+            return
+        if self._state != "connected":
+            await self._wait_runner()
+            return
+        self._state = "closing"
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.options.drain_timeout):
+                for link in list(self._running):
+                    await link.drained.wait()
+        self._stop.set()
+        await self._wait_runner()
+
+    async def abort(self) -> None:
+        """Cut every connection without DISCONNECT, as a crash would: the broker sends the will."""
+        if self._state in ("new", "connecting"):
+            self._finish()
+            return
+        if self._state != "connected":
+            await self._wait_runner()
+            return
+        self._state = "closing"
+        self.aborting = True
+        for link in self._running:
+            link.kill()
+        self._stop.set()
+        await self._wait_runner()
+
+    # -- used by the links -------------------------------------------------------------------
+
+    def deliver(self, message: Message) -> None:
+        """Put a received message in the inbox, or count it dropped when the inbox is full."""
+        if 0 < self.options.max_inbox <= self._inbox.qsize():
+            self.dropped(1, "inbox is full (the node reads too slowly)")
+            return
+        self.stats.received_messages += 1
+        self.stats.received_bytes += len(message.payload)
+        self._inbox.put_nowait(message)
+
+    def dropped(self, count: int, reason: str) -> None:
+        """Count `count` lost messages; the first loss for each reason is logged as a warning."""
+        if count <= 0:
+            return
+        self.stats.dropped += count
+        level = logging.DEBUG if reason in self._drop_reasons else logging.WARNING
+        self._drop_reasons.add(reason)
+        log.log(level, "dropped client=%s count=%d reason=%s", self.client_id, count, reason)
+
+    def forget(self, link: Link) -> None:
+        """Stop routing publishes to `link` (idle or given up); a new one opens on demand."""
+        if self._links.get(link.address) is link:
+            del self._links[link.address]
+
+    def wanted(self, topic: str) -> bool:
+        """Whether `topic` matches one of our subscriptions."""
+        # amqtt 0.12 pushes retained messages for *other* clients' filters to every client
+        # that connects, so a message is not necessarily one we asked for.
+        return topic in self._patterns or any(topic_matches(p, topic) for p in self._patterns)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    async def _run(self, home: Link) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self._start(home)
+                await self._stop.wait()
+                if self.aborting:
+                    # The links see their sockets die and end on their own; don't cancel them
+                    # mid-way or aiomqtt would try a graceful DISCONNECT.
+                    tasks = [link.task for link in self._running if link.task is not None]
+                    if tasks:
+                        await asyncio.wait(tasks, timeout=1.0)
+                for link in list(self._running):
+                    if link.task is not None:
+                        link.task.cancel()
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self._failure = exc
+            raise
+        finally:
+            self._tg = None
+            self._finish()
+
+    def _start(self, link: Link) -> None:
+        assert self._tg is not None
+        self._running.add(link)
+        link.task = self._tg.create_task(self._supervise(link), name=f"mqtt-link:{link.address}")
+
+    async def _supervise(self, link: Link) -> None:
+        try:
+            await link.run()
+        finally:
+            self._running.discard(link)
+            self.forget(link)
+            self.dropped(link.clear(), "transport closed before they were delivered")
+
+    def _open_link(self, address: BrokerAddress) -> Link:
+        if self._tg is None:
+            raise TransportError(f"{self.client_id}: transport is not running")
+        link = Link(self, address, f"{self.client_id}-out", home=False, will=None)
+        self._links[address] = link
+        self._start(link)
+        return link
+
+    def _home_client(self) -> aiomqtt.Client | None:
+        home = self._home_link
+        if home is None or not home.connected.is_set():
+            return None
+        return home.client
+
+    def _check_open(self) -> None:
+        if self._state != "connected":
+            state = {"new": "not connected", "connecting": "not connected"}.get(self._state)
+            raise TransportError(f"{self.client_id}: transport is {state or 'closed'}")
+
+    async def _wait_runner(self) -> None:
+        if self._runner is not None:
+            await asyncio.wait({self._runner})
+            if not self._runner.cancelled() and self._runner.exception() is not None:
+                raise TransportError(
+                    f"{self.client_id}: transport failed"
+                ) from self._runner.exception()
+
+    def _finish(self) -> None:
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        self._links.clear()
+        self._inbox.put_nowait(_CLOSED)

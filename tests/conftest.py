@@ -1,0 +1,78 @@
+"""Shared fixtures: real MQTT brokers on free loopback ports, and a condition waiter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+
+from p2pfl.transport.base import LocalBroker
+from p2pfl.transport.embedded import EmbeddedBroker
+from p2pfl.transport.mosquitto import MosquittoBroker, find_mosquitto
+
+BROKER_KINDS = ("mosquitto", "embedded")
+
+WaitUntil = Callable[..., Awaitable[None]]
+MakeBroker = Callable[[str], LocalBroker]
+
+
+def _new_broker(kind: str) -> LocalBroker:
+    if kind == "mosquitto":
+        if find_mosquitto() is None:
+            pytest.skip("mosquitto binary not found (apt install mosquitto)")
+        return MosquittoBroker("127.0.0.1", 0)
+    if kind == "embedded":
+        return EmbeddedBroker("127.0.0.1", 0)
+    raise ValueError(f"unknown broker kind {kind!r}")
+
+
+@pytest.fixture
+def make_broker() -> Iterator[MakeBroker]:
+    """Factory: `make_broker("mosquitto" | "embedded")` starts a broker, closed after the test."""
+    started: list[LocalBroker] = []
+
+    def make(kind: str) -> LocalBroker:
+        broker = _new_broker(kind)
+        broker.start()
+        started.append(broker)
+        return broker
+
+    yield make
+    for broker in reversed(started):
+        broker.close()
+
+
+@pytest.fixture
+def mosquitto(make_broker: MakeBroker) -> LocalBroker:
+    """A private Mosquitto on a free 127.0.0.1 port (skips when mosquitto is not installed)."""
+    return make_broker("mosquitto")
+
+
+@pytest.fixture
+def embedded_broker(make_broker: MakeBroker) -> LocalBroker:
+    """An in-process amqtt broker on its own thread, on a free 127.0.0.1 port."""
+    return make_broker("embedded")
+
+
+@pytest.fixture(params=BROKER_KINDS)
+def broker(request: pytest.FixtureRequest, make_broker: MakeBroker) -> LocalBroker:
+    """Each test using it runs once against Mosquitto and once against the embedded broker."""
+    return make_broker(request.param)
+
+
+async def _wait_until(
+    condition: Callable[[], bool], within: float = 5.0, interval: float = 0.01
+) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within} s: {condition}")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def wait_until() -> WaitUntil:
+    """`await wait_until(lambda: cond, within=5)` polls; AssertionError if it stays false."""
+    return _wait_until

@@ -1,0 +1,103 @@
+"""Run `p2pfl run` as real processes, as a user would, and read their JSON logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on loopback."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class NodeProcess:
+    """One `p2pfl run` child process with its JSON log in a file."""
+
+    def __init__(self, name: str, args: Sequence[str], workdir: Path) -> None:
+        self.name = name
+        self.args = list(args)
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NodeProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "p2pfl", "run", "--log-format", "json", *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        return self
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+        return out
+
+    def rounds(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r.get("event") == "round"]
+
+    def last_round(self) -> int:
+        rounds = self.rounds()
+        return rounds[-1]["round"] if rounds else 0
+
+    def done(self) -> dict[str, Any] | None:
+        return next((r for r in self.records() if r.get("event") == "done"), None)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.wait(20)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.wait(10)
+
+    def tail(self, n: int = 30) -> str:
+        lines = self.log_path.read_text().splitlines()
+        return f"--- {self.name} ---\n" + "\n".join(lines[-n:])
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str, logs: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")

@@ -1,0 +1,130 @@
+"""End-to-end: `p2pfl run` as real processes on loopback, as a user would start them."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.nodeproc import NodeProcess, free_ports, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+# Small but real: MNIST-1D, a Dirichlet split, the MLP (fast on 2 cores).
+FAST = ["--model", "mlp", "--local-epochs", "1", "--dataset", "mnist1d", "--seed", "0"]
+
+
+def start_cluster(
+    tmp_path: Path, n: int, extra: list[str], *, broker: str | None = None
+) -> list[NodeProcess]:
+    ports = free_ports(n)
+    ids = [f"n{i}" for i in range(n)]
+    nodes = []
+    for i, node_id in enumerate(ids):
+        if broker is None:
+            where = ["--listen", f"127.0.0.1:{ports[i]}"]
+            peers = [
+                arg
+                for j, other in enumerate(ids)
+                if j != i
+                for arg in ("--peer", f"{other}=mqtt://127.0.0.1:{ports[j]}")
+            ]
+        else:
+            where, peers = ["--broker", broker], []
+        args = [
+            "--id", node_id, "--network", "e2e", "--state-dir", str(tmp_path / node_id),
+            "--num-partitions", str(n), "--partition-index", str(i),
+            "--presence-ttl", "6", *where, *peers, *extra,
+        ]  # fmt: skip
+        nodes.append(NodeProcess(node_id, args, tmp_path).start())
+    return nodes
+
+
+def logs(nodes: list[NodeProcess]) -> str:
+    return "\n".join(n.tail() for n in nodes)
+
+
+def finish(nodes: list[NodeProcess], timeout: float) -> None:
+    try:
+        for node in nodes:
+            node.wait(timeout)
+    except Exception:
+        for node in nodes:
+            node.stop()
+        raise AssertionError("nodes did not finish\n" + logs(nodes)) from None
+
+
+@pytest.mark.parametrize(
+    "schedule", [["--schedule", "ring"], ["--schedule", "partial-mesh", "--degree", "2"]]
+)
+def test_four_nodes_sync_rounds_on_embedded_brokers(tmp_path: Path, schedule: list[str]) -> None:
+    rounds = 4
+    nodes = start_cluster(
+        tmp_path,
+        4,
+        [*FAST, *schedule, "--mode", "sync", "--rounds", str(rounds), "--round-timeout", "20",
+         "--partition", "dirichlet:0.5"],
+    )  # fmt: skip
+    finish(nodes, 180)
+    for node in nodes:
+        assert node.proc is not None and node.proc.returncode == 0, logs(nodes)
+        done = node.done()
+        assert done is not None, node.tail()
+        assert done["round"] == rounds
+        # every round merged at least one neighbour's model: the gossip really happened
+        assert all(r["merged"] >= 1 for r in node.rounds()[1:]), node.tail()
+        assert done["models_received"] >= rounds - 1
+        assert done["rejected"] == 0
+
+
+def test_random_walk_async_for_a_time_budget(tmp_path: Path) -> None:
+    nodes = start_cluster(
+        tmp_path, 3, [*FAST, "--schedule", "random-walk", "--mode", "async", "--duration", "12"]
+    )
+    finish(nodes, 120)
+    for node in nodes:
+        done = node.done()
+        assert done is not None, node.tail()
+        assert done["round"] >= 2
+        assert done["models_sent"] >= 2
+        assert done["models_received"] >= 1
+
+
+def test_kill_9_ring_reforms_and_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
+    nodes = start_cluster(tmp_path, 4, [*FAST, "--schedule", "ring", "--mode", "async"])
+    try:
+        wait_until(lambda: all(n.last_round() >= 3 for n in nodes), 120, "round 3", logs(nodes))
+        victim = nodes[2]
+        victim.signal(signal.SIGKILL)
+        victim.wait(10)
+        killed_at = victim.last_round()
+        survivors = [n for i, n in enumerate(nodes) if i != 2]
+        marks = {n.name: n.last_round() for n in survivors}
+        # the survivors keep training, and the ring closes around the hole: 2 live peers each
+        wait_until(
+            lambda: all(
+                n.last_round() >= marks[n.name] + 3 and n.rounds()[-1]["peers"] == 2
+                for n in survivors
+            ),
+            90,
+            "survivors to keep training with 2 peers",
+            logs(nodes),
+        )
+        # restarted with the same state dir, it resumes instead of starting over
+        restarted = NodeProcess("n2-again", victim.args, tmp_path).start()
+        nodes.append(restarted)
+        wait_until(lambda: bool(restarted.rounds()), 90, "restarted node to train", logs(nodes))
+        resumed = [r for r in restarted.records() if "resumed from checkpoint" in r.get("msg", "")]
+        assert resumed, restarted.tail()
+        assert killed_at >= 3
+        assert restarted.rounds()[0]["round"] >= killed_at + 1
+        wait_until(
+            lambda: restarted.rounds()[-1]["peers"] == 3, 60, "restarted node rejoins", logs(nodes)
+        )
+    finally:
+        for node in nodes:
+            node.stop()
+    for node in nodes:
+        if node is not nodes[2]:
+            assert node.proc is not None and node.proc.returncode == 0, node.tail()

@@ -1,0 +1,148 @@
+"""The message envelope: packing, and defensive unpacking."""
+
+import dataclasses
+import time
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pfl.protocol import (
+    KINDS,
+    PROTOCOL_VERSION,
+    Envelope,
+    ProtocolError,
+    pack_envelope,
+    unpack_envelope,
+)
+
+
+def fields(**changes: Any) -> dict[str, Any]:
+    base = {
+        "v": 1,
+        "kind": "presence",
+        "net": "lab",
+        "src": "n1",
+        "seq": 7,
+        "ts": 1.5,
+        "body": {"role": "trainer"},
+        "sig": None,
+    }
+    return base | changes
+
+
+def test_envelope_round_trips_with_and_without_signature() -> None:
+    env = Envelope(1, "control", "lab", "n1", 3, 12.25, {"op": "stop", "n": [1, 2]})
+    assert unpack_envelope(pack_envelope(env)) == env
+    signed = dataclasses.replace(env, sig=b"\x01" * 64)
+    assert unpack_envelope(pack_envelope(signed)) == signed
+
+
+def test_create_stamps_current_version_and_time() -> None:
+    before = time.time()
+    env = Envelope.create("bye", {}, net="lab", src="n1", seq=0)
+    assert env.v == PROTOCOL_VERSION
+    assert before <= env.ts <= time.time()
+
+
+def test_packed_envelope_is_plain_msgpack_with_exactly_the_design_keys() -> None:
+    blob = bytes(range(256)) * 64  # above the size where the writer splices the bytes in
+    env = Envelope(1, "log", "lab", "n1", 1, 2.0, {"blob": memoryview(blob), "small": b"ab"})
+    packed = pack_envelope(env)
+    decoded = msgpack.unpackb(packed)
+    assert list(decoded) == ["v", "kind", "net", "src", "seq", "ts", "body", "sig"]
+    # Byte-identical to msgpack's own encoding of the same map.
+    expected = fields(kind="log", seq=1, ts=2.0, body={"blob": blob, "small": b"ab"})
+    assert bytes(packed) == msgpack.packb(expected)
+
+
+def test_known_kinds_include_the_design_ones() -> None:
+    assert {"model", "chunk", "presence", "bye", "telemetry", "log", "control"} <= KINDS
+
+
+def test_oversize_message_is_refused_before_parsing() -> None:
+    garbage = b"\xc1" * 101  # 0xc1 is never valid msgpack: a parse would fail differently
+    with pytest.raises(ProtocolError, match="exceeds the limit of 100 bytes"):
+        unpack_envelope(garbage, max_size=100)
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"v": 2}, "version"),
+        ({"v": True}, "version"),
+        ({"v": "1"}, "version"),
+        ({"kind": "weights"}, "kind"),
+        ({"kind": 3}, "kind"),
+        ({"net": "a/b"}, "network name"),
+        ({"src": ""}, "sender id"),
+        ({"src": 5}, "sender id"),
+        ({"seq": -1}, "sequence"),
+        ({"seq": False}, "sequence"),
+        ({"ts": float("nan")}, "timestamp"),
+        ({"ts": float("inf")}, "timestamp"),
+        ({"ts": "now"}, "timestamp"),
+        ({"body": [1, 2]}, "body"),
+        ({"body": {b"k": 1}}, "body"),
+        ({"sig": "text"}, "signature"),
+        ({"sig": b"x" * 2000}, "signature"),
+        ({"extra": 1}, "unexpected ['extra']"),
+    ],
+)
+def test_malformed_fields_are_refused(changes: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        unpack_envelope(msgpack.packb(fields(**changes)))
+    assert fragment in info.value.reason
+
+
+def test_missing_field_is_named() -> None:
+    data = fields()
+    del data["ts"]
+    with pytest.raises(ProtocolError, match=r"missing \['ts'\]"):
+        unpack_envelope(msgpack.packb(data))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x91" * 5000 + b"\x01",  # nesting deeper than msgpack's stack
+        b"\xdd\xff\xff\xff\xff",  # array header announcing 4 billion items
+        b"\xdf\xff\xff\xff\xff",  # map header announcing 4 billion pairs
+        b"\xc6\xff\xff\xff\xff",  # bin of 4 GiB
+        b"\xa2\xff\xfe",  # invalid UTF-8 string
+        msgpack.packb(msgpack.ExtType(1, b"abc")),  # extension types are not part of v1
+        msgpack.packb(fields()) + b"\x00",  # trailing data
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({1: 2}),  # non-string map key
+    ],
+)
+def test_hostile_bytes_are_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        unpack_envelope(data)
+
+
+@given(st.binary(max_size=512))
+@settings(max_examples=300)
+def test_random_bytes_only_ever_raise_protocol_error(data: bytes) -> None:
+    try:
+        env = unpack_envelope(data)
+    except ProtocolError:
+        return
+    assert env.v == PROTOCOL_VERSION  # a random valid envelope is possible, if improbable
+
+
+def test_every_truncation_of_a_valid_message_is_refused() -> None:
+    packed = bytes(pack_envelope(Envelope(1, "presence", "lab", "n1", 1, 1.0, {"a": [1, b"x"]})))
+    for end in range(len(packed)):
+        with pytest.raises(ProtocolError):
+            unpack_envelope(packed[:end])
+
+
+def test_pack_refuses_what_peers_would_refuse() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        pack_envelope(Envelope(1, "weights", "lab", "n1", 0, 0.0, {}))
+    with pytest.raises(ValueError, match="node id"):
+        pack_envelope(Envelope(1, "bye", "lab", "n/1", 0, 0.0, {}))

@@ -1,0 +1,235 @@
+"""MqttTransport against real brokers: Mosquitto (child process) and the embedded amqtt."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from p2pfl.transport.base import LocalBroker, Message, Transport, TransportError
+from p2pfl.transport.mosquitto import free_port
+from p2pfl.transport.mqtt import MqttOptions, MqttTransport
+
+pytestmark = pytest.mark.timeout(30)
+
+FAST = MqttOptions(backoff_min=0.05, backoff_max=0.3, connect_timeout=3.0, drain_timeout=3.0)
+WaitUntil = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture
+async def transports() -> AsyncIterator[Callable[..., Awaitable[MqttTransport]]]:
+    """Factory for connected transports; every one is closed after the test."""
+    made: list[MqttTransport] = []
+
+    async def make(
+        uri: str, cid: str, will: Message | None = None, options: MqttOptions = FAST
+    ) -> MqttTransport:
+        t = MqttTransport(uri, cid, options)
+        made.append(t)
+        await t.connect(will)
+        return t
+
+    yield make
+    for t in made:
+        await t.close()
+
+
+async def receive(t: MqttTransport, count: int = 1, within: float = 5.0) -> list[Message]:
+    out: list[Message] = []
+    async with asyncio.timeout(within):
+        async for message in t.messages():
+            out.append(message)
+            if len(out) == count:
+                break
+    return out
+
+
+async def nothing_arrives(t: MqttTransport, seconds: float = 0.3) -> bool:
+    try:
+        async with asyncio.timeout(seconds):
+            await anext(t.messages())
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_implements_the_transport_seam() -> None:
+    assert isinstance(MqttTransport("mqtt://127.0.0.1:1", "x"), Transport)
+
+
+async def test_publish_subscribe_round_trip(broker: LocalBroker, transports) -> None:
+    a = await transports(broker.uri, "a")
+    b = await transports(broker.uri, "b")
+    await b.subscribe("net/node/+/inbox")
+    await a.publish("net/node/b/inbox", b"hello")
+    await a.publish("net/other", b"not for b")
+    await a.publish("net/node/c/inbox", b"for c")
+    got = await receive(b, 2)
+    assert [(m.topic, m.payload) for m in got] == [
+        ("net/node/b/inbox", b"hello"),
+        ("net/node/c/inbox", b"for c"),
+    ]
+    assert a.stats.published_messages == 3
+    assert b.stats.received_bytes == len(b"hello") + len(b"for c")
+
+
+async def test_retained_presence_reaches_late_subscriber(broker: LocalBroker, transports) -> None:
+    a = await transports(broker.uri, "a")
+    await a.publish("net/presence/a", b"online", retain=True)
+    await a.publish("net/presence/gone", b"online", retain=True)
+    await a.publish("net/presence/gone", b"", retain=True)  # an empty retained payload deletes
+    late = await transports(broker.uri, "late")
+    await late.subscribe("net/presence/+")
+    assert await receive(late) == [Message("net/presence/a", b"online", retain=True)]
+    assert await nothing_arrives(late)
+
+
+async def test_will_fires_on_abort_but_not_on_close(broker: LocalBroker, transports) -> None:
+    watcher = await transports(broker.uri, "watcher")
+    await watcher.subscribe("net/presence/+")
+    will = Message("net/presence/x", b"offline", retain=True)
+
+    polite = await transports(broker.uri, "x", will)
+    await polite.close()
+    assert await nothing_arrives(watcher)
+
+    crashing = await transports(broker.uri, "x", will)
+    await crashing.abort()
+    assert await receive(watcher) == [Message("net/presence/x", b"offline")]
+    # The will was retained, so a newcomer learns that x is offline.
+    late = await transports(broker.uri, "late")
+    await late.subscribe("net/presence/x")
+    assert await receive(late) == [Message("net/presence/x", b"offline", retain=True)]
+
+
+async def test_five_megabyte_payload_arrives_intact(broker: LocalBroker, transports) -> None:
+    a = await transports(broker.uri, "a")
+    b = await transports(broker.uri, "b")
+    await b.subscribe("big")
+    payload = hashlib.sha256(b"seed").digest() * (5 * 1024 * 1024 // 32)
+    await a.publish("big", payload)
+    (got,) = await receive(b, within=15)
+    assert len(got.payload) == len(payload)
+    assert got.payload == payload
+
+
+async def test_publish_to_a_second_broker(make_broker, broker: LocalBroker, transports) -> None:
+    other = make_broker("embedded")
+    a = await transports(broker.uri, "a")  # home: broker
+    c = await transports(other.uri, "c")  # home: other
+    await c.subscribe("net/node/c/inbox")
+    await a.publish("net/node/c/inbox", b"model", broker=other.uri)
+    assert await receive(c) == [Message("net/node/c/inbox", b"model")]
+    await a.publish("net/node/c/inbox", b"again", broker=other.uri)  # reuses the link
+    assert await receive(c) == [Message("net/node/c/inbox", b"again")]
+
+
+async def test_reconnects_resubscribes_and_delivers_queued_messages(
+    broker: LocalBroker, transports, wait_until: WaitUntil
+) -> None:
+    t = await transports(broker.uri, "t")
+    await t.subscribe("net/node/t/inbox")
+    broker.stop()
+    await wait_until(lambda: not t.connected)
+    await t.publish("net/node/t/inbox", b"queued while down")  # waits in the outbox
+    await asyncio.sleep(0.2)
+    await asyncio.to_thread(broker.start)  # same port
+    got = await receive(t, within=10)
+    assert got == [Message("net/node/t/inbox", b"queued while down")]
+    assert t.connected
+    assert t.stats.reconnects >= 1
+    assert t.stats.dropped == 0
+
+
+async def test_amqtt_foreign_retained_messages_are_filtered(
+    broker: LocalBroker, transports
+) -> None:
+    # amqtt pushes retained messages matching any client's filter to each new client.
+    a = await transports(broker.uri, "a")
+    await a.subscribe("net/presence/+")
+    await a.publish("net/presence/a", b"online", retain=True)
+    b = await transports(broker.uri, "b")
+    await b.subscribe("net/telemetry/+")
+    await a.publish("net/telemetry/a", b"t")
+    assert await receive(b) == [Message("net/telemetry/a", b"t")]
+
+
+async def test_close_flushes_queued_messages(broker: LocalBroker, transports) -> None:
+    sink = await transports(broker.uri, "sink")
+    await sink.subscribe("x/+")
+    a = await transports(broker.uri, "a")
+    for i in range(50):
+        await a.publish(f"x/{i}", bytes(10_000))
+    await a.close()
+    assert a.stats.published_messages == 50
+    assert a.stats.dropped == 0
+    got = await receive(sink, 50)
+    assert {m.topic for m in got} == {f"x/{i}" for i in range(50)}
+
+
+async def test_full_outbox_drops_and_counts(mosquitto: LocalBroker, transports, wait_until) -> None:
+    options = MqttOptions(
+        backoff_min=0.05, backoff_max=0.3, max_queued_messages=2, drain_timeout=0.2
+    )
+    t = await transports(mosquitto.uri, "t", options=options)
+    mosquitto.stop()
+    await wait_until(lambda: not t.connected)
+    for _ in range(5):
+        await t.publish("x", b".")
+    assert t.stats.dropped == 3
+    await t.close()  # the two queued ones cannot be flushed either
+    assert t.stats.dropped == 5
+
+
+async def test_unreachable_remote_broker_gives_up_and_counts(
+    mosquitto: LocalBroker, transports, wait_until: WaitUntil
+) -> None:
+    options = MqttOptions(backoff_min=0.05, backoff_max=0.1, link_give_up=0.3)
+    t = await transports(mosquitto.uri, "t", options=options)
+    nowhere = f"mqtt://127.0.0.1:{free_port()}"
+    await t.publish("net/node/z/inbox", b"lost", broker=nowhere)
+    await t.publish("net/node/z/inbox", b"lost", broker=nowhere)
+    await wait_until(lambda: t.stats.dropped >= 2)
+    assert t.stats.dropped == 2
+    assert t.stats.published_messages == 0
+
+
+async def test_idle_remote_link_closes_and_reopens(make_broker, mosquitto, transports) -> None:
+    other = make_broker("mosquitto")
+    c = await transports(other.uri, "c")
+    await c.subscribe("in")
+    t = await transports(mosquitto.uri, "t", options=MqttOptions(link_idle=0.2))
+    await t.publish("in", b"1", broker=other.uri)
+    assert (await receive(c))[0].payload == b"1"
+    await asyncio.sleep(0.5)
+    assert len(t._running) == 1  # only the home link is left
+    await t.publish("in", b"2", broker=other.uri)
+    assert (await receive(c))[0].payload == b"2"
+
+
+async def test_connect_to_nothing_raises() -> None:
+    t = MqttTransport(f"mqtt://127.0.0.1:{free_port()}", "t", MqttOptions(connect_timeout=0.5))
+    with pytest.raises(TransportError, match="cannot connect"):
+        await t.connect()
+    with pytest.raises(TransportError, match="closed"):
+        await t.publish("x", b"")
+
+
+async def test_closed_transport_refuses_work(mosquitto: LocalBroker, transports) -> None:
+    t = await transports(mosquitto.uri, "t")
+    await t.close()
+    with pytest.raises(TransportError, match="closed"):
+        await t.publish("x", b"")
+    with pytest.raises(TransportError, match="closed"):
+        await t.subscribe("x")
+    assert [m async for m in t.messages()] == []
+
+
+async def test_oversized_payload_and_bad_topic_are_caller_errors(mosquitto, transports) -> None:
+    t = await transports(mosquitto.uri, "t", options=MqttOptions(max_payload=10))
+    with pytest.raises(ValueError, match="chunk"):
+        await t.publish("x", bytes(11))
+    with pytest.raises(ValueError, match="wildcards"):
+        await t.publish("x/#", b"")
