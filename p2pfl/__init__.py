@@ -18,7 +18,7 @@ _EXPORTS = {
     "TorchLearner": "p2pfl.learning.torch_learner",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = ["EvalResult", "FitResult", "Learner", "TorchLearner", "__version__"]
 
 if TYPE_CHECKING:
     from p2pfl.learning.learner import EvalResult, FitResult, Learner

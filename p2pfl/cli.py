@@ -115,6 +115,10 @@ def run(
     round_timeout: float | None = typer.Option(
         None, help="Sync mode: wait this long for neighbours' models. [default: 30]"
     ),
+    min_peers: int | None = typer.Option(
+        None,
+        help="Wait for this many peers before round 1. [default: all static peers if sync]",
+    ),
     presence_ttl: float | None = typer.Option(
         None, help="Forget a silent peer after this many seconds. [default: 15]"
     ),
@@ -180,6 +184,7 @@ def run(
         "period": period,
         "round_timeout": round_timeout,
         "presence_ttl": presence_ttl,
+        "min_peers": min_peers,
         "dataset": dataset,
         "partition": partition,
         "num_partitions": num_partitions,

@@ -76,6 +76,9 @@ class NodeConfig(BaseModel):
     discovery: tuple[DiscoverySource, ...] = ("static", "presence")
     interfaces: tuple[str, ...] = ()
     presence_ttl: float = Field(15.0, gt=0)
+    # Before the first round, wait (up to round_timeout) until this many peers are live.
+    # None: every static peer in sync mode, nobody in async mode.
+    min_peers: int | None = Field(None, ge=0)
     # schedule
     schedule: Schedule = "ring"
     degree: int = Field(4, ge=1)

@@ -24,9 +24,10 @@ from p2pfl.learning.torch_learner import TorchLearner, build_learner
 from p2pfl.node import Node, NodeCounters, RoundReport
 from p2pfl.store import StateDir
 from p2pfl.topology import load_graph, make_schedule
+from p2pfl.transport.address import TlsOptions
 from p2pfl.transport.embedded import EmbeddedBroker
 from p2pfl.transport.mosquitto import MosquittoBroker
-from p2pfl.transport.mqtt import MqttTransport
+from p2pfl.transport.mqtt import MqttOptions, MqttTransport
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("p2pfl.progress")
@@ -89,6 +90,10 @@ async def home_broker(config: NodeConfig) -> AsyncIterator[str]:
         await asyncio.to_thread(broker.stop)
 
 
+def _opt_str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
 def report_round(report: RoundReport) -> None:
     """The per-round progress line (text) or JSON object (json)."""
     fields = report.as_dict()
@@ -102,7 +107,7 @@ def report_round(report: RoundReport) -> None:
         fields["models_sent"],
         fields["models_received"],
         fields["rejected"],
-        extra={"fields": fields},
+        extra={"fields": fields, "text_fields": False},
     )
 
 
@@ -118,14 +123,19 @@ async def serve(config: NodeConfig) -> NodeCounters:
             config.schedule, degree=config.degree, seed=config.seed, graph=graph
         )
         async with home_broker(config) as home_uri:
-            transport = MqttTransport(
-                home_uri,
-                client_id=f"{node_id}-{secrets.token_hex(3)}",
-                ca=config.ca,
-                cert=config.cert,
-                key=config.key,
+            tls = None
+            if config.ca or config.cert or config.key:
+                tls = TlsOptions(
+                    ca=_opt_str(config.ca), cert=_opt_str(config.cert), key=_opt_str(config.key)
+                )
+            options = MqttOptions(
                 username=config.username,
                 password=config.password,
+                tls=tls,
+                max_payload=max(config.max_message_size, config.max_chunk + 64 * 1024),
+            )
+            transport = MqttTransport(
+                home_uri, client_id=f"{node_id}-{secrets.token_hex(3)}", options=options
             )
             node = Node(
                 config,
@@ -157,7 +167,8 @@ async def serve(config: NodeConfig) -> NodeCounters:
                     "round": node.round,
                     "accuracy": None if final is None else final.accuracy,
                     **counters.as_dict(),
-                }
+                },
+                "text_fields": False,
             },
         )
         return counters

@@ -1,7 +1,8 @@
 """Logging set-up: readable text on a terminal, or one JSON object per line (`--log-format json`).
 
 Structured fields travel in ``extra={"fields": {...}}``; the text format renders them as
-``key=value`` pairs and the JSON format merges them into the object.
+``key=value`` pairs (unless ``text_fields=False``: the message already says it) and the JSON
+format merges them into the object.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class TextFormatter(logging.Formatter):
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         text = f"{stamp} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict) and fields:
+        if isinstance(fields, dict) and fields and getattr(record, "text_fields", True):
             text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)

@@ -33,7 +33,7 @@ from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.model import decode_model, encode_model
 from p2pfl.store import StateDir
 from p2pfl.topology import Schedule
-from p2pfl.transport.base import Message, Transport
+from p2pfl.transport.base import Message, Payload, Transport
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ class Node:
         self._merge = parse_merge(config.merge)
         self._seq = 0
         self._inbox_topic = topics.inbox(self.net, node_id)
-        self._received: dict[str, _Received] = {}
+        # sender -> round -> model; sync mode keeps a drifted neighbour's next round for later
+        self._received: dict[str, dict[int, _Received]] = {}
         self._arrived = asyncio.Event()
         self._stop = asyncio.Event()
         self._reassembler = chunking.Reassembler(
@@ -204,7 +205,21 @@ class Node:
 
     # ---- training ---------------------------------------------------------------------------
 
+    async def _wait_for_peers(self) -> None:
+        """Sync mode starts together: wait for the expected peers, at most one round timeout."""
+        wanted = self.config.min_peers
+        if wanted is None:
+            static = {p.id for p in self.config.peers} - {self.node_id}
+            wanted = len(static) if self.config.mode == "sync" else 0
+        if wanted <= 0:
+            return
+        deadline = self.clock() + self.config.round_timeout
+        while len(self.view.live()) < wanted and self.clock() < deadline and not self.stopping:
+            await self._sleep(0.05)
+        log.info("starting with peers=%d wanted=%d", len(self.view.live()), wanted)
+
     async def _train_loop(self) -> None:
+        await self._wait_for_peers()
         deadline = None if self.config.duration is None else self.clock() + self.config.duration
         while not self.stopping:
             if self.config.rounds and self.round >= self.config.rounds:
@@ -223,7 +238,7 @@ class Node:
             return
         weights = await asyncio.to_thread(self.learner.get_weights)
         try:
-            payload: bytes | None = await asyncio.to_thread(self._encode, weights, r, fit.samples)
+            payload: Payload | None = await asyncio.to_thread(self._encode, weights, r, fit.samples)
         except ValueError as exc:
             # e.g. training diverged to NaN: peers would refuse it, so keep it to ourselves
             log.error("not sending model round=%d reason=%s", r, exc)
@@ -262,7 +277,7 @@ class Node:
         plan = self.schedule.plan(self.node_id, self.view.live(), r)
         return plan.send_to, plan.expect_from
 
-    async def _send_planned(self, r: int, payload: bytes, sent: set[str]) -> None:
+    async def _send_planned(self, r: int, payload: Payload, sent: set[str]) -> None:
         send_to, _ = self._plan_targets(r)
         for target in send_to:
             if target in sent:
@@ -273,13 +288,13 @@ class Node:
             sent.add(target)
             await self._send(target, info.broker, payload)
 
-    async def _wait_for_round(self, r: int, payload: bytes, sent: set[str]) -> None:
+    async def _wait_for_round(self, r: int, payload: Payload, sent: set[str]) -> None:
         """Sync mode: wait for the expected senders' round-r models, re-planning on view changes."""
         deadline = self.clock() + self.config.round_timeout
         view_version = self.view.version
         while not self.stopping:
             _, expect = self._plan_targets(r)
-            missing = [p for p in expect if p not in self._received or self._received[p].round < r]
+            missing = [p for p in expect if max(self._received.get(p, ()), default=0) < r]
             if not missing:
                 return
             remaining = deadline - self.clock()
@@ -297,10 +312,29 @@ class Node:
                 view_version = self.view.version
                 await self._send_planned(r, payload, sent)
 
+    def _take_models(self, r: int) -> list[_Received]:
+        """The models to merge at round r: the newest per sender, within the allowed lag.
+
+        In sync mode a neighbour one round ahead (it does not wait for us) keeps its round-r+1
+        model buffered for our next round; a neighbour further ahead is taken at once, so a
+        node that fell behind catches up instead of trailing forever.
+        """
+        taken: list[_Received] = []
+        kept: dict[str, dict[int, _Received]] = {}
+        oldest = r - self.config.max_round_lag
+        for src, by_round in self._received.items():
+            now = [m for rr, m in by_round.items() if oldest <= rr <= r or rr > r + 1]
+            if self.config.mode == "sync" and r + 1 in by_round:
+                kept[src] = {r + 1: by_round[r + 1]}
+            else:
+                now.extend(m for rr, m in by_round.items() if rr == r + 1)
+            if now:
+                taken.append(max(now, key=lambda m: m.round))
+        self._received = kept
+        return taken
+
     async def _merge_received(self, own: dict[str, np.ndarray], r: int, own_age: float) -> int:
-        received = self._received
-        self._received = {}
-        fresh = [m for m in received.values() if m.round >= r - self.config.max_round_lag]
+        fresh = self._take_models(r)
         if not fresh:
             return 0
         models = [own, *(m.weights for m in fresh)]
@@ -311,7 +345,7 @@ class Node:
         self.round = max(self.round, max(m.round for m in fresh) - 1)
         return len(fresh)
 
-    def _encode(self, weights: Mapping[str, np.ndarray], r: int, age: float) -> bytes:
+    def _encode(self, weights: Mapping[str, np.ndarray], r: int, age: float) -> Payload:
         self._seq += 1
         return encode_model(
             dict(weights),
@@ -323,7 +357,7 @@ class Node:
             codec=self.config.codec,
         )
 
-    async def _send(self, target: str, broker: str, payload: bytes) -> None:
+    async def _send(self, target: str, broker: str, payload: Payload) -> None:
         topic = topics.inbox(self.net, target)
         self._seq += 1
         parts = chunking.split(
@@ -335,6 +369,8 @@ class Node:
             seq=self._seq,
         )
         for part in parts:
+            if isinstance(part, memoryview):
+                part = bytes(part)
             await self.transport.publish(topic, part, qos=1, broker=self._broker_for(broker))
             self.counters.bytes_sent += len(part)
         self.counters.models_sent += 1
@@ -389,12 +425,13 @@ class Node:
             self._reject(src, exc.reason)
             return
         self.counters.models_received += 1
-        previous = self._received.get(src)
-        if previous is None or model.round >= previous.round:
-            self._received[src] = _Received(model.round, model.age, model.weights)
+        by_round = self._received.setdefault(src, {})
+        by_round[model.round] = _Received(model.round, model.age, model.weights)
+        while len(by_round) > 3:  # bounded memory whatever a peer sends
+            del by_round[min(by_round)]
         self._arrived.set()
 
-    def _decode(self, data: bytes) -> Any:
+    def _decode(self, data: Payload) -> Any:
         return decode_model(
             data, expected=self._expected, net=self.net, max_size=self.config.max_message_size
         )

@@ -133,7 +133,7 @@ class StateDir:
         fd, tmp = tempfile.mkstemp(dir=self.checkpoint_dir, prefix=".ckpt-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
+                np.savez(fh, allow_pickle=False, **arrays)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)

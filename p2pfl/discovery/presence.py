@@ -41,7 +41,11 @@ def encode_presence(
     round: int | None = None,
 ) -> bytes:
     """The presence (online) or bye (offline) envelope of `node_id`."""
-    body = {"state": "online" if online else "offline", "role": role, "broker": broker}
+    body: dict[str, str | int] = {
+        "state": "online" if online else "offline",
+        "role": role,
+        "broker": broker,
+    }
     if round is not None:
         body["round"] = round
     env = Envelope(
@@ -53,7 +57,7 @@ def encode_presence(
         ts=time.time(),
         body=body,
     )
-    return pack_envelope(env)
+    return bytes(pack_envelope(env))
 
 
 def parse_presence(env: Envelope) -> PresenceRecord:

@@ -27,9 +27,9 @@ class TorchLearner:
 
     The optimizer is created once and kept across fits, so SGD momentum (and Adam's moments)
     survive merges: a merge moves the weights a little and the running direction stays a
-    good estimate, which is what the measured gossip recipe (SGD, momentum 0.9, lr 0.05,
-    3 local epochs) relies on. `reset_optimizer()` drops that state, e.g. after adopting a
-    very different model.
+    useful estimate, whereas a reset would start every local step cold (with momentum 0.9,
+    the first ~10 steps of each fit would be damped). `reset_optimizer()` drops that state,
+    e.g. after adopting a very different model.
 
     With `mu > 0`, fit adds FedProx's proximal term mu/2 * ||w - w0||^2, where w0 are the
     weights at the start of that fit (Li et al. 2020, "Federated optimization in

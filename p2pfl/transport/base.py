@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
 
 # MQTT's "remaining length" field caps a packet at 268,435,455 bytes; leave room for the header.
 MAX_PAYLOAD = 268_435_455 - 65_536 - 8
@@ -18,12 +19,16 @@ class TransportError(Exception):
     """A transport cannot do what was asked (closed, not connected, broker unreachable)."""
 
 
+Payload = bytes | bytearray
+"""What can be published: the protocol encoder builds a `bytearray` in place, without a copy."""
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One MQTT application message; `retain` is set when it came from the retained store."""
 
     topic: str
-    payload: bytes
+    payload: Payload
     retain: bool = False
 
 
@@ -60,13 +65,17 @@ class Transport(Protocol):
     async def publish(
         self,
         topic: str,
-        payload: bytes,
+        payload: Payload,
         *,
         qos: int = 1,
         retain: bool = False,
         broker: str | None = None,
     ) -> None:
         """Send `payload` to `topic` on `broker` (a URI; None = the home broker)."""
+        ...
+
+    async def flush(self) -> None:
+        """Wait until every message published so far was accepted by its broker (or dropped)."""
         ...
 
     def messages(self) -> AsyncIterator[Message]:
@@ -109,6 +118,19 @@ class LocalBroker(Protocol):
 
     def close(self) -> None:
         """Stop and release everything (temporary files)."""
+        ...
+
+    async def __aenter__(self) -> Self:
+        """`start()` in a worker thread."""
+        ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """`close()` in a worker thread."""
         ...
 
 

@@ -9,7 +9,10 @@ Limits of amqtt 0.12 found in its source and in our tests (use Mosquitto for pro
 - It forwards a QoS 1 message to each subscriber at most once, with a fixed 5 s wait for the
   PUBACK: a subscriber that cannot take it in 5 s loses it (logged by amqtt, not retried).
 - When any client connects, it pushes the retained messages matching *every* client's
-  subscriptions to it, not only its own; `MqttTransport` filters what it did not ask for.
+  subscriptions to it, not only its own. `MqttTransport` drops messages no subscription of
+  its own matches, but a client that subscribes right after connecting to a filter that
+  another client also holds can get such a retained message twice: consumers of retained
+  topics must be idempotent (presence and telemetry are).
 - Wills, including retained wills, and retained-message deletion by an empty payload work.
 - `bind` takes `host:port`; IPv6 hosts are not supported here (amqtt keeps the brackets).
 """
@@ -80,6 +83,7 @@ class EmbeddedBroker:
             return
         self._ready.clear()
         self._error = None
+        self._loop = self._stop_event = None
         self._thread = threading.Thread(
             target=self._thread_main, name=f"amqtt-{self.host}:{self._port}", daemon=True
         )
@@ -121,12 +125,15 @@ class EmbeddedBroker:
     def _thread_main(self) -> None:
         try:
             asyncio.run(self._serve())
-        except BaseException as exc:  # reported to start(), which runs on the caller's thread
-            self._error = exc
-            self._ready.set()
+        except BaseException as exc:
+            if self._ready.is_set():
+                log.error("embedded broker crashed uri=%s error=%r", self.uri, exc)
+            else:  # start() is waiting on the caller's thread and raises it there
+                self._error = exc
+                self._ready.set()
 
     async def _serve(self) -> None:
-        from amqtt.broker import Broker  # imported here: amqtt's import is slow
+        from amqtt.broker import Broker  # imported here: it takes ~0.2 s
 
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()

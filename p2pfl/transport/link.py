@@ -8,19 +8,21 @@ import logging
 import random
 import socket
 from collections import deque
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
 from p2pfl.transport.address import BrokerAddress
-from p2pfl.transport.base import Message
+from p2pfl.transport.base import Message, Payload
 
 if TYPE_CHECKING:
     from p2pfl.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # What a broken connection raises: aiomqtt wraps most errors, but aiomqtt's graceful
 # disconnect may re-raise the socket error that broke the connection.
@@ -32,7 +34,7 @@ class Outgoing:
 
     __slots__ = ("attempts", "payload", "qos", "retain", "seq", "topic")
 
-    def __init__(self, seq: int, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+    def __init__(self, seq: int, topic: str, payload: Payload, qos: int, retain: bool) -> None:
         self.seq = seq
         self.topic = topic
         self.payload = payload
@@ -114,6 +116,8 @@ class Link:
         self.inflight: dict[int, Outgoing] = {}
         self.inflight_bytes = 0
         self.connected = asyncio.Event()
+        self.down = asyncio.Event()
+        self.down.set()
         self.drained = asyncio.Event()
         self.drained.set()
         self.client: aiomqtt.Client | None = None
@@ -142,6 +146,21 @@ class Link:
         self.inflight_bytes = 0
         self.drained.set()
         return count
+
+    async def until_down(self, request: Awaitable[T]) -> T | None:
+        """Await a request on the current connection; None if the connection breaks first."""
+        work = asyncio.ensure_future(request)
+        down = asyncio.ensure_future(self.down.wait())
+        try:
+            await asyncio.wait({work, down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            down.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.wait({work})
+        if work.cancelled():
+            return None
+        return work.result()
 
     def kill(self) -> None:
         """Shut the socket down without DISCONNECT, so the broker publishes the will."""
@@ -182,8 +201,12 @@ class Link:
         was_up = False
         error: BaseException | None = None
         try:
-            async with self._client() as client:
+            async with self._client() as client, asyncio.TaskGroup() as tg:
                 self.client = client
+                self.down.clear()
+                # The receiver starts first: it notices a broken connection, which cancels
+                # a SUBSCRIBE waiting for its SUBACK instead of letting it run into the timeout.
+                tg.create_task(self._receive(client))
                 if self.home:
                     await self._resubscribe(client)
                 was_up = True
@@ -192,15 +215,14 @@ class Link:
                     self.owner.stats.reconnects += 1
                     log.info("reconnected client=%s broker=%s", self.identifier, self.address)
                 self.last_error = None
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._receive(client))
-                    tg.create_task(self._send(client, tg))
+                tg.create_task(self._send(client, tg))
         except* _LinkIdle:
             idle = True
         except* _CONNECTION_ERRORS as group:
             error = group.exceptions[0]
         finally:
             self.connected.clear()
+            self.down.set()
             self.client = None
             self._requeue_inflight(opts.max_attempts)
         if error is not None and not self.owner.aborting:

@@ -17,6 +17,7 @@ from typing import Final
 
 from p2pfl.transport.base import (
     Message,
+    Payload,
     TransportError,
     TransportStats,
     topic_matches,
@@ -55,7 +56,7 @@ class MemoryBus:
         """Ids of the connected clients."""
         return list(self._clients)
 
-    def retained(self, topic: str) -> bytes | None:
+    def retained(self, topic: str) -> Payload | None:
         """The retained payload on `topic`, if any."""
         entry = self._retained.get(topic)
         return entry[0].payload if entry else None
@@ -96,7 +97,7 @@ class MemoryBus:
                 break
             del path[depth - 1].children[levels[depth - 1]]
 
-    def _route(self, src: str, topic: str, payload: bytes, retain: bool) -> int:
+    def _route(self, src: str, topic: str, payload: Payload, retain: bool) -> int:
         """Deliver to every matching subscriber; returns how many copies the network dropped."""
         if retain:
             if payload:
@@ -192,7 +193,7 @@ class MemoryTransport:
     async def publish(
         self,
         topic: str,
-        payload: bytes,
+        payload: Payload,
         *,
         qos: int = 1,
         retain: bool = False,
@@ -204,6 +205,9 @@ class MemoryTransport:
         self.stats.published_messages += 1
         self.stats.published_bytes += len(payload)
         self.stats.dropped += self.bus._route(self.client_id, topic, payload, retain)
+
+    async def flush(self) -> None:
+        """Nothing to wait for: the bus routes a message during `publish`."""
 
     async def messages(self) -> AsyncIterator[Message]:
         """Messages for this client's subscriptions, until it is closed or aborted."""

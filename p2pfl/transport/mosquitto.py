@@ -13,9 +13,11 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -40,6 +42,16 @@ def find_mosquitto() -> str | None:
     return None
 
 
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on `host` right now (the OS picks it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -48,21 +60,39 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float) -> None:
-    """Block until a TCP connect to `host:port` succeeds; TimeoutError after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing accepts connections on {host}:{port}") from None
-            time.sleep(0.02)
+def mqtt_ping(host: str, port: int, timeout: float = 0.5, *, tls: bool = False) -> bool:
+    """Whether an MQTT broker answers a CONNECT on `host:port` (not just any listener).
+
+    With `tls`, the certificate is not checked: this asks "is it up?", not "is it trusted?".
+    """
+    client_id = b"p2pfl-probe"
+    body = b"\x00\x04MQTT\x04\x02\x00\x0a" + len(client_id).to_bytes(2, "big") + client_id
+    try:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
+            if tls:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                sock = stack.enter_context(context.wrap_socket(sock, server_hostname=host))
+            sock.sendall(bytes([0x10, len(body)]) + body)
+            reply = b""
+            while len(reply) < 4:
+                chunk = sock.recv(4 - len(reply))
+                if not chunk:
+                    return False
+                reply += chunk
+            sock.sendall(b"\xe0\x00")  # DISCONNECT, so no will and no warning in the log
+    except OSError:
+        return False
+    return reply == b"\x20\x02\x00\x00"  # CONNACK, accepted
 
 
 class MosquittoBroker:
-    """A Mosquitto child process listening on `host:port` (port 0 = pick a free one)."""
+    """A Mosquitto child process listening on `host:port` (port 0 = pick a free one).
+
+    `tls=(certfile, keyfile)` makes it an `mqtts://` listener.
+    """
 
     def __init__(
         self,
@@ -71,6 +101,7 @@ class MosquittoBroker:
         *,
         max_packet_size: int = 16 * 1024 * 1024,
         max_queued_messages: int = 10_000,
+        tls: tuple[str, str] | None = None,
         binary: str | None = None,
         start_timeout: float = 5.0,
     ) -> None:
@@ -78,6 +109,7 @@ class MosquittoBroker:
         self._port = port
         self.max_packet_size = max_packet_size
         self.max_queued_messages = max_queued_messages
+        self.tls = tls
         self._binary = binary
         self._start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -92,9 +124,9 @@ class MosquittoBroker:
 
     @property
     def uri(self) -> str:
-        """`mqtt://host:port` of this broker."""
+        """`mqtt://host:port` (or `mqtts://` with TLS) of this broker."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"mqtt://{host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -120,28 +152,32 @@ class MosquittoBroker:
         conf.write_text(self._config())
         logfile = folder / "mosquitto.log"
         with logfile.open("ab") as err:
-            self._proc = subprocess.Popen(
-                [binary, "-c", str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-            )
+            try:
+                self._proc = subprocess.Popen(
+                    [binary, "-c", str(conf)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=err,
+                )
+            except OSError as exc:
+                raise TransportError(f"cannot run mosquitto ({binary}): {exc}") from exc
+        # The broker must not outlive its owner, even one that forgets stop() (also at exit).
+        weakref.finalize(self, _terminate, self._proc)
+        # Poll with a real MQTT handshake: a bare TCP connect could reach another program
+        # that took the port, while mosquitto is failing to bind it.
         deadline = time.monotonic() + self._start_timeout
-        while True:
+        while not mqtt_ping(self.host, self._port, timeout=0.2, tls=self.tls is not None):
             if self._proc.poll() is not None:
                 text = logfile.read_text(errors="replace").strip()
                 self._proc = None
                 raise TransportError(f"mosquitto exited at start on port {self._port}: {text}")
-            try:
-                wait_for_port(self.host, self._port, timeout=0.1)
-                break
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TransportError(
-                        f"mosquitto did not accept connections on {self.host}:{self._port} "
-                        f"within {self._start_timeout} s"
-                    ) from None
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TransportError(
+                    f"mosquitto did not accept MQTT connections on {self.host}:{self._port} "
+                    f"within {self._start_timeout} s"
+                )
+            time.sleep(0.02)
         log.debug("mosquitto started pid=%d uri=%s", self._proc.pid, self.uri)
 
     def stop(self) -> None:
@@ -149,13 +185,7 @@ class MosquittoBroker:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _terminate(proc)
         log.debug("mosquitto stopped port=%s rc=%s", self._port, proc.returncode)
 
     def restart(self) -> None:
@@ -179,9 +209,15 @@ class MosquittoBroker:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def _config(self) -> str:
+        tls = [f"certfile {self.tls[0]}", f"keyfile {self.tls[1]}"] if self.tls else []
+        # Started as root, mosquitto switches to the `mosquitto` user and then cannot read
+        # files in our private folders; a private broker runs as whoever runs the node.
+        user = ["user root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
         return "\n".join(
             [
                 f"listener {self._port} {self.host}",
+                *user,
+                *tls,
                 "allow_anonymous true",
                 "persistence false",
                 f"max_packet_size {self.max_packet_size}",

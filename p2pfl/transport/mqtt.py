@@ -30,6 +30,7 @@ from p2pfl.transport.address import BrokerAddress, TlsOptions, parse_broker_uri
 from p2pfl.transport.base import (
     MAX_PAYLOAD,
     Message,
+    Payload,
     TransportError,
     TransportStats,
     topic_matches,
@@ -106,6 +107,7 @@ class MqttTransport:
         self._seq = itertools.count()
         self._failure: BaseException | None = None
         self._drop_reasons: set[str] = set()
+        self._will: Message | None = None
 
     def __repr__(self) -> str:
         return f"MqttTransport({self.client_id!r}, home={self.home.uri}, {self._state})"
@@ -114,6 +116,11 @@ class MqttTransport:
     def connected(self) -> bool:
         """Whether the home broker connection is up right now."""
         return self._home_link is not None and self._home_link.connected.is_set()
+
+    @property
+    def brokers(self) -> list[str]:
+        """URIs of the brokers this transport has a link to now (home first)."""
+        return [address.uri for address in self._links]
 
     @property
     def patterns(self) -> list[str]:
@@ -126,26 +133,30 @@ class MqttTransport:
             raise TransportError(f"{self.client_id}: connect() called twice")
         if will is not None:
             validate_topic(will.topic)
+        self._will = will
         home = Link(self, self.home, self.client_id, home=True, will=will)
         self._home_link = home
         self._links[self.home] = home
         self._state = "connecting"
-        self._runner = asyncio.create_task(self._run(home), name=f"mqtt:{self.client_id}")
+        self._runner = runner = asyncio.create_task(self._run(home), name=f"mqtt:{self.client_id}")
         waiter = asyncio.ensure_future(home.connected.wait())
         try:
             await asyncio.wait(
-                {waiter, self._runner},
+                {waiter, runner},
                 timeout=self.options.connect_timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             waiter.cancel()
-        if home.connected.is_set():
-            self._state = "connected"
+            if self._state == "connecting" and home.connected.is_set():
+                self._state = "connected"
+            else:  # timed out, failed, cancelled, or closed meanwhile: stop trying
+                if self._state == "connecting":
+                    self._state = "closing"
+                self._stop.set()
+                await asyncio.wait({runner})
+        if self._state == "connected":
             return
-        self._state = "closing"
-        self._stop.set()
-        await asyncio.wait({self._runner})
         raise TransportError(
             f"{self.client_id}: cannot connect to broker {self.home.uri}: "
             f"{home.last_error or 'timed out'}"
@@ -158,11 +169,11 @@ class MqttTransport:
         if pattern in self._patterns:
             return
         self._patterns[pattern] = None
-        client = self._home_client()
-        if client is not None:
+        home, client = self._home_link, self._home_client()
+        if home is not None and client is not None:
             # A broken connection here is fine: the link subscribes again when it reconnects.
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.subscribe(pattern, qos=1, timeout=self.options.timeout)
+                await home.until_down(client.subscribe(pattern, qos=1))
 
     async def unsubscribe(self, pattern: str) -> None:
         """Unsubscribe on the home broker."""
@@ -170,15 +181,15 @@ class MqttTransport:
         if pattern not in self._patterns:
             return
         del self._patterns[pattern]
-        client = self._home_client()
-        if client is not None:
+        home, client = self._home_link, self._home_client()
+        if home is not None and client is not None:
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.unsubscribe(pattern, timeout=self.options.timeout)
+                await home.until_down(client.unsubscribe(pattern))
 
     async def publish(
         self,
         topic: str,
-        payload: bytes,
+        payload: Payload,
         *,
         qos: int = 1,
         retain: bool = False,
@@ -200,6 +211,14 @@ class MqttTransport:
         if not link.enqueue(item):
             self.dropped(1, f"outgoing queue to {address.uri} is full")
 
+    async def flush(self) -> None:
+        """Wait until every queued message is acknowledged by its broker or dropped.
+
+        No timeout of its own (a broker may be down): wrap it in `asyncio.timeout`.
+        """
+        for link in list(self._running):
+            await link.drained.wait()
+
     async def messages(self) -> AsyncIterator[Message]:
         """Messages for the subscriptions, until the transport is closed."""
         while True:
@@ -214,32 +233,30 @@ class MqttTransport:
 
     async def close(self) -> None:
         """Flush queued messages (up to `drain_timeout`), then disconnect; no will."""
-        if self._state in ("new", "connecting"):
+        if self._state == "new":
             self._finish()
             return
-        if self._state != "connected":
-            await self._wait_runner()
-            return
-        self._state = "closing"
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.options.drain_timeout):
-                for link in list(self._running):
-                    await link.drained.wait()
+        if self._state == "connected":
+            self._state = "closing"
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.options.drain_timeout):
+                    for link in list(self._running):
+                        await link.drained.wait()
+        if self._state == "connecting":
+            self._state = "closing"
         self._stop.set()
         await self._wait_runner()
 
     async def abort(self) -> None:
         """Cut every connection without DISCONNECT, as a crash would: the broker sends the will."""
-        if self._state in ("new", "connecting"):
+        if self._state == "new":
             self._finish()
             return
-        if self._state != "connected":
-            await self._wait_runner()
-            return
-        self._state = "closing"
-        self.aborting = True
-        for link in self._running:
-            link.kill()
+        if self._state in ("connecting", "connected"):
+            self._state = "closing"
+            self.aborting = True
+            for link in self._running:
+                link.kill()
         self._stop.set()
         await self._wait_runner()
 
@@ -285,7 +302,11 @@ class MqttTransport:
                 if self.aborting:
                     # The links see their sockets die and end on their own; don't cancel them
                     # mid-way or aiomqtt would try a graceful DISCONNECT.
-                    tasks = [link.task for link in self._running if link.task is not None]
+                    tasks = [
+                        link.task
+                        for link in self._running
+                        if link.task is not None and link.client is not None
+                    ]
                     if tasks:
                         await asyncio.wait(tasks, timeout=1.0)
                 for link in list(self._running):
@@ -315,7 +336,9 @@ class MqttTransport:
     def _open_link(self, address: BrokerAddress) -> Link:
         if self._tg is None:
             raise TransportError(f"{self.client_id}: transport is not running")
-        link = Link(self, address, f"{self.client_id}-out", home=False, will=None)
+        # Remote links carry the will too: when this node dies, every broker it was connected
+        # to announces it, so peers on per-node embedded brokers see the crash at once.
+        link = Link(self, address, f"{self.client_id}-out", home=False, will=self._will)
         self._links[address] = link
         self._start(link)
         return link

@@ -1,0 +1,149 @@
+"""Datasets: mnist1d generation and cache, digits, npz files and their errors."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p2pfl.learning.datasets import Dataset, default_cache_dir, load_dataset
+
+
+@pytest.fixture(scope="module")
+def mnist1d_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("p2pfl-cache")
+
+
+@pytest.fixture(scope="module")
+def mnist1d(mnist1d_cache: Path) -> Dataset:
+    return load_dataset("mnist1d", seed=0, cache_dir=mnist1d_cache)
+
+
+def test_mnist1d_shapes_and_dtypes(mnist1d: Dataset) -> None:
+    assert mnist1d.name == "mnist1d"
+    assert mnist1d.x_train.shape == (4000, 40) and mnist1d.x_train.dtype == np.float32
+    assert mnist1d.y_train.shape == (4000,) and mnist1d.y_train.dtype == np.int64
+    assert mnist1d.x_test.shape == (1000, 40) and mnist1d.x_test.dtype == np.float32
+    assert mnist1d.y_test.shape == (1000,) and mnist1d.y_test.dtype == np.int64
+    assert mnist1d.n_classes == 10 and mnist1d.in_shape == (40,)
+    assert set(np.unique(mnist1d.y_train)) == set(range(10))
+    assert not mnist1d.x_train.flags.writeable
+
+
+def test_mnist1d_is_cached_and_reused(mnist1d: Dataset, mnist1d_cache: Path) -> None:
+    files = list(mnist1d_cache.glob("mnist1d-seed0-*.npz"))
+    assert len(files) == 1
+    assert not list(mnist1d_cache.glob(".*.tmp"))  # no temp file left behind
+    mtime = files[0].stat().st_mtime_ns
+    start = time.perf_counter()
+    again = load_dataset("mnist1d", seed=0, cache_dir=mnist1d_cache)
+    assert time.perf_counter() - start < 1.0  # generation takes seconds; reading does not
+    assert files[0].stat().st_mtime_ns == mtime
+    assert np.array_equal(again.x_train, mnist1d.x_train)
+    assert np.array_equal(again.y_test, mnist1d.y_test)
+
+
+def test_mnist1d_regenerates_a_corrupt_cache_identically_and_keeps_global_rng(
+    mnist1d: Dataset, mnist1d_cache: Path, tmp_path: Path
+) -> None:
+    name = next(mnist1d_cache.glob("mnist1d-seed0-*.npz")).name
+    (tmp_path / name).write_bytes(b"not a zip file")
+    np.random.seed(123)
+    regenerated = load_dataset("mnist1d", seed=0, cache_dir=tmp_path)
+    assert np.random.random() == np.random.RandomState(123).random()  # global RNG untouched
+    assert np.array_equal(regenerated.x_train, mnist1d.x_train)
+    assert np.array_equal(regenerated.y_train, mnist1d.y_train)
+    assert np.array_equal(regenerated.x_test, mnist1d.x_test)
+    with np.load(tmp_path / name) as repaired:
+        assert np.array_equal(repaired["y_test"], mnist1d.y_test)
+
+
+def test_mnist1d_seed_changes_data(mnist1d: Dataset, mnist1d_cache: Path) -> None:
+    other = load_dataset("mnist1d", seed=1, cache_dir=mnist1d_cache)
+    assert other.x_train.shape == mnist1d.x_train.shape
+    assert not np.array_equal(other.x_train, mnist1d.x_train)
+
+
+def test_cache_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("P2PFL_CACHE_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("P2PFL_CACHE_DIR")
+    assert default_cache_dir() == tmp_path / "xdg" / "p2pfl"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "p2pfl"
+
+
+def test_digits_split_is_deterministic_and_scaled() -> None:
+    a = load_dataset("digits", seed=0)
+    b = load_dataset("digits", seed=0)
+    c = load_dataset("digits", seed=1)
+    assert a.x_train.shape == (1437, 64) and a.x_test.shape == (360, 64)
+    assert a.x_train.dtype == np.float32 and a.y_train.dtype == np.int64
+    assert a.n_classes == 10
+    assert a.x_train.min() >= 0.0 and a.x_train.max() <= 1.0
+    assert np.array_equal(a.x_train, b.x_train)
+    assert not np.array_equal(a.x_train, c.x_train)
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> str:
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return f"npz:{path}"
+
+
+def _good_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "x_train": rng.normal(size=(20, 3)),
+        "y_train": np.array([0, 1, 2, 4] * 5, dtype=np.int32),
+        "x_test": rng.normal(size=(6, 3)),
+        "y_test": np.array([0, 1, 2, 0, 1, 2], dtype=np.uint8),
+    }
+
+
+def test_npz_loads_and_converts(tmp_path: Path) -> None:
+    arrays = _good_arrays()
+    arrays["y_test"] = arrays["y_test"].astype(np.float64)  # whole-number floats are accepted
+    ds = load_dataset(_write_npz(tmp_path / "d.npz", **arrays))
+    assert ds.n_classes == 5  # max label + 1
+    assert ds.x_train.dtype == np.float32 and ds.y_test.dtype == np.int64
+    assert np.allclose(ds.x_train, arrays["x_train"], atol=1e-6)
+    assert ds.in_shape == (3,)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"y_test": None}, "missing arrays y_test"),
+        ({"y_train": np.zeros(19, dtype=np.int64)}, "x_train has 20 samples but y_train has 19"),
+        ({"y_train": np.full(20, 0.5)}, "integer class labels"),
+        ({"y_train": np.full(20, -1)}, "negative label"),
+        ({"x_test": np.zeros((6, 4))}, "train samples are"),
+        ({"x_train": np.full((20, 3), np.nan)}, "non-finite"),
+        ({"x_train": np.zeros(20)}, "must be \\[samples"),
+    ],
+)
+def test_npz_errors_name_the_problem(
+    tmp_path: Path, change: dict[str, np.ndarray | None], message: str
+) -> None:
+    arrays = _good_arrays()
+    for key, value in change.items():
+        if value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    with pytest.raises(ValueError, match=message):
+        load_dataset(_write_npz(tmp_path / "bad.npz", **arrays))
+
+
+def test_npz_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot read"):
+        load_dataset(f"npz:{tmp_path / 'absent.npz'}")
+
+
+@pytest.mark.parametrize("spec", ["mnist", "npz:", "cifar10"])
+def test_unknown_dataset_lists_choices(spec: str) -> None:
+    with pytest.raises(ValueError, match="mnist1d, digits, npz:PATH"):
+        load_dataset(spec)
