@@ -102,6 +102,9 @@ def run(
     walkers: int | None = typer.Option(
         None, help="Model tokens circulating (ring, random-walk); 0 = every node active."
     ),
+    token_timeout: float | None = typer.Option(
+        None, help="Walkers: regenerate a token not seen for this many seconds. [default: 30]"
+    ),
     mode: str | None = typer.Option(
         None, help="async (gossip) | sync (rounds, reproducible). [default: async]"
     ),
@@ -149,6 +152,12 @@ def run(
     seed: int | None = typer.Option(
         None, help="Seed for data split, model init and schedule. [default: 0]"
     ),
+    max_message_size: int | None = typer.Option(
+        None, help="Refuse incoming messages larger than this, bytes. [default: 64 MiB]"
+    ),
+    max_chunk: int | None = typer.Option(
+        None, help="Split models into MQTT messages of at most this many bytes. [default: 1 MiB]"
+    ),
     state_dir: Path | None = typer.Option(
         None, help="Identity, checkpoints, metrics. [default: ~/.local/state/p2pfl/NET/ID]"
     ),
@@ -178,6 +187,7 @@ def run(
         "degree": degree,
         "topology_file": topology_file,
         "walkers": walkers,
+        "token_timeout": token_timeout,
         "mode": mode,
         "rounds": rounds,
         "duration": duration,
@@ -199,6 +209,8 @@ def run(
         "codec": codec,
         "seed": seed,
         "state_dir": state_dir,
+        "max_message_size": max_message_size,
+        "max_chunk": max_chunk,
         "log_format": log_format,
         "log_level": log_level,
     }

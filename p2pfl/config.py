@@ -84,6 +84,7 @@ class NodeConfig(BaseModel):
     degree: int = Field(4, ge=1)
     topology_file: Path | None = None
     walkers: int = Field(0, ge=0)
+    token_timeout: float = Field(30.0, gt=0)
     mode: Literal["async", "sync"] = "async"
     period: float = Field(0.0, ge=0)
     round_timeout: float = Field(30.0, gt=0)
@@ -177,6 +178,15 @@ class NodeConfig(BaseModel):
                 f"partition_index ({self.partition_index}) must be below "
                 f"num_partitions ({self.num_partitions})"
             )
+        if self.max_chunk > self.max_message_size:
+            raise ValueError(
+                f"max_chunk ({self.max_chunk}) must not exceed max_message_size "
+                f"({self.max_message_size})"
+            )
+        if self.walkers and self.mode != "async":
+            raise ValueError("walkers: token mode runs in async mode only (use --mode async)")
+        if self.walkers and self.schedule == "partial-mesh":
+            raise ValueError("walkers: token mode applies to ring and random-walk only")
         if self.topology_file is not None and not self.topology_file.is_file():
             raise ValueError(f"topology_file: no such file {self.topology_file}")
         return self

@@ -32,7 +32,7 @@ from p2pfl.protocol.envelope import unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.model import decode_model, encode_model
 from p2pfl.store import StateDir
-from p2pfl.topology import Schedule
+from p2pfl.topology import Schedule, initial_token_holders, should_regenerate
 from p2pfl.transport.base import Message, Payload, Transport
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,8 @@ class Node:
         self._logged_peers: set[tuple[str, str]] = set()
         self._announced: set[str] = set()
         self._started = clock()
+        self._holding = False
+        self._token_seen = clock()
 
     # ---- public control -------------------------------------------------------------------
 
@@ -210,7 +212,7 @@ class Node:
         wanted = self.config.min_peers
         if wanted is None:
             static = {p.id for p in self.config.peers} - {self.node_id}
-            wanted = len(static) if self.config.mode == "sync" else 0
+            wanted = len(static) if self.config.mode == "sync" or self.config.walkers else 0
         if wanted <= 0:
             return
         deadline = self.clock() + self.config.round_timeout
@@ -221,17 +223,70 @@ class Node:
     async def _train_loop(self) -> None:
         await self._wait_for_peers()
         deadline = None if self.config.duration is None else self.clock() + self.config.duration
+        walkers = self.config.walkers
+        if walkers:
+            members = [self.node_id, *self.view.live()]
+            self._holding = self.node_id in initial_token_holders(
+                members, walkers, self.config.seed
+            )
+            self._token_seen = self.clock()
         while not self.stopping:
-            if self.config.rounds and self.round >= self.config.rounds:
+            # With walkers a node's budget is its own local steps; otherwise the shared round.
+            done = self.counters.rounds if walkers else self.round
+            if self.config.rounds and done >= self.config.rounds:
                 break
             if deadline is not None and self.clock() >= deadline:
                 break
+            if walkers and not self._holding:
+                await self._wait_for_token(deadline)
+                continue
             await self._one_round()
             if self.config.mode == "async" and self.config.period > 0:
                 await self._sleep(self.config.period)
 
+    async def _wait_for_token(self, deadline: float | None) -> None:
+        """Walkers: wait until a token (a model) arrives, or regenerate one lost with a peer."""
+        while not self.stopping and (deadline is None or self.clock() < deadline):
+            if self._received:
+                self._holding = True
+                return
+            age = self.clock() - self._token_seen
+            live = self.view.live()
+            if should_regenerate(
+                self.node_id, live, age, self.config.token_timeout, self.config.walkers,
+                seed=self.config.seed,
+            ):  # fmt: skip
+                log.info("regenerating a lost token after %.1fs", age)
+                self._holding = True
+                return
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(0.5):
+                    await self._arrived.wait()
+            except TimeoutError:
+                pass
+
+    async def _adopt_tokens(self) -> int:
+        """Walkers: the token's model replaces ours (several tokens met here: their average)."""
+        tokens = [by_round[max(by_round)] for by_round in self._received.values() if by_round]
+        self._received = {}
+        if not tokens:
+            return 0
+        self._token_seen = self.clock()
+        if len(tokens) == 1:
+            merged = tokens[0].weights
+        else:
+            merged = await asyncio.to_thread(
+                self._merge, [t.weights for t in tokens], [t.age for t in tokens]
+            )
+        await asyncio.to_thread(self.learner.set_weights, merged)
+        self.round = max(self.round, max(t.round for t in tokens))
+        return len(tokens)
+
     async def _one_round(self) -> None:
         started = self.clock()
+        walkers = self.config.walkers > 0
+        adopted = await self._adopt_tokens() if walkers else 0
         r = self.round + 1
         fit: FitResult = await asyncio.to_thread(self.learner.fit)
         if self.stopping:
@@ -248,7 +303,13 @@ class Node:
             await self._send_planned(r, payload, sent)
             if self.config.mode == "sync":
                 await self._wait_for_round(r, payload, sent)
-        merged = await self._merge_received(weights, r, float(self.learner.num_samples))
+        if walkers:
+            merged = adopted
+            # The token moved on (alone, a node keeps it); our copy stays for evaluation.
+            self._holding = not sent
+            self._token_seen = self.clock()
+        else:
+            merged = await self._merge_received(weights, r, float(self.learner.num_samples))
         result = await asyncio.to_thread(self.learner.evaluate)
         self.last_eval = result
         self.round = max(r, self.round)

@@ -128,3 +128,16 @@ def test_kill_9_ring_reforms_and_restart_resumes_from_checkpoint(tmp_path: Path)
     for node in nodes:
         if node is not nodes[2]:
             assert node.proc is not None and node.proc.returncode == 0, node.tail()
+
+
+def test_one_walker_token_circulates_the_ring(tmp_path: Path) -> None:
+    nodes = start_cluster(
+        tmp_path, 3, [*FAST, "--schedule", "ring", "--walkers", "1", "--rounds", "3"]
+    )
+    finish(nodes, 120)
+    hops = sorted(r["round"] for n in nodes for r in n.rounds())
+    # one token: every local step is one hop of the same model, so no two steps share a round
+    assert hops == list(range(1, 10)), logs(nodes)
+    for node in nodes:
+        done = node.done()
+        assert done is not None and done["rounds"] == 3, node.tail()
