@@ -33,7 +33,7 @@ from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.model import decode_model, encode_model
 from p2pfl.store import StateDir
 from p2pfl.topology import Schedule, initial_token_holders, should_regenerate
-from p2pfl.transport.base import Message, Payload, Transport
+from p2pfl.transport.base import Message, Payload, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class RoundReport:
     merged: int
     seconds: float
     counters: dict[str, Any]
+    fit_seconds: float = 0.0
+    eval_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -93,20 +95,46 @@ class RoundReport:
             "peers": self.peers,
             "merged": self.merged,
             "seconds": round(self.seconds, 4),
+            "fit_seconds": round(self.fit_seconds, 4),
+            "eval_seconds": round(self.eval_seconds, 4),
             **self.counters,
         }
 
 
 @dataclass(frozen=True)
 class _Received:
+    src: str
     round: int
     age: float
     weights: dict[str, np.ndarray]
 
 
+# Rejection counters use a fixed set of labels, whatever text a peer's message provokes.
+_REASONS = (
+    ("exceeds the limit", "oversize"),
+    ("oversize", "oversize"),
+    ("msgpack", "malformed"),
+    ("envelope", "malformed"),
+    ("version", "version"),
+    ("kind", "kind"),
+    ("network", "network"),
+    ("digest", "digest"),
+    ("nan or infinite", "non-finite"),
+    ("stale", "stale"),
+    ("future", "future"),
+    ("sender", "sender"),
+    ("chunk", "chunk"),
+    ("transfer", "chunk"),
+    ("presence", "presence"),
+    ("mismatch", "layout"),
+    ("tensor", "layout"),
+)
+
+
 def _reason_key(reason: str) -> str:
-    """A short, bounded counter label for a rejection reason."""
-    return reason.split(":", 1)[0].strip()[:48] or "invalid"
+    """A short label from a fixed set for a rejection reason."""
+    text = reason.lower()
+    return next((label for needle, label in _REASONS if needle in text), "invalid")
 
 
 class Node:
@@ -268,7 +296,10 @@ class Node:
 
     async def _adopt_tokens(self) -> int:
         """Walkers: the token's model replaces ours (several tokens met here: their average)."""
-        tokens = [by_round[max(by_round)] for by_round in self._received.values() if by_round]
+        tokens = sorted(
+            (by_round[max(by_round)] for by_round in self._received.values() if by_round),
+            key=lambda m: m.src,
+        )
         self._received = {}
         if not tokens:
             return 0
@@ -310,7 +341,9 @@ class Node:
             self._token_seen = self.clock()
         else:
             merged = await self._merge_received(weights, r, float(self.learner.num_samples))
+        eval_started = self.clock()
         result = await asyncio.to_thread(self.learner.evaluate)
+        eval_seconds = self.clock() - eval_started
         self.last_eval = result
         self.round = max(r, self.round)
         self.counters.rounds += 1
@@ -328,6 +361,8 @@ class Node:
             merged=merged,
             seconds=self.clock() - started,
             counters=self.counters.as_dict(),
+            fit_seconds=fit.seconds,
+            eval_seconds=eval_seconds,
         )
         if self.state is not None:
             await asyncio.to_thread(self.state.append_metrics, report.as_dict())
@@ -335,8 +370,17 @@ class Node:
             self.on_round(report)
 
     def _plan_targets(self, r: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        plan = self.schedule.plan(self.node_id, self.view.live(), r)
-        return plan.send_to, plan.expect_from
+        live = self.view.live()
+        plan = self.schedule.plan(self.node_id, live, r)
+        expect = plan.expect_from
+        if self.config.mode == "sync" and self.schedule.name == "random-walk":
+            # Random walk expects nobody by itself; but every peer's pick is a pure function of
+            # (its id, the view, the round), so a sync node knows who will send to it.
+            members = [self.node_id, *live]
+            expect = tuple(
+                p for p in live if self.node_id in self.schedule.plan(p, members, r).send_to
+            )
+        return plan.send_to, expect
 
     async def _send_planned(self, r: int, payload: Payload, sent: set[str]) -> None:
         send_to, _ = self._plan_targets(r)
@@ -392,7 +436,8 @@ class Node:
             if now:
                 taken.append(max(now, key=lambda m: m.round))
         self._received = kept
-        return taken
+        # Merge in a fixed order: float sums then do not depend on arrival order.
+        return sorted(taken, key=lambda m: m.src)
 
     async def _merge_received(self, own: dict[str, np.ndarray], r: int, own_age: float) -> int:
         fresh = self._take_models(r)
@@ -432,7 +477,11 @@ class Node:
         for part in parts:
             if isinstance(part, memoryview):
                 part = bytes(part)
-            await self.transport.publish(topic, part, qos=1, broker=self._broker_for(broker))
+            try:
+                await self.transport.publish(topic, part, qos=1, broker=self._broker_for(broker))
+            except (ValueError, TransportError) as exc:
+                log.warning("cannot send to peer=%s broker=%s error=%s", target, broker, exc)
+                return
             self.counters.bytes_sent += len(part)
         self.counters.models_sent += 1
 
@@ -482,15 +531,31 @@ class Node:
                 raise ProtocolError("sender mismatch between chunks and model")
             if model.round < self.round - self.config.max_round_lag:
                 raise ProtocolError(f"stale round: {model.round} < {self.round}")
+            if model.round > self._round_ceiling():
+                raise ProtocolError(f"future round: {model.round} > {self._round_ceiling()}")
         except ProtocolError as exc:
             self._reject(src, exc.reason)
             return
         self.counters.models_received += 1
         by_round = self._received.setdefault(src, {})
-        by_round[model.round] = _Received(model.round, model.age, model.weights)
+        by_round[model.round] = _Received(src, model.round, model.age, model.weights)
         while len(by_round) > 3:  # bounded memory whatever a peer sends
             del by_round[min(by_round)]
         self._arrived.set()
+
+    def _round_ceiling(self) -> int:
+        """The highest round a model may claim: ours, or the live peers' median, plus the lag.
+
+        Catching up to a network that is ahead is allowed (a restarted or slow node); one peer
+        claiming round 10**9 is not, since adopting it would end everyone's run.
+        """
+        rounds = sorted(
+            info.round
+            for p in self.view.live()
+            if (info := self.view.get(p)) is not None and info.round is not None
+        )
+        median = rounds[(len(rounds) - 1) // 2] if rounds else 0
+        return max(self.round, median) + self.config.max_round_lag + 1
 
     def _decode(self, data: Payload) -> Any:
         return decode_model(
@@ -556,9 +621,12 @@ class Node:
         if broker == self.home_broker:
             return
         msg = self._presence_message(online=True)
-        await self.transport.publish(
-            msg.topic, msg.payload, qos=1, retain=True, broker=self._broker_for(broker)
-        )
+        try:
+            await self.transport.publish(
+                msg.topic, msg.payload, qos=1, retain=True, broker=self._broker_for(broker)
+            )
+        except (ValueError, TransportError) as exc:
+            log.warning("cannot announce to broker=%s error=%s", broker, exc)
 
     async def _publish_presence(self, *, online: bool) -> None:
         if "presence" not in self.config.discovery:

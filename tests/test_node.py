@@ -305,8 +305,8 @@ async def test_hostile_inbox_messages_are_counted_and_change_nothing(
         assert node.counters.models_received == 0
         assert not task.done(), "the node keeps running"
         rejected = node.counters.rejected
-        assert {"oversize", "wrong network", "digest mismatch"} <= set(rejected)
-        assert rejected["sender mismatch between chunks and model"] == 1
+        assert {"oversize", "network", "digest", "non-finite", "layout"} <= set(rejected)
+        assert rejected["sender"] == 1
 
         # Round 1 ends by timeout; in round 2 a valid model from "ghost" is still merged.
         second_model = await next_message(ghost)
@@ -322,11 +322,6 @@ async def test_hostile_inbox_messages_are_counted_and_change_nothing(
     await ghost.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node.py _reason_key keeps sender-chosen text (an unknown kind, a version number, "
-    "a tensor name) in the counter label, so a peer can add labels without bound",
-)
 async def test_rejection_labels_stay_few_whatever_peers_send(
     dataset: Dataset, wait_until: WaitUntil
 ) -> None:
@@ -353,11 +348,6 @@ async def test_rejection_labels_stay_few_whatever_peers_send(
     await attacker.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node.py _on_other: a presence record whose broker is not a valid URI makes "
-    "_announce_to -> transport.publish raise ValueError in the receive loop; the node dies",
-)
 async def test_presence_with_a_bad_broker_uri_does_not_kill_the_node(
     dataset: Dataset, embedded_broker: LocalBroker, wait_until: WaitUntil
 ) -> None:
@@ -411,6 +401,27 @@ async def test_model_far_behind_is_rejected_as_stale(
     assert sum(stale.values()) == 1, dict(node.counters.rejected)
     assert node.counters.rejected_total == 1
     await peer.close()
+
+
+async def test_one_model_far_ahead_does_not_end_the_run(dataset: Dataset) -> None:
+    bus = MemoryBus()
+    node = make_node(
+        dataset,
+        MemoryTransport(bus, "f0"),
+        "f0",
+        0,
+        peers={"ghost": BUS},
+        round_timeout=0.5,
+        rounds=3,
+    )
+    ghost = await bus_client(bus, "ghost", topics.inbox(NET, "ghost"))
+    async with asyncio.timeout(20), running(node) as task:
+        await next_message(ghost)  # f0 waits for round 1 of "ghost"
+        claim = model_message(node.learner.get_weights(), "ghost", 10**9)
+        await ghost.publish(topics.inbox(NET, "f0"), claim)
+        counters = await task
+    assert node.round <= counters.rounds + node.config.max_round_lag, node.round
+    await ghost.close()
 
 
 # ---- 4. presence -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from p2pfl.protocol.envelope import PROTOCOL_VERSION, Envelope, pack_envelope
 from p2pfl.protocol.errors import ProtocolError
+from p2pfl.transport.address import parse_broker_uri
 
 ROLES = ("trainer", "monitor")
 
@@ -76,6 +77,11 @@ def parse_presence(env: Envelope) -> PresenceRecord:
     broker = body.get("broker", "")
     if not isinstance(broker, str) or len(broker) > 512:
         raise ProtocolError("presence broker must be a short string")
+    if broker and not broker.startswith("memory://"):
+        try:
+            parse_broker_uri(broker)
+        except ValueError as exc:
+            raise ProtocolError(f"presence broker: {exc}") from None
     rnd = body.get("round")
     if rnd is not None and (not isinstance(rnd, int) or rnd < 0 or not math.isfinite(rnd)):
         raise ProtocolError(f"presence round must be a non-negative integer, got {rnd!r}")

@@ -1,0 +1,292 @@
+"""The in-process simulator: N real `Node`s per schedule over one `MemoryBus`.
+
+Every node is the daemon's own `Node` class with a `TorchLearner` and a `MemoryTransport`; the
+bus applies the scenario's network model (latency, bandwidth, loss, partitions) and the engine
+applies its fault plan (crashes and restarts from checkpoints, churn, stragglers, Byzantine
+peers). The dataset is loaded once and shared. Training runs in a thread pool as wide as the
+machine, each torch op on one thread, so N nodes share the cores without oversubscription.
+
+In sync mode with a fixed seed and no faults that depend on timing, two runs give identical
+accuracies: every node merges the same models in the same (sorted) order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2pfl.learning.datasets import Dataset, load_dataset
+from p2pfl.learning.learner import Learner
+from p2pfl.learning.partition import partition
+from p2pfl.learning.torch_learner import build_learner
+from p2pfl.node import Node, RoundReport
+from p2pfl.simulation.faults import (
+    ByzantineLearner,
+    Crash,
+    StragglerLearner,
+    choose_nodes,
+    churn_events,
+)
+from p2pfl.simulation.network import LinkDelay
+from p2pfl.simulation.scenario import Scenario
+from p2pfl.store import StateDir
+from p2pfl.topology import load_graph, make_schedule
+from p2pfl.transport.memory import MemoryBus, MemoryTransport
+
+log = logging.getLogger(__name__)
+
+HOME = "memory://sim"
+Record = dict[str, Any]
+
+
+@dataclass
+class _Member:
+    """One simulated participant: its parts, and the task running its current incarnation."""
+
+    index: int
+    node_id: str
+    honest: bool
+    state: StateDir
+    node: Node | None = None
+    task: asyncio.Task[Any] | None = None
+    crashed_at: int | None = None
+    restarts: int = 0
+    done: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+
+@dataclass
+class ScheduleRun:
+    """What one schedule's run produced."""
+
+    schedule: str
+    records: list[Record] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+def node_ids(n: int) -> list[str]:
+    """`n01`, `n02`, ...: sortable ids, as the shipped topology files use."""
+    width = max(2, len(str(n)))
+    return [f"n{i + 1:0{width}d}" for i in range(n)]
+
+
+class Simulation:
+    """Run a `Scenario` once per schedule in its `compare` list."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        on_record: Callable[[Record], None] | None = None,
+        workers: int | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.on_record = on_record
+        self.workers = workers or os.cpu_count() or 1
+        self._dataset: Dataset | None = None
+
+    async def run(self) -> list[ScheduleRun]:
+        """Every schedule of the scenario, one after the other."""
+        import torch
+
+        # One thread per torch op: parallelism comes from nodes training side by side.
+        torch.set_num_threads(1)
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="p2pfl-sim")
+        loop.set_default_executor(executor)
+        settings = self.scenario.node_config(self.scenario.compare[0], 0, "n01")
+        self._dataset = await asyncio.to_thread(load_dataset, settings.dataset, seed=settings.seed)
+        runs = []
+        for schedule in self.scenario.compare:
+            runs.append(await self.run_schedule(schedule))
+        return runs
+
+    async def run_schedule(self, schedule: str) -> ScheduleRun:
+        """One schedule: start every node, apply faults, wait for all to finish."""
+        dataset = self._dataset
+        assert dataset is not None
+        scenario = self.scenario
+        n = scenario.nodes
+        ids = node_ids(n)
+        base = scenario.node_config(schedule, 0, ids[0])
+        seed = base.seed
+        parts = partition(dataset.y_train, n, base.partition, seed=seed)
+        byz = set(choose_nodes(ids, scenario.faults.byzantine, seed=seed, salt="byzantine"))
+        slow = set(choose_nodes(ids, scenario.faults.stragglers, seed=seed, salt="stragglers"))
+        crashes = [*scenario.faults.crashes]
+        if scenario.faults.churn > 0:
+            rounds = base.rounds or 100
+            crashes += churn_events(
+                ids, rounds, scenario.faults.churn, scenario.faults.churn_downtime, seed
+            )
+        crash_at = _crash_table(crashes, ids)
+        started = time.monotonic()
+        run = ScheduleRun(schedule)
+        clock = time.monotonic
+        delay = LinkDelay(
+            scenario.network,
+            node_of=lambda client: client.partition("#")[0],
+            clock=lambda: clock() - started,
+            seed=seed,
+        )
+        bus = MemoryBus(delay=delay if scenario.network.active else None)
+        network_round = 0
+
+        with tempfile.TemporaryDirectory(prefix="p2pfl-sim-") as tmp:
+            members = [
+                _Member(i, node_id, node_id not in byz, StateDir(Path(tmp) / node_id))
+                for i, node_id in enumerate(ids)
+            ]
+
+            def build(member: _Member) -> Node:
+                config = scenario.node_config(schedule, member.index, member.node_id)
+                config = config.model_copy(
+                    update={
+                        # one shared bus: presence is the membership; start together
+                        "discovery": ("presence",),
+                        "min_peers": n - 1 if member.restarts == 0 else 0,
+                    }
+                )
+                learner: Learner = build_learner(
+                    config.model,
+                    dataset,
+                    parts[member.index],
+                    batch_size=config.batch_size,
+                    init_seed=config.seed,
+                    seed=config.seed * 1000 + member.index,
+                    optimizer=config.optimizer,
+                    lr=config.lr,
+                    momentum=config.momentum,
+                    local_epochs=config.local_epochs,
+                    mu=config.mu,
+                )
+                if member.node_id in slow:
+                    learner = StragglerLearner(learner, scenario.faults.stragglers.slowdown)
+                if not member.honest:
+                    b = scenario.faults.byzantine
+                    learner = ByzantineLearner(learner, b.behaviour, b.scale, seed + member.index)
+                graph = None
+                if schedule == "partial-mesh" and config.topology_file is not None:
+                    graph = load_graph(config.topology_file)
+                return Node(
+                    config,
+                    learner,
+                    MemoryTransport(bus, f"{member.node_id}#{member.restarts}"),
+                    node_id=member.node_id,
+                    home_broker=HOME,
+                    schedule=make_schedule(
+                        schedule, degree=config.degree, seed=config.seed, graph=graph
+                    ),
+                    state=member.state,
+                    on_round=lambda report, m=member: on_round(m, report),
+                )
+
+            def on_round(member: _Member, report: RoundReport) -> None:
+                nonlocal network_round
+                network_round = max(network_round, report.round)
+                record = _record(schedule, report, clock() - started, member.honest)
+                run.records.append(record)
+                if self.on_record is not None:
+                    self.on_record(record)
+                planned = crash_at.get(member.node_id, {}).get(report.round)
+                if planned is not None and member.crashed_at is None:
+                    member.crashed_at = report.round
+                    pending.append((member, planned))
+
+            pending: list[tuple[_Member, Crash]] = []
+
+            async def supervise(tg: asyncio.TaskGroup) -> None:
+                down: list[tuple[_Member, int]] = []
+                while True:
+                    while pending:
+                        member, crash = pending.pop()
+                        await _crash(member)
+                        if crash.restart_after_rounds is not None:
+                            down.append(
+                                (member, (member.crashed_at or 0) + crash.restart_after_rounds)
+                            )
+                    for item in list(down):
+                        member, when = item
+                        others = any(m.running for m in members if m is not member)
+                        if network_round >= when or not others:
+                            down.remove(item)
+                            member.crashed_at = None
+                            member.restarts += 1
+                            start(member, tg)
+                    if not down and not pending and not any(m.running for m in members):
+                        return
+                    await asyncio.sleep(0.05)
+
+            def start(member: _Member, tg: asyncio.TaskGroup) -> None:
+                member.state.open()
+                member.node = build(member)
+                member.task = tg.create_task(_run_member(member))
+
+            async with asyncio.TaskGroup() as tg:
+                for member in members:
+                    start(member, tg)
+                await supervise(tg)
+        run.wall_seconds = time.monotonic() - started
+        run.dropped = dict(delay.stats)
+        return run
+
+
+async def _run_member(member: _Member) -> None:
+    assert member.node is not None
+    try:
+        await member.node.run()
+        member.done = member.crashed_at is None
+    except asyncio.CancelledError:
+        pass  # a simulated crash
+    finally:
+        member.state.close()
+
+
+async def _crash(member: _Member) -> None:
+    """Kill a node as `kill -9` would: its connection drops (the will fires), nothing is saved."""
+    assert member.node is not None and member.task is not None
+    await member.node.transport.abort()
+    member.task.cancel()
+    await asyncio.gather(member.task, return_exceptions=True)
+    log.info("crashed node=%s round=%s", member.node_id, member.crashed_at)
+
+
+def _crash_table(crashes: list[Crash], ids: list[str]) -> dict[str, dict[int, Crash]]:
+    table: dict[str, dict[int, Crash]] = {}
+    for crash in crashes:
+        node = crash.node if isinstance(crash.node, str) else ids[crash.node]
+        table.setdefault(node, {})[crash.at_round] = crash
+    return table
+
+
+def _record(schedule: str, report: RoundReport, t: float, honest: bool) -> Record:
+    c = report.counters
+    return {
+        "schedule": schedule,
+        "node": report.node_id,
+        "round": report.round,
+        "t": round(t, 4),
+        "accuracy": report.accuracy,
+        "test_loss": report.test_loss,
+        "train_loss": report.train_loss,
+        "merged": report.merged,
+        "models_sent": c["models_sent"],
+        "models_received": c["models_received"],
+        "bytes_sent": c["bytes_sent"],
+        "rejected": c["rejected"],
+        "fit_seconds": report.fit_seconds,
+        "eval_seconds": report.eval_seconds,
+        "honest": honest,
+    }

@@ -1,0 +1,309 @@
+"""The fault plan: crashes and restarts, churn, stragglers and Byzantine peers.
+
+Faults are placed by rounds, not seconds, so a sync run with a fixed seed stays deterministic.
+Which nodes are stragglers or Byzantine, and when churn strikes, are pure functions of the seed.
+The learner wrappers implement the `Learner` protocol by delegation, so the real `Node` runs
+them unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from p2pfl.learning.learner import EvalResult, FitResult, Learner
+
+__all__ = [
+    "Byzantine",
+    "ByzantineLearner",
+    "Crash",
+    "FaultPlan",
+    "StragglerLearner",
+    "Stragglers",
+    "choose_nodes",
+    "churn_events",
+    "poison",
+    "resolve_node",
+]
+
+Behaviour = Literal["random", "scaled", "sign-flip"]
+
+
+class Crash(BaseModel):
+    """Crash `node` (an id, or an index into the sorted ids) when it starts round `at_round`.
+
+    With `restart_after_rounds`, it restarts from its checkpoint once the network has moved
+    that many rounds past `at_round`; with None it stays down.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    node: str | int
+    at_round: int = Field(ge=0)
+    restart_after_rounds: int | None = Field(None, ge=1)
+
+
+class Stragglers(BaseModel):
+    """Some nodes train `slowdown` times slower than they could."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fraction: float = Field(0.0, ge=0, le=1)
+    # An exact number of stragglers; overrides `fraction`.
+    count: int | None = Field(None, ge=0)
+    slowdown: float = Field(1.0, ge=1)
+
+
+class Byzantine(BaseModel):
+    """Some nodes send poisoned models (see `poison`) while training honestly underneath."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fraction: float = Field(0.0, ge=0, le=1)
+    # An exact number of Byzantine nodes; overrides `fraction`.
+    count: int | None = Field(None, ge=0)
+    behaviour: Behaviour = "scaled"
+    scale: float = Field(10.0, gt=0)
+
+
+class FaultPlan(BaseModel):
+    """Everything that goes wrong during a run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    crashes: tuple[Crash, ...] = ()
+    # Probability per live node per round of crashing; it restarts `churn_downtime` rounds later.
+    churn: float = Field(0.0, ge=0, le=1)
+    churn_downtime: int = Field(5, ge=1)
+    stragglers: Stragglers = Stragglers()
+    byzantine: Byzantine = Byzantine()
+
+    def crash_events(self, node_ids: Sequence[str], rounds: int, seed: int) -> list[Crash]:
+        """The explicit crashes plus churn, with node ids resolved, ordered by round then id."""
+        explicit = [
+            Crash(
+                node=resolve_node(c.node, node_ids),
+                at_round=c.at_round,
+                restart_after_rounds=c.restart_after_rounds,
+            )
+            for c in self.crashes
+        ]
+        churn = churn_events(node_ids, rounds, self.churn, self.churn_downtime, seed)
+        return sorted([*explicit, *churn], key=lambda c: (c.at_round, str(c.node)))
+
+    def straggler_ids(self, node_ids: Sequence[str], seed: int) -> list[str]:
+        """The nodes that train slowly."""
+        s = self.stragglers
+        if s.slowdown == 1.0:
+            return []
+        return choose_nodes(node_ids, fraction=s.fraction, count=s.count, seed=seed, salt="slow")
+
+    def byzantine_ids(self, node_ids: Sequence[str], seed: int) -> list[str]:
+        """The nodes that send poisoned models."""
+        b = self.byzantine
+        return choose_nodes(node_ids, fraction=b.fraction, count=b.count, seed=seed, salt="byz")
+
+
+def resolve_node(node: str | int, node_ids: Sequence[str]) -> str:
+    """The id named by `node`: an id, or an index into the sorted ids; ValueError if neither."""
+    ids = sorted(node_ids)
+    if isinstance(node, int):
+        if not 0 <= node < len(ids):
+            raise ValueError(f"node index {node} is out of range 0..{len(ids) - 1}")
+        return ids[node]
+    if node not in ids:
+        raise ValueError(f"unknown node id {node!r}")
+    return node
+
+
+def _unit(seed: int, *parts: object) -> float:
+    """A uniform in [0, 1) that depends only on the arguments (not on Python's hash())."""
+    key = "\x00".join(str(p) for p in (seed, *parts)).encode()
+    (a,) = struct.unpack("<Q", hashlib.blake2b(key, digest_size=8).digest())
+    return (a >> 11) / 2.0**53
+
+
+def choose_nodes(
+    node_ids: Sequence[str],
+    *,
+    fraction: float = 0.0,
+    count: int | None = None,
+    seed: int,
+    salt: str,
+) -> list[str]:
+    """A deterministic subset of `count` nodes (or round(fraction * n)), in sorted id order.
+
+    Each node gets a pseudo-random key from (seed, salt, id) and the lowest keys are chosen, so
+    the choice does not depend on the order of `node_ids`, and a larger count adds nodes
+    without replacing any. Different salts give independent choices.
+    """
+    ids = sorted(set(node_ids))
+    k = count if count is not None else math.floor(fraction * len(ids) + 0.5)
+    if not 0 <= k <= len(ids):
+        raise ValueError(f"cannot choose {k} of {len(ids)} nodes")
+    ranked = sorted(ids, key=lambda node: (_unit(seed, salt, node), node))
+    return sorted(ranked[:k])
+
+
+def churn_events(
+    node_ids: Sequence[str], rounds: int, rate: float, downtime: int, seed: int
+) -> list[Crash]:
+    """Crashes drawn for churn: each live node crashes in round r (1..rounds-1) with `rate`.
+
+    A crashed node restarts `downtime` rounds later and may crash again after that. Ordered by
+    round, then id.
+    """
+    if not 0 <= rate <= 1 or downtime < 1:
+        raise ValueError(f"need 0 <= rate <= 1 and downtime >= 1, got {rate}, {downtime}")
+    events: list[Crash] = []
+    if rate == 0:
+        return events
+    for node in sorted(set(node_ids)):
+        r = 1
+        while r < rounds:
+            if _unit(seed, "churn", node, r) < rate:
+                events.append(Crash(node=node, at_round=r, restart_after_rounds=downtime))
+                r += downtime
+            r += 1
+    return sorted(events, key=lambda c: (c.at_round, str(c.node)))
+
+
+class StragglerLearner:
+    """Wraps a learner so that fit takes `slowdown` times as long (it sleeps the difference).
+
+    Sleeping rather than burning CPU keeps other simulated nodes running at full speed; fit runs
+    in a worker thread, so the sleep blocks no event loop.
+    """
+
+    def __init__(self, inner: Learner, slowdown: float) -> None:
+        if slowdown < 1:
+            raise ValueError(f"slowdown must be >= 1, got {slowdown}")
+        self.inner = inner
+        self.slowdown = slowdown
+
+    @property
+    def num_samples(self) -> int:
+        """Number of local training samples."""
+        return self.inner.num_samples
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The inner learner's weights."""
+        return self.inner.get_weights()
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Set the inner learner's weights."""
+        self.inner.set_weights(weights)
+
+    def fit(self) -> FitResult:
+        """Train, then wait (slowdown - 1) times the training time."""
+        started = time.perf_counter()
+        result = self.inner.fit()
+        took = time.perf_counter() - started
+        time.sleep((self.slowdown - 1.0) * took)
+        return replace(result, seconds=time.perf_counter() - started)
+
+    def evaluate(self) -> EvalResult:
+        """Evaluate the inner learner."""
+        return self.inner.evaluate()
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything beyond the protocol (e.g. TorchLearner.reset_optimizer) is the inner one's.
+        return _delegate(self, name)
+
+
+def poison(
+    weights: Mapping[str, np.ndarray],
+    behaviour: Behaviour,
+    *,
+    scale: float = 10.0,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """The poisoned copy of `weights` a Byzantine node sends; same names, shapes and dtypes.
+
+    `sign-flip`: -w. `scaled`: scale * w. `random`: gaussian noise with each tensor's standard
+    deviation (1 where it has none). Only floating-point tensors are poisoned (integer ones,
+    e.g. counters, pass unchanged), and every value is finite, clipped to the dtype's range,
+    so the model passes a receiver's validation and reaches its merge rule.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, w in weights.items():
+        if not np.issubdtype(w.dtype, np.floating):
+            out[name] = w.copy()
+            continue
+        honest = w.astype(np.float64)
+        if behaviour == "sign-flip":
+            bad = -honest
+        elif behaviour == "scaled":
+            bad = scale * honest
+        elif behaviour == "random":
+            finite = honest[np.isfinite(honest)]
+            std = float(finite.std()) if finite.size else 0.0
+            bad = rng.normal(0.0, std if std > 0 and math.isfinite(std) else 1.0, w.shape)
+        else:
+            raise ValueError(f"unknown Byzantine behaviour {behaviour!r}")
+        top = float(np.finfo(w.dtype).max)
+        bad = np.clip(np.nan_to_num(bad, nan=0.0, posinf=top, neginf=-top), -top, top)
+        out[name] = bad.astype(w.dtype)
+    return out
+
+
+class ByzantineLearner:
+    """Wraps a learner so that the model it hands out (and so sends) is poisoned.
+
+    Training, evaluation and `set_weights` stay honest; `get_weights` poisons the inner
+    learner's current weights (see `poison`), and `honest_weights` returns them unpoisoned.
+    The node also merges the poisoned copy into its own model, as a real attacker's code would.
+    """
+
+    def __init__(
+        self, inner: Learner, behaviour: Behaviour, *, scale: float = 10.0, seed: int = 0
+    ) -> None:
+        if behaviour not in ("random", "scaled", "sign-flip"):
+            raise ValueError(f"unknown Byzantine behaviour {behaviour!r}")
+        self.inner = inner
+        self.behaviour: Behaviour = behaviour
+        self.scale = scale
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def num_samples(self) -> int:
+        """Number of local training samples."""
+        return self.inner.num_samples
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The poisoned copy of the inner learner's weights."""
+        return poison(self.inner.get_weights(), self.behaviour, scale=self.scale, rng=self._rng)
+
+    def honest_weights(self) -> dict[str, np.ndarray]:
+        """The inner learner's weights, unpoisoned."""
+        return self.inner.get_weights()
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Set the inner learner's weights."""
+        self.inner.set_weights(weights)
+
+    def fit(self) -> FitResult:
+        """Train the inner learner honestly."""
+        return self.inner.fit()
+
+    def evaluate(self) -> EvalResult:
+        """Evaluate the inner learner."""
+        return self.inner.evaluate()
+
+    def __getattr__(self, name: str) -> Any:
+        return _delegate(self, name)
+
+
+def _delegate(wrapper: object, name: str) -> Any:
+    # Only called for missing attributes; before __init__ sets `inner`, there is nothing to ask.
+    if name == "inner":
+        raise AttributeError(name)
+    return getattr(wrapper.inner, name)  # type: ignore[attr-defined]

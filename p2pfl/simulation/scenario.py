@@ -1,0 +1,264 @@
+"""Scenarios: what a simulation runs, as one validated, immutable pydantic model from TOML.
+
+A scenario file has top-level `name`, `description`, `nodes` and `compare` (the schedules to
+run it with, one run each), a `[node]` table with the knobs of `p2pfl run` (validated by
+`NodeConfig` itself, so defaults and messages are the same), a `[network]` table
+(`NetworkModel`) and a `[faults]` table (`FaultPlan`). The built-in default is embedded below
+and shipped as `sim/default.toml` too.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from p2pfl.config import ConfigError, NodeConfig, Schedule, format_error
+from p2pfl.simulation.faults import FaultPlan, resolve_node
+from p2pfl.simulation.network import NetworkModel, resolve_groups
+
+__all__ = ["DEFAULT_SCENARIO_TOML", "SIM_EXCLUDED_KEYS", "Scenario", "load_scenario"]
+
+_BUS = "every simulated node is on the simulator's in-memory bus"
+_PEERS = "the simulator introduces the nodes to each other"
+
+SIM_EXCLUDED_KEYS: Mapping[str, str] = {
+    "id": "the simulator names the nodes (node-00, node-01, ...)",
+    "role": "every simulated node is a trainer",
+    "broker": _BUS,
+    "listen": _BUS,
+    "advertise": _BUS,
+    "ca": _BUS,
+    "cert": _BUS,
+    "key": _BUS,
+    "username": _BUS,
+    "password": _BUS,
+    "interfaces": _BUS,
+    "peers": _PEERS,
+    "discovery": _PEERS,
+    "state_dir": "the simulator keeps each node's checkpoints under its output directory",
+    "num_partitions": "the dataset is split into one partition per node; set nodes instead",
+    "partition_index": "the dataset is split into one partition per node; set nodes instead",
+    "schedule": "list the schedules to run in compare = [...] (or pass --schedule)",
+}
+"""`NodeConfig` keys a scenario's `[node]` table may not set, and why."""
+
+DEFAULT_SCENARIO_TOML = """\
+# default: 16 peers learn MNIST-1D together, once per schedule, to compare the schedules.
+#
+# Each peer holds a label-skewed slice of the data (Dirichlet 0.5), trains a small 1-D CNN
+# (SGD, momentum 0.9, lr 0.05, 3 local epochs) and merges with its neighbours in sync rounds.
+# The same scenario runs with ring, random-walk and partial-mesh; the summary compares them.
+#
+#   p2pfl sim                                   # this scenario (it is built in)
+#   p2pfl sim sim/default.toml --schedule ring --rounds 50 --seed 1
+name = "default"
+description = "16 nodes, MNIST-1D (Dirichlet 0.5), cnn1d, sync rounds; compares the schedules"
+nodes = 16
+compare = ["ring", "random-walk", "partial-mesh"]
+
+[node]
+mode = "sync"
+rounds = 30
+dataset = "mnist1d"
+partition = "dirichlet:0.5"
+model = "cnn1d"
+optimizer = "sgd"
+lr = 0.05
+momentum = 0.9
+local_epochs = 3
+batch_size = 32
+degree = 4
+merge = "average"
+seed = 0
+
+[network]
+latency_ms = 5.0
+jitter_ms = 2.0
+
+[faults]
+"""
+"""The built-in scenario; `sim/default.toml` holds the same text."""
+
+
+def _node_id(index: int, nodes: int) -> str:
+    return f"node-{index:0{max(2, len(str(nodes - 1)))}d}"
+
+
+class Scenario(BaseModel):
+    """One simulation: how many nodes, which schedules, node settings, network and faults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    nodes: int = Field(16, ge=2)
+    compare: tuple[Schedule, ...] = Field(("ring", "random-walk", "partial-mesh"), min_length=1)
+    node: NodeConfig = NodeConfig()
+    network: NetworkModel = NetworkModel()
+    faults: FaultPlan = FaultPlan()
+
+    @field_validator("compare")
+    @classmethod
+    def _check_compare(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("a schedule is listed twice")
+        return value
+
+    @field_validator("node", mode="before")
+    @classmethod
+    def _check_node_keys(cls, value: Any) -> Any:
+        if isinstance(value, NodeConfig):
+            value = value.model_dump(include=value.model_fields_set)
+        if not isinstance(value, Mapping):
+            return value
+        value = {str(k).replace("-", "_"): v for k, v in value.items()}
+        errors = [
+            InitErrorDetails(
+                type=PydanticCustomError("sim_excluded", "not used in simulation: {why}", {"why": why}),
+                loc=(key,),
+                input=value[key],
+            )
+            for key, why in SIM_EXCLUDED_KEYS.items()
+            if key in value
+        ]
+        if errors:
+            raise ValidationError.from_exception_data("node", errors)
+        return value
+
+    @model_validator(mode="after")
+    def _check_together(self) -> Scenario:
+        errors: list[InitErrorDetails] = []
+
+        def problem(loc: tuple[str | int, ...], message: str, value: Any) -> None:
+            errors.append(
+                InitErrorDetails(
+                    type=PydanticCustomError("scenario", message), loc=loc, input=value
+                )
+            )
+
+        if self.node.rounds == 0 and self.node.duration is None:
+            problem(("node", "rounds"), "set rounds (or duration): a simulation must end", 0)
+        if self.node.topology_file is not None and set(self.compare) != {"partial-mesh"}:
+            problem(
+                ("node", "topology_file"),
+                'a topology file applies to partial-mesh only; set compare = ["partial-mesh"]',
+                str(self.node.topology_file),
+            )
+        ids = self.node_ids
+        for i, crash in enumerate(self.faults.crashes):
+            try:
+                resolve_node(crash.node, ids)
+            except ValueError as exc:
+                problem(("faults", "crashes", i, "node"), str(exc), crash.node)
+        for i, partition in enumerate(self.network.partitions):
+            try:
+                resolve_groups(partition, ids)
+            except ValueError as exc:
+                problem(("network", "partitions", i, "groups"), str(exc), partition.groups)
+        for table in ("stragglers", "byzantine"):
+            count = getattr(self.faults, table).count
+            if count is not None and count > self.nodes:
+                problem(("faults", table, "count"), f"more than the {self.nodes} nodes", count)
+        if not errors:
+            # Schedule-dependent rules (e.g. walkers) are NodeConfig's; check each schedule now.
+            for schedule in self.compare:
+                try:
+                    self.node_config(schedule, 0, ids[0])
+                except ValidationError as exc:
+                    for err in exc.errors():
+                        problem(
+                            ("node", *err["loc"]),
+                            f"{err['msg'].removeprefix('Value error, ')} (schedule {schedule})",
+                            err.get("input"),
+                        )
+                    break
+        if errors:
+            raise ValidationError.from_exception_data("scenario", errors)
+        return self
+
+    @property
+    def node_ids(self) -> list[str]:
+        """The nodes' ids, by index; sorted order is index order."""
+        return [_node_id(i, self.nodes) for i in range(self.nodes)]
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (`node.seed`): data split, initial model, network and faults."""
+        return self.node.seed
+
+    def node_config(
+        self,
+        schedule: str,
+        index: int,
+        node_id: str,
+        *,
+        discovery: tuple[str, ...] = ("presence",),
+        **extra: Any,
+    ) -> NodeConfig:
+        """The config of node `index` (id `node_id`) when running with `schedule`.
+
+        Its partition of the dataset is `index` of `nodes`; `discovery` and `extra` (any other
+        `NodeConfig` key, e.g. `peers` or `min_peers`) are the simulator's to choose.
+        Raises pydantic's ValidationError when `extra` is invalid.
+        """
+        data = self.node.model_dump()
+        data.update(
+            id=node_id,
+            schedule=schedule,
+            num_partitions=self.nodes,
+            partition_index=index,
+            discovery=discovery,
+            **extra,
+        )
+        return NodeConfig.model_validate(data)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config error: {path} is not valid TOML: {exc}") from None
+
+
+def load_scenario(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Scenario:
+    """Read a scenario file (None: the built-in default), apply CLI overrides, validate.
+
+    Overrides (None = not given): `nodes`; `schedule` (a name or a list; replaces `compare`);
+    `name`, `description`; any other key (`rounds`, `seed`, `merge`, ...) goes to `[node]`.
+    Raises ConfigError with one line per problem, naming the key.
+    """
+    if path is None:
+        data = tomllib.loads(DEFAULT_SCENARIO_TOML)
+    else:
+        data = {k.replace("-", "_"): v for k, v in _read_toml(path).items()}
+        data.setdefault("name", path.stem)
+    node = data.get("node", {})
+    if isinstance(node, dict):
+        node = {k.replace("-", "_"): v for k, v in node.items()}
+        topology = node.get("topology_file")
+        if path is not None and isinstance(topology, str) and not Path(topology).is_absolute():
+            # Relative to the scenario file, so a scenario runs from any directory.
+            node["topology_file"] = str(path.parent / topology)
+        data["node"] = node
+    for key, value in (overrides or {}).items():
+        if value is None or value == ():
+            continue
+        if key == "schedule":
+            data["compare"] = [value] if isinstance(value, str) else list(value)
+        elif key in ("nodes", "name", "description", "compare"):
+            data[key] = value
+        else:
+            if not isinstance(data.get("node"), dict):
+                data["node"] = {}
+            data["node"][key] = value
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_error(exc)) from None
