@@ -88,7 +88,12 @@ def run(
         None, "--peer", help="Static peer ID=mqtt://HOST:PORT (repeatable)."
     ),
     discovery: str | None = typer.Option(
-        None, help="Comma list of static,presence. [default: static,presence]"
+        None, help="Comma list of mdns,presence,static. [default: all three]"
+    ),
+    interface: list[str] | None = typer.Option(
+        None,
+        "--interface",
+        help="IP of an interface mDNS uses (repeatable). [default: all interfaces]",
     ),
     schedule: str | None = typer.Option(
         None, help="ring | random-walk | partial-mesh. [default: ring]"
@@ -214,6 +219,8 @@ def run(
         "log_format": log_format,
         "log_level": log_level,
     }
+    if interface:
+        overrides["interfaces"] = list(interface)
     if discovery is not None:
         overrides["discovery"] = [s.strip() for s in discovery.split(",") if s.strip()]
     try:
@@ -237,10 +244,51 @@ def run(
         raise typer.Exit(code=1) from None
 
 
-@app.command()
-def sim() -> None:
-    """Simulate a whole network of nodes on this machine. [not implemented yet]"""
-    _not_yet("sim", 5)
+_SIM_EPILOG = """
+Examples:
+
+  p2pfl sim                                   # built-in default: 16 nodes, three schedules
+  p2pfl sim sim/byzantine.toml --merge trimmed-mean:0.2
+  p2pfl sim sim/default.toml --schedule ring --rounds 50 --seed 1 --out results/ring
+  p2pfl sim sim/default.toml --seed 0 --json > summary.json
+
+Scenario files are TOML (see sim/README.md); flags override them.
+"""
+
+
+@app.command(epilog=_SIM_EPILOG)
+def sim(
+    scenario: Path | None = typer.Argument(
+        None, help="Scenario TOML file. [default: the built-in default scenario]"
+    ),
+    nodes: int | None = typer.Option(None, help="Number of simulated nodes."),
+    schedule: str | None = typer.Option(
+        None, help="Run only this schedule instead of the scenario's compare list."
+    ),
+    rounds: int | None = typer.Option(None, help="Rounds per node."),
+    seed: int | None = typer.Option(None, help="Seed: data split, init, schedule, faults."),
+    merge: str | None = typer.Option(
+        None, help="Merge rule: average | weighted | median | trimmed-mean:F | krum:F."
+    ),
+    out: Path = typer.Option(
+        Path("p2pfl-sim"), help="Where metrics.jsonl, summary.json and the plots go."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print summary.json to stdout."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
+) -> None:
+    """Simulate a whole network on this machine and compare schedules (no broker needed)."""
+    from p2pfl.config import ConfigError
+    from p2pfl.simulation.cli import run_sim
+    from p2pfl.simulation.scenario import load_scenario
+
+    overrides = {"nodes": nodes, "schedule": schedule, "rounds": rounds, "seed": seed,
+                 "merge": merge}  # fmt: skip
+    try:
+        loaded = load_scenario(scenario, overrides)
+    except (ConfigError, ValueError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(code=2) from None
+    run_sim(loaded, out=out, json_out=json_out, plots=not no_plots)
 
 
 @app.command()
@@ -250,9 +298,34 @@ def monitor() -> None:
 
 
 @app.command()
-def peers() -> None:
-    """List the peers mDNS finds on the local network. [not implemented yet]"""
-    _not_yet("peers", 4)
+def peers(
+    network: str | None = typer.Option(None, help="Only this network. [default: every network]"),
+    interface: list[str] | None = typer.Option(
+        None, "--interface", help="IP of an interface to browse on (repeatable). [default: all]"
+    ),
+    timeout: float = typer.Option(3.0, help="Seconds to listen for announcements."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the p2pfl nodes announcing themselves over mDNS on the local network."""
+    import asyncio
+    import json
+
+    from rich.console import Console
+
+    from p2pfl.discovery.browse import browse, format_peers_table, peers_json
+
+    try:
+        found = asyncio.run(browse(network, interfaces=interface or (), duration=timeout))
+    except OSError as exc:
+        typer.echo(f"error: cannot use mDNS here: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    if json_out:
+        typer.echo(json.dumps(peers_json(found), indent=2))
+    elif not found:
+        where = f"network {network!r}" if network else "any network"
+        typer.echo(f"no p2pfl nodes found on {where} within {timeout:g}s", err=True)
+    else:
+        Console().print(format_peers_table(found))
 
 
 @app.command()

@@ -73,7 +73,7 @@ class NodeConfig(BaseModel):
     password: str | None = None
     # membership
     peers: tuple[StaticPeer, ...] = ()
-    discovery: tuple[DiscoverySource, ...] = ("static", "presence")
+    discovery: tuple[DiscoverySource, ...] = ("static", "presence", "mdns")
     interfaces: tuple[str, ...] = ()
     presence_ttl: float = Field(15.0, gt=0)
     # Before the first round, wait (up to round_timeout) until this many peers are live.

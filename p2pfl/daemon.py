@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from p2pfl.config import NodeConfig, parse_host_port
+from p2pfl.discovery.mdns import Mdns
 from p2pfl.learning.datasets import load_dataset
 from p2pfl.learning.partition import partition
 from p2pfl.learning.torch_learner import TorchLearner, build_learner
@@ -90,6 +91,34 @@ async def home_broker(config: NodeConfig) -> AsyncIterator[str]:
         await asyncio.to_thread(broker.stop)
 
 
+@contextlib.asynccontextmanager
+async def mdns_discovery(config: NodeConfig, node: Node, home_uri: str) -> AsyncIterator[None]:
+    """Announce this node and feed mDNS-found peers to it, when `mdns` is a discovery source."""
+    if "mdns" not in config.discovery:
+        yield
+        return
+    mdns = Mdns(
+        config.network,
+        node.node_id,
+        role=config.role,
+        broker_uri=home_uri,
+        interfaces=config.interfaces,
+        round=node.round,
+        on_peer=node.discovered,
+        on_gone=node.vanished,
+    )
+    try:
+        await mdns.start()
+    except OSError as exc:
+        log.warning("mDNS unavailable, continuing without it error=%s", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        await mdns.close()
+
+
 def _opt_str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
@@ -151,7 +180,8 @@ async def serve(config: NodeConfig) -> NodeCounters:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, node.stop)
             try:
-                counters = await node.run()
+                async with mdns_discovery(config, node, home_uri):
+                    counters = await node.run()
             finally:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)

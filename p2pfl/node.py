@@ -183,6 +183,7 @@ class Node:
         self._logged_peers: set[tuple[str, str]] = set()
         self._announced: set[str] = set()
         self._started = clock()
+        self._discovered: asyncio.Queue[PeerInfo] = asyncio.Queue()
         self._holding = False
         self._token_seen = clock()
 
@@ -226,9 +227,11 @@ class Node:
             async with asyncio.TaskGroup() as tg:
                 receiver = tg.create_task(self._receive_loop())
                 heartbeat = tg.create_task(self._heartbeat_loop())
+                discovery = tg.create_task(self._discovery_loop())
                 await self._train_loop()
                 receiver.cancel()
                 heartbeat.cancel()
+                discovery.cancel()
         finally:
             await self._shutdown()
         return self.counters
@@ -597,6 +600,30 @@ class Node:
             await self._announce_to(record.broker)
 
     # ---- presence ---------------------------------------------------------------------------
+
+    def discovered(self, info: PeerInfo) -> None:
+        """A discovery source (mDNS) found a peer; safe to call from any callback on the loop."""
+        if info.id != self.node_id:
+            self._discovered.put_nowait(info)
+
+    def vanished(self, peer_id: str) -> None:
+        """A discovery source saw a peer leave (e.g. an mDNS goodbye)."""
+        if self.view.remove(peer_id, "gone"):
+            log.info("peer left id=%s", peer_id)
+
+    async def _discovery_loop(self) -> None:
+        while True:
+            info = await self._discovered.get()
+            if "presence" in self.config.discovery:
+                # Like a static peer: an address. It joins the view when its presence is heard.
+                if info.broker and info.broker not in self._announced:
+                    await self._announce_to(info.broker)
+            else:
+                if info.id not in self.view:
+                    log.info(
+                        "peer joined id=%s broker=%s source=%s", info.id, info.broker, info.source
+                    )
+                self.view.upsert(info)
 
     def _presence_message(self, *, online: bool) -> Message:
         self._seq += 1

@@ -22,7 +22,8 @@ from tests.nodeproc import NodeProcess, free_ports, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
-FAST = ["--model", "mlp", "--local-epochs", "1", "--seed", "0"]
+# mDNS stays on loopback in tests (network rule)
+FAST = ["--model", "mlp", "--local-epochs", "1", "--seed", "0", "--interface", "127.0.0.1"]
 MAX_MESSAGE = 1_500_000
 
 

@@ -35,7 +35,7 @@ def start_cluster(
         args = [
             "--id", node_id, "--network", "e2e", "--state-dir", str(tmp_path / node_id),
             "--num-partitions", str(n), "--partition-index", str(i),
-            "--presence-ttl", "6", *where, *peers, *extra,
+            "--presence-ttl", "6", "--interface", "127.0.0.1", *where, *peers, *extra,
         ]  # fmt: skip
         nodes.append(NodeProcess(node_id, args, tmp_path).start())
     return nodes

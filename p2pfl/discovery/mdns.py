@@ -147,6 +147,8 @@ class Mdns:
 
         Raises OSError when the multicast sockets cannot be opened.
         """
+        if self._zc is not None or self._closed:
+            raise RuntimeError("an Mdns can be started once")
         self._zc = AsyncZeroconf(interfaces=self._interfaces or InterfaceChoice.All)
         self._browser = AsyncServiceBrowser(
             self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_service_change]

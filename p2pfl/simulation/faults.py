@@ -36,6 +36,8 @@ __all__ = [
 
 Behaviour = Literal["random", "scaled", "sign-flip"]
 
+_FP16_MAX = float(np.finfo(np.float16).max)
+
 
 class Crash(BaseModel):
     """Crash `node` (an id, or an index into the sorted ids) when it starts round `at_round`.
@@ -48,7 +50,7 @@ class Crash(BaseModel):
 
     node: str | int
     at_round: int = Field(ge=0)
-    restart_after_rounds: int | None = Field(None, ge=1)
+    restart_after_rounds: int | None = Field(default=None, ge=1)
 
 
 class Stragglers(BaseModel):
@@ -56,10 +58,10 @@ class Stragglers(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    fraction: float = Field(0.0, ge=0, le=1)
+    fraction: float = Field(default=0.0, ge=0, le=1)
     # An exact number of stragglers; overrides `fraction`.
-    count: int | None = Field(None, ge=0)
-    slowdown: float = Field(1.0, ge=1)
+    count: int | None = Field(default=None, ge=0)
+    slowdown: float = Field(default=1.0, ge=1)
 
 
 class Byzantine(BaseModel):
@@ -67,11 +69,11 @@ class Byzantine(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    fraction: float = Field(0.0, ge=0, le=1)
+    fraction: float = Field(default=0.0, ge=0, le=1)
     # An exact number of Byzantine nodes; overrides `fraction`.
-    count: int | None = Field(None, ge=0)
+    count: int | None = Field(default=None, ge=0)
     behaviour: Behaviour = "scaled"
-    scale: float = Field(10.0, gt=0)
+    scale: float = Field(default=10.0, gt=0)
 
 
 class FaultPlan(BaseModel):
@@ -81,10 +83,10 @@ class FaultPlan(BaseModel):
 
     crashes: tuple[Crash, ...] = ()
     # Probability per live node per round of crashing; it restarts `churn_downtime` rounds later.
-    churn: float = Field(0.0, ge=0, le=1)
-    churn_downtime: int = Field(5, ge=1)
-    stragglers: Stragglers = Stragglers()
-    byzantine: Byzantine = Byzantine()
+    churn: float = Field(default=0.0, ge=0, le=1)
+    churn_downtime: int = Field(default=5, ge=1)
+    stragglers: Stragglers = Field(default_factory=Stragglers)
+    byzantine: Byzantine = Field(default_factory=Byzantine)
 
     def crash_events(self, node_ids: Sequence[str], rounds: int, seed: int) -> list[Crash]:
         """The explicit crashes plus churn, with node ids resolved, ordered by round then id."""
@@ -104,12 +106,16 @@ class FaultPlan(BaseModel):
         s = self.stragglers
         if s.slowdown == 1.0:
             return []
-        return choose_nodes(node_ids, fraction=s.fraction, count=s.count, seed=seed, salt="slow")
+        return choose_nodes(
+            node_ids, fraction=s.fraction, count=s.count, seed=seed, salt="stragglers"
+        )
 
     def byzantine_ids(self, node_ids: Sequence[str], seed: int) -> list[str]:
         """The nodes that send poisoned models."""
         b = self.byzantine
-        return choose_nodes(node_ids, fraction=b.fraction, count=b.count, seed=seed, salt="byz")
+        return choose_nodes(
+            node_ids, fraction=b.fraction, count=b.count, seed=seed, salt="byzantine"
+        )
 
 
 def resolve_node(node: str | int, node_ids: Sequence[str]) -> str:
@@ -133,6 +139,7 @@ def _unit(seed: int, *parts: object) -> float:
 
 def choose_nodes(
     node_ids: Sequence[str],
+    spec: Stragglers | Byzantine | None = None,
     *,
     fraction: float = 0.0,
     count: int | None = None,
@@ -141,10 +148,14 @@ def choose_nodes(
 ) -> list[str]:
     """A deterministic subset of `count` nodes (or round(fraction * n)), in sorted id order.
 
+    `spec`, when given, supplies `fraction` and `count`.
+
     Each node gets a pseudo-random key from (seed, salt, id) and the lowest keys are chosen, so
     the choice does not depend on the order of `node_ids`, and a larger count adds nodes
     without replacing any. Different salts give independent choices.
     """
+    if spec is not None:
+        fraction, count = spec.fraction, spec.count
     ids = sorted(set(node_ids))
     k = count if count is not None else math.floor(fraction * len(ids) + 0.5)
     if not 0 <= k <= len(ids):
@@ -230,8 +241,8 @@ def poison(
 
     `sign-flip`: -w. `scaled`: scale * w. `random`: gaussian noise with each tensor's standard
     deviation (1 where it has none). Only floating-point tensors are poisoned (integer ones,
-    e.g. counters, pass unchanged), and every value is finite, clipped to the dtype's range,
-    so the model passes a receiver's validation and reaches its merge rule.
+    e.g. counters, pass unchanged), and every value is finite, clipped to +-65504 (fp16's
+    range), so the model passes a receiver's validation and reaches its merge rule.
     """
     out: dict[str, np.ndarray] = {}
     for name, w in weights.items():
@@ -249,7 +260,8 @@ def poison(
             bad = rng.normal(0.0, std if std > 0 and math.isfinite(std) else 1.0, w.shape)
         else:
             raise ValueError(f"unknown Byzantine behaviour {behaviour!r}")
-        top = float(np.finfo(w.dtype).max)
+        # Within fp16's range too, so the model also survives the fp16 codec on the way out.
+        top = min(float(np.finfo(w.dtype).max), _FP16_MAX)
         bad = np.clip(np.nan_to_num(bad, nan=0.0, posinf=top, neginf=-top), -top, top)
         out[name] = bad.astype(w.dtype)
     return out
@@ -264,7 +276,7 @@ class ByzantineLearner:
     """
 
     def __init__(
-        self, inner: Learner, behaviour: Behaviour, *, scale: float = 10.0, seed: int = 0
+        self, inner: Learner, behaviour: Behaviour, scale: float = 10.0, seed: int = 0
     ) -> None:
         if behaviour not in ("random", "scaled", "sign-flip"):
             raise ValueError(f"unknown Byzantine behaviour {behaviour!r}")

@@ -34,7 +34,7 @@ class Partition(BaseModel):
     start: float = Field(ge=0)
     end: float = Field(gt=0)
     groups: tuple[tuple[str | int, ...], ...] | None = None
-    split: float | None = Field(None, gt=0, lt=1)
+    split: float | None = Field(default=None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _check(self) -> Partition:
@@ -86,12 +86,23 @@ class NetworkModel(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    latency_ms: float = Field(0.0, ge=0)
-    jitter_ms: float = Field(0.0, ge=0)
+    latency_ms: float = Field(default=0.0, ge=0)
+    jitter_ms: float = Field(default=0.0, ge=0)
     # None: infinite bandwidth, a message of any size takes the latency only.
-    bandwidth_mbps: float | None = Field(None, gt=0)
-    loss: float = Field(0.0, ge=0, le=1)
+    bandwidth_mbps: float | None = Field(default=None, gt=0)
+    loss: float = Field(default=0.0, ge=0, le=1)
     partitions: tuple[Partition, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        """Whether links do anything at all (else the bus can skip the hook)."""
+        return bool(
+            self.latency_ms
+            or self.jitter_ms
+            or self.bandwidth_mbps is not None
+            or self.loss
+            or self.partitions
+        )
 
 
 class LinkDelay:

@@ -27,7 +27,7 @@ _BUS = "every simulated node is on the simulator's in-memory bus"
 _PEERS = "the simulator introduces the nodes to each other"
 
 SIM_EXCLUDED_KEYS: Mapping[str, str] = {
-    "id": "the simulator names the nodes (node-00, node-01, ...)",
+    "id": "the simulator names the nodes n01, n02, ...",
     "role": "every simulated node is a trainer",
     "broker": _BUS,
     "listen": _BUS,
@@ -86,7 +86,8 @@ jitter_ms = 2.0
 
 
 def _node_id(index: int, nodes: int) -> str:
-    return f"node-{index:0{max(2, len(str(nodes - 1)))}d}"
+    # n01, n02, ...: 1-based like the shipped topology files, zero-padded so ids sort by index
+    return f"n{index + 1:0{max(2, len(str(nodes)))}d}"
 
 
 class Scenario(BaseModel):
@@ -96,15 +97,17 @@ class Scenario(BaseModel):
 
     name: str = Field(min_length=1)
     description: str = ""
-    nodes: int = Field(16, ge=2)
-    compare: tuple[Schedule, ...] = Field(("ring", "random-walk", "partial-mesh"), min_length=1)
-    node: NodeConfig = NodeConfig()
-    network: NetworkModel = NetworkModel()
-    faults: FaultPlan = FaultPlan()
+    nodes: int = Field(default=16, ge=2)
+    compare: tuple[Schedule, ...] = ("ring", "random-walk", "partial-mesh")
+    node: NodeConfig = Field(default_factory=lambda: NodeConfig.model_validate({}))
+    network: NetworkModel = Field(default_factory=NetworkModel)
+    faults: FaultPlan = Field(default_factory=FaultPlan)
 
     @field_validator("compare")
     @classmethod
     def _check_compare(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("list at least one schedule")
         if len(set(value)) != len(value):
             raise ValueError("a schedule is listed twice")
         return value
@@ -119,7 +122,9 @@ class Scenario(BaseModel):
         value = {str(k).replace("-", "_"): v for k, v in value.items()}
         errors = [
             InitErrorDetails(
-                type=PydanticCustomError("sim_excluded", "not used in simulation: {why}", {"why": why}),
+                type=PydanticCustomError(
+                    "sim_excluded", "not used in simulation: {why}", {"why": why}
+                ),
                 loc=(key,),
                 input=value[key],
             )
@@ -137,7 +142,10 @@ class Scenario(BaseModel):
         def problem(loc: tuple[str | int, ...], message: str, value: Any) -> None:
             errors.append(
                 InitErrorDetails(
-                    type=PydanticCustomError("scenario", message), loc=loc, input=value
+                    # the message as context: braces in it are not a template
+                    type=PydanticCustomError("scenario", "{message}", {"message": message}),
+                    loc=loc,
+                    input=value,
                 )
             )
 

@@ -1,0 +1,63 @@
+"""`p2pfl peers`: browse the LAN for a while and list the nodes found, as a table or as JSON."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.table import Table
+
+from p2pfl.discovery.mdns import Mdns
+from p2pfl.discovery.peerview import PeerInfo
+from p2pfl.transport.address import parse_broker_uri
+
+PEER_FIELDS = ("id", "role", "network", "address", "broker", "version", "round")
+
+
+async def browse(
+    network: str | None, *, interfaces: Sequence[str] = (), duration: float = 2.0
+) -> list[PeerInfo]:
+    """Listen for ``duration`` seconds; the peers found, sorted by id (``network`` None: all).
+
+    Announces nothing. Most answers arrive within half a second of the first query.
+    """
+    async with Mdns(network, None, interfaces=interfaces) as mdns:
+        await asyncio.sleep(duration)
+        return mdns.peers()
+
+
+def _address(peer: PeerInfo) -> str:
+    addresses = peer.meta.get("addresses")
+    if isinstance(addresses, list) and addresses:
+        return str(addresses[0])
+    try:
+        return parse_broker_uri(peer.broker).host
+    except ValueError:
+        return ""
+
+
+def peers_json(peers: Iterable[PeerInfo]) -> list[dict[str, Any]]:
+    """One JSON-ready dict per peer with the fields of ``PEER_FIELDS`` (round None = null)."""
+    return [
+        {
+            "id": peer.id,
+            "role": peer.role,
+            "network": str(peer.meta.get("net", "")),
+            "address": _address(peer),
+            "broker": peer.broker,
+            "version": peer.version,
+            "round": peer.round,
+        }
+        for peer in peers
+    ]
+
+
+def format_peers_table(peers: Iterable[PeerInfo]) -> Table:
+    """A rich table of the peers, one row each, in the order given."""
+    table = Table(title="p2pfl peers")
+    for name in PEER_FIELDS:
+        table.add_column(name, justify="right" if name in ("version", "round") else "left")
+    for row in peers_json(peers):
+        table.add_row(*("-" if row[name] is None else str(row[name]) for name in PEER_FIELDS))
+    return table

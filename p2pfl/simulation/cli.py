@@ -1,0 +1,94 @@
+"""What `p2pfl sim` shows: a progress bar while it runs, a comparison table and files after."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from p2pfl.logs import setup_logging
+from p2pfl.simulation.engine import Record, Simulation
+from p2pfl.simulation.report import (
+    MetricsWriter,
+    plot,
+    summarize,
+    summary_json,
+    summary_table,
+    write_summary,
+)
+from p2pfl.simulation.scenario import Scenario
+
+
+def run_sim(scenario: Scenario, *, out: Path, json_out: bool, plots: bool = True) -> dict[str, Any]:
+    """Run the scenario with a progress bar; write metrics, summary and plots into `out`."""
+    console = Console(stderr=True)
+    setup_logging("text", "warning")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    config = scenario.node_config(scenario.compare[0], 0, "n01")
+    per_schedule = scenario.nodes * config.rounds if config.rounds else None
+    latest: dict[str, dict[str, float]] = defaultdict(dict)
+
+    with (
+        MetricsWriter(out) as writer,
+        Progress(
+            TextColumn("{task.description:<14}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("acc {task.fields[acc]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal and json_out,
+        ) as progress,
+    ):
+        tasks = {
+            name: progress.add_task(name, total=per_schedule, acc="  -  ", start=False)
+            for name in scenario.compare
+        }
+        started: set[str] = set()
+
+        def on_record(record: Record) -> None:
+            name = record["schedule"]
+            if name not in started:
+                started.add(name)
+                progress.start_task(tasks[name])
+            writer.write([record])
+            if record["honest"]:
+                latest[name][record["node"]] = record["accuracy"]
+            accs = latest[name].values()
+            mean = sum(accs) / len(accs) if accs else 0.0
+            progress.update(tasks[name], advance=1, acc=f"{mean:.3f}")
+
+        simulation = Simulation(scenario, on_record=on_record)
+        runs = asyncio.run(simulation.run())
+
+    records = [r for run in runs for r in run.records]
+    summary = summarize(records, wall_seconds={run.schedule: run.wall_seconds for run in runs})
+    summary["scenario"] = scenario.name
+    for run in runs:
+        summary["schedules"][run.schedule]["network_drops"] = run.dropped
+    write_summary(summary, out)
+    written = plot(records, out) if plots else []
+    if json_out:
+        sys.stdout.write(summary_json(summary) + "\n")
+    else:
+        Console().print(summary_table(summary, scenario.name))
+        files = ", ".join(p.name for p in [out / "metrics.jsonl", out / "summary.json", *written])
+        Console().print(f"[dim]wrote {files} in {out}[/dim]")
+    logging.getLogger(__name__).debug("sim done scenario=%s", scenario.name)
+    return summary

@@ -1,0 +1,82 @@
+"""End-to-end: nodes with no peer list and no shared broker find each other over mDNS.
+
+mDNS is bound to 127.0.0.1 only (`--interface 127.0.0.1`): tests never multicast on a real
+network.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.nodeproc import NodeProcess, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+LOOPBACK = ["--interface", "127.0.0.1", "--listen", "127.0.0.1:0"]
+FAST = ["--model", "mlp", "--local-epochs", "1", "--seed", "0", "--presence-ttl", "6"]
+
+
+def peers_json(network: str) -> list[dict[str, object]]:
+    out = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "peers", "--network", network, *LOOPBACK[:2],
+         "--timeout", "2", "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_nodes_discover_each_other_over_mdns_and_train_a_ring(tmp_path: Path) -> None:
+    net = f"demo-{uuid.uuid4().hex[:6]}"
+    other_net = f"other-{uuid.uuid4().hex[:6]}"
+
+    def node(name: str, network: str = net) -> NodeProcess:
+        args = ["--id", name, "--network", network, "--state-dir", str(tmp_path / name),
+                "--schedule", "ring", "--num-partitions", "4", "--partition-index",
+                str(int(name[-1]) % 4), *LOOPBACK, *FAST]  # fmt: skip
+        return NodeProcess(name, args, tmp_path).start()
+
+    nodes = [node(f"d{i}") for i in range(3)]
+    stranger = node("x9", other_net)
+    everyone = [*nodes, stranger]
+    logs = lambda: "\n".join(n.tail() for n in everyone)  # noqa: E731
+    try:
+        wait_until(lambda: all(n.last_round() >= 10 for n in nodes), 150, "round 10", logs())
+        assert all(n.rounds()[-1]["peers"] == 2 for n in nodes), logs()
+        assert all(n.rounds()[-1]["models_received"] > 0 for n in nodes), logs()
+
+        listed = peers_json(net)
+        assert sorted(p["id"] for p in listed) == ["d0", "d1", "d2"], listed
+        assert {p["role"] for p in listed} == {"trainer"}
+        assert stranger.rounds()[-1]["peers"] == 0  # never saw, never contacted, the demo nodes
+
+        late = node("d3")
+        everyone.append(late)
+        wait_until(
+            lambda: all(n.rounds() and n.rounds()[-1]["peers"] == 3 for n in [*nodes, late]),
+            60,
+            "the late node to join every view",
+            logs(),
+        )
+        late.signal(signal.SIGTERM)
+        assert late.wait(30) == 0
+        wait_until(
+            lambda: all(n.rounds()[-1]["peers"] == 2 for n in nodes), 30, "ring to close", logs()
+        )
+        received = {n.name: n.rounds()[-1]["models_received"] for n in nodes}
+        wait_until(
+            lambda: all(n.rounds()[-1]["models_received"] > received[n.name] for n in nodes),
+            30,
+            "the closed ring to keep gossiping",
+            logs(),
+        )
+    finally:
+        for n in everyone:
+            n.stop()
