@@ -184,6 +184,8 @@ class Node:
         self._announced: set[str] = set()
         self._started = clock()
         self._discovered: asyncio.Queue[PeerInfo] = asyncio.Queue()
+        # peers that said bye after finishing a round: sync rounds up to it keep their shape
+        self._finished: dict[str, int] = {}
         self._holding = False
         self._token_seen = clock()
 
@@ -374,6 +376,11 @@ class Node:
 
     def _plan_targets(self, r: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         live = self.view.live()
+        if self.config.mode == "sync" and self._finished:
+            # A peer that finished round r and left already did its part in round r: keep it
+            # in round r's plan so its departure does not reshuffle who merges what.
+            done = [p for p, last in self._finished.items() if last >= r and p not in live]
+            live = sorted([*live, *done])
         plan = self.schedule.plan(self.node_id, live, r)
         expect = plan.expect_from
         if self.config.mode == "sync" and self.schedule.name == "random-walk":
@@ -391,7 +398,7 @@ class Node:
             if target in sent:
                 continue
             info = self.view.get(target)
-            if info is None:
+            if info is None:  # gone, or finished (it has no use for our model any more)
                 continue
             sent.add(target)
             await self._send(target, info.broker, payload)
@@ -581,9 +588,12 @@ class Node:
             self._reject(peer_id, exc.reason)
             return
         if not record.online:
+            if record.graceful and record.round is not None:
+                self._finished[peer_id] = record.round
             if self.view.remove(peer_id, "offline"):
                 log.info("peer left id=%s", peer_id)
             return
+        self._finished.pop(peer_id, None)
         info = PeerInfo(
             id=peer_id,
             role=record.role,

@@ -29,6 +29,7 @@ class PresenceRecord:
     role: str = "trainer"
     broker: str = ""
     round: int | None = None
+    graceful: bool = False  # a `bye`: the node stopped on purpose (not its will after a crash)
 
 
 def encode_presence(
@@ -86,4 +87,11 @@ def parse_presence(env: Envelope) -> PresenceRecord:
     if rnd is not None and (not isinstance(rnd, int) or rnd < 0 or not math.isfinite(rnd)):
         raise ProtocolError(f"presence round must be a non-negative integer, got {rnd!r}")
     online = env.kind == "presence" and state == "online"
-    return PresenceRecord(node_id=env.src, online=online, role=role, broker=broker, round=rnd)
+    return PresenceRecord(
+        node_id=env.src,
+        online=online,
+        role=role,
+        broker=broker,
+        round=rnd,
+        graceful=env.kind == "bye",
+    )

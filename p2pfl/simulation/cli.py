@@ -87,8 +87,11 @@ def run_sim(scenario: Scenario, *, out: Path, json_out: bool, plots: bool = True
     if json_out:
         sys.stdout.write(summary_json(summary) + "\n")
     else:
-        Console().print(summary_table(summary, scenario.name))
+        stdout = Console()
+        if not stdout.is_terminal:
+            stdout = Console(width=120)  # piped: no terminal width to follow
+        stdout.print(summary_table(summary, scenario.name))
         files = ", ".join(p.name for p in [out / "metrics.jsonl", out / "summary.json", *written])
-        Console().print(f"[dim]wrote {files} in {out}[/dim]")
+        stdout.print(f"[dim]wrote {files} in {out}[/dim]")
     logging.getLogger(__name__).debug("sim done scenario=%s", scenario.name)
     return summary

@@ -13,6 +13,7 @@ accuracies: every node merges the same models in the same (sorted) order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import tempfile
@@ -140,6 +141,7 @@ class Simulation:
             node_of=lambda client: client.partition("#")[0],
             clock=lambda: clock() - started,
             seed=seed,
+            nodes=ids,
         )
         bus = MemoryBus(delay=delay if scenario.network.active else None)
         network_round = 0
@@ -151,13 +153,13 @@ class Simulation:
             ]
 
             def build(member: _Member) -> Node:
-                config = scenario.node_config(schedule, member.index, member.node_id)
-                config = config.model_copy(
-                    update={
-                        # one shared bus: presence is the membership; start together
-                        "discovery": ("presence",),
-                        "min_peers": n - 1 if member.restarts == 0 else 0,
-                    }
+                # One shared bus: presence is the membership; everyone starts together.
+                config = scenario.node_config(
+                    schedule,
+                    member.index,
+                    member.node_id,
+                    discovery=("presence",),
+                    min_peers=n - 1 if member.restarts == 0 else 0,
                 )
                 learner: Learner = build_learner(
                     config.model,
@@ -190,7 +192,7 @@ class Simulation:
                         schedule, degree=config.degree, seed=config.seed, graph=graph
                     ),
                     state=member.state,
-                    on_round=lambda report, m=member: on_round(m, report),
+                    on_round=functools.partial(on_round, member),
                 )
 
             def on_round(member: _Member, report: RoundReport) -> None:

@@ -63,7 +63,7 @@ compare = ["ring", "random-walk", "partial-mesh"]
 
 [node]
 mode = "sync"
-rounds = 30
+rounds = 25
 dataset = "mnist1d"
 partition = "dirichlet:0.5"
 model = "cnn1d"

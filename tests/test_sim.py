@@ -1,0 +1,127 @@
+"""The simulator end to end: `p2pfl sim` on small scenarios, determinism, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from p2pfl.simulation.engine import Simulation
+from p2pfl.simulation.scenario import load_scenario
+
+pytestmark = pytest.mark.timeout(300)
+
+TINY = """
+name = "tiny"
+nodes = 4
+compare = ["ring", "random-walk", "partial-mesh"]
+
+[node]
+mode = "sync"
+rounds = 3
+model = "logreg"
+local_epochs = 1
+degree = 2
+seed = 0
+
+[network]
+latency_ms = 2.0
+jitter_ms = 1.0
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "tiny.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_sim_cli_prints_summary_json_and_writes_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(write(tmp_path, TINY)), "--json",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert set(summary["schedules"]) == {"ring", "random-walk", "partial-mesh"}
+    for name, row in summary["schedules"].items():
+        assert row["nodes"] == 4 and row["rounds"] == 3, name
+        assert 0.0 < row["final_mean_accuracy"] <= 1.0
+        assert row["messages_sent"] >= 4 * 3 - 4  # every node sent nearly every round
+        assert row["overhead"] is not None
+    assert (
+        json.loads((out / "summary.json").read_text())["schedules"].keys()
+        == summary["schedules"].keys()
+    )
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 4 * 3
+    for png in ("accuracy_vs_round.png", "accuracy_vs_bytes.png", "spread.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sim_table_is_shown_without_json(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(write(tmp_path, TINY)), "--schedule", "ring",
+         "--out", str(tmp_path / "o"), "--no-plots"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "p2pfl sim" in result.stdout and "ring" in result.stdout
+    assert "random-walk" not in result.stdout
+
+
+def test_bad_scenario_value_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    bad = write(tmp_path, TINY.replace("degree = 2", "degree = 0"), "bad.toml")
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(bad)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "degree" in result.stderr and result.stderr.count("\n") == 1
+
+
+def _accuracies(tmp_path: Path, text: str) -> dict[tuple[str, str, int], float]:
+    scenario = load_scenario(write(tmp_path, text), {})
+    runs = asyncio.run(Simulation(scenario).run())
+    return {
+        (r["schedule"], r["node"], r["round"]): r["accuracy"] for run in runs for r in run.records
+    }
+
+
+def test_sync_runs_with_the_same_seed_are_identical(tmp_path: Path) -> None:
+    first = _accuracies(tmp_path, TINY)
+    second = _accuracies(tmp_path, TINY)
+    assert first == second
+    assert len(first) == 3 * 4 * 3
+    other_seed = _accuracies(tmp_path, TINY.replace("seed = 0", "seed = 1"))
+    assert other_seed != first
+
+
+def test_a_crashed_node_restarts_from_its_checkpoint(tmp_path: Path) -> None:
+    text = TINY.replace('compare = ["ring", "random-walk", "partial-mesh"]', 'compare = ["ring"]')
+    text = text.replace("rounds = 3", "rounds = 8") + (
+        '\n[[faults.crashes]]\nnode = "n02"\nat_round = 3\nrestart_after_rounds = 2\n'
+    )
+    scenario = load_scenario(write(tmp_path, text), {})
+    (run,) = asyncio.run(Simulation(scenario).run())
+    rounds = [r["round"] for r in run.records if r["node"] == "n02"]
+    # it ran up to its crash, came back later from its checkpoint (not round 1), and finished
+    assert rounds[:3] == [1, 2, 3]
+    assert rounds[3] > 4 and 1 not in rounds[3:]
+    assert rounds[-1] == 8
+    others = {r["node"] for r in run.records if r["round"] == 8}
+    assert others == {"n01", "n02", "n03", "n04"}
+
+
+def test_byzantine_nodes_are_marked_and_excluded(tmp_path: Path) -> None:
+    text = TINY.replace('compare = ["ring", "random-walk", "partial-mesh"]', 'compare = ["ring"]')
+    text += '\n[faults.byzantine]\ncount = 1\nbehaviour = "sign-flip"\n'
+    scenario = load_scenario(write(tmp_path, text), {})
+    (run,) = asyncio.run(Simulation(scenario).run())
+    dishonest = {r["node"] for r in run.records if not r["honest"]}
+    assert len(dishonest) == 1
