@@ -163,6 +163,11 @@ def run(
     max_chunk: int | None = typer.Option(
         None, help="Split models into MQTT messages of at most this many bytes. [default: 1 MiB]"
     ),
+    telemetry_interval: float | None = typer.Option(
+        None, help="Publish status for monitors every N seconds; 0 = off. [default: 5]"
+    ),
+    run_name: str | None = typer.Option(None, help="A name for this run, shown by monitors."),
+    tag: list[str] | None = typer.Option(None, "--tag", help="A tag for this run (repeatable)."),
     state_dir: Path | None = typer.Option(
         None, help="Identity, checkpoints, metrics. [default: ~/.local/state/p2pfl/NET/ID]"
     ),
@@ -214,6 +219,9 @@ def run(
         "codec": codec,
         "seed": seed,
         "state_dir": state_dir,
+        "telemetry_interval": telemetry_interval,
+        "run_name": run_name,
+        "tags": tag or None,
         "max_message_size": max_message_size,
         "max_chunk": max_chunk,
         "log_format": log_format,
@@ -275,6 +283,12 @@ def sim(
     ),
     json_out: bool = typer.Option(False, "--json", help="Print summary.json to stdout."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
+    broker: str | None = typer.Option(
+        None, help="Run every node on this real broker (mqtt://HOST:PORT) instead of in memory."
+    ),
+    processes: int = typer.Option(
+        1, min=1, help="Spread the nodes over this many OS processes (needs --broker)."
+    ),
 ) -> None:
     """Simulate a whole network on this machine and compare schedules (no broker needed)."""
     from p2pfl.config import ConfigError
@@ -285,10 +299,21 @@ def sim(
                  "merge": merge}  # fmt: skip
     try:
         loaded = load_scenario(scenario, overrides)
+        if broker is not None:
+            from p2pfl.transport.address import parse_broker_uri
+
+            parse_broker_uri(broker)
+        elif processes > 1:
+            raise ValueError("--processes needs --broker: processes share no memory bus")
     except (ConfigError, ValueError) as exc:
-        typer.echo(str(exc), err=True)
+        message = str(exc)
+        if not message.startswith("config error"):
+            message = f"config error: {message}"
+        typer.echo(message, err=True)
         raise typer.Exit(code=2) from None
-    run_sim(loaded, out=out, json_out=json_out, plots=not no_plots)
+    run_sim(
+        loaded, out=out, json_out=json_out, plots=not no_plots, broker=broker, processes=processes
+    )
 
 
 @app.command()

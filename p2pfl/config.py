@@ -111,6 +111,10 @@ class NodeConfig(BaseModel):
     max_chunk: int = Field(1024 * 1024, ge=1024)
     state_dir: Path | None = None
     checkpoints_keep: int = Field(3, ge=1)
+    # telemetry for monitors: every N seconds (0 = off); a run name and tags to group runs
+    telemetry_interval: float = Field(5.0, ge=0)
+    run_name: str = ""
+    tags: tuple[str, ...] = ()
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -24,6 +24,7 @@ from p2pfl.learning.partition import partition
 from p2pfl.learning.torch_learner import TorchLearner, build_learner
 from p2pfl.node import Node, NodeCounters, RoundReport
 from p2pfl.store import StateDir
+from p2pfl.telemetry import LogForwarder
 from p2pfl.topology import load_graph, make_schedule
 from p2pfl.transport.address import TlsOptions
 from p2pfl.transport.embedded import EmbeddedBroker
@@ -166,6 +167,8 @@ async def serve(config: NodeConfig) -> NodeCounters:
             transport = MqttTransport(
                 home_uri, client_id=f"{node_id}-{secrets.token_hex(3)}", options=options
             )
+            forwarder = LogForwarder()
+            logging.getLogger("p2pfl").addHandler(forwarder)
             node = Node(
                 config,
                 learner,
@@ -175,6 +178,7 @@ async def serve(config: NodeConfig) -> NodeCounters:
                 schedule=schedule,
                 state=state,
                 on_round=report_round,
+                logs=forwarder,
             )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -183,6 +187,7 @@ async def serve(config: NodeConfig) -> NodeCounters:
                 async with mdns_discovery(config, node, home_uri):
                     counters = await node.run()
             finally:
+                logging.getLogger("p2pfl").removeHandler(forwarder)
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
         final = node.last_eval

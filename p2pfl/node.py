@@ -32,6 +32,13 @@ from p2pfl.protocol.envelope import unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.model import decode_model, encode_model
 from p2pfl.store import StateDir
+from p2pfl.telemetry import (
+    LogForwarder,
+    ProcessStats,
+    encode_log,
+    encode_telemetry,
+    projection,
+)
 from p2pfl.topology import Schedule, initial_token_holders, should_regenerate
 from p2pfl.transport.base import Message, Payload, Transport, TransportError
 
@@ -50,6 +57,7 @@ class NodeCounters:
     models_received: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    diverged: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -63,6 +71,7 @@ class NodeCounters:
             "models_received": self.models_received,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "diverged": self.diverged,
             "rejected": self.rejected_total,
             "rejected_by_reason": dict(self.rejected),
         }
@@ -152,6 +161,7 @@ class Node:
         state: StateDir | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        logs: LogForwarder | None = None,
     ) -> None:
         self.config = config
         self.learner = learner
@@ -184,6 +194,10 @@ class Node:
         self._announced: set[str] = set()
         self._started = clock()
         self._discovered: asyncio.Queue[PeerInfo] = asyncio.Queue()
+        self._last_good: dict[str, np.ndarray] | None = None
+        self._logs = logs
+        self._last_loss: float | None = None
+        self._sent_to: tuple[str, ...] = ()
         # peers that said bye after finishing a round: sync rounds up to it keep their shape
         self._finished: dict[str, int] = {}
         self._holding = False
@@ -204,6 +218,7 @@ class Node:
         weights = self.learner.get_weights()
         self._expected = {k: (v.dtype, tuple(v.shape)) for k, v in weights.items()}
         await self._resume()
+        self._last_good = self.learner.get_weights()
         await self.transport.connect(will=self._presence_message(online=False))
         await self.transport.subscribe(self._inbox_topic)
         if "presence" in self.config.discovery:
@@ -230,10 +245,10 @@ class Node:
                 receiver = tg.create_task(self._receive_loop())
                 heartbeat = tg.create_task(self._heartbeat_loop())
                 discovery = tg.create_task(self._discovery_loop())
+                telemetry = tg.create_task(self._telemetry_loop())
                 await self._train_loop()
-                receiver.cancel()
-                heartbeat.cancel()
-                discovery.cancel()
+                for task in (receiver, heartbeat, discovery, telemetry):
+                    task.cancel()
         finally:
             await self._shutdown()
         return self.counters
@@ -328,15 +343,24 @@ class Node:
         if self.stopping:
             return
         weights = await asyncio.to_thread(self.learner.get_weights)
+        payload: Payload | None = None
         try:
-            payload: Payload | None = await asyncio.to_thread(self._encode, weights, r, fit.samples)
+            payload = await asyncio.to_thread(self._encode, weights, r, fit.samples)
+            self._last_good = weights
         except ValueError as exc:
-            # e.g. training diverged to NaN: peers would refuse it, so keep it to ourselves
-            log.error("not sending model round=%d reason=%s", r, exc)
-            payload = None
+            # Training diverged (NaN/inf): peers would refuse it. Fall back to the last good
+            # model, so neighbours waiting for us in sync mode are not left to time out.
+            self.counters.diverged += 1
+            log.error("local model diverged round=%d reason=%s", r, exc)
+            if self._last_good is not None:
+                weights = self._last_good
+                await asyncio.to_thread(self.learner.set_weights, weights)
+                payload = await asyncio.to_thread(self._encode, weights, r, fit.samples)
+        self._last_loss = fit.loss
         sent: set[str] = set()
         if payload is not None:
             await self._send_planned(r, payload, sent)
+            self._sent_to = tuple(sorted(sent))
             if self.config.mode == "sync":
                 await self._wait_for_round(r, payload, sent)
         if walkers:
@@ -682,6 +706,67 @@ class Node:
             for gone in self.view.expire():
                 log.info("peer expired id=%s", gone)
             await self._publish_presence(online=True)
+
+    # ---- telemetry --------------------------------------------------------------------------
+
+    async def _telemetry_loop(self) -> None:
+        interval = self.config.telemetry_interval
+        if interval <= 0 and self._logs is None:
+            return
+        stats = ProcessStats()
+        topic = topics.telemetry(self.net, self.node_id)
+        next_at = self.clock()
+        while True:
+            if self._logs is not None:
+                for record in self._logs.drain():
+                    self._seq += 1
+                    payload = encode_log(self.net, self.node_id, self._seq, record)
+                    await self._publish_home(topics.log(self.net, self.node_id), payload, False)
+            if interval > 0 and self.clock() >= next_at:
+                next_at = self.clock() + interval
+                body = await asyncio.to_thread(self._telemetry_body, stats)
+                self._seq += 1
+                payload = encode_telemetry(self.net, self.node_id, self._seq, body)
+                await self._publish_home(topic, payload, True)
+            await asyncio.sleep(min(1.0, interval) if interval > 0 else 1.0)
+
+    async def _publish_home(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            await self.transport.publish(topic, payload, qos=0, retain=retain)
+        except TransportError as exc:
+            log.debug("telemetry not published error=%s", exc)
+
+    def _telemetry_body(self, stats: ProcessStats) -> dict[str, Any]:
+        """The status record; computes the weight projection, so it runs in a worker thread."""
+        ev = self.last_eval
+        cpu, rss = stats.sample()
+        c = self.counters
+        return {
+            "id": self.node_id,
+            "role": self.config.role,
+            "run": self.config.run_name,
+            "tags": list(self.config.tags),
+            "schedule": self.schedule.name,
+            "mode": self.config.mode,
+            "broker": self.home_broker,
+            "round": self.round,
+            "loss": self._last_loss,
+            "accuracy": None if ev is None else ev.accuracy,
+            "test_loss": None if ev is None else ev.loss,
+            "confusion": None if ev is None else ev.confusion.tolist(),
+            "samples": self.learner.num_samples,
+            "models_sent": c.models_sent,
+            "models_received": c.models_received,
+            "bytes_out": c.bytes_sent,
+            "bytes_in": c.bytes_received,
+            "rejected": dict(c.rejected),
+            "cpu": cpu,
+            "rss": rss,
+            "uptime": self.clock() - self._started,
+            "peers": self.view.live(),
+            "sent_to": list(self._sent_to),
+            "projection": projection(self.learner.get_weights(), self.net),
+        }
 
     async def _sleep(self, seconds: float) -> None:
         try:

@@ -125,3 +125,29 @@ def test_byzantine_nodes_are_marked_and_excluded(tmp_path: Path) -> None:
     (run,) = asyncio.run(Simulation(scenario).run())
     dishonest = {r["node"] for r in run.records if not r["honest"]}
     assert len(dishonest) == 1
+
+
+def test_same_scenario_on_a_real_broker_over_two_processes(tmp_path: Path, mosquitto) -> None:  # type: ignore[no-untyped-def]
+    text = TINY.replace('compare = ["ring", "random-walk", "partial-mesh"]', 'compare = ["ring"]')
+    path = write(tmp_path, text)
+    memory = _accuracies(tmp_path, text)
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(path), "--json", "--no-plots",
+         "--out", str(tmp_path / "o"), "--broker", mosquitto.uri, "--processes", "2"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [
+        json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
+    ]
+    over_broker = {(r["schedule"], r["node"], r["round"]): r["accuracy"] for r in records}
+    # sync mode, same seed: the real broker and two processes change nothing
+    assert over_broker == memory
+
+
+def test_processes_without_a_broker_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(write(tmp_path, TINY)), "--processes", "2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--broker" in result.stderr

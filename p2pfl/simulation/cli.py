@@ -21,6 +21,7 @@ from rich.progress import (
 
 from p2pfl.logs import setup_logging
 from p2pfl.simulation.engine import Record, Simulation
+from p2pfl.simulation.procs import run_in_processes
 from p2pfl.simulation.report import (
     MetricsWriter,
     plot,
@@ -32,7 +33,15 @@ from p2pfl.simulation.report import (
 from p2pfl.simulation.scenario import Scenario
 
 
-def run_sim(scenario: Scenario, *, out: Path, json_out: bool, plots: bool = True) -> dict[str, Any]:
+def run_sim(
+    scenario: Scenario,
+    *,
+    out: Path,
+    json_out: bool,
+    plots: bool = True,
+    broker: str | None = None,
+    processes: int = 1,
+) -> dict[str, Any]:
     """Run the scenario with a progress bar; write metrics, summary and plots into `out`."""
     console = Console(stderr=True)
     setup_logging("text", "warning")
@@ -74,8 +83,13 @@ def run_sim(scenario: Scenario, *, out: Path, json_out: bool, plots: bool = True
             mean = sum(accs) / len(accs) if accs else 0.0
             progress.update(tasks[name], advance=1, acc=f"{mean:.3f}")
 
-        simulation = Simulation(scenario, on_record=on_record)
-        runs = asyncio.run(simulation.run())
+        if processes > 1 and broker is not None:
+            runs = run_in_processes(
+                scenario, broker=broker, processes=processes, on_record=on_record
+            )
+        else:
+            simulation = Simulation(scenario, on_record=on_record, broker=broker)
+            runs = asyncio.run(simulation.run())
 
     records = [r for run in runs for r in run.records]
     summary = summarize(records, wall_seconds={run.schedule: run.wall_seconds for run in runs})

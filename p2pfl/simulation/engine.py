@@ -16,6 +16,7 @@ import asyncio
 import functools
 import logging
 import os
+import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,7 +41,9 @@ from p2pfl.simulation.network import LinkDelay
 from p2pfl.simulation.scenario import Scenario
 from p2pfl.store import StateDir
 from p2pfl.topology import load_graph, make_schedule
+from p2pfl.transport.base import Transport
 from p2pfl.transport.memory import MemoryBus, MemoryTransport
+from p2pfl.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +95,32 @@ class Simulation:
         *,
         on_record: Callable[[Record], None] | None = None,
         workers: int | None = None,
+        broker: str | None = None,
+        only: set[int] | None = None,
     ) -> None:
+        """`broker`: run every node on this real MQTT broker instead of the in-memory bus (the
+        network model then does not apply). `only`: run just these node indices (the others
+        run in other processes on the same broker)."""
+        if only is not None and broker is None:
+            raise ValueError("a subset of nodes needs a shared real broker")
         self.scenario = scenario
         self.on_record = on_record
         self.workers = workers or os.cpu_count() or 1
+        self.broker = broker
+        self.only = only
         self._dataset: Dataset | None = None
+
+    async def load(self) -> None:
+        """Load the dataset once for every schedule (and set up threads for training)."""
+        import torch
+
+        # One thread per torch op: parallelism comes from nodes training side by side.
+        torch.set_num_threads(1)
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="p2pfl-sim")
+        loop.set_default_executor(executor)
+        settings = self.scenario.node_config(self.scenario.compare[0], 0, "n01")
+        self._dataset = await asyncio.to_thread(load_dataset, settings.dataset, seed=settings.seed)
 
     async def run(self) -> list[ScheduleRun]:
         """Every schedule of the scenario, one after the other."""
@@ -144,12 +168,24 @@ class Simulation:
             nodes=ids,
         )
         bus = MemoryBus(delay=delay if scenario.network.active else None)
+        if self.broker is not None and scenario.network.active:
+            log.warning("the network model does not apply on a real broker; ignoring it")
+        home = self.broker or HOME
+
+        def transport(member: _Member) -> Transport:
+            client_id = f"{member.node_id}#{member.restarts}"
+            if self.broker is None:
+                return MemoryTransport(bus, client_id)
+            mqtt_id = f"sim-{member.node_id}-{member.restarts}-{secrets.token_hex(3)}"
+            return MqttTransport(self.broker, mqtt_id)
+
         network_round = 0
 
         with tempfile.TemporaryDirectory(prefix="p2pfl-sim-") as tmp:
             members = [
                 _Member(i, node_id, node_id not in byz, StateDir(Path(tmp) / node_id))
                 for i, node_id in enumerate(ids)
+                if self.only is None or i in self.only
             ]
 
             def build(member: _Member) -> Node:
@@ -160,6 +196,7 @@ class Simulation:
                     member.node_id,
                     discovery=("presence",),
                     min_peers=n - 1 if member.restarts == 0 else 0,
+                    telemetry_interval=0.0,  # nobody watches; the engine records every round
                 )
                 learner: Learner = build_learner(
                     config.model,
@@ -185,9 +222,9 @@ class Simulation:
                 return Node(
                     config,
                     learner,
-                    MemoryTransport(bus, f"{member.node_id}#{member.restarts}"),
+                    transport(member),
                     node_id=member.node_id,
-                    home_broker=HOME,
+                    home_broker=home,
                     schedule=make_schedule(
                         schedule, degree=config.degree, seed=config.seed, graph=graph
                     ),

@@ -1,0 +1,107 @@
+"""Telemetry: the periodic status a node publishes (retained) for monitors, and its log topic.
+
+A record says what the node is doing (round, accuracy, traffic, CPU, memory, peers), carries
+the confusion matrix of its last evaluation (a monitor sums them into the network's global
+evaluation) and a 32-float random projection of its weights, seeded by the network name, so a
+monitor estimates how far peers' models diverge without downloading any model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import psutil
+
+from p2pfl.protocol.envelope import PROTOCOL_VERSION, Envelope, pack_envelope
+
+PROJECTION_DIM = 32
+_BLOCK = 1 << 15
+
+
+def projection(weights: Mapping[str, np.ndarray], network: str) -> list[float]:
+    """A Johnson-Lindenstrauss sketch of the flattened model: the same matrix network-wide.
+
+    The Gaussian matrix is generated block by block from a seed derived from the network name
+    and the tensor name, so it is never held whole in memory. Blocking: call it off the loop.
+    """
+    out = np.zeros(PROJECTION_DIM, dtype=np.float64)
+    for name in sorted(weights):
+        flat = np.asarray(weights[name], dtype=np.float32).ravel()
+        if flat.size == 0 or not np.issubdtype(np.asarray(weights[name]).dtype, np.floating):
+            continue
+        digest = hashlib.sha256(f"{network}\x1f{name}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
+        for start in range(0, flat.size, _BLOCK):
+            block = flat[start : start + _BLOCK]
+            matrix = rng.standard_normal((PROJECTION_DIM, block.size), dtype=np.float32)
+            out += matrix @ block
+    return [float(v) for v in out / np.sqrt(PROJECTION_DIM)]
+
+
+class ProcessStats:
+    """CPU percent and resident memory of this process (psutil)."""
+
+    def __init__(self) -> None:
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(None)  # first call primes the counter
+
+    def sample(self) -> tuple[float, int]:
+        return self._proc.cpu_percent(None), int(self._proc.memory_info().rss)
+
+
+def encode_telemetry(net: str, node_id: str, seq: int, body: dict[str, Any]) -> bytes:
+    """The telemetry envelope of `node_id`."""
+    env = Envelope(
+        v=PROTOCOL_VERSION, kind="telemetry", net=net, src=node_id, seq=seq, ts=time.time(),
+        body=body,
+    )  # fmt: skip
+    return bytes(pack_envelope(env))
+
+
+def encode_log(net: str, node_id: str, seq: int, record: logging.LogRecord) -> bytes:
+    """One warning or error of `node_id`, for the log topic."""
+    body = {
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "msg": record.getMessage()[:2000],
+        "time": record.created,
+    }
+    env = Envelope(
+        v=PROTOCOL_VERSION, kind="log", net=net, src=node_id, seq=seq, ts=time.time(), body=body
+    )
+    return bytes(pack_envelope(env))
+
+
+class LogForwarder(logging.Handler):
+    """Collects this process's p2pfl warnings and errors for the node to publish, rate-limited.
+
+    `emit` may run on any thread; records are kept in a bounded list that the node drains.
+    """
+
+    def __init__(self, *, per_minute: int = 60, keep: int = 100) -> None:
+        super().__init__(level=logging.WARNING)
+        self.per_minute = per_minute
+        self.keep = keep
+        self.dropped = 0
+        self._pending: list[logging.LogRecord] = []
+        self._window_start = time.monotonic()
+        self._in_window = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= 60:
+            self._window_start, self._in_window = now, 0
+        if self._in_window >= self.per_minute or len(self._pending) >= self.keep:
+            self.dropped += 1
+            return
+        self._in_window += 1
+        self._pending.append(record)
+
+    def drain(self) -> list[logging.LogRecord]:
+        records, self._pending = self._pending, []
+        return records
