@@ -102,7 +102,7 @@ def test_node_config_is_the_per_node_config() -> None:
         16,
     )
     assert config.discovery == ("presence",) and config.min_peers == 4
-    assert (config.lr, config.rounds, config.mode) == (0.05, 30, "sync")
+    assert (config.lr, config.rounds, config.mode) == (0.05, 25, "sync")
 
 
 def test_node_ids_sort_in_index_order() -> None:

@@ -1,0 +1,344 @@
+"""What a monitor knows about the network: the latest report of every node, and what follows.
+
+`NetworkState` is pure bookkeeping (no I/O, an injected clock): it is fed presence, telemetry
+and log records as they arrive from any broker, and answers with the global metrics and a
+JSON-ready snapshot.
+
+Liveness. A node is *stale* when nothing was heard from it for `stale_after` seconds (by
+default three of its observed telemetry intervals, at least 5 s, or 15 s before an interval is
+known) or at once when its MQTT will says it went offline (a crash); a stale node is forgotten
+`forget_after` seconds after it was last heard from. A graceful `bye` removes it at once.
+
+Ordering. The same record may arrive through several brokers, and retained records replay old
+news on every (re)connection, so records are ordered by the sender's own timestamp: an older
+report never replaces a newer one, a report older than the node's last offline/bye is ignored,
+and a retained record counts as heard `now - (wall clock - its timestamp)`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from p2pfl.discovery.presence import PresenceRecord
+from p2pfl.monitor import metrics
+from p2pfl.monitor.records import LogLine, Telemetry, parse_log, parse_telemetry
+from p2pfl.protocol.errors import ProtocolError
+
+DEFAULT_STALE = 15.0
+MIN_STALE = 5.0
+_MAX_ENDED = 10_000
+
+
+@dataclass
+class NodeStatus:
+    """One node as the monitor sees it."""
+
+    id: str
+    last_seen: float
+    """Monitor clock of the last record heard from it."""
+    last_ts: float = 0.0
+    """The node's own timestamp of its newest record."""
+    broker: str = ""
+    presence_round: int | None = None
+    telemetry: Telemetry | None = None
+    telemetry_ts: float = 0.0
+    interval: float | None = None
+    """Smoothed seconds between its telemetry reports (by its own clock)."""
+    offline: bool = False
+
+
+@dataclass(frozen=True)
+class GlobalMetrics:
+    """The network's joint evaluation over the nodes that are not stale."""
+
+    accuracy: float | None
+    macro_f1: float | None
+    divergence: float | None
+    nodes: int
+    stale: int
+    samples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "divergence": self.divergence,
+            "nodes": self.nodes,
+            "stale": self.stale,
+            "samples": self.samples,
+        }
+
+
+class NetworkState:
+    """Latest telemetry per node, liveness, recent logs, and the global metrics."""
+
+    def __init__(
+        self,
+        network: str,
+        *,
+        stale_after: float | None = None,
+        forget_after: float = 60.0,
+        keep_logs: int = 200,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        if stale_after is not None and stale_after <= 0:
+            raise ValueError(f"stale_after must be > 0, got {stale_after}")
+        if forget_after <= 0:
+            raise ValueError(f"forget_after must be > 0, got {forget_after}")
+        self.network = network
+        self.stale_after = stale_after
+        self.forget_after = forget_after
+        self.clock = clock
+        self.wall = wall
+        self.rejected: Counter[str] = Counter()
+        self._nodes: dict[str, NodeStatus] = {}
+        self._logs: deque[LogLine] = deque(maxlen=keep_logs)
+        # node id -> its timestamp when it left or crashed: only later news brings it back
+        self._ended: dict[str, float] = {}
+
+    # ---- feeding ----------------------------------------------------------------------------
+
+    def reject(self, reason: str) -> None:
+        """Count a record that could not be used (undecodable, wrong network, bad fields)."""
+        self.rejected[reason] += 1
+
+    def on_telemetry(
+        self, node_id: str, body: Mapping[str, Any], *, sent_at: float, retained: bool = False
+    ) -> bool:
+        """A telemetry body; True when it became the node's latest report."""
+        try:
+            report = parse_telemetry(node_id, body)
+        except ProtocolError:
+            self.reject("telemetry")
+            return False
+        if report.role != "trainer":
+            return False
+        ended = self._ended.get(node_id)
+        if ended is not None and sent_at <= ended:
+            return False  # from before it left
+        heard = self._heard_at(sent_at, retained)
+        if heard is None:
+            return False
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = self._nodes[node_id] = NodeStatus(node_id, last_seen=heard)
+        elif sent_at <= node.telemetry_ts:
+            return False  # a duplicate through another broker, or an older retained copy
+        if node.telemetry is not None:
+            gap = sent_at - node.telemetry_ts
+            node.interval = gap if node.interval is None else 0.7 * node.interval + 0.3 * gap
+        node.telemetry = report
+        node.telemetry_ts = sent_at
+        node.broker = report.broker or node.broker
+        self._touch(node, heard, sent_at)
+        return True
+
+    def on_presence(
+        self, record: PresenceRecord, *, sent_at: float, retained: bool = False
+    ) -> bool:
+        """A presence, offline (will) or bye record; True when it says a live trainer."""
+        if record.role != "trainer":
+            return False
+        node_id = record.node_id
+        node = self._nodes.get(node_id)
+        if not record.online:
+            # A will was written when the node connected, so it is older than the node's
+            # latest news; a bye is sent last. Both have kind `bye` on the wire.
+            if node is None:
+                self._end(node_id, sent_at)
+            elif sent_at >= node.last_ts:
+                del self._nodes[node_id]
+                self._end(node_id, sent_at)
+            else:
+                node.offline = True
+                self._end(node_id, node.last_ts)
+            return False
+        ended = self._ended.get(node_id)
+        if ended is not None and sent_at <= ended:
+            return False
+        heard = self._heard_at(sent_at, retained)
+        if heard is None:
+            return False
+        if node is None:
+            node = self._nodes[node_id] = NodeStatus(node_id, last_seen=heard)
+        node.broker = record.broker or node.broker
+        if record.round is not None and sent_at >= node.last_ts:
+            node.presence_round = record.round
+        self._touch(node, heard, sent_at)
+        return True
+
+    def on_log(self, node_id: str, body: Mapping[str, Any], *, sent_at: float) -> None:
+        """A forwarded warning or error."""
+        try:
+            line = parse_log(node_id, body)
+        except ProtocolError:
+            self.reject("log")
+            return
+        self._logs.append(line)
+        node = self._nodes.get(node_id)
+        if node is not None and not node.offline:
+            self._touch(node, self.clock(), sent_at)
+
+    def expire(self) -> list[str]:
+        """Forget the nodes not heard from for `forget_after` seconds; their ids."""
+        now = self.clock()
+        gone = [n.id for n in self._nodes.values() if now - n.last_seen > self.forget_after]
+        for node_id in gone:
+            del self._nodes[node_id]
+        return gone
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def nodes(self) -> list[NodeStatus]:
+        """Every node known now, sorted by id."""
+        return [self._nodes[k] for k in sorted(self._nodes)]
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._nodes
+
+    def get(self, node_id: str) -> NodeStatus | None:
+        return self._nodes.get(node_id)
+
+    def stale_after_for(self, node: NodeStatus) -> float:
+        """Seconds of silence after which `node` counts as stale."""
+        if self.stale_after is not None:
+            return self.stale_after
+        if node.interval is None:
+            return DEFAULT_STALE
+        return max(MIN_STALE, 3 * node.interval)
+
+    def is_stale(self, node: NodeStatus) -> bool:
+        return node.offline or self.clock() - node.last_seen > self.stale_after_for(node)
+
+    def logs(self, n: int | None = None) -> list[LogLine]:
+        """The latest `n` log lines (all kept when None), oldest first."""
+        lines = list(self._logs)
+        return lines if n is None else lines[-n:] if n > 0 else []
+
+    def global_metrics(self) -> GlobalMetrics:
+        """Accuracy and macro-F1 of the summed confusion matrices, and the divergence, over the
+        nodes that are not stale."""
+        fresh = [n for n in self._nodes.values() if not self.is_stale(n)]
+        reports = [n.telemetry for n in fresh if n.telemetry is not None]
+        confusions = [r.confusion for r in reports if r.confusion is not None]
+        total = metrics.sum_confusions(confusions)
+        projections = [r.projection for r in reports if r.projection is not None]
+        if projections:
+            # Only comparable sketches: a node on another projection size is left out.
+            size = Counter(len(p) for p in projections).most_common(1)[0][0]
+            projections = [p for p in projections if len(p) == size]
+        return GlobalMetrics(
+            accuracy=None if total is None else metrics.accuracy(total),
+            macro_f1=None if total is None else metrics.macro_f1(total),
+            divergence=metrics.divergence(projections),
+            nodes=len(fresh),
+            stale=len(self._nodes) - len(fresh),
+            samples=0 if total is None else int(total.sum()),
+        )
+
+    def overlay(self) -> list[list[str]]:
+        """Sorted `[src, dst]` edges: whom each node sent its model to in its last round."""
+        edges = {
+            (n.id, dst)
+            for n in self._nodes.values()
+            if n.telemetry is not None
+            for dst in n.telemetry.sent_to
+        }
+        return [list(edge) for edge in sorted(edges)]
+
+    def snapshot(self, *, log_lines: int = 20) -> dict[str, Any]:
+        """The whole picture as plain JSON-ready data; forgets expired nodes first."""
+        self.expire()
+        now = self.clock()
+        return {
+            "time": self.wall(),
+            "network": self.network,
+            "nodes": [self._node_dict(n, now) for n in self.nodes()],
+            "global": self.global_metrics().as_dict(),
+            "overlay": self.overlay(),
+            "logs": [line.as_dict() for line in self.logs(log_lines)],
+            "rejected": dict(sorted(self.rejected.items())),
+        }
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _heard_at(self, sent_at: float, retained: bool) -> float | None:
+        """Monitor-clock time a record was current; None when too old to matter."""
+        # Live records are "now" whatever the sender's clock says; only retained ones are aged.
+        age = max(0.0, self.wall() - sent_at) if retained else 0.0
+        return None if age > self.forget_after else self.clock() - age
+
+    def _touch(self, node: NodeStatus, heard: float, sent_at: float) -> None:
+        node.last_seen = max(node.last_seen, heard)
+        if sent_at > node.last_ts:
+            node.last_ts = sent_at
+        ended = self._ended.get(node.id)
+        if ended is None or sent_at > ended:
+            node.offline = False
+            self._ended.pop(node.id, None)
+
+    def _end(self, node_id: str, sent_at: float) -> None:
+        self._ended.pop(node_id, None)
+        self._ended[node_id] = sent_at
+        while len(self._ended) > _MAX_ENDED:
+            del self._ended[next(iter(self._ended))]
+
+    def _node_dict(self, node: NodeStatus, now: float) -> dict[str, Any]:
+        t = node.telemetry
+        out: dict[str, Any] = {
+            "id": node.id,
+            "round": node.presence_round if t is None else t.round,
+            "accuracy": None,
+            "loss": None,
+            "test_loss": None,
+            "peers": None,
+            "peer_ids": [],
+            "models_sent": None,
+            "models_received": None,
+            "bytes_in": None,
+            "bytes_out": None,
+            "rejected": None,
+            "cpu": None,
+            "rss": None,
+            "uptime": None,
+            "samples": None,
+            "schedule": None,
+            "mode": None,
+            "run": None,
+            "broker": node.broker,
+            "last_seen_s": round(max(0.0, now - node.last_seen), 2),
+            "stale": self.is_stale(node),
+            "offline": node.offline,
+            "sent_to": [],
+            "confusion": None,
+            "projection": None,
+        }
+        if t is not None:
+            out.update(
+                accuracy=t.accuracy,
+                loss=t.loss,
+                test_loss=t.test_loss,
+                peers=len(t.peers),
+                peer_ids=list(t.peers),
+                models_sent=t.models_sent,
+                models_received=t.models_received,
+                bytes_in=t.bytes_in,
+                bytes_out=t.bytes_out,
+                rejected=sum(count for _, count in t.rejected),
+                cpu=t.cpu,
+                rss=t.rss,
+                uptime=t.uptime,
+                samples=t.samples,
+                schedule=t.schedule,
+                mode=t.mode,
+                run=t.run,
+                sent_to=list(t.sent_to),
+                confusion=None if t.confusion is None else t.confusion.tolist(),
+                projection=None if t.projection is None else list(t.projection),
+            )
+        return out

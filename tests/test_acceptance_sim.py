@@ -1,0 +1,106 @@
+"""Acceptance runs of the simulator issue (slow: `pytest -m slow`)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sim(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", *args],
+        capture_output=True, text=True, cwd=cwd, timeout=1700,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def accuracies(summary: dict) -> dict[str, float]:  # type: ignore[type-arg]
+    return {k: v["final_mean_accuracy"] for k, v in summary["schedules"].items()}
+
+
+def test_sim_with_no_arguments_shows_the_comparison_and_writes_plots(tmp_path: Path) -> None:
+    result = sim(cwd=tmp_path)
+    for name in ("ring", "random-walk", "partial-mesh"):
+        assert name in result.stdout
+    out = tmp_path / "p2pfl-sim"
+    assert (out / "accuracy_vs_round.png").stat().st_size > 10_000
+    assert (out / "accuracy_vs_bytes.png").stat().st_size > 10_000
+    summary = json.loads((out / "summary.json").read_text())
+    print("default:", accuracies(summary))
+    assert min(accuracies(summary).values()) > 0.6
+
+
+def test_default_scenario_twice_gives_identical_accuracies(tmp_path: Path) -> None:
+    runs = [
+        json.loads(sim("sim/default.toml", "--seed", "0", "--json", "--no-plots", "--out",
+                       str(tmp_path / str(i)), cwd=ROOT).stdout)
+        for i in range(2)
+    ]  # fmt: skip
+    assert accuracies(runs[0]) == accuracies(runs[1])
+    for i in range(2):
+        records = (tmp_path / str(i) / "metrics.jsonl").read_text().splitlines()
+        per_round = [
+            (r["schedule"], r["node"], r["round"], r["accuracy"]) for r in map(json.loads, records)
+        ]
+        if i == 0:
+            first = sorted(per_round)
+        else:
+            assert sorted(per_round) == first
+
+
+def test_mesh16_reaches_085_within_200_rounds(tmp_path: Path) -> None:
+    summary = json.loads(
+        sim("sim/mesh16.toml", "--json", "--no-plots", "--out", str(tmp_path), cwd=ROOT).stdout
+    )
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    by_round: dict[int, list[float]] = {}
+    for r in records:
+        by_round.setdefault(r["round"], []).append(r["accuracy"])
+    best = max(sum(v) / len(v) for v in by_round.values() if len(v) == 16)
+    print("mesh16:", accuracies(summary), "best mean", best)
+    assert best >= 0.85
+
+
+def test_large_scenario_completes_within_memory(tmp_path: Path) -> None:
+    summary = json.loads(
+        sim("sim/large.toml", "--json", "--no-plots", "--out", str(tmp_path), cwd=ROOT).stdout
+    )
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print("large:", accuracies(summary), "peak RSS MB", peak_kb / 1024)
+    assert summary["schedules"]["partial-mesh"]["nodes"] >= 256
+    assert peak_kb < 8 * 1024 * 1024
+
+
+def test_churn_runs_to_the_end(tmp_path: Path) -> None:
+    summary = json.loads(
+        sim("sim/churn.toml", "--json", "--no-plots", "--out", str(tmp_path), cwd=ROOT).stdout
+    )
+    print("churn:", accuracies(summary))
+    assert all(v > 0.3 for v in accuracies(summary).values())
+
+
+def test_trimmed_mean_resists_byzantine_peers_where_average_fails(tmp_path: Path) -> None:
+    clean_toml = tmp_path / "clean.toml"
+    text = (ROOT / "sim" / "byzantine.toml").read_text()
+    clean_toml.write_text(text.replace("count = 2", "count = 0"))
+    clean = accuracies(json.loads(sim(str(clean_toml), "--json", "--no-plots", "--out",
+                                      str(tmp_path / "c")).stdout))  # fmt: skip
+    robust = accuracies(json.loads(sim("sim/byzantine.toml", "--merge", "trimmed-mean:0.2",
+                                       "--json", "--no-plots", "--out", str(tmp_path / "t"),
+                                       cwd=ROOT).stdout))  # fmt: skip
+    naive = accuracies(json.loads(sim("sim/byzantine.toml", "--json", "--no-plots", "--out",
+                                      str(tmp_path / "a"), cwd=ROOT).stdout))  # fmt: skip
+    print("clean", clean, "trimmed", robust, "average", naive)
+    for name in clean:
+        assert robust[name] >= clean[name] - 0.05
+        assert naive[name] < clean[name] - 0.3
