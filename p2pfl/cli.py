@@ -163,6 +163,12 @@ def run(
     max_chunk: int | None = typer.Option(
         None, help="Split models into MQTT messages of at most this many bytes. [default: 1 MiB]"
     ),
+    metrics_port: int | None = typer.Option(
+        None, help="Serve Prometheus metrics (p2pfl_*) on this port."
+    ),
+    metrics_host: str | None = typer.Option(
+        None, help="Address the metrics endpoint binds. [default: 127.0.0.1]"
+    ),
     telemetry_interval: float | None = typer.Option(
         None, help="Publish status for monitors every N seconds; 0 = off. [default: 5]"
     ),
@@ -220,6 +226,8 @@ def run(
         "seed": seed,
         "state_dir": state_dir,
         "telemetry_interval": telemetry_interval,
+        "metrics_port": metrics_port,
+        "metrics_host": metrics_host,
         "run_name": run_name,
         "tags": tag or None,
         "max_message_size": max_message_size,
@@ -317,12 +325,6 @@ def sim(
 
 
 @app.command()
-def monitor() -> None:
-    """Watch a running network: peers, rounds, accuracy, traffic. [not implemented yet]"""
-    _not_yet("monitor", 6)
-
-
-@app.command()
 def peers(
     network: str | None = typer.Option(None, help="Only this network. [default: every network]"),
     interface: list[str] | None = typer.Option(
@@ -363,3 +365,13 @@ def keys() -> None:
 def topology() -> None:
     """Show the overlay a schedule builds for a set of node ids. [not implemented yet]"""
     _not_yet("topology", 3)
+
+
+def _register_monitor() -> None:
+    from p2pfl.monitor.command import EPILOG as MONITOR_EPILOG
+    from p2pfl.monitor.command import monitor as monitor_command
+
+    app.command(name="monitor", epilog=MONITOR_EPILOG)(monitor_command)
+
+
+_register_monitor()

@@ -113,6 +113,8 @@ class NodeConfig(BaseModel):
     checkpoints_keep: int = Field(3, ge=1)
     # telemetry for monitors: every N seconds (0 = off); a run name and tags to group runs
     telemetry_interval: float = Field(5.0, ge=0)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
     run_name: str = ""
     tags: tuple[str, ...] = ()
     log_format: Literal["text", "json"] = "text"

@@ -180,6 +180,11 @@ async def serve(config: NodeConfig) -> NodeCounters:
                 on_round=report_round,
                 logs=forwarder,
             )
+            metrics = None
+            if config.metrics_port is not None:
+                from p2pfl.monitor.prometheus import serve_node_metrics
+
+                metrics = serve_node_metrics(node, config.metrics_port, host=config.metrics_host)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, node.stop)
@@ -187,6 +192,8 @@ async def serve(config: NodeConfig) -> NodeCounters:
                 async with mdns_discovery(config, node, home_uri):
                     counters = await node.run()
             finally:
+                if metrics is not None:
+                    await asyncio.to_thread(metrics.shutdown)
                 logging.getLogger("p2pfl").removeHandler(forwarder)
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)

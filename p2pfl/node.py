@@ -219,7 +219,7 @@ class Node:
         self._expected = {k: (v.dtype, tuple(v.shape)) for k, v in weights.items()}
         await self._resume()
         self._last_good = self.learner.get_weights()
-        await self.transport.connect(will=self._presence_message(online=False))
+        await self.transport.connect(will=self._presence_message(online=False, graceful=False))
         await self.transport.subscribe(self._inbox_topic)
         if "presence" in self.config.discovery:
             await self.transport.subscribe(topics.presence_all(self.net))
@@ -659,13 +659,14 @@ class Node:
                     )
                 self.view.upsert(info)
 
-    def _presence_message(self, *, online: bool) -> Message:
+    def _presence_message(self, *, online: bool, graceful: bool = True) -> Message:
         self._seq += 1
         payload = encode_presence(
             self.net,
             self.node_id,
             self._seq,
             online=online,
+            graceful=graceful,
             role=self.config.role,
             broker=self.home_broker,
             round=self.round,

@@ -30,7 +30,7 @@ def test_run_help_teaches_the_flags() -> None:
     assert "Examples" in out.stdout
 
 
-@pytest.mark.parametrize("command", ["monitor"])
+@pytest.mark.parametrize("command", ["keys", "topology"])
 def test_unimplemented_commands_say_so_plainly(command: str) -> None:
     out = p2pfl(command)
     assert out.returncode == 1

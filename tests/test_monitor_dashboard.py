@@ -17,9 +17,7 @@ WALL = 1_800_000_000.0
 
 def network(n: int, *, long_ids: bool = False, logs: int = 10) -> dict[str, Any]:
     now = [0.0]
-    state = NetworkState(
-        "demo", stale_after=3.0, clock=lambda: now[0], wall=lambda: WALL + now[0]
-    )
+    state = NetworkState("demo", stale_after=3.0, clock=lambda: now[0], wall=lambda: WALL + now[0])
     for i in range(n):
         node_id = f"node-{i:03d}-of-a-rather-long-name" if long_ids else f"n{i}"
         body = {

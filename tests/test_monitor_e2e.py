@@ -67,7 +67,7 @@ async def test_monitor_on_a_shared_broker_sees_every_node_and_a_crash(
 
                 await wait_until(all_trained, within=150, interval=0.2)
                 snap = monitor.snapshot()
-                total = sum(np.array(n["confusion"]) for n in snap["nodes"])
+                total = np.sum([n["confusion"] for n in snap["nodes"]], axis=0)
                 assert snap["global"]["accuracy"] == pytest.approx(np.trace(total) / total.sum())
                 assert snap["global"]["nodes"] == 3 and snap["global"]["divergence"] is not None
                 for node in snap["nodes"]:
@@ -116,9 +116,9 @@ def test_monitor_once_json_finds_nodes_on_embedded_brokers_over_mdns(tmp_path: P
             node.stop()
     seen = by_id(snap)
     assert sorted(seen) == ["e0", "e1", "e2"], (snap, logs())
-    for node in seen.values():
-        assert node["round"] >= 1 and node["accuracy"] is not None, node
-        assert node["bytes_out"] > 0 and node["bytes_in"] > 0, node
+    for report in seen.values():
+        assert report["round"] >= 1 and report["accuracy"] is not None, report
+        assert report["bytes_out"] > 0 and report["bytes_in"] > 0, report
     for key in ("accuracy", "macro_f1", "divergence"):
         assert isinstance(snap["global"][key], float), snap["global"]
     assert len(snap["monitor"]["brokers"]) == 3  # one client per node's embedded broker

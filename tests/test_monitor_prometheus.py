@@ -62,6 +62,7 @@ async def test_a_running_nodes_counters_are_scraped_over_http() -> None:
     bus = MemoryBus()
     ids = ("n0", "n1")
     nodes = []
+    first_round = asyncio.Event()
     for k, node_id in enumerate(ids):
         config = NodeConfig.model_validate(
             {"network": "prom", "id": node_id, "model": "logreg", "mode": "sync", "rounds": 3,
@@ -79,7 +80,7 @@ async def test_a_running_nodes_counters_are_scraped_over_http() -> None:
         transport = MemoryTransport(bus, node_id)
         nodes.append(
             Node(config, learner, transport, node_id=node_id, home_broker="mqtt://127.0.0.1:1",
-                 schedule=make_schedule("ring"))
+                 schedule=make_schedule("ring"), on_round=lambda _: first_round.set())
         )  # fmt: skip
     n0 = nodes[0]
     with serving(serve_node_metrics(n0, 0, host="127.0.0.1")) as server:
@@ -91,8 +92,7 @@ async def test_a_running_nodes_counters_are_scraped_over_http() -> None:
         await intruder.connect()
         async with asyncio.timeout(40), asyncio.TaskGroup() as tg:
             runs = [tg.create_task(node.run()) for node in nodes]
-            while n0.counters.rounds < 1:
-                await asyncio.sleep(0.01)
+            await first_round.wait()
             await intruder.publish(topics.inbox("prom", "n0"), b"\x93not an envelope")
         assert all(run.result().rounds == 3 for run in runs)
 

@@ -38,11 +38,13 @@ def encode_presence(
     seq: int,
     *,
     online: bool,
+    graceful: bool = True,
     role: str,
     broker: str,
     round: int | None = None,
 ) -> bytes:
-    """The presence (online) or bye (offline) envelope of `node_id`."""
+    """The presence envelope of `node_id`: online, a graceful `bye`, or (``graceful=False``)
+    the offline record a will carries, which says the node died rather than stopped."""
     body: dict[str, str | int] = {
         "state": "online" if online else "offline",
         "role": role,
@@ -52,7 +54,7 @@ def encode_presence(
         body["round"] = round
     env = Envelope(
         v=PROTOCOL_VERSION,
-        kind="presence" if online else "bye",
+        kind="bye" if not online and graceful else "presence",
         net=net,
         src=node_id,
         seq=seq,

@@ -96,10 +96,10 @@ class _Session:
         self.stop = asyncio.Event()
 
     async def run(self, *, once: bool, wait: float, metrics: tuple[str, int | None]) -> int:
+        server = self._serve(*metrics)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
-        server = self._serve(*metrics)
         console = Console()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -121,7 +121,7 @@ class _Session:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             if server is not None:
-                server.shutdown()
+                await asyncio.to_thread(server.shutdown)
         if self.plot is not None:
             await asyncio.to_thread(write_plot, self.history, self.plot, self.monitor.network)
         if once:
@@ -158,13 +158,13 @@ class _Session:
                     await self.stop.wait()
 
     async def _tick(self, *, export: bool, log_lines: int = 20) -> None:
-        snap = self.monitor.snapshot()
-        snap["logs"] = snap["logs"][-log_lines:] if log_lines else []
+        snap = self.monitor.snapshot(log_lines=log_lines)
         self.latest = snap
         if not export:
             return
-        glob = snap["global"]
-        self.history.append((snap["time"], glob["accuracy"], glob["divergence"]))
+        if self.plot is not None:
+            glob = snap["global"]
+            self.history.append((snap["time"], glob["accuracy"], glob["divergence"]))
         if self.export is not None:
             line = json.dumps(snap, separators=(",", ":")) + "\n"
             await asyncio.to_thread(_append, self.export, line)

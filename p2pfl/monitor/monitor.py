@@ -41,6 +41,8 @@ HEARTBEAT = 5.0
 """Seconds between the monitor's presence records (a third of the nodes' default TTL)."""
 RETRY_AFTER = 30.0
 """A broker that could not be reached is tried again when rediscovered after this long."""
+RETRY_GIVEN = 5.0
+"""A broker given on the command line that could not be reached is retried this often."""
 
 DEFAULT_OPTIONS = MqttOptions(connect_timeout=5.0, drain_timeout=1.0, backoff_max=5.0)
 
@@ -130,31 +132,39 @@ class Monitor:
                 return False
         return True
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, log_lines: int = 20) -> dict[str, Any]:
         """`NetworkState.snapshot()` plus who the monitor is and where it listens."""
-        snap = self.state.snapshot()
+        snap = self.state.snapshot(log_lines=log_lines)
         snap["monitor"] = {"id": self.monitor_id, "brokers": self.brokers}
         return snap
 
     async def run_until(self, stop: asyncio.Event) -> None:
-        """Discover, connect and listen until `stop` is set; then say bye and disconnect."""
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            for uri in sorted(self._pinned):
-                self._watch(uri)
-            mdns = await self._start_mdns()
-            upkeep = tg.create_task(self._upkeep(), name="monitor-upkeep")
-            try:
-                await stop.wait()
-            finally:
-                self._closing = True
-                upkeep.cancel()
-                for watch in list(self._watches.values()):
-                    if watch.task is not None:
-                        watch.task.cancel()
-                if mdns is not None:
-                    await mdns.close()
-        self._tg = None
+        """Discover, connect and listen until `stop` is set; then say bye and disconnect.
+
+        A monitor runs once.
+        """
+        if self._closing:
+            raise RuntimeError("a Monitor runs once")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for uri in sorted(self._pinned):
+                    self._watch(uri)
+                mdns = await self._start_mdns()
+                upkeep = tg.create_task(self._upkeep(), name="monitor-upkeep")
+                try:
+                    await stop.wait()
+                finally:
+                    self._closing = True
+                    upkeep.cancel()
+                    for watch in list(self._watches.values()):
+                        if watch.task is not None:
+                            watch.task.cancel()
+                    if mdns is not None:
+                        await mdns.close()
+        finally:
+            self._closing = True
+            self._tg = None
 
     # ---- discovery --------------------------------------------------------------------------
 
@@ -181,13 +191,13 @@ class Monitor:
         self._expected.add(info.id)
         self._watch(info.broker)
 
-    def _watch(self, broker: str) -> None:
+    def _watch(self, broker: str, retry_after: float = RETRY_AFTER) -> None:
         """Start listening on `broker` unless already (or recently, in vain) doing so."""
         uri = canonical_broker(broker)
         if uri is None or uri in self._watches or self._tg is None or self._closing:
             return
         failed = self._failed.get(uri)
-        if failed is not None and self.clock() - failed < RETRY_AFTER:
+        if failed is not None and self.clock() - failed < retry_after:
             return
         self._clients += 1
         transport = MqttTransport(uri, f"{self.monitor_id}-{self._clients}", self.options)
@@ -200,13 +210,16 @@ class Monitor:
         try:
             await transport.connect(will=will)
         except TransportError as exc:
-            log.warning("monitor cannot reach broker=%s error=%s", watch.uri, exc)
+            # Once per broker: one given on the command line is retried every few seconds.
+            level = logging.DEBUG if watch.uri in self._failed else logging.WARNING
+            log.log(level, "monitor cannot reach broker=%s error=%s", watch.uri, exc)
             self._failed[watch.uri] = self.clock()
             self._watches.pop(watch.uri, None)
             return
         except BaseException:
             self._watches.pop(watch.uri, None)
             raise
+        self._failed.pop(watch.uri, None)
         log.info("monitor listening broker=%s", watch.uri)
         try:
             # Telemetry before presence: replayed retained records then arrive in the order the
@@ -307,6 +320,8 @@ class Monitor:
                         with contextlib.suppress(TransportError):
                             await self._announce(watch.transport)
             self._prune()
+            for uri in self._pinned:
+                self._watch(uri, retry_after=RETRY_GIVEN)
 
     def _prune(self) -> None:
         """Leave the brokers no known node lives on any more (their nodes were forgotten)."""

@@ -147,11 +147,12 @@ class NetworkState:
         node_id = record.node_id
         node = self._nodes.get(node_id)
         if not record.online:
-            # A will was written when the node connected, so it is older than the node's
-            # latest news; a bye is sent last. Both have kind `bye` on the wire.
+            # A bye (graceful) removes the node at once; a will (the node crashed) marks it
+            # down, and it is forgotten later. A will was written when the node connected, so
+            # it is older than the node's latest news.
             if node is None:
                 self._end(node_id, sent_at)
-            elif sent_at >= node.last_ts:
+            elif record.graceful and sent_at >= node.last_ts:
                 del self._nodes[node_id]
                 self._end(node_id, sent_at)
             else:

@@ -1,0 +1,210 @@
+"""The Monitor on real brokers, with hand-written records (no training): it follows presence
+records to other brokers, registers itself with role `monitor`, drops bad records, and leaves
+nothing retained behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from p2pfl.config import StaticPeer
+from p2pfl.discovery.presence import encode_presence, parse_presence
+from p2pfl.monitor.cli import MonitorConfigError, run_monitor
+from p2pfl.monitor.monitor import Monitor
+from p2pfl.protocol import topics
+from p2pfl.protocol.envelope import unpack_envelope
+from p2pfl.telemetry import encode_telemetry
+from p2pfl.transport.base import LocalBroker, Message
+from p2pfl.transport.mqtt import MqttOptions, MqttTransport
+
+pytestmark = pytest.mark.timeout(30)
+
+WaitUntil = Callable[..., Awaitable[None]]
+FAST = MqttOptions(connect_timeout=1.5, drain_timeout=1.0, backoff_max=0.5)
+
+
+@asynccontextmanager
+async def client(uri: str, *subscriptions: str) -> AsyncIterator[MqttTransport]:
+    transport = MqttTransport(uri, f"test-{uuid.uuid4().hex[:8]}", FAST)
+    await transport.connect()
+    try:
+        for pattern in subscriptions:
+            await transport.subscribe(pattern)
+        yield transport
+    finally:
+        await transport.close()
+
+
+@asynccontextmanager
+async def running(monitor: Monitor) -> AsyncIterator[Monitor]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(monitor.run_until(stop))
+    try:
+        yield monitor
+    finally:
+        stop.set()
+        async with asyncio.timeout(10):
+            await task
+
+
+async def drain(transport: MqttTransport, within: float) -> list[Message]:
+    """Every message that arrives within `within` seconds."""
+    out: list[Message] = []
+    try:
+        async with asyncio.timeout(within):
+            async for message in transport.messages():
+                out.append(message)
+    except TimeoutError:
+        pass
+    return out
+
+
+def presence(net: str, node_id: str, broker: str, *, online: bool = True) -> bytes:
+    return encode_presence(net, node_id, 1, online=online, role="trainer", broker=broker, round=3)
+
+
+def telemetry(net: str, node_id: str, broker: str, **fields: object) -> bytes:
+    body = {"id": node_id, "role": "trainer", "broker": broker, "round": 4, **fields}
+    return encode_telemetry(net, node_id, 1, body)
+
+
+async def test_the_monitor_follows_presence_records_to_other_brokers(
+    make_broker: Callable[[str], LocalBroker], wait_until: WaitUntil
+) -> None:
+    net = f"m{uuid.uuid4().hex[:6]}"
+    a, b = make_broker("mosquitto"), make_broker("mosquitto")
+    monitor = Monitor(net, brokers=[a.uri], use_mdns=False, options=FAST)
+    async with client(a.uri) as on_a, client(b.uri) as on_b:
+        # x lives on broker b; a only carries x's presence (as a node announcing itself to a
+        # peer's broker does). Its telemetry is on b alone.
+        await on_a.publish(topics.presence(net, "x"), presence(net, "x", b.uri), retain=True)
+        await on_b.publish(
+            topics.telemetry(net, "x"),
+            telemetry(net, "x", b.uri, accuracy=0.5, confusion=[[1, 1], [0, 2]]),
+            retain=True,
+        )
+        await on_a.flush()
+        await on_b.flush()
+        async with running(monitor):
+            await wait_until(lambda: monitor.brokers == sorted([a.uri, b.uri]), within=10)
+            await wait_until(lambda: monitor.settled(), within=10)
+            snap = monitor.snapshot()
+            assert [(n["id"], n["round"], n["accuracy"]) for n in snap["nodes"]] == [("x", 4, 0.5)]
+            assert snap["global"]["accuracy"] == 0.75
+            assert monitor.expected == {"x"}
+            # A live update on b arrives too; a record from another network is ignored.
+            await on_b.publish(topics.telemetry(net, "x"), telemetry(net, "x", b.uri, round=5))
+            await on_b.publish(topics.telemetry("other", "z"), telemetry("other", "z", b.uri))
+            await wait_until(lambda: monitor.snapshot()["nodes"][0]["round"] == 5, within=5)
+            assert [n["id"] for n in monitor.snapshot()["nodes"]] == ["x"]
+
+
+async def test_bad_records_are_counted_and_dropped(
+    mosquitto: LocalBroker, wait_until: WaitUntil
+) -> None:
+    net = f"m{uuid.uuid4().hex[:6]}"
+    monitor = Monitor(net, brokers=[mosquitto.uri], use_mdns=False, options=FAST)
+    async with running(monitor), client(mosquitto.uri) as pub:
+        await wait_until(lambda: monitor.brokers == [mosquitto.uri], within=10)
+        await pub.publish(topics.telemetry(net, "y"), b"\x00garbage")
+        # Someone else's telemetry on y's topic: the sender does not match the topic.
+        await pub.publish(topics.telemetry(net, "y"), telemetry(net, "z", mosquitto.uri))
+        await pub.publish(
+            topics.telemetry(net, "y"), telemetry(net, "y", mosquitto.uri, confusion=[[1], [2]])
+        )
+        await pub.publish(topics.log(net, "y"), telemetry(net, "y", mosquitto.uri))
+        await pub.publish(topics.telemetry(net, "ok"), telemetry(net, "ok", mosquitto.uri))
+        await wait_until(lambda: "ok" in monitor.state, within=5)
+        snap = monitor.snapshot()
+        assert [n["id"] for n in snap["nodes"]] == ["ok"]
+        assert snap["rejected"] == {"log": 1, "telemetry": 3}
+
+
+async def test_the_monitor_registers_as_a_monitor_and_leaves_nothing_retained(
+    mosquitto: LocalBroker, wait_until: WaitUntil
+) -> None:
+    net = f"m{uuid.uuid4().hex[:6]}"
+    monitor = Monitor(
+        net,
+        peers=[StaticPeer(id="s", broker=mosquitto.uri)],
+        use_mdns=False,
+        options=FAST,
+    )
+    async with client(mosquitto.uri, topics.presence_all(net)) as watcher:
+        async with running(monitor):
+            await wait_until(lambda: monitor.brokers == [mosquitto.uri], within=10)
+            assert monitor.expected == {"s"} and not monitor.settled()  # s has not reported
+        records = [
+            parse_presence(unpack_envelope(m.payload))
+            for m in await drain(watcher, 1.0)
+            if m.payload
+        ]
+    assert [(r.node_id, r.role, r.online, r.broker) for r in records] == [
+        (monitor.monitor_id, "monitor", True, ""),
+        (monitor.monitor_id, "monitor", False, ""),
+    ]
+    async with client(mosquitto.uri, topics.presence_all(net)) as late:
+        assert await drain(late, 0.5) == []
+
+
+async def test_a_broker_down_at_start_does_not_stop_the_monitor_and_is_retried(
+    make_broker: Callable[[str], LocalBroker], wait_until: WaitUntil
+) -> None:
+    net = f"m{uuid.uuid4().hex[:6]}"
+    up, late = make_broker("mosquitto"), make_broker("mosquitto")
+    late.stop()
+    monitor = Monitor(net, brokers=[up.uri, late.uri], use_mdns=False, options=FAST)
+    async with running(monitor):
+        await wait_until(lambda: monitor.brokers == [up.uri], within=10)
+        await wait_until(lambda: monitor.settled(), within=10)  # gave up on the dead one
+        late.start()  # same port
+        await wait_until(lambda: monitor.brokers == sorted([up.uri, late.uri]), within=15)
+
+
+def test_an_invalid_broker_is_refused_up_front() -> None:
+    with pytest.raises(ValueError, match="invalid broker URI"):
+        Monitor("net", brokers=["tcp://nowhere"], use_mdns=False)
+
+
+def test_once_json_prints_a_snapshot_and_writes_the_export_and_the_plot(
+    mosquitto: LocalBroker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    net = f"m{uuid.uuid4().hex[:6]}"
+
+    async def publish() -> None:
+        async with client(mosquitto.uri) as pub:
+            for node_id, confusion in (("p", [[2, 0], [0, 2]]), ("q", [[1, 1], [1, 1]])):
+                await pub.publish(
+                    topics.telemetry(net, node_id),
+                    telemetry(net, node_id, mosquitto.uri, confusion=confusion, sent_to=["p"]),
+                    retain=True,
+                )
+            await pub.flush()
+
+    asyncio.run(publish())
+    export, plot = tmp_path / "snap.jsonl", tmp_path / "acc.png"
+    code = run_monitor(
+        net, [mosquitto.uri], once=True, json_out=True, export=export, plot=plot, wait=3.0,
+        mdns=False,
+    )  # fmt: skip
+    assert code == 0
+    snap = json.loads(capsys.readouterr().out)
+    assert [n["id"] for n in snap["nodes"]] == ["p", "q"]
+    assert snap["global"]["accuracy"] == 0.75 and snap["overlay"] == [["p", "p"], ["q", "p"]]
+    assert [json.loads(line)["global"] for line in export.read_text().splitlines()] == [
+        snap["global"]
+    ]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_options_are_refused_before_anything_starts() -> None:
+    with pytest.raises(MonitorConfigError, match="ID=mqtt"):
+        run_monitor("net", peers=["no-equals-sign"], once=True, mdns=False)
+    with pytest.raises(MonitorConfigError, match="--wait"):
+        run_monitor("net", once=True, wait=-1, mdns=False)
