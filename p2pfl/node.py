@@ -15,66 +15,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from p2pfl.config import NodeConfig
+from p2pfl.discovery.membership import Membership
 from p2pfl.discovery.peerview import PeerInfo, PeerView
-from p2pfl.discovery.presence import encode_presence, parse_presence
+from p2pfl.inbox import Inbox, NodeCounters
 from p2pfl.learning.learner import EvalResult, FitResult, Learner
 from p2pfl.learning.merge import parse_merge
 from p2pfl.protocol import chunking, topics
-from p2pfl.protocol.envelope import unpack_envelope
-from p2pfl.protocol.errors import ProtocolError
-from p2pfl.protocol.model import decode_model, encode_model
+from p2pfl.protocol.model import encode_model, layout
 from p2pfl.store import StateDir
-from p2pfl.telemetry import (
-    LogForwarder,
-    ProcessStats,
-    encode_log,
-    encode_telemetry,
-    projection,
-)
+from p2pfl.telemetry import LogForwarder, ProcessStats, encode_log, encode_telemetry, node_status
 from p2pfl.topology import Schedule, initial_token_holders, should_regenerate
-from p2pfl.transport.base import Message, Payload, Transport, TransportError
+from p2pfl.transport.base import Payload, Transport, TransportError
 
 log = logging.getLogger(__name__)
-
-# Decoding big payloads is done off the loop; small ones are cheaper inline.
-_INLINE_DECODE_BYTES = 256 * 1024
-
-
-@dataclass
-class NodeCounters:
-    """What a node has done so far; reported every round and in telemetry."""
-
-    rounds: int = 0
-    models_sent: int = 0
-    models_received: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    diverged: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def rejected_total(self) -> int:
-        return sum(self.rejected.values())
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "rounds": self.rounds,
-            "models_sent": self.models_sent,
-            "models_received": self.models_received,
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-            "diverged": self.diverged,
-            "rejected": self.rejected_total,
-            "rejected_by_reason": dict(self.rejected),
-        }
 
 
 @dataclass(frozen=True)
@@ -108,42 +68,6 @@ class RoundReport:
             "eval_seconds": round(self.eval_seconds, 4),
             **self.counters,
         }
-
-
-@dataclass(frozen=True)
-class _Received:
-    src: str
-    round: int
-    age: float
-    weights: dict[str, np.ndarray]
-
-
-# Rejection counters use a fixed set of labels, whatever text a peer's message provokes.
-_REASONS = (
-    ("exceeds the limit", "oversize"),
-    ("oversize", "oversize"),
-    ("msgpack", "malformed"),
-    ("envelope", "malformed"),
-    ("version", "version"),
-    ("kind", "kind"),
-    ("network", "network"),
-    ("digest", "digest"),
-    ("nan or infinite", "non-finite"),
-    ("stale", "stale"),
-    ("future", "future"),
-    ("sender", "sender"),
-    ("chunk", "chunk"),
-    ("transfer", "chunk"),
-    ("presence", "presence"),
-    ("mismatch", "layout"),
-    ("tensor", "layout"),
-)
-
-
-def _reason_key(reason: str) -> str:
-    """A short label from a fixed set for a rejection reason."""
-    text = reason.lower()
-    return next((label for needle, label in _REASONS if needle in text), "invalid")
 
 
 class Node:
@@ -180,30 +104,32 @@ class Node:
         self._merge = parse_merge(config.merge)
         self._seq = 0
         self._inbox_topic = topics.inbox(self.net, node_id)
-        # sender -> round -> model; sync mode keeps a drifted neighbour's next round for later
-        self._received: dict[str, dict[int, _Received]] = {}
-        self._arrived = asyncio.Event()
+        self.inbox = Inbox(config, self.counters, clock=clock)
         self._stop = asyncio.Event()
-        self._reassembler = chunking.Reassembler(
-            max_pending_bytes_per_sender=2 * config.max_message_size,
-            timeout=max(config.round_timeout, 30.0),
+        self.started = clock()
+        self.membership = Membership(
+            config,
+            transport,
+            self.view,
+            node_id=node_id,
+            home_broker=home_broker,
+            next_seq=self._next_seq,
+            current_round=lambda: self.round,
+            reject=self.inbox.reject,
             clock=clock,
         )
-        self._expected: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}
-        self._logged_peers: set[tuple[str, str]] = set()
-        self._announced: set[str] = set()
-        self._started = clock()
-        self._discovered: asyncio.Queue[PeerInfo] = asyncio.Queue()
         self._last_good: dict[str, np.ndarray] | None = None
         self._logs = logs
-        self._last_loss: float | None = None
-        self._sent_to: tuple[str, ...] = ()
-        # peers that said bye after finishing a round: sync rounds up to it keep their shape
-        self._finished: dict[str, int] = {}
+        self.last_loss: float | None = None
+        self.sent_to: tuple[str, ...] = ()
         self._holding = False
         self._token_seen = clock()
 
     # ---- public control -------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
 
     def stop(self) -> None:
         """Ask the node to finish: stop taking work, checkpoint, say bye, close."""
@@ -216,21 +142,12 @@ class Node:
     async def run(self) -> NodeCounters:
         """Run until the round/time budget is spent or `stop()` is called."""
         weights = self.learner.get_weights()
-        self._expected = {k: (v.dtype, tuple(v.shape)) for k, v in weights.items()}
+        self.inbox.layout = layout(weights)
         await self._resume()
         self._last_good = self.learner.get_weights()
-        await self.transport.connect(will=self._presence_message(online=False, graceful=False))
+        await self.transport.connect(will=self.membership.will())
         await self.transport.subscribe(self._inbox_topic)
-        if "presence" in self.config.discovery:
-            await self.transport.subscribe(topics.presence_all(self.net))
-        for peer in self.config.peers:
-            if peer.id == self.node_id:
-                continue
-            if "presence" in self.config.discovery:
-                await self._announce_to(peer.broker)
-            else:
-                self.view.upsert(self._static_info(peer.id, peer.broker))
-        await self._publish_presence(online=True)
+        await self.membership.start()
         log.info(
             "node started id=%s net=%s broker=%s schedule=%s mode=%s round=%d",
             self.node_id,
@@ -243,8 +160,8 @@ class Node:
         try:
             async with asyncio.TaskGroup() as tg:
                 receiver = tg.create_task(self._receive_loop())
-                heartbeat = tg.create_task(self._heartbeat_loop())
-                discovery = tg.create_task(self._discovery_loop())
+                heartbeat = tg.create_task(self.membership.heartbeat_loop())
+                discovery = tg.create_task(self.membership.discovery_loop())
                 telemetry = tg.create_task(self._telemetry_loop())
                 await self._train_loop()
                 for task in (receiver, heartbeat, discovery, telemetry):
@@ -295,7 +212,7 @@ class Node:
     async def _wait_for_token(self, deadline: float | None) -> None:
         """Walkers: wait until a token (a model) arrives, or regenerate one lost with a peer."""
         while not self.stopping and (deadline is None or self.clock() < deadline):
-            if self._received:
+            if self.inbox:
                 self._holding = True
                 return
             age = self.clock() - self._token_seen
@@ -307,20 +224,16 @@ class Node:
                 log.info("regenerating a lost token after %.1fs", age)
                 self._holding = True
                 return
-            self._arrived.clear()
+            self.inbox.arrived.clear()
             try:
                 async with asyncio.timeout(0.5):
-                    await self._arrived.wait()
+                    await self.inbox.arrived.wait()
             except TimeoutError:
                 pass
 
     async def _adopt_tokens(self) -> int:
         """Walkers: the token's model replaces ours (several tokens met here: their average)."""
-        tokens = sorted(
-            (by_round[max(by_round)] for by_round in self._received.values() if by_round),
-            key=lambda m: m.src,
-        )
-        self._received = {}
+        tokens = self.inbox.take_newest()
         if not tokens:
             return 0
         self._token_seen = self.clock()
@@ -356,11 +269,11 @@ class Node:
                 weights = self._last_good
                 await asyncio.to_thread(self.learner.set_weights, weights)
                 payload = await asyncio.to_thread(self._encode, weights, r, fit.samples)
-        self._last_loss = fit.loss
+        self.last_loss = fit.loss
         sent: set[str] = set()
         if payload is not None:
             await self._send_planned(r, payload, sent)
-            self._sent_to = tuple(sorted(sent))
+            self.sent_to = tuple(sorted(sent))
             if self.config.mode == "sync":
                 await self._wait_for_round(r, payload, sent)
         if walkers:
@@ -400,10 +313,11 @@ class Node:
 
     def _plan_targets(self, r: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         live = self.view.live()
-        if self.config.mode == "sync" and self._finished:
+        finished = self.membership.finished
+        if self.config.mode == "sync" and finished:
             # A peer that finished round r and left already did its part in round r: keep it
             # in round r's plan so its departure does not reshuffle who merges what.
-            done = [p for p, last in self._finished.items() if last >= r and p not in live]
+            done = [p for p, last in finished.items() if last >= r and p not in live]
             live = sorted([*live, *done])
         plan = self.schedule.plan(self.node_id, live, r)
         expect = plan.expect_from
@@ -433,17 +347,17 @@ class Node:
         view_version = self.view.version
         while not self.stopping:
             _, expect = self._plan_targets(r)
-            missing = [p for p in expect if max(self._received.get(p, ()), default=0) < r]
+            missing = [p for p in expect if self.inbox.newest_round(p) < r]
             if not missing:
                 return
             remaining = deadline - self.clock()
             if remaining <= 0:
                 log.info("round timeout round=%d missing=%s", r, ",".join(missing))
                 return
-            self._arrived.clear()
+            self.inbox.arrived.clear()
             try:
                 async with asyncio.timeout(min(remaining, 1.0)):
-                    await self._arrived.wait()
+                    await self.inbox.arrived.wait()
             except TimeoutError:
                 pass
             if self.view.version != view_version:
@@ -451,30 +365,8 @@ class Node:
                 view_version = self.view.version
                 await self._send_planned(r, payload, sent)
 
-    def _take_models(self, r: int) -> list[_Received]:
-        """The models to merge at round r: the newest per sender, within the allowed lag.
-
-        In sync mode a neighbour one round ahead (it does not wait for us) keeps its round-r+1
-        model buffered for our next round; a neighbour further ahead is taken at once, so a
-        node that fell behind catches up instead of trailing forever.
-        """
-        taken: list[_Received] = []
-        kept: dict[str, dict[int, _Received]] = {}
-        oldest = r - self.config.max_round_lag
-        for src, by_round in self._received.items():
-            now = [m for rr, m in by_round.items() if oldest <= rr <= r or rr > r + 1]
-            if self.config.mode == "sync" and r + 1 in by_round:
-                kept[src] = {r + 1: by_round[r + 1]}
-            else:
-                now.extend(m for rr, m in by_round.items() if rr == r + 1)
-            if now:
-                taken.append(max(now, key=lambda m: m.round))
-        self._received = kept
-        # Merge in a fixed order: float sums then do not depend on arrival order.
-        return sorted(taken, key=lambda m: m.src)
-
     async def _merge_received(self, own: dict[str, np.ndarray], r: int, own_age: float) -> int:
-        fresh = self._take_models(r)
+        fresh = self.inbox.take(r)
         if not fresh:
             return 0
         models = [own, *(m.weights for m in fresh)]
@@ -512,15 +404,14 @@ class Node:
             if isinstance(part, memoryview):
                 part = bytes(part)
             try:
-                await self.transport.publish(topic, part, qos=1, broker=self._broker_for(broker))
+                await self.transport.publish(
+                    topic, part, qos=1, broker=self.membership.route(broker)
+                )
             except (ValueError, TransportError) as exc:
                 log.warning("cannot send to peer=%s broker=%s error=%s", target, broker, exc)
                 return
             self.counters.bytes_sent += len(part)
         self.counters.models_sent += 1
-
-    def _broker_for(self, broker: str) -> str | None:
-        return None if broker in ("", self.home_broker) else broker
 
     # ---- receiving --------------------------------------------------------------------------
 
@@ -528,54 +419,12 @@ class Node:
         async for message in self.transport.messages():
             self.counters.bytes_received += len(message.payload)
             if message.topic == self._inbox_topic:
-                await self._on_inbox(message)
+                lowest = self.round - self.config.max_round_lag
+                await self.inbox.accept(
+                    message.payload, lowest=lowest, highest=self._round_ceiling()
+                )
             else:
-                await self._on_other(message)
-
-    def _reject(self, src: str, reason: str) -> None:
-        self.counters.rejected[_reason_key(reason)] += 1
-        key = (src, _reason_key(reason))
-        if key not in self._logged_peers:
-            self._logged_peers.add(key)
-            log.warning("message rejected peer=%s reason=%s", src, reason)
-
-    async def _on_inbox(self, message: Message) -> None:
-        data = message.payload
-        src = "?"
-        try:
-            if len(data) > self.config.max_message_size:
-                raise ProtocolError(f"oversize: {len(data)} bytes")
-            env = unpack_envelope(data, max_size=self.config.max_message_size)
-            src = env.src
-            if env.net != self.net:
-                raise ProtocolError(f"wrong network: {env.net!r}")
-            if env.kind == "chunk":
-                self._reassembler.expire()
-                complete = self._reassembler.feed(env.src, env)
-                if complete is None:
-                    return
-                data = complete
-            elif env.kind != "model":
-                raise ProtocolError(f"unexpected kind in inbox: {env.kind}")
-            if len(data) > _INLINE_DECODE_BYTES:
-                env, model = await asyncio.to_thread(self._decode, data)
-            else:
-                env, model = self._decode(data)
-            if env.src != src:
-                raise ProtocolError("sender mismatch between chunks and model")
-            if model.round < self.round - self.config.max_round_lag:
-                raise ProtocolError(f"stale round: {model.round} < {self.round}")
-            if model.round > self._round_ceiling():
-                raise ProtocolError(f"future round: {model.round} > {self._round_ceiling()}")
-        except ProtocolError as exc:
-            self._reject(src, exc.reason)
-            return
-        self.counters.models_received += 1
-        by_round = self._received.setdefault(src, {})
-        by_round[model.round] = _Received(src, model.round, model.age, model.weights)
-        while len(by_round) > 3:  # bounded memory whatever a peer sends
-            del by_round[min(by_round)]
-        self._arrived.set()
+                await self.membership.on_message(message)
 
     def _round_ceiling(self) -> int:
         """The highest round a model may claim: ours, or the live peers' median, plus the lag.
@@ -591,122 +440,13 @@ class Node:
         median = rounds[(len(rounds) - 1) // 2] if rounds else 0
         return max(self.round, median) + self.config.max_round_lag + 1
 
-    def _decode(self, data: Payload) -> Any:
-        return decode_model(
-            data, expected=self._expected, net=self.net, max_size=self.config.max_message_size
-        )
-
-    async def _on_other(self, message: Message) -> None:
-        try:
-            _net, kind, peer_id = topics.parse(message.topic)
-        except ProtocolError:
-            return
-        if kind != "presence" or peer_id == self.node_id or not message.payload:
-            return
-        try:
-            env = unpack_envelope(message.payload, max_size=64 * 1024)
-            record = parse_presence(env)
-            if env.src != peer_id or env.net != self.net:
-                raise ProtocolError("presence record does not match its topic")
-        except ProtocolError as exc:
-            self._reject(peer_id, exc.reason)
-            return
-        if not record.online:
-            if record.graceful and record.round is not None:
-                self._finished[peer_id] = record.round
-            if self.view.remove(peer_id, "offline"):
-                log.info("peer left id=%s", peer_id)
-            return
-        self._finished.pop(peer_id, None)
-        info = PeerInfo(
-            id=peer_id,
-            role=record.role,
-            broker=record.broker,
-            source="presence",
-            last_seen=self.clock(),
-            round=record.round,
-        )
-        if peer_id not in self.view:
-            log.info("peer joined id=%s broker=%s", peer_id, record.broker)
-        self.view.upsert(info)
-        if record.broker and record.broker not in self._announced:
-            # The peer learned of us before we knew it: make sure it hears our presence too.
-            await self._announce_to(record.broker)
-
-    # ---- presence ---------------------------------------------------------------------------
-
     def discovered(self, info: PeerInfo) -> None:
-        """A discovery source (mDNS) found a peer; safe to call from any callback on the loop."""
-        if info.id != self.node_id:
-            self._discovered.put_nowait(info)
+        """A discovery source (mDNS) found a peer; call it on the node's loop."""
+        self.membership.discovered(info)
 
     def vanished(self, peer_id: str) -> None:
         """A discovery source saw a peer leave (e.g. an mDNS goodbye)."""
-        if self.view.remove(peer_id, "gone"):
-            log.info("peer left id=%s", peer_id)
-
-    async def _discovery_loop(self) -> None:
-        while True:
-            info = await self._discovered.get()
-            if "presence" in self.config.discovery:
-                # Like a static peer: an address. It joins the view when its presence is heard.
-                if info.broker and info.broker not in self._announced:
-                    await self._announce_to(info.broker)
-            else:
-                if info.id not in self.view:
-                    log.info(
-                        "peer joined id=%s broker=%s source=%s", info.id, info.broker, info.source
-                    )
-                self.view.upsert(info)
-
-    def _presence_message(self, *, online: bool, graceful: bool = True) -> Message:
-        self._seq += 1
-        payload = encode_presence(
-            self.net,
-            self.node_id,
-            self._seq,
-            online=online,
-            graceful=graceful,
-            role=self.config.role,
-            broker=self.home_broker,
-            round=self.round,
-        )
-        return Message(topics.presence(self.net, self.node_id), payload, retain=True)
-
-    def _static_info(self, peer_id: str, broker: str) -> PeerInfo:
-        return PeerInfo(
-            id=peer_id, role="trainer", broker=broker, source="static", last_seen=self.clock()
-        )
-
-    async def _announce_to(self, broker: str) -> None:
-        self._announced.add(broker)
-        if broker == self.home_broker:
-            return
-        msg = self._presence_message(online=True)
-        try:
-            await self.transport.publish(
-                msg.topic, msg.payload, qos=1, retain=True, broker=self._broker_for(broker)
-            )
-        except (ValueError, TransportError) as exc:
-            log.warning("cannot announce to broker=%s error=%s", broker, exc)
-
-    async def _publish_presence(self, *, online: bool) -> None:
-        if "presence" not in self.config.discovery:
-            return
-        msg = self._presence_message(online=online)
-        brokers = {self.home_broker} | self._announced
-        for broker in brokers:
-            await self.transport.publish(
-                msg.topic, msg.payload, qos=1, retain=True, broker=self._broker_for(broker)
-            )
-
-    async def _heartbeat_loop(self) -> None:
-        interval = self.config.presence_ttl / 3
-        while True:
-            await asyncio.sleep(interval)
-            for gone in self.view.expire():
-                log.info("peer expired id=%s", gone)
-            await self._publish_presence(online=True)
+        self.membership.vanished(peer_id)
 
     # ---- telemetry --------------------------------------------------------------------------
 
@@ -725,7 +465,7 @@ class Node:
                     await self._publish_home(topics.log(self.net, self.node_id), payload, False)
             if interval > 0 and self.clock() >= next_at:
                 next_at = self.clock() + interval
-                body = await asyncio.to_thread(self._telemetry_body, stats)
+                body = await asyncio.to_thread(node_status, self, stats)
                 self._seq += 1
                 payload = encode_telemetry(self.net, self.node_id, self._seq, body)
                 await self._publish_home(topic, payload, True)
@@ -736,38 +476,6 @@ class Node:
             await self.transport.publish(topic, payload, qos=0, retain=retain)
         except TransportError as exc:
             log.debug("telemetry not published error=%s", exc)
-
-    def _telemetry_body(self, stats: ProcessStats) -> dict[str, Any]:
-        """The status record; computes the weight projection, so it runs in a worker thread."""
-        ev = self.last_eval
-        cpu, rss = stats.sample()
-        c = self.counters
-        return {
-            "id": self.node_id,
-            "role": self.config.role,
-            "run": self.config.run_name,
-            "tags": list(self.config.tags),
-            "schedule": self.schedule.name,
-            "mode": self.config.mode,
-            "broker": self.home_broker,
-            "round": self.round,
-            "loss": self._last_loss,
-            "accuracy": None if ev is None else ev.accuracy,
-            "test_loss": None if ev is None else ev.loss,
-            "confusion": None if ev is None else ev.confusion.tolist(),
-            "samples": self.learner.num_samples,
-            "models_sent": c.models_sent,
-            "models_received": c.models_received,
-            "bytes_out": c.bytes_sent,
-            "bytes_in": c.bytes_received,
-            "rejected": dict(c.rejected),
-            "cpu": cpu,
-            "rss": rss,
-            "uptime": self.clock() - self._started,
-            "peers": self.view.live(),
-            "sent_to": list(self._sent_to),
-            "projection": projection(self.learner.get_weights(), self.net),
-        }
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -788,7 +496,7 @@ class Node:
 
     async def _shutdown(self) -> None:
         try:
-            await self._publish_presence(online=False)
+            await self.membership.say_bye()
         except Exception as exc:  # the broker may be gone already; closing matters more
             log.warning("could not publish bye error=%s", exc)
         await self.transport.close()

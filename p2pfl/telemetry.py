@@ -12,12 +12,15 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
 
 from p2pfl.protocol.envelope import PROTOCOL_VERSION, Envelope, pack_envelope
+
+if TYPE_CHECKING:
+    from p2pfl.node import Node
 
 PROJECTION_DIM = 32
 _BLOCK = 1 << 15
@@ -105,3 +108,36 @@ class LogForwarder(logging.Handler):
     def drain(self) -> list[logging.LogRecord]:
         records, self._pending = self._pending, []
         return records
+
+
+def node_status(node: Node, stats: ProcessStats) -> dict[str, Any]:
+    """A node's telemetry body; computes the weight projection, so run it in a worker thread."""
+    ev = node.last_eval
+    cpu, rss = stats.sample()
+    c = node.counters
+    return {
+        "id": node.node_id,
+        "role": node.config.role,
+        "run": node.config.run_name,
+        "tags": list(node.config.tags),
+        "schedule": node.schedule.name,
+        "mode": node.config.mode,
+        "broker": node.home_broker,
+        "round": node.round,
+        "loss": node.last_loss,
+        "accuracy": None if ev is None else ev.accuracy,
+        "test_loss": None if ev is None else ev.loss,
+        "confusion": None if ev is None else ev.confusion.tolist(),
+        "samples": node.learner.num_samples,
+        "models_sent": c.models_sent,
+        "models_received": c.models_received,
+        "bytes_out": c.bytes_sent,
+        "bytes_in": c.bytes_received,
+        "rejected": dict(c.rejected),
+        "cpu": cpu,
+        "rss": rss,
+        "uptime": node.clock() - node.started,
+        "peers": node.view.live(),
+        "sent_to": list(node.sent_to),
+        "projection": projection(node.learner.get_weights(), node.net),
+    }

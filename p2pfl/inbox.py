@@ -1,0 +1,202 @@
+"""What a node accepts from its peers: the inbox topic's defensive decoding and model buffer.
+
+Every message on a node's inbox goes through `Inbox.accept`: size limit, envelope, network,
+chunk reassembly, model decoding against the local model's layout, and a round window. Anything
+wrong is dropped, counted under a label from a fixed set and logged once per peer; nothing is
+ever raised into the node's loop. Accepted models wait in a small per-sender buffer until the
+node merges them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from p2pfl.config import NodeConfig
+from p2pfl.protocol import chunking
+from p2pfl.protocol.envelope import unpack_envelope
+from p2pfl.protocol.errors import ProtocolError
+from p2pfl.protocol.model import ModelMessage, decode_model
+from p2pfl.transport.base import Payload
+
+log = logging.getLogger("p2pfl.node")
+
+# Decoding big payloads is done off the loop; small ones are cheaper inline.
+_INLINE_DECODE_BYTES = 256 * 1024
+# Rounds buffered per sender, whatever a peer sends.
+_ROUNDS_PER_SENDER = 3
+
+# Rejection counters use a fixed set of labels, whatever text a peer's message provokes.
+_REASONS = (
+    ("exceeds the limit", "oversize"),
+    ("oversize", "oversize"),
+    ("msgpack", "malformed"),
+    ("envelope", "malformed"),
+    ("version", "version"),
+    ("kind", "kind"),
+    ("network", "network"),
+    ("digest", "digest"),
+    ("nan or infinite", "non-finite"),
+    ("stale", "stale"),
+    ("future", "future"),
+    ("sender", "sender"),
+    ("chunk", "chunk"),
+    ("transfer", "chunk"),
+    ("presence", "presence"),
+    ("mismatch", "layout"),
+    ("tensor", "layout"),
+)
+
+
+def reason_label(reason: str) -> str:
+    """A short label from a fixed set for a rejection reason."""
+    text = reason.lower()
+    return next((label for needle, label in _REASONS if needle in text), "invalid")
+
+
+@dataclass
+class NodeCounters:
+    """What a node has done so far; reported every round and in telemetry."""
+
+    rounds: int = 0
+    models_sent: int = 0
+    models_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    diverged: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "models_sent": self.models_sent,
+            "models_received": self.models_received,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "diverged": self.diverged,
+            "rejected": self.rejected_total,
+            "rejected_by_reason": dict(self.rejected),
+        }
+
+
+@dataclass(frozen=True)
+class ReceivedModel:
+    """A validated model from a peer, waiting to be merged."""
+
+    src: str
+    round: int
+    age: float
+    weights: dict[str, np.ndarray]
+
+
+class Inbox:
+    """Validates what arrives on a node's inbox and buffers the models worth merging."""
+
+    def __init__(self, config: NodeConfig, counters: NodeCounters, *, clock: Any) -> None:
+        self.config = config
+        self.counters = counters
+        self.net = config.network
+        self.layout: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}
+        self.arrived = asyncio.Event()
+        self._models: dict[str, dict[int, ReceivedModel]] = {}
+        self._logged: set[tuple[str, str]] = set()
+        self._reassembler = chunking.Reassembler(
+            max_pending_bytes_per_sender=2 * config.max_message_size,
+            timeout=max(config.round_timeout, 30.0),
+            clock=clock,
+        )
+
+    def reject(self, src: str, reason: str) -> None:
+        """Count a refused message and log it once per peer and label."""
+        label = reason_label(reason)
+        self.counters.rejected[label] += 1
+        if (src, label) not in self._logged:
+            self._logged.add((src, label))
+            log.warning("message rejected peer=%s reason=%s", src, reason)
+
+    async def accept(self, data: Payload, *, lowest: int, highest: int) -> None:
+        """Take one inbox message; a model with a round in [lowest, highest] is buffered."""
+        src = "?"
+        try:
+            if len(data) > self.config.max_message_size:
+                raise ProtocolError(f"oversize: {len(data)} bytes")
+            env = unpack_envelope(data, max_size=self.config.max_message_size)
+            src = env.src
+            if env.net != self.net:
+                raise ProtocolError(f"wrong network: {env.net!r}")
+            if env.kind == "chunk":
+                self._reassembler.expire()
+                complete = self._reassembler.feed(env.src, env)
+                if complete is None:
+                    return
+                data = complete
+            elif env.kind != "model":
+                raise ProtocolError(f"unexpected kind in inbox: {env.kind}")
+            if len(data) > _INLINE_DECODE_BYTES:
+                env, model = await asyncio.to_thread(self._decode, data)
+            else:
+                env, model = self._decode(data)
+            if env.src != src:
+                raise ProtocolError("sender mismatch between chunks and model")
+            if model.round < lowest:
+                raise ProtocolError(f"stale round: {model.round} < {lowest}")
+            if model.round > highest:
+                raise ProtocolError(f"future round: {model.round} > {highest}")
+        except ProtocolError as exc:
+            self.reject(src, exc.reason)
+            return
+        self.counters.models_received += 1
+        by_round = self._models.setdefault(src, {})
+        by_round[model.round] = ReceivedModel(src, model.round, model.age, model.weights)
+        while len(by_round) > _ROUNDS_PER_SENDER:
+            del by_round[min(by_round)]
+        self.arrived.set()
+
+    def _decode(self, data: Payload) -> tuple[Any, ModelMessage]:
+        return decode_model(
+            data, expected=self.layout, net=self.net, max_size=self.config.max_message_size
+        )
+
+    def __bool__(self) -> bool:
+        return any(self._models.values())
+
+    def newest_round(self, src: str) -> int:
+        """The newest round buffered from `src` (0 if none)."""
+        return max(self._models.get(src, ()), default=0)
+
+    def take(self, r: int) -> list[ReceivedModel]:
+        """The models to merge at round r: the newest per sender, within the allowed lag.
+
+        In sync mode a neighbour one round ahead (it does not wait for us) keeps its round-r+1
+        model buffered for our next round; a neighbour further ahead is taken at once, so a
+        node that fell behind catches up instead of trailing forever.
+        """
+        taken: list[ReceivedModel] = []
+        kept: dict[str, dict[int, ReceivedModel]] = {}
+        oldest = r - self.config.max_round_lag
+        for src, by_round in self._models.items():
+            now = [m for rr, m in by_round.items() if oldest <= rr <= r or rr > r + 1]
+            if self.config.mode == "sync" and r + 1 in by_round:
+                kept[src] = {r + 1: by_round[r + 1]}
+            else:
+                now.extend(m for rr, m in by_round.items() if rr == r + 1)
+            if now:
+                taken.append(max(now, key=lambda m: m.round))
+        self._models = kept
+        # Merge in a fixed order: float sums then do not depend on arrival order.
+        return sorted(taken, key=lambda m: m.src)
+
+    def take_newest(self) -> list[ReceivedModel]:
+        """Every sender's newest model (walker tokens), emptying the buffer."""
+        newest = [by_round[max(by_round)] for by_round in self._models.values() if by_round]
+        self._models = {}
+        return sorted(newest, key=lambda m: m.src)
