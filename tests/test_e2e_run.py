@@ -141,3 +141,24 @@ def test_one_walker_token_circulates_the_ring(tmp_path: Path) -> None:
     for node in nodes:
         done = node.done()
         assert done is not None and done["rounds"] == 3, node.tail()
+
+
+def test_local_mosquitto_home_brokers(tmp_path: Path) -> None:
+    """`--broker local`: each node spawns a private Mosquitto as its home broker."""
+    nodes = start_cluster(
+        tmp_path, 2, [*FAST, "--broker", "local", "--mode", "sync", "--rounds", "3"]
+    )
+    finish(nodes, 120)
+    for node in nodes:
+        done = node.done()
+        assert done is not None and done["round"] == 3, node.tail()
+        assert done["models_received"] >= 2
+    assert not any("mosquitto" in line for line in subprocess_listing())
+
+
+def subprocess_listing() -> list[str]:
+    """Private Mosquitto children still running (they must die with their node)."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "p2pfl-mosquitto" in line]
