@@ -124,6 +124,7 @@ class Node:
         self.sent_to: tuple[str, ...] = ()
         self._holding = False
         self._token_seen = clock()
+        self._ceiling: tuple[tuple[int, int, int], int] | None = None
 
     # ---- public control -------------------------------------------------------------------
 
@@ -432,13 +433,16 @@ class Node:
         Catching up to a network that is ahead is allowed (a restarted or slow node); one peer
         claiming round 10**9 is not, since adopting it would end everyone's run.
         """
-        rounds = sorted(
-            info.round
-            for p in self.view.live()
-            if (info := self.view.get(p)) is not None and info.round is not None
-        )
-        median = rounds[(len(rounds) - 1) // 2] if rounds else 0
-        return max(self.round, median) + self.config.max_round_lag + 1
+        key = (self.view.version, self.round, int(self.clock() // 5))
+        if self._ceiling is None or self._ceiling[0] != key:
+            rounds = sorted(
+                info.round
+                for p in self.view.live()
+                if (info := self.view.get(p)) is not None and info.round is not None
+            )
+            median = rounds[(len(rounds) - 1) // 2] if rounds else 0
+            self._ceiling = (key, max(self.round, median) + self.config.max_round_lag + 1)
+        return self._ceiling[1]
 
     def discovered(self, info: PeerInfo) -> None:
         """A discovery source (mDNS) found a peer; call it on the node's loop."""

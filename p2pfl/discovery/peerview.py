@@ -58,6 +58,7 @@ class PeerView:
         self._clock = clock
         self._peers: dict[str, PeerInfo] = {}
         self._version = 0
+        self._live_cache: dict[str | None, tuple[int, list[str]]] = {}
 
     @property
     def version(self) -> int:
@@ -132,7 +133,12 @@ class PeerView:
 
     def live(self, role: str | None = "trainer") -> list[str]:
         """Sorted ids of the peers with ``role`` (every role when None), never ``own_id``."""
-        return sorted(peer.id for peer in self._peers.values() if role is None or peer.role == role)
+        # Schedules ask on every wake-up; membership changes far less often (cached by version).
+        cached = self._live_cache.get(role)
+        if cached is None or cached[0] != self._version:
+            ids = sorted(p.id for p in self._peers.values() if role is None or p.role == role)
+            cached = self._live_cache[role] = (self._version, ids)
+        return list(cached[1])
 
     def peers(self) -> list[PeerInfo]:
         """Every record, sorted by id."""

@@ -4,6 +4,7 @@ Every topic lives under ``p2pfl/v1/<net>/``; node ids and network names are sing
 so they may not contain ``/``, ``+`` or ``#``.
 """
 
+import functools
 import unicodedata
 from typing import Literal
 
@@ -41,21 +42,25 @@ def validate_name(value: str, what: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=8192)
 def inbox(net: str, node_id: str) -> str:
     """Topic on which a node receives models and control messages."""
     return f"{_base(net)}/node/{validate_name(node_id, 'node id')}/inbox"
 
 
+@functools.lru_cache(maxsize=8192)
 def presence(net: str, node_id: str) -> str:
     """Retained presence record of a node (replaced by its will when it dies)."""
     return f"{_base(net)}/presence/{validate_name(node_id, 'node id')}"
 
 
+@functools.lru_cache(maxsize=8192)
 def telemetry(net: str, node_id: str) -> str:
     """Retained latest status of a node."""
     return f"{_base(net)}/telemetry/{validate_name(node_id, 'node id')}"
 
 
+@functools.lru_cache(maxsize=8192)
 def log(net: str, node_id: str) -> str:
     """Warnings and errors of a node, for distributed logging."""
     return f"{_base(net)}/log/{validate_name(node_id, 'node id')}"
@@ -76,6 +81,7 @@ def log_all(net: str) -> str:
     return f"{_base(net)}/log/+"
 
 
+@functools.lru_cache(maxsize=16384)
 def parse(topic: str) -> tuple[str, TopicKind, str]:
     """Split an incoming topic into ``(net, kind, node_id)``; raise ProtocolError if not ours."""
     levels = topic.split("/")
