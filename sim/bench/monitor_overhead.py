@@ -2,8 +2,9 @@
 
 Runs three `p2pfl run` nodes (embedded brokers on 127.0.0.1, static peers, telemetry every
 second, one torch thread each, 0.3 s between steps) for the same time: alone (the baseline)
-and with `p2pfl monitor` attached and exporting snapshots, alternating. Prints the mean fit seconds per round of each run and their ratio
-(1.00 = no cost; the goal is within 1.05). Measured on a 2-core machine: 0.99.
+and with `p2pfl monitor` attached and exporting snapshots, alternating. Prints the mean fit
+seconds per round of each setting and their ratio (1.00 = no cost; the goal is within 1.05).
+Measured on a 2-core machine: 0.99.
 
     python sim/bench/monitor_overhead.py [--seconds 40]
 """
