@@ -26,7 +26,7 @@ FAST = ["--model", "mlp", "--local-epochs", "1", "--seed", "0", "--presence-ttl"
 def peers_json(network: str) -> list[dict[str, object]]:
     out = subprocess.run(
         [sys.executable, "-m", "p2pfl", "peers", "--network", network, *LOOPBACK[:2],
-         "--timeout", "2", "--json"],
+         "--json"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -52,7 +52,11 @@ def test_nodes_discover_each_other_over_mdns_and_train_a_ring(tmp_path: Path) ->
         assert all(n.rounds()[-1]["peers"] == 2 for n in nodes), logs()
         assert all(n.rounds()[-1]["models_received"] > 0 for n in nodes), logs()
 
-        listed = peers_json(net)
+        # mDNS is UDP: on a loaded machine an answer can be lost; a user would run it again
+        for _attempt in range(3):
+            listed = peers_json(net)
+            if len(listed) == 3:
+                break
         assert sorted(p["id"] for p in listed) == ["d0", "d1", "d2"], listed
         assert {p["role"] for p in listed} == {"trainer"}
         assert stranger.rounds()[-1]["peers"] == 0  # never saw, never contacted, the demo nodes

@@ -24,6 +24,7 @@ async def browse(
     """
     async with Mdns(network, None, interfaces=interfaces) as mdns:
         await asyncio.sleep(duration)
+        await mdns.settle(within=3.0)
         return mdns.peers()
 
 

@@ -137,6 +137,13 @@ class Mdns:
         """The full service name we announce (after any rename), or None when not announcing."""
         return self._info.name if self._info is not None else None
 
+    async def settle(self, within: float) -> None:
+        """Wait (at most `within` s) for the resolutions in flight, so a browse that ends
+        while a busy machine is still answering does not miss the slow ones."""
+        pending = [t for t in self._resolving.values() if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=within)
+
     def peers(self) -> list[PeerInfo]:
         """The peers currently known through mDNS, sorted by id then network."""
         peers = (self._by_name[name] for name in self._reported.values())
