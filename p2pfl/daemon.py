@@ -21,7 +21,7 @@ from p2pfl.config import NodeConfig, parse_host_port
 from p2pfl.discovery.mdns import Mdns
 from p2pfl.learning.datasets import load_dataset
 from p2pfl.learning.partition import partition
-from p2pfl.learning.torch_learner import TorchLearner, build_learner
+from p2pfl.learning.torch_learner import TorchLearner, learner_from_config
 from p2pfl.node import Node, NodeCounters, RoundReport
 from p2pfl.store import StateDir
 from p2pfl.telemetry import LogForwarder
@@ -45,20 +45,7 @@ def build_torch_learner(config: NodeConfig) -> TorchLearner:
     """Load the dataset, take this node's partition, build the model. Blocking."""
     dataset = load_dataset(config.dataset, seed=config.seed)
     parts = partition(dataset.y_train, config.num_partitions, config.partition, seed=config.seed)
-    return build_learner(
-        config.model,
-        dataset,
-        parts[config.partition_index],
-        batch_size=config.batch_size,
-        # Same seed on every node: identical initial models, so early averaging is not harmful.
-        init_seed=config.seed,
-        seed=config.seed * 1000 + config.partition_index,
-        optimizer=config.optimizer,
-        lr=config.lr,
-        momentum=config.momentum,
-        local_epochs=config.local_epochs,
-        mu=config.mu,
-    )
+    return learner_from_config(config, dataset, parts[config.partition_index])
 
 
 def advertised_host(listen_host: str, advertise: str | None) -> str:

@@ -142,10 +142,11 @@ class Node:
 
     async def run(self) -> NodeCounters:
         """Run until the round/time budget is spent or `stop()` is called."""
-        weights = self.learner.get_weights()
+        weights = await asyncio.to_thread(self.learner.get_weights)
         self.inbox.layout = layout(weights)
-        await self._resume()
-        self._last_good = self.learner.get_weights()
+        if await self._resume():
+            weights = await asyncio.to_thread(self.learner.get_weights)
+        self._last_good = weights
         await self.transport.connect(will=self.membership.will())
         await self.transport.subscribe(self._inbox_topic)
         await self.membership.start()
@@ -291,9 +292,9 @@ class Node:
         self.round = max(r, self.round)
         self.counters.rounds += 1
         if self.state is not None:
-            await asyncio.to_thread(
-                self.state.save_checkpoint, self.round, self.learner.get_weights(), {}
-            )
+            # Copying the model is work too: do it in the worker thread, not on the loop.
+            state, learner, done = self.state, self.learner, self.round
+            await asyncio.to_thread(lambda: state.save_checkpoint(done, learner.get_weights()))
         report = RoundReport(
             node_id=self.node_id,
             round=self.round,
@@ -488,15 +489,17 @@ class Node:
         except TimeoutError:
             pass
 
-    async def _resume(self) -> None:
+    async def _resume(self) -> bool:
+        """Load the newest checkpoint, if any; True when the node resumed from one."""
         if self.state is None:
-            return
+            return False
         ckpt = await asyncio.to_thread(self.state.latest_checkpoint)
         if ckpt is None:
-            return
-        self.learner.set_weights(ckpt.weights)
+            return False
+        await asyncio.to_thread(self.learner.set_weights, ckpt.weights)
         self.round = ckpt.round
         log.info("resumed from checkpoint round=%d", ckpt.round)
+        return True
 
     async def _shutdown(self) -> None:
         try:

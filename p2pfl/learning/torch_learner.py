@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from typing import Literal, TypedDict, Unpack
+from typing import TYPE_CHECKING, Literal, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from p2pfl.learning.datasets import Dataset
 from p2pfl.learning.learner import EvalResult, FitResult
 from p2pfl.learning.models import build_model
+
+if TYPE_CHECKING:
+    from p2pfl.config import NodeConfig
 
 __all__ = ["LearnerOptions", "TorchLearner", "build_learner", "make_loaders"]
 
@@ -261,3 +264,23 @@ def build_learner(
         dataset, indices, batch_size=batch_size, seed=seed, test_indices=test_indices
     )
     return TorchLearner(model, train, test, n_classes=dataset.n_classes, **opts)
+
+
+def learner_from_config(
+    config: NodeConfig, dataset: Dataset, indices: np.ndarray | None
+) -> TorchLearner:
+    """The learner a node config describes, on `indices` of `dataset` (daemon and simulator)."""
+    return build_learner(
+        config.model,
+        dataset,
+        indices,
+        batch_size=config.batch_size,
+        # Same seed on every node: identical initial models, so early averaging is not harmful.
+        init_seed=config.seed,
+        seed=config.seed * 1000 + config.partition_index,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        momentum=config.momentum,
+        local_epochs=config.local_epochs,
+        mu=config.mu,
+    )

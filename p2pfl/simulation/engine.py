@@ -28,7 +28,7 @@ from typing import Any
 from p2pfl.learning.datasets import Dataset, load_dataset
 from p2pfl.learning.learner import Learner
 from p2pfl.learning.partition import partition
-from p2pfl.learning.torch_learner import build_learner
+from p2pfl.learning.torch_learner import learner_from_config
 from p2pfl.node import Node, RoundReport
 from p2pfl.simulation.faults import (
     ByzantineLearner,
@@ -198,19 +198,7 @@ class Simulation:
                     min_peers=n - 1 if member.restarts == 0 else 0,
                     telemetry_interval=0.0,  # nobody watches; the engine records every round
                 )
-                learner: Learner = build_learner(
-                    config.model,
-                    dataset,
-                    parts[member.index],
-                    batch_size=config.batch_size,
-                    init_seed=config.seed,
-                    seed=config.seed * 1000 + member.index,
-                    optimizer=config.optimizer,
-                    lr=config.lr,
-                    momentum=config.momentum,
-                    local_epochs=config.local_epochs,
-                    mu=config.mu,
-                )
+                learner: Learner = learner_from_config(config, dataset, parts[member.index])
                 if member.node_id in slow:
                     learner = StragglerLearner(learner, scenario.faults.stragglers.slowdown)
                 if not member.honest:
