@@ -528,6 +528,39 @@ async def test_restarted_node_resumes_from_its_checkpoint(dataset: Dataset, tmp_
     assert len(metrics) == 5
 
 
+async def test_restarted_node_catches_up_with_peers_ahead(dataset: Dataset, tmp_path: Path) -> None:
+    """A node back from a crash adopts the round of the models it merges, not only its own."""
+    bus = MemoryBus()
+    with StateDir(tmp_path / "c0") as state:
+        state.save_checkpoint(3, make_learner(dataset, 0).get_weights())
+        reports: list[RoundReport] = []
+        node = make_node(
+            dataset,
+            MemoryTransport(bus, "c0"),
+            "c0",
+            0,
+            peers={"c1": BUS},
+            on_round=reports.append,
+            state=state,
+            rounds=7,
+            round_timeout=10.0,  # c1 answers every round: no round may end on a timeout
+        )
+        peer = await bus_client(bus, "c1", topics.inbox(NET, "c1"))
+        async with asyncio.timeout(20), running(node) as task:
+            # c0 resumes at round 3, so its first model is round 4's; c1 answers from round 6.
+            # Then c0 plays rounds 6 and 7 (5 came from the catch-up), and c1 answers each.
+            for answer in (6, 6, 7):
+                await next_message(peer)
+                ahead = model_message(node.learner.get_weights(), "c1", answer)
+                await peer.publish(topics.inbox(NET, "c0"), ahead)
+            await task
+        await peer.close()
+    rounds = [r.round for r in reports]
+    # Round 4 merged c1's round-6 model, so it counts as round 5; then 6 and 7 end the run.
+    assert rounds == [5, 6, 7]
+    assert [r.merged for r in reports] == [1, 1, 1]
+
+
 # ---- 6. a sync ring over a real broker -------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ def record(schedule: str, node: str, rnd: int, accuracy: float, **kw: Any) -> di
         "fit_seconds": 0.5,
         "eval_seconds": 0.1,
         "honest": True,
+        "restarts": 0,
     }
     r.update(kw)
     return r

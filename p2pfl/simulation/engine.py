@@ -13,6 +13,7 @@ accuracies: every node merges the same models in the same (sorted) order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -64,6 +65,10 @@ class _Member:
     crashed_at: int | None = None
     restarts: int = 0
     done: bool = False
+    # A restarted node's counters start from zero; records add what earlier incarnations had
+    # counted by their last round, so the cumulative columns stay cumulative across a crash.
+    counted: dict[str, int] = field(default_factory=dict)
+    carried: dict[str, int] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
@@ -223,7 +228,8 @@ class Simulation:
             def on_round(member: _Member, report: RoundReport) -> None:
                 nonlocal network_round
                 network_round = max(network_round, report.round)
-                record = _record(schedule, report, clock() - started, member.honest)
+                record = _record(schedule, report, clock() - started, member)
+                member.counted = {k: record[k] for k in _CUMULATIVE}
                 run.records.append(record)
                 if self.on_record is not None:
                     self.on_record(record)
@@ -231,8 +237,10 @@ class Simulation:
                 if planned is not None and member.crashed_at is None:
                     member.crashed_at = report.round
                     pending.append((member, planned))
+                    wake.set()  # crash it before it can finish another round
 
             pending: list[tuple[_Member, Crash]] = []
+            wake = asyncio.Event()
 
             async def supervise(tg: asyncio.TaskGroup) -> None:
                 down: list[tuple[_Member, int]] = []
@@ -251,10 +259,14 @@ class Simulation:
                             down.remove(item)
                             member.crashed_at = None
                             member.restarts += 1
+                            member.carried = member.counted
                             start(member, tg)
                     if not down and not pending and not any(m.running for m in members):
                         return
-                    await asyncio.sleep(0.05)
+                    # Woken at once by a planned crash; otherwise poll for restarts and the end.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), 0.05)
+                    wake.clear()
 
             def start(member: _Member, tg: asyncio.TaskGroup) -> None:
                 member.state.open()
@@ -298,7 +310,10 @@ def _crash_table(crashes: list[Crash], ids: list[str]) -> dict[str, dict[int, Cr
     return table
 
 
-def _record(schedule: str, report: RoundReport, t: float, honest: bool) -> Record:
+_CUMULATIVE = ("models_sent", "models_received", "bytes_sent", "rejected")
+
+
+def _record(schedule: str, report: RoundReport, t: float, member: _Member) -> Record:
     c = report.counters
     return {
         "schedule": schedule,
@@ -309,11 +324,9 @@ def _record(schedule: str, report: RoundReport, t: float, honest: bool) -> Recor
         "test_loss": report.test_loss,
         "train_loss": report.train_loss,
         "merged": report.merged,
-        "models_sent": c["models_sent"],
-        "models_received": c["models_received"],
-        "bytes_sent": c["bytes_sent"],
-        "rejected": c["rejected"],
+        **{k: int(c[k]) + member.carried.get(k, 0) for k in _CUMULATIVE},
         "fit_seconds": report.fit_seconds,
         "eval_seconds": report.eval_seconds,
-        "honest": honest,
+        "honest": member.honest,
+        "restarts": member.restarts,  # how many times this node has crashed and come back
     }

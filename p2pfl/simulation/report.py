@@ -1,9 +1,10 @@
 """Report of a `p2pfl sim` run: the metrics log, the summary, the table and the plots.
 
 Everything is a pure function of the records the engine emits, one per node per round (keys in
-`RECORD_KEYS`; `models_sent`, `bytes_sent`, `rejected`, ... are cumulative per node, while
-`fit_seconds` and `eval_seconds` are that round's durations), so a report can be rebuilt from
-`metrics.jsonl` alone. Byzantine records (`honest` false) count for traffic, never for accuracy.
+`RECORD_KEYS`; `models_sent`, `bytes_sent`, `rejected`, ... are cumulative per node, across
+its restarts too, while `fit_seconds` and `eval_seconds` are that round's durations, and
+`restarts` counts the node's crashes so far), so a report can be rebuilt from `metrics.jsonl`
+alone. Byzantine records (`honest` false) count for traffic, never for accuracy.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ SUMMARY_FILE = "summary.json"
 RECORD_KEYS = (
     "schedule", "node", "round", "t", "accuracy", "test_loss", "train_loss", "merged",
     "models_sent", "models_received", "bytes_sent", "rejected", "fit_seconds", "eval_seconds",
-    "honest",
+    "honest", "restarts",
 )  # fmt: skip
 TARGET_FRACTION = 0.8  # "time to 80%": of the schedule's own final mean accuracy
 
