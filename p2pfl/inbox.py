@@ -113,6 +113,8 @@ class Inbox:
             max_pending_bytes_per_sender=2 * config.max_message_size,
             timeout=max(config.round_timeout, 30.0),
             clock=clock,
+            # Room for every mesh neighbour's model at once; spoofed sender ids get no more.
+            max_pending_bytes=max(4, config.degree + 1) * config.max_message_size,
         )
 
     def reject(self, src: str, reason: str) -> None:

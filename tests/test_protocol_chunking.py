@@ -25,8 +25,8 @@ def chunks_of(payload: bytes, max_chunk: int, transfer_id: str = "t1") -> list[E
     return [unpack_envelope(message) for message in messages]
 
 
-def feed_all(reassembler: Reassembler, chunks: list[Envelope]) -> list[bytearray]:
-    done = [reassembler.feed("n1", chunk) for chunk in chunks]
+def feed_all(reassembler: Reassembler, chunks: list[Envelope], src: str = "n1") -> list[bytearray]:
+    done = [reassembler.feed(src, chunk) for chunk in chunks]
     return [payload for payload in done if payload is not None]
 
 
@@ -114,6 +114,19 @@ def test_budget_is_per_sender_and_freed_on_completion() -> None:
     assert reassembler.feed("n2", second[0]) is None  # another sender has its own budget
     assert feed_all(reassembler, first[1:]) == [bytes(4_000)]
     assert feed_all(reassembler, second) == [bytes(4_000)]
+
+
+def test_total_budget_bounds_many_senders() -> None:
+    """Sender ids are not authenticated: a flood under fresh ids must not grow memory."""
+    reassembler = Reassembler(10_000, timeout=10, max_pending_bytes=9_000)
+    for i in range(3):
+        reassembler.feed(f"spoof{i}", chunks_of(bytes(3_000), 1_000, transfer_id="x")[0])
+    late = chunks_of(bytes(3_000), 1_000, transfer_id="y")
+    with pytest.raises(ProtocolError, match="all senders already hold 9000 of 9000 bytes"):
+        reassembler.feed("honest", late[0])
+    assert reassembler.total_pending_bytes() == 9_000
+    reassembler.forget("spoof0")  # room again: the honest transfer goes through
+    assert feed_all(reassembler, late, src="honest") == [bytes(3_000)]
 
 
 def test_concurrent_transfers_per_sender_are_bounded() -> None:

@@ -82,8 +82,10 @@ class Reassembler:
 
     Each transfer gets one buffer of its announced ``total`` bytes, allocated on its first chunk.
     A sender's pending transfers may hold at most ``max_pending_bytes_per_sender`` bytes and
-    ``max_transfers_per_sender`` transfers; a transfer idle (no new chunk) for ``timeout``
-    seconds is dropped by ``expire()``, which ``feed`` also runs before admitting a new transfer.
+    ``max_transfers_per_sender`` transfers, and all senders together ``max_pending_bytes``
+    (sender ids are not authenticated, so a per-sender budget alone does not bound memory); a
+    transfer idle (no new chunk) for ``timeout`` seconds is dropped by ``expire()``, which
+    ``feed`` also runs before admitting a new transfer.
     """
 
     def __init__(
@@ -93,8 +95,12 @@ class Reassembler:
         clock: Callable[[], float] = time.monotonic,
         *,
         max_transfers_per_sender: int = 8,
+        max_pending_bytes: int | None = None,
     ) -> None:
         self.max_pending_bytes_per_sender = max_pending_bytes_per_sender
+        self.max_pending_bytes = (
+            4 * max_pending_bytes_per_sender if max_pending_bytes is None else max_pending_bytes
+        )
         self.timeout = timeout
         self.max_transfers_per_sender = max_transfers_per_sender
         self._clock = clock
@@ -163,6 +169,10 @@ class Reassembler:
         """Bytes held for ``src``'s incomplete transfers."""
         return sum(t.total for t in self._pending.get(src, {}).values())
 
+    def total_pending_bytes(self) -> int:
+        """Bytes held for every sender's incomplete transfers."""
+        return sum(self.pending_bytes(src) for src in self._pending)
+
     def _drop(self, src: str, tid: bytes | str) -> None:
         transfers = self._pending[src]
         del transfers[tid]
@@ -180,6 +190,12 @@ class Reassembler:
             )
         if len(transfers) >= self.max_transfers_per_sender:
             raise ProtocolError(f"too many concurrent transfers ({len(transfers)}) from sender")
+        everyone, limit = self.total_pending_bytes(), self.max_pending_bytes
+        if everyone + total > limit:
+            raise ProtocolError(
+                f"transfer of {total} bytes refused: all senders already hold {everyone} of "
+                f"{limit} bytes"
+            )
         size = math.ceil(total / count)
         now = self._clock()
         return _Transfer(bytearray(total), bytearray(count), count, count, total, size, digest, now)
