@@ -72,11 +72,8 @@ async def home_broker(config: NodeConfig) -> AsyncIterator[str]:
         broker: EmbeddedBroker | MosquittoBroker = EmbeddedBroker(host=host, port=port)
     else:
         broker = MosquittoBroker(host=host, port=port, max_packet_size=config.max_message_size)
-    await asyncio.to_thread(broker.start)
-    try:
+    async with broker:  # a local Mosquitto is spawned from this thread, to die with it
         yield f"mqtt://{public}:{broker.port}"
-    finally:
-        await asyncio.to_thread(broker.stop)
 
 
 @contextlib.asynccontextmanager

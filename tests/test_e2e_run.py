@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.nodeproc import NodeProcess, free_ports, wait_until
@@ -148,17 +149,39 @@ def test_local_mosquitto_home_brokers(tmp_path: Path) -> None:
     nodes = start_cluster(
         tmp_path, 2, [*FAST, "--broker", "local", "--mode", "sync", "--rounds", "3"]
     )
+    brokers = [mosquitto_child(node) for node in nodes]
     finish(nodes, 120)
     for node in nodes:
         done = node.done()
         assert done is not None and done["round"] == 3, node.tail()
         assert done["models_received"] >= 2
-    assert not any("mosquitto" in line for line in subprocess_listing())
+    _, alive = psutil.wait_procs(brokers, timeout=10)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], (
+        "a broker outlived its node"
+    )
 
 
-def subprocess_listing() -> list[str]:
-    """Private Mosquitto children still running (they must die with their node)."""
-    import subprocess
+def test_local_mosquitto_dies_with_a_killed_node(tmp_path: Path) -> None:
+    """A `kill -9` leaves no clean-up to the node: the kernel must take its broker down."""
+    (node,) = start_cluster(tmp_path, 1, [*FAST, "--broker", "local", "--duration", "120"])
+    broker = mosquitto_child(node)
+    node.signal(signal.SIGKILL)
+    node.wait(10)
+    _, alive = psutil.wait_procs([broker], timeout=10)
+    # Reparented to a PID 1 that may not reap: a zombie holds no port, it is gone for us.
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "broker outlived its node"
 
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "p2pfl-mosquitto" in line]
+
+def mosquitto_child(node: NodeProcess) -> psutil.Process:
+    """The private Mosquitto that `node` spawned, once it is up."""
+    assert node.proc is not None
+    parent = psutil.Process(node.proc.pid)
+
+    def brokers() -> list[psutil.Process]:
+        try:
+            return [c for c in parent.children() if "mosquitto" in c.name()]
+        except psutil.Error:
+            return []
+
+    wait_until(lambda: len(brokers()) == 1, 60, "a mosquitto child", node.tail())
+    return brokers()[0]

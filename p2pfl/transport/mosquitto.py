@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -40,6 +44,32 @@ def find_mosquitto() -> str | None:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a `preexec_fn` that has the kernel SIGTERM the child when its parent dies.
+
+    `weakref.finalize` covers a clean exit only; after a `kill -9` of the node the broker would
+    live on, holding its port. The death signal follows the thread that forked, so spawn from
+    a thread that lives as long as the process (see `MosquittoBroker.__aenter__`).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not after the fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return preexec
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
@@ -135,6 +165,10 @@ class MosquittoBroker:
 
     def start(self) -> None:
         """Spawn mosquitto and block until it accepts connections."""
+        self._spawn()
+        self._wait_ready()
+
+    def _spawn(self) -> None:
         if self.running:
             return
         binary = self._binary or find_mosquitto()
@@ -150,25 +184,30 @@ class MosquittoBroker:
         folder = Path(self._dir.name)
         conf = folder / "mosquitto.conf"
         conf.write_text(self._config())
-        logfile = folder / "mosquitto.log"
-        with logfile.open("ab") as err:
+        with (folder / "mosquitto.log").open("ab") as err:
             try:
                 self._proc = subprocess.Popen(
                     [binary, "-c", str(conf)],
                     stdin=subprocess.DEVNULL,
                     stdout=err,
                     stderr=err,
+                    preexec_fn=_die_with_parent(),
                 )
             except OSError as exc:
                 raise TransportError(f"cannot run mosquitto ({binary}): {exc}") from exc
         # The broker must not outlive its owner, even one that forgets stop() (also at exit).
         weakref.finalize(self, _terminate, self._proc)
+
+    def _wait_ready(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
         # Poll with a real MQTT handshake: a bare TCP connect could reach another program
         # that took the port, while mosquitto is failing to bind it.
         deadline = time.monotonic() + self._start_timeout
         while not mqtt_ping(self.host, self._port, timeout=0.2, tls=self.tls is not None):
-            if self._proc.poll() is not None:
-                text = logfile.read_text(errors="replace").strip()
+            if proc.poll() is not None:
+                text = self.log_text().strip()
                 self._proc = None
                 raise TransportError(f"mosquitto exited at start on port {self._port}: {text}")
             if time.monotonic() > deadline:
@@ -178,7 +217,7 @@ class MosquittoBroker:
                     f"within {self._start_timeout} s"
                 )
             time.sleep(0.02)
-        log.debug("mosquitto started pid=%d uri=%s", self._proc.pid, self.uri)
+        log.debug("mosquitto started pid=%d uri=%s", proc.pid, self.uri)
 
     def stop(self) -> None:
         """Terminate the child process (SIGTERM, then SIGKILL after 5 s)."""
@@ -242,7 +281,10 @@ class MosquittoBroker:
         self.close()
 
     async def __aenter__(self) -> Self:
-        await asyncio.to_thread(self.start)
+        # Spawn from the loop's thread, which lives as long as the process (a worker thread
+        # may exit earlier and take the broker with it: the death signal follows the thread).
+        self._spawn()
+        await asyncio.to_thread(self._wait_ready)
         return self
 
     async def __aexit__(
