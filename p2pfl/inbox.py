@@ -21,7 +21,7 @@ from p2pfl.config import NodeConfig
 from p2pfl.protocol import chunking
 from p2pfl.protocol.envelope import unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
-from p2pfl.protocol.model import ModelMessage, decode_model
+from p2pfl.protocol.model import ModelMessage, container_limit, decode_model
 from p2pfl.transport.base import Payload
 
 log = logging.getLogger("p2pfl.node")
@@ -131,7 +131,11 @@ class Inbox:
         try:
             if len(data) > self.config.max_message_size:
                 raise ProtocolError(f"oversize: {len(data)} bytes")
-            env = unpack_envelope(data, max_size=self.config.max_message_size)
+            env = unpack_envelope(
+                data,
+                max_size=self.config.max_message_size,
+                max_container_len=container_limit(self.layout),
+            )
             src = env.src
             if env.net != self.net:
                 raise ProtocolError(f"wrong network: {env.net!r}")

@@ -124,6 +124,22 @@ def test_hostile_bytes_are_a_protocol_error(data: bytes) -> None:
         unpack_envelope(data)
 
 
+def test_container_cap_refuses_long_arrays_and_maps() -> None:
+    listed = msgpack.packb(fields(body={"items": list(range(65))}))
+    mapped = msgpack.packb(fields(body={f"k{i}": i for i in range(65)}))
+    for data in (listed, mapped):
+        assert unpack_envelope(data).body  # the default cap lets them through
+        with pytest.raises(ProtocolError, match="exceeds max_(array|map)_len"):
+            unpack_envelope(data, max_container_len=64)
+
+
+def test_a_nest_of_inflated_headers_is_refused_under_a_tight_cap() -> None:
+    """Each header claims 16383 items but a few bytes follow: msgpack would preallocate all."""
+    for header in (b"\xdc\x3f\xff", b"\xde\x3f\xff"):
+        with pytest.raises(ProtocolError):
+            unpack_envelope(header * 1700, max_container_len=64)
+
+
 @given(st.binary(max_size=512))
 @settings(max_examples=300)
 def test_random_bytes_only_ever_raise_protocol_error(data: bytes) -> None:

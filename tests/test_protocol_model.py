@@ -159,6 +159,18 @@ def test_duplicate_tensor_names_are_refused() -> None:
         decode_model(reencode_body(data, tensors=tensors * 2))
 
 
+def test_container_cap_follows_the_local_layout() -> None:
+    """A message for a 300-tensor model decodes; for a 6-tensor one, long lists are refused."""
+    big = {f"layer{i}.weight": np.full(2, i, np.float32) for i in range(300)}
+    _, model = decode_model(encode(big), expected=layout(big))
+    assert len(model.weights) == 300
+    weights = small_model()
+    padded = encode(weights, meta={"history": list(range(200))})
+    assert decode_model(padded)[1].meta["history"][-1] == 199  # no layout: the loose default
+    with pytest.raises(ProtocolError, match="max_array_len"):
+        decode_model(padded, expected=layout(weights))
+
+
 def test_decoded_size_is_bounded_without_a_local_model() -> None:
     bomb = [
         ["w", "float32", [2**27], ["topk", 0], b""],

@@ -95,7 +95,8 @@ class Membership:
         if kind != "presence" or peer_id == self.node_id or not message.payload:
             return
         try:
-            env = unpack_envelope(message.payload, max_size=64 * 1024)
+            # a presence record is a flat map of a few fields: no long containers in it
+            env = unpack_envelope(message.payload, max_size=64 * 1024, max_container_len=64)
             record = parse_presence(env)
             if env.src != peer_id or env.net != self.net:
                 raise ProtocolError("presence record does not match its topic")

@@ -87,8 +87,15 @@ def pack_envelope(env: Envelope) -> bytearray:
     return out
 
 
-def unpack_envelope(data: BytesLike, *, max_size: int = DEFAULT_MAX_MESSAGE) -> Envelope:
-    """Parse and type-check one message; raise ProtocolError on anything unexpected."""
+def unpack_envelope(
+    data: BytesLike, *, max_size: int = DEFAULT_MAX_MESSAGE, max_container_len: int = MAX_ARRAY_LEN
+) -> Envelope:
+    """Parse and type-check one message; raise ProtocolError on anything unexpected.
+
+    ``max_container_len`` caps every array and map. msgpack preallocates a container from its
+    declared length, so a few kB of nested headers claiming 2**14 items each costs ~100 ms of
+    CPU before the truncation is noticed; callers that know their messages pass a tight cap.
+    """
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size > max_size:
         raise ProtocolError(f"message of {size} bytes exceeds the limit of {max_size} bytes")
@@ -99,8 +106,8 @@ def unpack_envelope(data: BytesLike, *, max_size: int = DEFAULT_MAX_MESSAGE) -> 
             strict_map_key=True,
             max_bin_len=max_size,
             max_str_len=min(max_size, MAX_STR_LEN),
-            max_array_len=min(max_size, MAX_ARRAY_LEN),
-            max_map_len=min(max_size, MAX_MAP_LEN),
+            max_array_len=min(max_size, MAX_ARRAY_LEN, max_container_len),
+            max_map_len=min(max_size, MAX_MAP_LEN, max_container_len),
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises many types (ValueError, StackError, UnicodeError...)

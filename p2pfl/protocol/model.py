@@ -18,6 +18,7 @@ import numpy as np
 from p2pfl.protocol.codec import Codec, TensorEntry, encode_tensor, parse_codec
 from p2pfl.protocol.envelope import (
     DEFAULT_MAX_MESSAGE,
+    MAX_ARRAY_LEN,
     BytesLike,
     Envelope,
     is_int,
@@ -38,6 +39,7 @@ ExpectedSpec = Mapping[str, tuple[np.dtype[Any] | str, tuple[int, ...]]]
 _ORDER = ("round", "age", "codec", "tensors", "digest")
 _REQUIRED = frozenset(_ORDER)
 _OPTIONAL = frozenset({"meta"})
+_MIN_CONTAINER_LEN = 64  # room for body fields, shapes, codec params and a small meta map
 
 
 @dataclass
@@ -97,12 +99,20 @@ def decode_model(
     """Parse and validate a model message; raise ProtocolError on anything unexpected.
 
     With ``expected`` the tensors must match the local model's names, dtypes and shapes exactly;
-    with ``net`` the message must come from that network.
+    with ``net`` the message must come from that network, and no array or map may be longer
+    than the model's tensor list needs (see ``unpack_envelope``).
     """
-    env = unpack_envelope(data, max_size=max_size)
+    env = unpack_envelope(data, max_size=max_size, max_container_len=container_limit(expected))
     if net is not None and env.net != net:
         raise ProtocolError(f"message for network {env.net!r}, expected {net!r}")
     return env, model_from_envelope(env, expected=expected, max_elements=max_elements)
+
+
+def container_limit(expected: ExpectedSpec | None) -> int:
+    """The longest array or map a model message for this layout can hold (default: no layout)."""
+    if not expected:
+        return MAX_ARRAY_LEN
+    return max(_MIN_CONTAINER_LEN, 2 * len(expected))
 
 
 def model_from_envelope(
