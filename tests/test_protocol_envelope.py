@@ -129,7 +129,7 @@ def test_container_cap_refuses_long_arrays_and_maps() -> None:
     mapped = msgpack.packb(fields(body={f"k{i}": i for i in range(65)}))
     for data in (listed, mapped):
         assert unpack_envelope(data).body  # the default cap lets them through
-        with pytest.raises(ProtocolError, match="exceeds max_(array|map)_len"):
+        with pytest.raises(ProtocolError, match=r"exceeds max_(array|map)_len"):
             unpack_envelope(data, max_container_len=64)
 
 
