@@ -31,7 +31,8 @@ from p2pfl.protocol import chunking, topics
 from p2pfl.protocol.model import encode_model, layout
 from p2pfl.store import StateDir
 from p2pfl.telemetry import LogForwarder, ProcessStats, encode_log, encode_telemetry, node_status
-from p2pfl.topology import Schedule, initial_token_holders, should_regenerate
+from p2pfl.tokens import Tokens
+from p2pfl.topology import Schedule
 from p2pfl.transport.base import Payload, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,7 @@ class Node:
         self._logs = logs
         self.last_loss: float | None = None
         self.sent_to: tuple[str, ...] = ()
-        self._holding = False
-        self._token_seen = clock()
+        self.tokens = Tokens(config, self.inbox, self.view, node_id=node_id, clock=clock)
         self._ceiling: tuple[tuple[int, int, int], int] | None = None
 
     # ---- public control -------------------------------------------------------------------
@@ -192,11 +192,7 @@ class Node:
         deadline = None if self.config.duration is None else self.clock() + self.config.duration
         walkers = self.config.walkers
         if walkers:
-            members = [self.node_id, *self.view.live()]
-            self._holding = self.node_id in initial_token_holders(
-                members, walkers, self.config.seed
-            )
-            self._token_seen = self.clock()
+            self.tokens.deal()
         while not self.stopping:
             # With walkers a node's budget is its own local steps; otherwise the shared round.
             done = self.counters.rounds if walkers else self.round
@@ -204,41 +200,18 @@ class Node:
                 break
             if deadline is not None and self.clock() >= deadline:
                 break
-            if walkers and not self._holding:
-                await self._wait_for_token(deadline)
+            if walkers and not self.tokens.holding:
+                await self.tokens.wait(deadline, lambda: self.stopping)
                 continue
             await self._one_round()
             if self.config.mode == "async" and self.config.period > 0:
                 await self._sleep(self.config.period)
 
-    async def _wait_for_token(self, deadline: float | None) -> None:
-        """Walkers: wait until a token (a model) arrives, or regenerate one lost with a peer."""
-        while not self.stopping and (deadline is None or self.clock() < deadline):
-            if self.inbox:
-                self._holding = True
-                return
-            age = self.clock() - self._token_seen
-            live = self.view.live()
-            if should_regenerate(
-                self.node_id, live, age, self.config.token_timeout, self.config.walkers,
-                seed=self.config.seed,
-            ):  # fmt: skip
-                log.info("regenerating a lost token after %.1fs", age)
-                self._holding = True
-                return
-            self.inbox.arrived.clear()
-            try:
-                async with asyncio.timeout(0.5):
-                    await self.inbox.arrived.wait()
-            except TimeoutError:
-                pass
-
     async def _adopt_tokens(self) -> int:
         """Walkers: the token's model replaces ours (several tokens met here: their average)."""
-        tokens = self.inbox.take_newest()
+        tokens = self.tokens.take()
         if not tokens:
             return 0
-        self._token_seen = self.clock()
         if len(tokens) == 1:
             merged = tokens[0].weights
         else:
@@ -280,9 +253,7 @@ class Node:
                 await self._wait_for_round(r, payload, sent)
         if walkers:
             merged = adopted
-            # The token moved on (alone, a node keeps it); our copy stays for evaluation.
-            self._holding = not sent
-            self._token_seen = self.clock()
+            self.tokens.passed_on(bool(sent))  # our copy stays, for evaluation
         else:
             merged = await self._merge_received(weights, r, float(self.learner.num_samples))
         eval_started = self.clock()
