@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,23 +81,36 @@ class NodeProcess:
         return self.proc.wait(timeout=timeout)
 
     def stop(self) -> None:
-        if self.alive():
-            self.signal(signal.SIGTERM)
-            try:
-                self.wait(20)
-            except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.wait(10)
+        stop_all([self])
 
     def tail(self, n: int = 30) -> str:
         lines = self.log_path.read_text().splitlines()
         return f"--- {self.name} ---\n" + "\n".join(lines[-n:])
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, what: str, logs: str = "") -> None:
+def stop_all(nodes: Iterable[NodeProcess], grace: float = 30.0) -> None:
+    """SIGTERM every live node at once (each may wait out its drain timeout), then reap them;
+    SIGKILL those still running after `grace` seconds."""
+    running = [node for node in nodes if node.alive()]
+    for node in running:
+        node.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for node in running:
+        try:
+            node.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            node.signal(signal.SIGKILL)
+            node.wait(10)
+
+
+def wait_until(
+    cond: Callable[[], bool], timeout: float, what: str, logs: Callable[[], str] | str = ""
+) -> None:
+    """Poll `cond`; on timeout fail with `logs` (a callable is read then, not now)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+    detail = logs() if callable(logs) else logs
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{detail}")

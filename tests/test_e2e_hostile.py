@@ -18,7 +18,7 @@ from p2pfl.protocol.codec import encode_tensor, parse_codec
 from p2pfl.protocol.envelope import Envelope, pack_envelope
 from p2pfl.protocol.model import encode_model, model_digest
 from p2pfl.transport.mosquitto import MosquittoBroker
-from tests.nodeproc import NodeProcess, free_ports, wait_until
+from tests.nodeproc import NodeProcess, free_ports, stop_all, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -86,15 +86,13 @@ def test_a_thousand_malformed_payloads_are_counted_and_change_nothing(tmp_path: 
         tmp_path,
     ).start()  # fmt: skip
     try:
-        wait_until(lambda: node.last_round() >= 1, 60, "first round", node.tail())
+        wait_until(lambda: node.last_round() >= 1, 60, "first round", node.tail)
         before = node.rounds()[-1]
         asyncio.run(
             publish_all(port, topics.inbox("hostile", "victim"), hostile_payloads("hostile"))
         )
-        wait_until(
-            lambda: node.rounds()[-1]["rejected"] >= 1000, 60, "1000 rejections", node.tail()
-        )
-        wait_until(lambda: node.last_round() >= before["round"] + 2, 30, "more rounds", node.tail())
+        wait_until(lambda: node.rounds()[-1]["rejected"] >= 1000, 60, "1000 rejections", node.tail)
+        wait_until(lambda: node.last_round() >= before["round"] + 2, 30, "more rounds", node.tail)
         assert node.alive(), node.tail()
         after = node.rounds()[-1]
         assert after["rejected"] == before["rejected"] + 1000
@@ -121,7 +119,7 @@ def test_nodes_ride_out_a_mosquitto_outage(tmp_path: Path) -> None:
             ]  # fmt: skip
             nodes.append(NodeProcess(f"m{i}", args, tmp_path).start())
         logs = lambda: "\n".join(n.tail() for n in nodes)  # noqa: E731
-        wait_until(lambda: all(n.last_round() >= 2 for n in nodes), 90, "round 2", logs())
+        wait_until(lambda: all(n.last_round() >= 2 for n in nodes), 90, "round 2", logs)
         broker.stop()
         marks = {n.name: n.last_round() for n in nodes}
         received = {n.name: n.rounds()[-1]["models_received"] for n in nodes}
@@ -136,7 +134,7 @@ def test_nodes_ride_out_a_mosquitto_outage(tmp_path: Path) -> None:
             ),
             90,
             "training and gossip to resume",
-            logs(),
+            logs,
         )
         assert all(n.alive() for n in nodes), logs()
         reconnected = [
@@ -144,8 +142,7 @@ def test_nodes_ride_out_a_mosquitto_outage(tmp_path: Path) -> None:
         ]
         assert len(reconnected) == 3, logs()
     finally:
-        for n in nodes:
-            n.stop()
+        stop_all(nodes)
         broker.stop()
     for n in nodes:
         assert n.proc is not None and n.proc.returncode == 0, n.tail()
@@ -157,7 +154,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path: Path) -> None:
         "solo", ["--id", "solo", "--listen", f"127.0.0.1:{port}", "--state-dir",
                  str(tmp_path / "solo"), *FAST], tmp_path
     ).start()  # fmt: skip
-    wait_until(lambda: node.last_round() >= 2, 60, "round 2", node.tail())
+    wait_until(lambda: node.last_round() >= 2, 60, "round 2", node.tail)
     node.signal(signal.SIGTERM)
     assert node.wait(30) == 0, node.tail()
     done = node.done()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodeproc import NodeProcess, wait_until
+from tests.nodeproc import NodeProcess, stop_all, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -48,9 +48,18 @@ def test_nodes_discover_each_other_over_mdns_and_train_a_ring(tmp_path: Path) ->
     everyone = [*nodes, stranger]
     logs = lambda: "\n".join(n.tail() for n in everyone)  # noqa: E731
     try:
-        wait_until(lambda: all(n.last_round() >= 10 for n in nodes), 150, "round 10", logs())
-        assert all(n.rounds()[-1]["peers"] == 2 for n in nodes), logs()
-        assert all(n.rounds()[-1]["models_received"] > 0 for n in nodes), logs()
+        # A node may train its first rounds alone, before mDNS and presence bring the others.
+        wait_until(
+            lambda: all(
+                n.last_round() >= 10
+                and n.rounds()[-1]["peers"] == 2  # both others, and not the stranger
+                and n.rounds()[-1]["models_received"] > 0
+                for n in nodes
+            ),
+            150,
+            "round 10 with both peers",
+            logs,
+        )
 
         # mDNS is UDP: on a loaded machine an answer can be lost; a user would run it again
         for _attempt in range(3):
@@ -67,20 +76,19 @@ def test_nodes_discover_each_other_over_mdns_and_train_a_ring(tmp_path: Path) ->
             lambda: all(n.rounds() and n.rounds()[-1]["peers"] == 3 for n in [*nodes, late]),
             60,
             "the late node to join every view",
-            logs(),
+            logs,
         )
         late.signal(signal.SIGTERM)
         assert late.wait(30) == 0
         wait_until(
-            lambda: all(n.rounds()[-1]["peers"] == 2 for n in nodes), 30, "ring to close", logs()
+            lambda: all(n.rounds()[-1]["peers"] == 2 for n in nodes), 30, "ring to close", logs
         )
         received = {n.name: n.rounds()[-1]["models_received"] for n in nodes}
         wait_until(
             lambda: all(n.rounds()[-1]["models_received"] > received[n.name] for n in nodes),
             30,
             "the closed ring to keep gossiping",
-            logs(),
+            logs,
         )
     finally:
-        for n in everyone:
-            n.stop()
+        stop_all(everyone)

@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.nodeproc import NodeProcess, free_ports, wait_until
+from tests.nodeproc import NodeProcess, free_ports, stop_all, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -51,8 +51,7 @@ def finish(nodes: list[NodeProcess], timeout: float) -> None:
         for node in nodes:
             node.wait(timeout)
     except Exception:
-        for node in nodes:
-            node.stop()
+        stop_all(nodes)
         raise AssertionError("nodes did not finish\n" + logs(nodes)) from None
 
 
@@ -94,8 +93,9 @@ def test_random_walk_async_for_a_time_budget(tmp_path: Path) -> None:
 
 def test_kill_9_ring_reforms_and_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
     nodes = start_cluster(tmp_path, 4, [*FAST, "--schedule", "ring", "--mode", "async"])
+    show = lambda: logs(nodes)  # noqa: E731
     try:
-        wait_until(lambda: all(n.last_round() >= 3 for n in nodes), 120, "round 3", logs(nodes))
+        wait_until(lambda: all(n.last_round() >= 3 for n in nodes), 120, "round 3", show)
         victim = nodes[2]
         victim.signal(signal.SIGKILL)
         victim.wait(10)
@@ -110,22 +110,19 @@ def test_kill_9_ring_reforms_and_restart_resumes_from_checkpoint(tmp_path: Path)
             ),
             90,
             "survivors to keep training with 2 peers",
-            logs(nodes),
+            show,
         )
         # restarted with the same state dir, it resumes instead of starting over
         restarted = NodeProcess("n2-again", victim.args, tmp_path).start()
         nodes.append(restarted)
-        wait_until(lambda: bool(restarted.rounds()), 90, "restarted node to train", logs(nodes))
+        wait_until(lambda: bool(restarted.rounds()), 90, "restarted node to train", show)
         resumed = [r for r in restarted.records() if "resumed from checkpoint" in r.get("msg", "")]
         assert resumed, restarted.tail()
         assert killed_at >= 3
         assert restarted.rounds()[0]["round"] >= killed_at + 1
-        wait_until(
-            lambda: restarted.rounds()[-1]["peers"] == 3, 60, "restarted node rejoins", logs(nodes)
-        )
+        wait_until(lambda: restarted.rounds()[-1]["peers"] == 3, 60, "restarted node rejoins", show)
     finally:
-        for node in nodes:
-            node.stop()
+        stop_all(nodes)
     for node in nodes:
         if node is not nodes[2]:
             assert node.proc is not None and node.proc.returncode == 0, node.tail()
@@ -183,5 +180,5 @@ def mosquitto_child(node: NodeProcess) -> psutil.Process:
         except psutil.Error:
             return []
 
-    wait_until(lambda: len(brokers()) == 1, 60, "a mosquitto child", node.tail())
+    wait_until(lambda: len(brokers()) == 1, 60, "a mosquitto child", node.tail)
     return brokers()[0]

@@ -26,12 +26,14 @@ from p2pfl.transport.mqtt import MqttOptions, MqttTransport
 pytestmark = pytest.mark.timeout(30)
 
 WaitUntil = Callable[..., Awaitable[None]]
+# The monitor's: it gives up on a dead broker quickly. The test's own clients wait generously.
 FAST = MqttOptions(connect_timeout=1.5, drain_timeout=1.0, backoff_max=0.5)
+CLIENT = MqttOptions(connect_timeout=10.0, drain_timeout=10.0, backoff_max=0.5)
 
 
 @asynccontextmanager
 async def client(uri: str, *subscriptions: str) -> AsyncIterator[MqttTransport]:
-    transport = MqttTransport(uri, f"test-{uuid.uuid4().hex[:8]}", FAST)
+    transport = MqttTransport(uri, f"test-{uuid.uuid4().hex[:8]}", CLIENT)
     await transport.connect()
     try:
         for pattern in subscriptions:
@@ -51,6 +53,18 @@ async def running(monitor: Monitor) -> AsyncIterator[Monitor]:
         stop.set()
         async with asyncio.timeout(10):
             await task
+
+
+async def receive(transport: MqttTransport, count: int, within: float = 10.0) -> list[Message]:
+    """The first `count` messages with a payload (an empty one deletes a retained message)."""
+    out: list[Message] = []
+    async with asyncio.timeout(within):
+        async for message in transport.messages():
+            if message.payload:
+                out.append(message)
+                if len(out) == count:
+                    break
+    return out
 
 
 async def drain(transport: MqttTransport, within: float) -> list[Message]:
@@ -101,7 +115,7 @@ async def test_the_monitor_follows_presence_records_to_other_brokers(
             # A live update on b arrives too; a record from another network is ignored.
             await on_b.publish(topics.telemetry(net, "x"), telemetry(net, "x", b.uri, round=5))
             await on_b.publish(topics.telemetry("other", "z"), telemetry("other", "z", b.uri))
-            await wait_until(lambda: monitor.snapshot()["nodes"][0]["round"] == 5, within=5)
+            await wait_until(lambda: monitor.snapshot()["nodes"][0]["round"] == 5, within=10)
             assert [n["id"] for n in monitor.snapshot()["nodes"]] == ["x"]
 
 
@@ -120,7 +134,7 @@ async def test_bad_records_are_counted_and_dropped(
         )
         await pub.publish(topics.log(net, "y"), telemetry(net, "y", mosquitto.uri))
         await pub.publish(topics.telemetry(net, "ok"), telemetry(net, "ok", mosquitto.uri))
-        await wait_until(lambda: "ok" in monitor.state, within=5)
+        await wait_until(lambda: "ok" in monitor.state, within=10)
         snap = monitor.snapshot()
         assert [n["id"] for n in snap["nodes"]] == ["ok"]
         assert snap["rejected"] == {"log": 1, "telemetry": 3}
@@ -140,11 +154,9 @@ async def test_the_monitor_registers_as_a_monitor_and_leaves_nothing_retained(
         async with running(monitor):
             await wait_until(lambda: monitor.brokers == [mosquitto.uri], within=10)
             assert monitor.expected == {"s"} and not monitor.settled()  # s has not reported
-        records = [
-            parse_presence(unpack_envelope(m.payload))
-            for m in await drain(watcher, 1.0)
-            if m.payload
-        ]
+        # Its hello and its bye (however long they take), and nothing after them.
+        got = await receive(watcher, 2) + await drain(watcher, 0.5)
+        records = [parse_presence(unpack_envelope(m.payload)) for m in got if m.payload]
     assert [(r.node_id, r.role, r.online, r.broker) for r in records] == [
         (monitor.monitor_id, "monitor", True, ""),
         (monitor.monitor_id, "monitor", False, ""),
@@ -180,6 +192,12 @@ def test_once_json_prints_a_snapshot_and_writes_the_export_and_the_plot(
     async def publish() -> None:
         async with client(mosquitto.uri) as pub:
             for node_id, confusion in (("p", [[2, 0], [0, 2]]), ("q", [[1, 1], [1, 1]])):
+                # Presence makes them expected, so the monitor stops waiting once both reported.
+                await pub.publish(
+                    topics.presence(net, node_id),
+                    presence(net, node_id, mosquitto.uri),
+                    retain=True,
+                )
                 await pub.publish(
                     topics.telemetry(net, node_id),
                     telemetry(net, node_id, mosquitto.uri, confusion=confusion, sent_to=["p"]),
@@ -190,7 +208,7 @@ def test_once_json_prints_a_snapshot_and_writes_the_export_and_the_plot(
     asyncio.run(publish())
     export, plot = tmp_path / "snap.jsonl", tmp_path / "acc.png"
     code = run_monitor(
-        net, [mosquitto.uri], once=True, json_out=True, export=export, plot=plot, wait=3.0,
+        net, [mosquitto.uri], once=True, json_out=True, export=export, plot=plot, wait=30.0,
         mdns=False,
     )  # fmt: skip
     assert code == 0

@@ -40,6 +40,7 @@ class LinearLearner:
         self.b = np.zeros(1, dtype=np.float16)
         self.steps = np.zeros((), dtype=np.int64)
         self.pause = pause
+        self.last_fit: FitResult | None = None
 
     @property
     def num_samples(self) -> int:
@@ -62,7 +63,8 @@ class LinearLearner:
             self.b = (self.b - 0.05 * 2 * err.mean()).astype(np.float16)
             self.steps = self.steps + 1
         time.sleep(self.pause)
-        return FitResult(self._loss(), 10 * len(self.x), time.perf_counter() - started)
+        self.last_fit = FitResult(self._loss(), 10 * len(self.x), time.perf_counter() - started)
+        return self.last_fit
 
     def evaluate(self) -> EvalResult:
         return EvalResult(self._loss(), 0.0, len(self.x), np.zeros((1, 1), dtype=np.int64))
@@ -199,8 +201,10 @@ def test_straggler_takes_about_slowdown_times_longer() -> None:
     started = time.perf_counter()
     result = slow.fit()
     took = time.perf_counter() - started
-    assert (4.0 - 0.5) * 0.02 <= took < 4.0 * 0.02 + 0.3
-    assert result.seconds == pytest.approx(took, abs=0.01)
+    assert inner.last_fit is not None
+    alone = inner.last_fit.seconds  # as long as a loaded machine made it: the yardstick
+    # It sleeps (slowdown - 1) times the inner fit, and reports the whole, measured inside `took`.
+    assert 4.0 * alone <= result.seconds <= took < 4.0 * alone + 1.0
     assert result.samples == 640
     assert isinstance(slow, Learner)
     assert slow.pause == 0.02  # attributes beyond the protocol come from the inner learner
