@@ -135,6 +135,7 @@ class Node:
     def stop(self) -> None:
         """Ask the node to finish: stop taking work, checkpoint, say bye, close."""
         self._stop.set()
+        self.inbox.arrived.set()  # wakes a wait for peers' models or a token at once
 
     @property
     def stopping(self) -> bool:
