@@ -6,15 +6,20 @@ import asyncio
 import contextlib
 import hashlib
 import shutil
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiomqtt
 import pytest
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.reasoncodes import ReasonCode
 
 from p2pfl.transport.address import TlsOptions
 from p2pfl.transport.base import LocalBroker, Message, Transport, TransportError
 from p2pfl.transport.embedded import EmbeddedBroker
+from p2pfl.transport.link import is_hopeless
 from p2pfl.transport.mosquitto import MosquittoBroker, find_mosquitto, free_port
 from p2pfl.transport.mqtt import MqttOptions, MqttTransport
 
@@ -348,10 +353,11 @@ async def test_mqtts_with_a_private_ca(tmp_path: Path, transports) -> None:
         await a.publish("s", b"secret")
         assert await receive(a) == [Message("s", b"secret")]
         await a.close()
-        # Without our CA the server certificate is not trusted. connect() retries until its
-        # timeout, then names the last error: give the first handshake time to fail.
+        # Without our CA the server certificate is not trusted: no retry can fix that, so
+        # connect() says so at once instead of retrying until its (here very long) timeout.
         with pytest.raises(TransportError, match="certificate verify failed"):
-            await transports(secure.uri, "b", options=MqttOptions(connect_timeout=3.0))
+            async with asyncio.timeout(30):
+                await transports(secure.uri, "b", options=MqttOptions(connect_timeout=600.0))
 
 
 async def test_flush_waits_for_acknowledgements(broker: LocalBroker, transports) -> None:
@@ -363,3 +369,22 @@ async def test_flush_waits_for_acknowledgements(broker: LocalBroker, transports)
         await a.flush()
     assert a.stats.published_messages == 20
     assert a.stats.published_bytes == 2_000_000
+
+
+def test_only_configuration_errors_stop_the_first_connect_early() -> None:
+    def wrapped(inner: BaseException) -> aiomqtt.MqttError:
+        try:
+            try:
+                raise inner
+            except BaseException as exc:
+                raise aiomqtt.MqttError(str(exc)) from None  # as aiomqtt does
+        except aiomqtt.MqttError as outer:
+            return outer
+
+    untrusted = ssl.SSLCertVerificationError("certificate verify failed")
+    assert is_hopeless(wrapped(untrusted))
+    assert is_hopeless(MqttConnectError(4)) and is_hopeless(MqttConnectError(5))
+    assert is_hopeless(MqttConnectError(ReasonCode(2, identifier=135)))  # MQTT 5: not authorized
+    assert not is_hopeless(MqttConnectError(3))  # server unavailable: try again later
+    assert not is_hopeless(wrapped(ConnectionRefusedError(111, "Connection refused")))
+    assert not is_hopeless(None)

@@ -7,11 +7,13 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
 from p2pfl.transport.address import BrokerAddress
@@ -27,6 +29,24 @@ T = TypeVar("T")
 # What a broken connection raises: aiomqtt wraps most errors, but aiomqtt's graceful
 # disconnect may re-raise the socket error that broke the connection.
 _CONNECTION_ERRORS = (aiomqtt.MqttError, OSError)
+# CONNACK refusals no retry fixes: bad user name or password, not authorized (MQTT 3.1.1, 5).
+_REFUSED_FOR_GOOD = frozenset({4, 5, 134, 135})
+
+
+def is_hopeless(error: BaseException | None) -> bool:
+    """Whether a failed connection is a configuration error rather than a broker not up yet.
+
+    aiomqtt re-raises socket and TLS errors as a plain MqttError, keeping the original in the
+    exception's context.
+    """
+    while error is not None:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return True
+        if isinstance(error, MqttConnectError):
+            rc = error.rc
+            return (rc.value if isinstance(rc, ReasonCode) else rc) in _REFUSED_FOR_GOOD
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class Outgoing:
@@ -123,6 +143,9 @@ class Link:
         self.client: aiomqtt.Client | None = None
         self.task: asyncio.Task[None] | None = None
         self.last_error: BaseException | None = None
+        # Set when a first connection fails in a way no retry can fix (untrusted certificate,
+        # refused credentials), so that connect() reports it at once instead of at its timeout.
+        self.hopeless = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"Link({self.identifier!r} -> {self.address.uri})"
@@ -179,14 +202,18 @@ class Link:
         loop = asyncio.get_running_loop()
         delay = opts.backoff_min
         down_since = loop.time()
+        ever_up = False
         while True:
             was_up, idle = await self._connect_once()
             if idle or self.owner.aborting:
                 return
             now = loop.time()
             if was_up:
+                ever_up = True
                 delay = opts.backoff_min
                 down_since = now
+            elif not ever_up and is_hopeless(self.last_error):
+                self.hopeless.set()
             if not self.home and now - down_since >= opts.link_give_up:
                 self.owner.forget(self)
                 self.owner.dropped(self.clear(), f"broker {self.address.uri} unreachable")

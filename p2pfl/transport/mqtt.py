@@ -140,14 +140,16 @@ class MqttTransport:
         self._state = "connecting"
         self._runner = runner = asyncio.create_task(self._run(home), name=f"mqtt:{self.client_id}")
         waiter = asyncio.ensure_future(home.connected.wait())
+        hopeless = asyncio.ensure_future(home.hopeless.wait())
         try:
             await asyncio.wait(
-                {waiter, runner},
+                {waiter, hopeless, runner},
                 timeout=self.options.connect_timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             waiter.cancel()
+            hopeless.cancel()
             if self._state == "connecting" and home.connected.is_set():
                 self._state = "connected"
             else:  # timed out, failed, cancelled, or closed meanwhile: stop trying
