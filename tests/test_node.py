@@ -479,12 +479,11 @@ async def test_bye_and_will_remove_a_peer_at_once(dataset: Dataset, wait_until: 
 # ---- 5. resume from the state dir ------------------------------------------------------------
 
 
-class FirstFitWeights:
-    """A learner that remembers its weights as its first fit starts."""
+class WrappedLearner:
+    """A learner that hands everything to an inner one; tests override what they watch."""
 
     def __init__(self, inner: Learner) -> None:
         self.inner = inner
-        self.at_first_fit: Weights | None = None
 
     @property
     def num_samples(self) -> int:
@@ -497,12 +496,23 @@ class FirstFitWeights:
         self.inner.set_weights(weights)
 
     def fit(self) -> FitResult:
-        if self.at_first_fit is None:
-            self.at_first_fit = self.inner.get_weights()
         return self.inner.fit()
 
     def evaluate(self) -> EvalResult:
         return self.inner.evaluate()
+
+
+class FirstFitWeights(WrappedLearner):
+    """A learner that remembers its weights as its first fit starts."""
+
+    def __init__(self, inner: Learner) -> None:
+        super().__init__(inner)
+        self.at_first_fit: Weights | None = None
+
+    def fit(self) -> FitResult:
+        if self.at_first_fit is None:
+            self.at_first_fit = self.inner.get_weights()
+        return self.inner.fit()
 
 
 async def test_restarted_node_resumes_from_its_checkpoint(dataset: Dataset, tmp_path: Path) -> None:

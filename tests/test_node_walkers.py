@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import pytest
 
 from p2pfl.learning.datasets import Dataset, load_dataset
-from p2pfl.learning.learner import EvalResult, FitResult, Learner
+from p2pfl.learning.learner import FitResult, Learner
 from p2pfl.node import Node
 from p2pfl.topology import initial_token_holders
 from p2pfl.transport.memory import MemoryBus, MemoryTransport
-from tests.test_node import BUS, Reports, WaitUntil, make_learner, make_node, running
+from tests.test_node import (
+    BUS,
+    Reports,
+    WaitUntil,
+    WrappedLearner,
+    make_learner,
+    make_node,
+    running,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,31 +67,18 @@ async def test_one_token_visits_every_node_in_turn(dataset: Dataset) -> None:
     assert order == [IDS[(start + i) % 3] for i in range(6)]
 
 
-class StuckLearner:
+class StuckLearner(WrappedLearner):
     """Its first fit blocks until released: the node holds its token and never passes it on."""
 
     def __init__(self, inner: Learner) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.fitting = threading.Event()
         self.release = threading.Event()
-
-    @property
-    def num_samples(self) -> int:
-        return self.inner.num_samples
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        return self.inner.get_weights()
-
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        self.inner.set_weights(weights)
 
     def fit(self) -> FitResult:
         self.fitting.set()
         self.release.wait(30)
         return self.inner.fit()
-
-    def evaluate(self) -> EvalResult:
-        return self.inner.evaluate()
 
 
 async def test_a_token_lost_with_its_holder_is_regenerated(
