@@ -12,19 +12,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from p2pfl.config import NodeConfig
 from p2pfl.protocol import chunking
-from p2pfl.protocol.envelope import unpack_envelope
+from p2pfl.protocol.envelope import Envelope, unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
-from p2pfl.protocol.model import ModelMessage, container_limit, decode_model
+from p2pfl.protocol.model import ModelMessage, container_limit, model_from_envelope
 from p2pfl.transport.base import Payload
 
 log = logging.getLogger("p2pfl.node")
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 # Decoding big payloads is done off the loop; small ones are cheaper inline.
 _INLINE_DECODE_BYTES = 256 * 1024
@@ -51,6 +55,11 @@ _REASONS = (
     ("mismatch", "layout"),
     ("tensor", "layout"),
 )
+
+
+async def _off_loop_if(big: bool, work: Callable[[A], R], arg: A) -> R:
+    """Large messages are parsed in a worker thread, so the loop keeps serving the others."""
+    return await asyncio.to_thread(work, arg) if big else work(arg)
 
 
 def reason_label(reason: str) -> str:
@@ -131,11 +140,7 @@ class Inbox:
         try:
             if len(data) > self.config.max_message_size:
                 raise ProtocolError(f"oversize: {len(data)} bytes")
-            env = unpack_envelope(
-                data,
-                max_size=self.config.max_message_size,
-                max_container_len=container_limit(self.layout),
-            )
+            env = await _off_loop_if(len(data) > _INLINE_DECODE_BYTES, self._unpack, data)
             src = env.src
             if env.net != self.net:
                 raise ProtocolError(f"wrong network: {env.net!r}")
@@ -145,12 +150,11 @@ class Inbox:
                 if complete is None:
                     return
                 data = complete
+                env = await _off_loop_if(len(data) > _INLINE_DECODE_BYTES, self._unpack, data)
             elif env.kind != "model":
                 raise ProtocolError(f"unexpected kind in inbox: {env.kind}")
-            if len(data) > _INLINE_DECODE_BYTES:
-                env, model = await asyncio.to_thread(self._decode, data)
-            else:
-                env, model = self._decode(data)
+            # A model message is parsed once: validated from the envelope already unpacked.
+            model = await _off_loop_if(len(data) > _INLINE_DECODE_BYTES, self._validate, env)
             if env.src != src:
                 raise ProtocolError("sender mismatch between chunks and model")
             if model.round < lowest:
@@ -167,10 +171,17 @@ class Inbox:
             del by_round[min(by_round)]
         self.arrived.set()
 
-    def _decode(self, data: Payload) -> tuple[Any, ModelMessage]:
-        return decode_model(
-            data, expected=self.layout, net=self.net, max_size=self.config.max_message_size
+    def _unpack(self, data: Payload) -> Envelope:
+        return unpack_envelope(
+            data,
+            max_size=self.config.max_message_size,
+            max_container_len=container_limit(self.layout),
         )
+
+    def _validate(self, env: Envelope) -> ModelMessage:
+        if env.net != self.net:  # again: a reassembled payload carries its own envelope
+            raise ProtocolError(f"wrong network: {env.net!r}")
+        return model_from_envelope(env, expected=self.layout)
 
     def __bool__(self) -> bool:
         return any(self._models.values())
