@@ -108,7 +108,9 @@ def run(
         None, help="Model tokens circulating (ring, random-walk); 0 = every node active."
     ),
     token_timeout: float | None = typer.Option(
-        None, help="Walkers: regenerate a token not seen for this many seconds. [default: 30]"
+        None,
+        help="Walkers: regenerate a token after this many seconds with no sign of one (none "
+        "arrived, no peer's round rose). [default: 30]",
     ),
     mode: str | None = typer.Option(
         None, help="async (gossip) | sync (rounds, reproducible). [default: async]"
