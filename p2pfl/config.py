@@ -140,6 +140,31 @@ class NodeConfig(BaseModel):
         parse_broker_uri(value)
         return value
 
+    @field_validator("advertise")
+    @classmethod
+    def _check_advertise(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        hosts = [h.strip() for h in value.split(",")]
+        for host in hosts:
+            if not host or "://" in host or "/" in host or any(c.isspace() for c in host):
+                raise ValueError(
+                    f"expected HOST or HOST,HOST (names or IPs, no scheme or port), got {value!r}"
+                )
+        return ",".join(hosts)
+
+    @field_validator("interfaces")
+    @classmethod
+    def _check_interfaces(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for ip in value:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ValueError(f"expected the IP address of an interface, got {ip!r}") from None
+        return value
+
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:

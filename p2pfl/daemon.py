@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import secrets
 import signal
-import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from p2pfl.config import NodeConfig, parse_host_port
+from p2pfl.discovery.addresses import (
+    OwnBroker,
+    advertised_hosts,
+    broker_uris,
+    is_loopback,
+    is_wildcard,
+)
 from p2pfl.discovery.mdns import Mdns
 from p2pfl.learning.datasets import load_dataset
 from p2pfl.learning.partition import partition
@@ -26,7 +34,7 @@ from p2pfl.node import Node, NodeCounters, RoundReport
 from p2pfl.store import StateDir
 from p2pfl.telemetry import LogForwarder
 from p2pfl.topology import load_graph, make_schedule
-from p2pfl.transport.address import TlsOptions
+from p2pfl.transport.address import TlsOptions, parse_broker_uri
 from p2pfl.transport.embedded import EmbeddedBroker
 from p2pfl.transport.mosquitto import MosquittoBroker
 from p2pfl.transport.mqtt import MqttOptions, MqttTransport
@@ -48,36 +56,47 @@ def build_torch_learner(config: NodeConfig) -> TorchLearner:
     return learner_from_config(config, dataset, parts[config.partition_index])
 
 
-def advertised_host(listen_host: str, advertise: str | None) -> str:
-    """The host peers should use to reach our broker."""
-    if advertise:
-        return advertise
-    if listen_host not in ("0.0.0.0", "::", ""):
-        return listen_host
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
+@dataclass(frozen=True)
+class HomeBroker:
+    """A node's home broker: where its own client connects, where peers reach it, and (when
+    the node hosts it) how to recognise it under any of its addresses."""
+
+    uri: str
+    advertised: tuple[str, ...]
+    own: OwnBroker | None = None
+
+
+def advertised_uris(config: NodeConfig, port: int) -> list[str]:
+    """The URIs peers use to reach a broker this node hosts on ``config.listen``'s host."""
+    host, _ = parse_host_port(config.listen)
+    advertise = [h.strip() for h in (config.advertise or "").split(",") if h.strip()]
+    return broker_uris(advertised_hosts(host, advertise, config.interfaces), port)
 
 
 @contextlib.asynccontextmanager
-async def home_broker(config: NodeConfig) -> AsyncIterator[str]:
+async def home_broker(config: NodeConfig) -> AsyncIterator[HomeBroker]:
     """Start the node's home broker (embedded or local) or pass an external URI through."""
     if config.broker not in ("embedded", "local"):
-        yield config.broker
+        yield HomeBroker(config.broker, (config.broker,))
         return
     host, port = parse_host_port(config.listen)
-    public = advertised_host(host, config.advertise)
     if config.broker == "embedded":
         broker: EmbeddedBroker | MosquittoBroker = EmbeddedBroker(host=host, port=port)
     else:
         broker = MosquittoBroker(host=host, port=port, max_packet_size=config.max_message_size)
     async with broker:  # a local Mosquitto is spawned from this thread, to die with it
-        yield f"mqtt://{public}:{broker.port}"
+        advertised = advertised_uris(config, broker.port)
+        # Our own client takes the shortest way in: loopback, when the broker listens there.
+        local = "127.0.0.1" if is_wildcard(host) else host
+        yield HomeBroker(
+            uri=broker_uris([local], broker.port)[0],
+            advertised=tuple(advertised),
+            own=OwnBroker(host, broker.port, advertised),
+        )
 
 
 @contextlib.asynccontextmanager
-async def mdns_discovery(config: NodeConfig, node: Node, home_uri: str) -> AsyncIterator[None]:
+async def mdns_discovery(config: NodeConfig, node: Node, home: HomeBroker) -> AsyncIterator[None]:
     """Announce this node and feed mDNS-found peers to it, when `mdns` is a discovery source."""
     if "mdns" not in config.discovery:
         yield
@@ -86,7 +105,8 @@ async def mdns_discovery(config: NodeConfig, node: Node, home_uri: str) -> Async
         config.network,
         node.node_id,
         role=config.role,
-        broker_uri=home_uri,
+        broker_uri=home.advertised[0],
+        addresses=[h for h in map(_uri_host, home.advertised) if _is_ip(h)],
         interfaces=config.interfaces,
         round=node.round,
         on_peer=node.discovered,
@@ -104,8 +124,44 @@ async def mdns_discovery(config: NodeConfig, node: Node, home_uri: str) -> Async
         await mdns.close()
 
 
+def _uri_host(uri: str) -> str:
+    return parse_broker_uri(uri).host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _opt_str(path: Path | None) -> str | None:
     return None if path is None else str(path)
+
+
+def announce_reachability(config: NodeConfig, node_id: str, home: HomeBroker) -> None:
+    """One line at start: the addresses peers will use to reach this node."""
+    where = ", ".join(home.advertised)
+    progress.info(
+        "node %s on network %s reachable at %s",
+        node_id,
+        config.network,
+        where,
+        extra={
+            "fields": {"event": "reachable", "node": node_id, "network": config.network,
+                       "brokers": list(home.advertised)},
+            "text_fields": False,
+        },
+    )  # fmt: skip
+    host, _ = parse_host_port(config.listen)
+    lonely = all(is_loopback(_uri_host(u)) for u in home.advertised)
+    if home.own is not None and is_wildcard(host) and not config.advertise and lonely:
+        log.warning(
+            "no network interface besides loopback: other machines cannot reach this "
+            "node at %s (give --advertise HOST if they reach it by another address)",
+            where,
+        )
 
 
 def report_round(report: RoundReport) -> None:
@@ -136,7 +192,7 @@ async def serve(config: NodeConfig) -> NodeCounters:
         schedule = make_schedule(
             config.schedule, degree=config.degree, seed=config.seed, graph=graph
         )
-        async with home_broker(config) as home_uri:
+        async with home_broker(config) as home:
             tls = None
             if config.ca or config.cert or config.key:
                 tls = TlsOptions(
@@ -149,7 +205,7 @@ async def serve(config: NodeConfig) -> NodeCounters:
                 max_payload=max(config.max_message_size, config.max_chunk + 64 * 1024),
             )
             transport = MqttTransport(
-                home_uri, client_id=f"{node_id}-{secrets.token_hex(3)}", options=options
+                home.uri, client_id=f"{node_id}-{secrets.token_hex(3)}", options=options
             )
             forwarder = LogForwarder()
             logging.getLogger("p2pfl").addHandler(forwarder)
@@ -158,7 +214,9 @@ async def serve(config: NodeConfig) -> NodeCounters:
                 learner,
                 transport,
                 node_id=node_id,
-                home_broker=home_uri,
+                home_broker=home.uri,
+                advertised=home.advertised,
+                own_broker=home.own,
                 schedule=schedule,
                 state=state,
                 on_round=report_round,
@@ -172,8 +230,9 @@ async def serve(config: NodeConfig) -> NodeCounters:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, node.stop)
+            announce_reachability(config, node_id, home)
             try:
-                async with mdns_discovery(config, node, home_uri):
+                async with mdns_discovery(config, node, home):
                     counters = await node.run()
             finally:
                 if metrics is not None:

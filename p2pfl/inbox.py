@@ -51,6 +51,7 @@ _REASONS = (
     ("sender", "sender"),
     ("chunk", "chunk"),
     ("transfer", "chunk"),
+    ("own broker", "own-broker"),
     ("presence", "presence"),
     ("mismatch", "layout"),
     ("tensor", "layout"),

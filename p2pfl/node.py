@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,9 @@ from p2pfl.topology import Schedule
 from p2pfl.transport.base import Payload, Transport, TransportError
 
 log = logging.getLogger(__name__)
+
+LONELY_ROUNDS = 3
+"""Rounds without any live peer after which a node warns that it trains alone."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class Node:
         on_round: Callable[[RoundReport], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         logs: LogForwarder | None = None,
+        advertised: Sequence[str] = (),
+        own_broker: Container[str] | None = None,
     ) -> None:
         self.config = config
         self.learner = learner
@@ -118,6 +123,8 @@ class Node:
             current_round=lambda: self.round,
             reject=self.inbox.reject,
             clock=clock,
+            advertised=advertised,
+            own_broker=own_broker,
         )
         self._last_good: dict[str, np.ndarray] | None = None
         self._logs = logs
@@ -125,6 +132,7 @@ class Node:
         self.sent_to: tuple[str, ...] = ()
         self.tokens = Tokens(config, self.inbox, self.view, node_id=node_id, clock=clock)
         self._ceiling: tuple[tuple[int, int, int], int] | None = None
+        self._alone_rounds = 0  # consecutive rounds without a live peer
 
     # ---- public control -------------------------------------------------------------------
 
@@ -186,7 +194,33 @@ class Node:
         deadline = self.clock() + self.config.round_timeout
         while len(self.view.live()) < wanted and self.clock() < deadline and not self.stopping:
             await self._sleep(0.05)
-        log.info("starting with peers=%d wanted=%d", len(self.view.live()), wanted)
+        live = len(self.view.live())
+        if live >= wanted or self.stopping:
+            log.info("starting with peers=%d wanted=%d", live, wanted)
+            return
+        log.warning(
+            "starting with peers=%d wanted=%d after %gs: %s",
+            live,
+            wanted,
+            self.config.round_timeout,
+            await self.membership.diagnose(),
+        )
+        if live == 0:
+            self._alone_rounds = LONELY_ROUNDS  # said already: not again in this stretch
+
+    async def _check_alone(self, peers: int) -> None:
+        """Warn once per lonely stretch: a node with no live peer for some rounds shares
+        nothing, and users should not learn that from an accuracy figure."""
+        if peers:
+            self._alone_rounds = 0
+            return
+        self._alone_rounds += 1
+        if self._alone_rounds == LONELY_ROUNDS:
+            log.warning(
+                "no live peer for %d rounds, training alone: %s",
+                LONELY_ROUNDS,
+                await self.membership.diagnose(),
+            )
 
     async def _train_loop(self) -> None:
         await self._wait_for_peers()
@@ -280,6 +314,7 @@ class Node:
             fit_seconds=fit.seconds,
             eval_seconds=eval_seconds,
         )
+        await self._check_alone(report.peers)
         if self.state is not None:
             await asyncio.to_thread(self.state.append_metrics, report.as_dict())
         if self.on_round is not None:

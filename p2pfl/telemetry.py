@@ -122,7 +122,7 @@ def node_status(node: Node, stats: ProcessStats) -> dict[str, Any]:
         "tags": list(node.config.tags),
         "schedule": node.schedule.name,
         "mode": node.config.mode,
-        "broker": node.home_broker,
+        "broker": node.membership.advertised[0],
         "round": node.round,
         "loss": node.last_loss,
         "accuracy": None if ev is None else ev.accuracy,

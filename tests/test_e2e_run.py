@@ -182,3 +182,36 @@ def mosquitto_child(node: NodeProcess) -> psutil.Process:
 
     wait_until(lambda: len(brokers()) == 1, 60, "a mosquitto child", node.tail)
     return brokers()[0]
+
+
+def test_a_node_whose_peers_are_unreachable_says_so(tmp_path: Path) -> None:
+    """Nothing shared must not look like success: within the --min-peers wait plus one round,
+    a warning names the unreachable broker; at start, one line says where peers reach us."""
+    closed, port = free_ports(2)
+    node = NodeProcess(
+        "lone",
+        ["--id", "lone", "--network", "reach", "--state-dir", str(tmp_path / "lone"),
+         "--listen", f"127.0.0.1:{port}", "--interface", "127.0.0.1",
+         "--peer", f"ghost=mqtt://127.0.0.1:{closed}", "--min-peers", "1",
+         "--round-timeout", "3", "--mode", "sync", "--rounds", "2", *FAST],
+        tmp_path,
+    ).start()  # fmt: skip
+    try:
+        node.wait(120)
+    finally:
+        stop_all([node])
+    records = node.records()
+    reach = next(r for r in records if r.get("event") == "reachable")
+    assert reach["brokers"] == [f"mqtt://127.0.0.1:{port}"]
+    warnings = [
+        i
+        for i, r in enumerate(records)
+        if r.get("level") == "warning" and "starting with" in r.get("msg", "")
+    ]
+    rounds = [i for i, r in enumerate(records) if r.get("event") == "round"]
+    assert warnings and rounds, node.tail()
+    first = records[warnings[0]]["msg"]
+    assert "starting with peers=0 wanted=1" in first
+    assert f"peer ghost: broker unreachable at 127.0.0.1:{closed}" in first
+    assert "connection refused" in first
+    assert warnings[0] < rounds[0], "the warning comes before the first round ends"

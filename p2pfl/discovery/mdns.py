@@ -33,10 +33,10 @@ from zeroconf import (
     NotRunningException,
     ServiceStateChange,
     Zeroconf,
-    get_all_addresses,
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from p2pfl.discovery.addresses import advertised_hosts
 from p2pfl.discovery.mdns_record import (
     REJECT_REASONS,
     SERVICE_TYPE,
@@ -64,9 +64,7 @@ def _default_addresses(broker_uri: str, interfaces: Sequence[str]) -> list[str]:
             return [str(ip)]
     except ValueError:
         pass  # a host name: announce the interface addresses below
-    chosen = list(interfaces) or get_all_addresses()
-    routable = [a for a in chosen if not ipaddress.ip_address(a).is_loopback]
-    return routable or chosen
+    return advertised_hosts("0.0.0.0", chosen=interfaces)
 
 
 class Mdns:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from p2pfl.discovery.peerview import ROLES, PeerInfo
 from p2pfl.protocol.envelope import PROTOCOL_VERSION
 from p2pfl.protocol.topics import validate_name
-from p2pfl.transport.address import parse_broker_uri
+from p2pfl.transport.address import BrokerAddress, parse_broker_uri
 
 SERVICE_TYPE = "_p2pfl._tcp.local."
 MAX_TXT_ENTRY = 255  # one DNS character-string: a length byte, then the bytes
@@ -104,23 +104,36 @@ def _small_int(text: str, key: str) -> int:
     return int(text)
 
 
-def _reachable_broker(uri: str, addresses: Sequence[str]) -> str:
-    """``uri`` with an unspecified host (a wildcard bind) replaced by an announced address."""
+def _broker_candidates(uri: str, addresses: Sequence[str]) -> tuple[str, ...]:
+    """Every URI the announced broker may be reached at, the TXT one first.
+
+    A broker announced at an unspecified host (a wildcard bind) is reached at the record's
+    addresses; one announced at one of the record's addresses may be reached at the others of
+    the same IP version too (a multi-homed host). A broker named by host name is elsewhere (an
+    external broker, or a name for NAT): only that name.
+    """
     try:
         broker = parse_broker_uri(uri)
     except ValueError as exc:
         raise RecordRejected("malformed", str(exc)) from None
     try:
-        unspecified = ipaddress.ip_address(broker.host).is_unspecified
+        ip = ipaddress.ip_address(broker.host)
     except ValueError:
-        unspecified = False  # a host name
-    if not unspecified:
-        return broker.uri
-    if not addresses:
+        return (broker.uri,)  # a host name
+    if not ip.is_unspecified and broker.host not in addresses:
+        return (broker.uri,)
+    # an IPv4 broker (the embedded one) is not reached over IPv6, nor the other way round
+    same_family = [a for a in addresses if (":" in a) == (ip.version == 6)]
+    others = sorted(
+        (a for a in same_family if a != broker.host),
+        key=lambda a: (ipaddress.ip_address(a).is_loopback, a),
+    )
+    hosts = others if ip.is_unspecified else [broker.host, *others]
+    if not hosts:
         raise RecordRejected("malformed", f"broker {uri!r} has no host and no address")
-    host = sorted(addresses, key=lambda a: (":" in a, a))[0]
-    host = f"[{host}]" if ":" in host else host
-    return f"{'mqtts' if broker.tls else 'mqtt'}://{host}:{broker.port}"
+    return tuple(
+        BrokerAddress(host=h, port=broker.port, tls=broker.tls).uri for h in dict.fromkeys(hosts)
+    )
 
 
 def parse_txt(
@@ -145,7 +158,7 @@ def parse_txt(
     role = _text(props, "role", 16, required=True)
     if role not in ROLES:
         raise RecordRejected("malformed", f"unknown role {role!r}")
-    broker = _reachable_broker(_text(props, "mqtt", MAX_BROKER_URI, required=True), addresses)
+    brokers = _broker_candidates(_text(props, "mqtt", MAX_BROKER_URI, required=True), addresses)
     round_text = _text(props, "round", 12, required=False)
     meta: dict[str, object] = {"net": net, "addresses": sorted(addresses)}
     public_key = _text(props, "pk", MAX_PUBLIC_KEY, required=False)
@@ -154,7 +167,8 @@ def parse_txt(
     return PeerInfo(
         id=node_id,
         role=role,
-        broker=broker,
+        broker=brokers[0],
+        brokers=brokers,
         source="mdns",
         last_seen=last_seen,
         version=version,

@@ -6,27 +6,52 @@ each connection carrying the offline will; it repeats the record every third of 
 heartbeat and says `bye` on a graceful stop. Peers join the view when their presence is heard
 and leave at once on their will or bye, or after the TTL without news. With presence off,
 static and mDNS peers are taken as live.
+
+A peer's broker may be announced at several addresses (a multi-homed host): they are tried in
+the peer's order and the first that accepts a connection is kept (`p2pfl.discovery.dial`). An
+address that is this node's own broker is never dialled: a peer naming it announces an address
+it cannot be reached at (typically a loopback one), and is refused with that reason. When no
+peer turns up, `diagnose` says why in words a user can act on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container, Sequence
+from dataclasses import replace
 
 from p2pfl.config import NodeConfig
+from p2pfl.discovery.addresses import is_loopback
+from p2pfl.discovery.dial import first_reachable, probe
 from p2pfl.discovery.peerview import PeerInfo, PeerView
 from p2pfl.discovery.presence import encode_presence, parse_presence
 from p2pfl.protocol import topics
 from p2pfl.protocol.envelope import unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
+from p2pfl.transport.address import parse_broker_uri
 from p2pfl.transport.base import Message, Transport, TransportError
 
 log = logging.getLogger("p2pfl.node")
 
+# Per-peer notes kept for diagnosis; a bound, whatever the network sends.
+_MAX_NOTES = 256
+
+
+def _host_port(uri: str) -> tuple[str, str]:
+    try:
+        address = parse_broker_uri(uri)
+    except ValueError:
+        return uri, ""
+    return address.host, str(address.port)
+
 
 class Membership:
-    """Presence for one node: who is live, and making sure they know we are."""
+    """Presence for one node: who is live, and making sure they know we are.
+
+    ``advertised`` are the URIs peers reach our broker at (default: ``home_broker``);
+    ``own_broker`` recognises any address of the broker we host (None: we host none).
+    """
 
     def __init__(
         self,
@@ -40,20 +65,30 @@ class Membership:
         current_round: Callable[[], int],
         reject: Callable[[str, str], None],
         clock: Callable[[], float],
+        advertised: Sequence[str] = (),
+        own_broker: Container[str] | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
         self.view = view
         self.node_id = node_id
         self.home_broker = home_broker
+        self.advertised = tuple(advertised) or (home_broker,)
         self.net = config.network
         self.presence_on = "presence" in config.discovery
+        self._own: Container[str] = own_broker if own_broker is not None else ()
+        self._hosting = own_broker is not None
         self._next_seq = next_seq
         self._round = current_round
         self._reject = reject
         self._clock = clock
         self._announced: set[str] = set()
         self._discovered: asyncio.Queue[PeerInfo] = asyncio.Queue()
+        self._routes: dict[tuple[str, ...], str] = {}  # a peer's addresses -> the one that works
+        self._dialling: set[tuple[str, ...]] = set()
+        self._introduced: dict[str, tuple[str, ...]] = {}  # every peer heard of, its addresses
+        self._own_named: dict[str, str] = {}  # peers that announced our own broker as theirs
+        self.unreachable: dict[str, str] = {}  # broker URI -> why a probe failed
         # peers that said bye after finishing a round (sync rounds up to it keep their shape)
         self.finished: dict[str, int] = {}
 
@@ -70,16 +105,12 @@ class Membership:
         if self.presence_on:
             await self.transport.subscribe(topics.presence_all(self.net))
         for peer in self.config.peers:
-            if peer.id == self.node_id:
-                continue
-            if self.presence_on:
-                await self._announce_to(peer.broker)
-            else:
+            if peer.id != self.node_id:
                 info = PeerInfo(
                     id=peer.id, role="trainer", broker=peer.broker, source="static",
                     last_seen=self._clock(),
                 )  # fmt: skip
-                self.view.upsert(info)
+                await self._introduce(info)
         await self._publish(online=True)
 
     async def say_bye(self) -> None:
@@ -110,20 +141,24 @@ class Membership:
                 log.info("peer left id=%s", peer_id)
             return
         self.finished.pop(peer_id, None)
+        usable = self._usable(peer_id, record.candidates)
+        if usable is None:
+            return
         info = PeerInfo(
-            id=peer_id,
-            role=record.role,
-            broker=record.broker,
-            source="presence",
-            last_seen=self._clock(),
-            round=record.round,
-        )
-        if peer_id not in self.view:
-            log.info("peer joined id=%s broker=%s", peer_id, record.broker)
-        self.view.upsert(info)
-        if record.broker and record.broker not in self._announced:
-            # The peer learned of us before we knew it: make sure it hears our presence too.
-            await self._announce_to(record.broker)
+            id=peer_id, role=record.role, broker=usable[0] if usable else "", brokers=usable,
+            source="presence", last_seen=self._clock(), round=record.round,
+        )  # fmt: skip
+        self._note(peer_id, usable)
+        if len(usable) > 1:
+            route = self._routes.get(usable)
+            if route is None:
+                # Probing takes up to seconds: the discovery loop does it, not the receiver.
+                if usable not in self._dialling:
+                    self._dialling.add(usable)
+                    self._discovered.put_nowait(info)
+                return
+            info = replace(info, broker=route)
+        await self._admit(info)
 
     def discovered(self, info: PeerInfo) -> None:
         """A discovery source (mDNS) found a peer; call it on the node's loop."""
@@ -136,17 +171,17 @@ class Membership:
             log.info("peer left id=%s", peer_id)
 
     async def discovery_loop(self) -> None:
-        """Introduce ourselves to each peer a discovery source reports."""
+        """Introduce ourselves to each peer a discovery source reports; dial presence records
+        whose broker has several addresses."""
         while True:
             info = await self._discovered.get()
-            if self.presence_on:
-                # Like a static peer: an address. It joins the view when its presence is heard.
-                if info.broker and info.broker not in self._announced:
-                    await self._announce_to(info.broker)
+            if info.source != "presence":
+                await self._introduce(info)
                 continue
-            if info.id not in self.view:
-                log.info("peer joined id=%s broker=%s source=%s", info.id, info.broker, info.source)
-            self.view.upsert(info)
+            route = await self._dial(info.id, info.candidates)
+            self._dialling.discard(info.candidates)
+            if route is not None:
+                await self._admit(replace(info, broker=route))
 
     async def heartbeat_loop(self) -> None:
         """Repeat our presence every third of the TTL; forget peers silent for the TTL."""
@@ -157,6 +192,127 @@ class Membership:
                 log.info("peer expired id=%s", gone)
             await self._publish(online=True)
 
+    async def diagnose(self) -> str:
+        """Why no peer (or too few) is live, and what to try: one line for a warning."""
+        causes: list[str] = []
+        port = _host_port(self.advertised[0])[1]
+        if self._hosting and all(is_loopback(_host_port(a)[0]) for a in self.advertised):
+            causes.append(
+                f"this node advertises only {', '.join(self.advertised)}, a loopback address "
+                "other machines cannot reach (give --advertise HOST, or --listen on a LAN address)"
+            )
+        for peer_id, uri in sorted(self._own_named.items()):
+            causes.append(
+                f"peer {peer_id} announces {uri}, which is this node's own broker: it advertises "
+                "an address it cannot be reached at (start it with --advertise HOST)"
+            )
+        live = set(self.view.live(None))
+        gone = live | set(self._own_named)
+        silent = sorted((p, c) for p, c in self._introduced.items() if p not in gone)
+        if not self._introduced and not self._own_named:
+            if "mdns" in self.config.discovery:
+                causes.append(
+                    f"no node of network {self.net!r} answered over mDNS (is UDP port 5353 "
+                    "multicast allowed here? are the others on the same --network?); "
+                    f"run `p2pfl doctor --network {self.net}`, or list peers with "
+                    "--peer ID=mqtt://HOST:PORT"
+                )
+            else:
+                causes.append("no peer is configured (--peer ID=mqtt://HOST:PORT) and mDNS is off")
+        for peer_id, candidates in silent[:5]:
+            failures = [self.unreachable.get(c) or await probe(c) for c in candidates]
+            if candidates and all(failures):
+                where = ", ".join(":".join(_host_port(c)) for c in candidates)
+                causes.append(
+                    f"peer {peer_id}: broker unreachable at {where} ({failures[0]}); check that "
+                    "its broker port is open and the address it advertises is right"
+                )
+            elif self.presence_on:
+                causes.append(
+                    f"peer {peer_id}: its broker answers but its presence never arrived here; "
+                    f"it may not reach this node at {', '.join(self.advertised)} (is TCP port "
+                    f"{port} open on this machine? is --advertise right?)"
+                )
+        if len(silent) > 5:
+            causes.append(f"and {len(silent) - 5} more peers not live")
+        return "; ".join(causes) or "peers were seen but left; see the log above"
+
+    # -- dialling ------------------------------------------------------------------------------
+
+    async def _introduce(self, info: PeerInfo) -> None:
+        """A peer from static config or mDNS: an address, not proof of life (with presence)."""
+        usable = self._usable(info.id, info.candidates)
+        if usable is None:
+            return
+        self._note(info.id, usable)
+        route = await self._dial(info.id, usable)
+        if route is None:
+            return
+        if self.presence_on:
+            # It joins the view when its presence is heard.
+            if route not in self._announced:
+                await self._announce_to(route)
+            return
+        if info.id not in self.view:
+            log.info("peer joined id=%s broker=%s source=%s", info.id, route, info.source)
+        self.view.upsert(replace(info, broker=route, brokers=usable))
+
+    async def _admit(self, info: PeerInfo) -> None:
+        """A peer whose presence was heard joins the view; make sure it hears ours too."""
+        if info.id not in self.view:
+            log.info("peer joined id=%s broker=%s", info.id, info.broker)
+        self.view.upsert(info)
+        if info.broker and info.broker not in self._announced:
+            # The peer learned of us before we knew it: make sure it hears our presence too.
+            await self._announce_to(info.broker)
+
+    def _usable(self, peer_id: str, candidates: tuple[str, ...]) -> tuple[str, ...] | None:
+        """The candidates that are not our own broker; None (refused) when only ours remain."""
+        usable = tuple(c for c in candidates if c not in self._own)
+        if candidates and not usable:
+            if peer_id not in self._own_named and len(self._own_named) < _MAX_NOTES:
+                self._own_named[peer_id] = candidates[0]
+            self._reject(
+                peer_id,
+                f"it announces this node's own broker {candidates[0]} as its own: it advertises "
+                "an address it cannot be reached at (start it with --advertise HOST)",
+            )
+            return None
+        self._own_named.pop(peer_id, None)
+        return usable
+
+    async def _dial(self, peer_id: str, candidates: tuple[str, ...]) -> str | None:
+        """The first of a peer's broker addresses that accepts a connection (cached)."""
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        cached = self._routes.get(candidates)
+        if cached is not None:
+            return cached
+        route, failures = await first_reachable(candidates)
+        for uri, why in failures.items():
+            if uri in self.unreachable or len(self.unreachable) < _MAX_NOTES:
+                self.unreachable[uri] = why
+        if route is None:
+            log.warning(
+                "peer unreachable id=%s brokers=%s reason=%s",
+                peer_id,
+                ",".join(candidates),
+                "; ".join(failures.values()),
+            )
+            return None
+        if failures:
+            log.info("peer reached id=%s broker=%s not_at=%s", peer_id, route, ",".join(failures))
+        if len(self._routes) >= _MAX_NOTES:
+            self._routes.pop(next(iter(self._routes)))
+        self._routes[candidates] = route
+        return route
+
+    def _note(self, peer_id: str, candidates: tuple[str, ...]) -> None:
+        if peer_id in self._introduced or len(self._introduced) < _MAX_NOTES:
+            self._introduced[peer_id] = candidates
+
+    # -- announcing ------------------------------------------------------------------------------
+
     def _record(self, *, online: bool, graceful: bool = True) -> Message:
         payload = encode_presence(
             self.net,
@@ -165,7 +321,8 @@ class Membership:
             online=online,
             graceful=graceful,
             role=self.config.role,
-            broker=self.home_broker,
+            broker=self.advertised[0],
+            brokers=self.advertised,
             round=self._round(),
         )
         return Message(topics.presence(self.net, self.node_id), payload, retain=True)

@@ -28,7 +28,9 @@ class PeerInfo:
     ``role`` is ``trainer`` or ``monitor``; ``source`` is ``static``, ``presence`` or ``mdns``
     (strings as they arrive from the wire: an unknown role simply never counts as a trainer).
     ``version`` is the protocol version the peer speaks; ``meta`` holds extra announced fields
-    such as a key fingerprint.
+    such as a key fingerprint. ``broker`` is where we reach the peer; ``brokers`` every
+    address the peer announced for it, in its order (a discovery source fills it, membership
+    picks ``broker`` among them).
     """
 
     id: str
@@ -39,6 +41,12 @@ class PeerInfo:
     version: int = 1
     round: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    brokers: tuple[str, ...] = ()
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The broker URIs to try, in order."""
+        return self.brokers or ((self.broker,) if self.broker else ())
 
 
 class PeerView:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from p2pfl.protocol.envelope import PROTOCOL_VERSION, Envelope, pack_envelope
@@ -18,6 +19,7 @@ from p2pfl.protocol.errors import ProtocolError
 from p2pfl.transport.address import parse_broker_uri
 
 ROLES = ("trainer", "monitor")
+MAX_BROKERS = 16  # addresses a record may list: a host's interfaces, not a network
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,12 @@ class PresenceRecord:
     broker: str = ""
     round: int | None = None
     graceful: bool = False  # a `bye`: the node stopped on purpose (not its will after a crash)
+    brokers: tuple[str, ...] = ()  # every address of the node's broker, in its order
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The broker URIs to try, in order (``broker`` alone for older records)."""
+        return self.brokers or ((self.broker,) if self.broker else ())
 
 
 def encode_presence(
@@ -41,15 +49,21 @@ def encode_presence(
     graceful: bool = True,
     role: str,
     broker: str,
+    brokers: Sequence[str] = (),
     round: int | None = None,
 ) -> bytes:
     """The presence envelope of `node_id`: online, a graceful `bye`, or (``graceful=False``)
-    the offline record a will carries, which says the node died rather than stopped."""
-    body: dict[str, str | int] = {
+    the offline record a will carries, which says the node died rather than stopped.
+
+    ``brokers`` lists every address of the node's broker (``broker`` is the first of them).
+    """
+    body: dict[str, str | int | list[str]] = {
         "state": "online" if online else "offline",
         "role": role,
         "broker": broker,
     }
+    if len(brokers) > 1:
+        body["brokers"] = list(brokers)
     if round is not None:
         body["round"] = round
     env = Envelope(
@@ -78,13 +92,12 @@ def parse_presence(env: Envelope) -> PresenceRecord:
     if role not in ROLES:
         raise ProtocolError(f"unknown role {role!r}")
     broker = body.get("broker", "")
-    if not isinstance(broker, str) or len(broker) > 512:
-        raise ProtocolError("presence broker must be a short string")
-    if broker and not broker.startswith("memory://"):
-        try:
-            parse_broker_uri(broker)
-        except ValueError as exc:
-            raise ProtocolError(f"presence broker: {exc}") from None
+    _check_broker(broker)
+    brokers = body.get("brokers", [])
+    if not isinstance(brokers, list) or len(brokers) > MAX_BROKERS:
+        raise ProtocolError(f"presence brokers must be a list of at most {MAX_BROKERS}")
+    for uri in brokers:
+        _check_broker(uri)
     rnd = body.get("round")
     if rnd is not None and (not isinstance(rnd, int) or rnd < 0 or not math.isfinite(rnd)):
         raise ProtocolError(f"presence round must be a non-negative integer, got {rnd!r}")
@@ -96,4 +109,15 @@ def parse_presence(env: Envelope) -> PresenceRecord:
         broker=broker,
         round=rnd,
         graceful=env.kind == "bye",
+        brokers=tuple(b for b in brokers if b),
     )
+
+
+def _check_broker(uri: object) -> None:
+    if not isinstance(uri, str) or len(uri) > 512:
+        raise ProtocolError("presence broker must be a short string")
+    if uri and not uri.startswith("memory://"):
+        try:
+            parse_broker_uri(uri)
+        except ValueError as exc:
+            raise ProtocolError(f"presence broker: {exc}") from None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2pfl.config import StaticPeer
+from p2pfl.discovery.dial import first_reachable
 from p2pfl.discovery.mdns import Mdns
 from p2pfl.discovery.peerview import PeerInfo
 from p2pfl.discovery.presence import encode_presence, parse_presence
@@ -109,6 +110,8 @@ class Monitor:
         self._seq = 0
         self._clients = 0
         self._logged: set[tuple[str, str]] = set()
+        self._dialling: set[tuple[str, ...]] = set()
+        self._routes: dict[str, str] = {}  # a node's first address -> the one that answered
 
     # ---- public -----------------------------------------------------------------------------
 
@@ -189,7 +192,33 @@ class Monitor:
         if info.role != "trainer":
             return
         self._expected.add(info.id)
-        self._watch(info.broker)
+        self._watch_any(info.candidates)
+
+    def _watch_any(self, candidates: tuple[str, ...]) -> None:
+        """Listen on a node's broker: the first of its announced addresses that answers."""
+        if len(candidates) <= 1:
+            for uri in candidates:
+                self._watch(uri)
+            return
+        if self._tg is None or self._closing or candidates in self._dialling:
+            return
+        if any(canonical_broker(c) in self._watches for c in candidates):
+            return
+        self._dialling.add(candidates)
+        self._tg.create_task(self._dial(candidates), name="monitor-dial")
+
+    async def _dial(self, candidates: tuple[str, ...]) -> None:
+        try:
+            route, failures = await first_reachable(candidates)
+        finally:
+            self._dialling.discard(candidates)
+        if route is None:
+            log.warning("monitor cannot reach brokers=%s", "; ".join(failures.values()))
+            return
+        first, chosen = canonical_broker(candidates[0]), canonical_broker(route)
+        if first is not None and chosen is not None:
+            self._routes[first] = chosen
+        self._watch(route)
 
     def _watch(self, broker: str, retry_after: float = RETRY_AFTER) -> None:
         """Start listening on `broker` unless already (or recently, in vain) doing so."""
@@ -270,8 +299,7 @@ class Monitor:
                 return
             if record.online and accepted:
                 self._expected.add(node_id)
-                if record.broker:
-                    self._watch(record.broker)
+                self._watch_any(record.candidates)
             elif not record.online:
                 self._expected.discard(node_id)
         elif kind == "telemetry":
@@ -326,6 +354,7 @@ class Monitor:
     def _prune(self) -> None:
         """Leave the brokers no known node lives on any more (their nodes were forgotten)."""
         in_use = {canonical_broker(n.broker) for n in self.state.nodes() if n.broker}
+        in_use |= {self._routes.get(uri) for uri in in_use if uri is not None}
         now = self.clock()
         for uri, watch in list(self._watches.items()):
             if uri in self._pinned or uri in in_use or not watch.ready:
