@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from p2pfl.discovery.presence import encode_presence
 from p2pfl.learning.datasets import Dataset, load_dataset
 from p2pfl.learning.learner import EvalResult, FitResult, Learner
 from p2pfl.learning.torch_learner import build_learner
-from p2pfl.node import Node, NodeCounters, RoundReport
+from p2pfl.node import LONELY_ROUNDS, Node, NodeCounters, RoundReport
 from p2pfl.protocol import chunking, topics
 from p2pfl.protocol.codec import DTYPES, TensorEntry
 from p2pfl.protocol.envelope import Envelope, pack_envelope, unpack_envelope
@@ -667,3 +668,21 @@ async def test_stop_checkpoints_says_bye_and_returns_promptly(
     assert checkpoint is not None and checkpoint.round == last_round == b.round
     assert same_weights(checkpoint.weights, last_weights)
     assert "g1" not in bus.clients
+
+
+async def test_a_node_alone_for_some_rounds_warns_once(
+    dataset: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Training alone must not pass for gossip: a warning with the likely cause, once."""
+    bus = MemoryBus()
+    node = make_node(
+        dataset, MemoryTransport(bus, "solo"), "solo", 0, mode="async", rounds=LONELY_ROUNDS * 3
+    )
+    with caplog.at_level(logging.WARNING, logger="p2pfl.node"):
+        async with asyncio.timeout(60):
+            await node.run()
+    lonely = [r.getMessage() for r in caplog.records if "training alone" in r.getMessage()]
+    assert lonely == [
+        f"no live peer for {LONELY_ROUNDS} rounds, training alone: no peer is configured "
+        "(--peer ID=mqtt://HOST:PORT) and mDNS is off"
+    ]
