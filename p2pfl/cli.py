@@ -19,7 +19,17 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help texts are plain text: "[default: ...]" must not be read as rich markup and vanish.
+    rich_markup_mode=None,
 )
+
+
+def verbatim(epilog: str) -> str:
+    """Keep the line breaks of an epilog's example paragraphs (click re-wraps the others)."""
+    paragraphs = epilog.strip("\n").split("\n\n")
+    kept = [f"\b\n{p}" if any(line.startswith("  ") for line in p.splitlines()) else p
+            for p in paragraphs]  # fmt: skip
+    return "\n\n".join(kept)
 
 
 def _not_yet(command: str, what: str) -> None:
@@ -61,7 +71,7 @@ Flags override the keys of the TOML file given with --config (same names, with _
 """
 
 
-@app.command(epilog=_RUN_EPILOG)
+@app.command(epilog=verbatim(_RUN_EPILOG))
 def run(
     config: Path | None = typer.Option(
         None, "--config", "-c", help="TOML file with any of these keys."
@@ -78,7 +88,11 @@ def run(
     listen: str | None = typer.Option(
         None, help="HOST:PORT of the embedded/local broker; port 0 = free. [default: 0.0.0.0:0]"
     ),
-    advertise: str | None = typer.Option(None, help="Host peers use to reach this node's broker."),
+    advertise: str | None = typer.Option(
+        None,
+        help="Host(s) peers use to reach this node's broker, comma-separated (NAT, containers). "
+        "[default: every non-loopback interface address]",
+    ),
     ca: Path | None = typer.Option(None, help="CA file for mqtts://."),
     cert: Path | None = typer.Option(None, help="Client certificate for mqtts://."),
     key: Path | None = typer.Option(None, help="Client key for mqtts://."),
@@ -93,7 +107,8 @@ def run(
     interface: list[str] | None = typer.Option(
         None,
         "--interface",
-        help="IP of an interface mDNS uses (repeatable). [default: all interfaces]",
+        help="IP of an interface to use (repeatable): mDNS runs there and it is the address "
+        "announced. [default: all interfaces]",
     ),
     schedule: str | None = typer.Option(
         None, help="ring | random-walk | partial-mesh. [default: ring]"
@@ -274,7 +289,7 @@ Scenario files are TOML (see sim/README.md); flags override them.
 """
 
 
-@app.command(epilog=_SIM_EPILOG)
+@app.command(epilog=verbatim(_SIM_EPILOG))
 def sim(
     scenario: Path | None = typer.Argument(
         None, help="Scenario TOML file. [default: the built-in default scenario]"
@@ -357,6 +372,82 @@ def peers(
         Console().print(format_peers_table(found))
 
 
+_DOCTOR_EPILOG = """
+Checks the interfaces mDNS would use (with a multicast self-test that stays on this host), the
+address a node here would advertise, and, for every node found over mDNS or given with --peer,
+that its broker accepts a TCP connection and an MQTT CONNECT from here.
+
+Examples:
+
+  # this machine does not see the others of network "lab"
+  p2pfl doctor --network lab
+
+  # check a static setup (no multicast needed), only on the LAN interface
+  p2pfl doctor --interface 192.168.1.20 --peer n1=mqtt://192.168.1.21:1883
+
+  # the same checks as JSON, e.g. to attach to a bug report
+  p2pfl doctor --network lab --timeout 5 --json > doctor.json
+
+Exit status: 0 when everything checked works, 1 when a problem was found, 2 for bad arguments.
+"""
+
+
+@app.command(epilog=verbatim(_DOCTOR_EPILOG))
+def doctor(
+    network: str | None = typer.Option(
+        None, help="The network the others run (p2pfl run --network). [default: any network]"
+    ),
+    interface: list[str] | None = typer.Option(
+        None,
+        "--interface",
+        help="IP of an interface to check and browse on (repeatable), as given to p2pfl run. "
+        "[default: all interfaces]",
+    ),
+    timeout: float = typer.Option(
+        3.0, help="Seconds to listen for mDNS answers, and to wait for each broker."
+    ),
+    peer: list[str] | None = typer.Option(
+        None, "--peer", help="Also check the broker of ID=mqtt://HOST:PORT (repeatable)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object, not tables."),
+) -> None:
+    """Find out why this machine does not see the others, and what to fix."""
+    import asyncio
+    import ipaddress
+    import json
+
+    from rich.console import Console
+
+    from p2pfl.config import StaticPeer
+    from p2pfl.doctor import diagnose, render, report_json
+    from p2pfl.protocol.topics import validate_name
+
+    try:
+        if network is not None:
+            validate_name(network, "network name")
+        if not timeout > 0:
+            raise ValueError(f"--timeout must be > 0 seconds, got {timeout:g}")
+        chosen = []
+        for ip in interface or ():
+            try:
+                chosen.append(str(ipaddress.IPv4Address(ip)))
+            except ValueError:
+                raise ValueError(f"--interface {ip!r} is not an IPv4 address") from None
+        static = [StaticPeer.parse(text) for text in peer or ()]
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    try:
+        report = asyncio.run(diagnose(network, chosen, timeout, static))
+    except KeyboardInterrupt:
+        raise typer.Exit(code=130) from None
+    if json_out:
+        typer.echo(json.dumps(report_json(report), indent=2))
+    else:
+        render(report, Console())
+    raise typer.Exit(code=0 if report.ok else 1)
+
+
 @app.command()
 def keys() -> None:
     """Create and show this node's signing identity. [not implemented yet]"""
@@ -423,7 +514,7 @@ def _register_monitor() -> None:
     from p2pfl.monitor.command import EPILOG as MONITOR_EPILOG
     from p2pfl.monitor.command import monitor as monitor_command
 
-    app.command(name="monitor", epilog=MONITOR_EPILOG)(monitor_command)
+    app.command(name="monitor", epilog=verbatim(MONITOR_EPILOG))(monitor_command)
 
 
 _register_monitor()

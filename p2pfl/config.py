@@ -50,7 +50,12 @@ class StaticPeer(BaseModel):
         peer_id, sep, broker = text.partition("=")
         if not sep:
             raise ValueError(f"expected ID=mqtt://HOST:PORT, got {text!r}")
-        return cls(id=peer_id.strip(), broker=broker.strip())
+        try:
+            return cls(id=peer_id.strip(), broker=broker.strip())
+        except ValidationError as exc:  # one line, naming the part that is wrong
+            err = exc.errors()[0]
+            what = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{what}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 class NodeConfig(BaseModel):
