@@ -164,6 +164,19 @@ def announce_reachability(config: NodeConfig, node_id: str, home: HomeBroker) ->
         )
 
 
+def on_signal(node: Node, state: StateDir, sig: int) -> None:
+    """First SIGINT/SIGTERM: stop gracefully. A second one: exit now, once any checkpoint being
+    written is complete (the previous one stays valid either way: writes are atomic)."""
+    if not node.stopping:
+        log.info("stopping on %s (send it again to exit at once)", signal.Signals(sig).name)
+        node.stop()
+        return
+    log.warning("second %s: exiting now", signal.Signals(sig).name)
+    state.quiesce(timeout=5.0)
+    logging.shutdown()
+    os._exit(128 + sig)
+
+
 def report_round(report: RoundReport) -> None:
     """The per-round progress line (text) or JSON object (json)."""
     fields = report.as_dict()
@@ -229,7 +242,7 @@ async def serve(config: NodeConfig) -> NodeCounters:
                 metrics = serve_node_metrics(node, config.metrics_port, host=config.metrics_host)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, node.stop)
+                loop.add_signal_handler(sig, on_signal, node, state, sig)
             announce_reachability(config, node_id, home)
             try:
                 async with mdns_discovery(config, node, home):

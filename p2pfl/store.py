@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class StateDir:
         self.path = Path(path)
         self.keep = keep
         self._lock: IO[str] | None = None
+        self._writing = threading.Lock()  # held while a checkpoint is being written
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -130,19 +132,27 @@ class StateDir:
         arrays = {name: np.ascontiguousarray(arr) for name, arr in weights.items()}
         arrays[_META_KEY] = np.frombuffer(json.dumps(body).encode(), dtype=np.uint8)
         target = self.checkpoint_dir / f"ckpt-{round:06d}.npz"
-        fd, tmp = tempfile.mkstemp(dir=self.checkpoint_dir, prefix=".ckpt-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, allow_pickle=False, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        for old in self._checkpoints()[: -self.keep]:
-            old.unlink(missing_ok=True)
+        with self._writing:
+            fd, tmp = tempfile.mkstemp(dir=self.checkpoint_dir, prefix=".ckpt-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    np.savez(fh, allow_pickle=False, **arrays)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            for old in self._checkpoints()[: -self.keep]:
+                old.unlink(missing_ok=True)
         return target
+
+    def quiesce(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) for a checkpoint being written, and let none start after.
+
+        For a process about to exit at once: what is on disk is then whole. True if quiet.
+        """
+        return self._writing.acquire(timeout=timeout)
 
     def latest_checkpoint(self) -> Checkpoint | None:
         """The newest readable checkpoint, skipping damaged ones (logged)."""

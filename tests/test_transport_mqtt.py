@@ -388,3 +388,19 @@ def test_only_configuration_errors_stop_the_first_connect_early() -> None:
     assert not is_hopeless(MqttConnectError(3))  # server unavailable: try again later
     assert not is_hopeless(wrapped(ConnectionRefusedError(111, "Connection refused")))
     assert not is_hopeless(None)
+
+
+async def test_close_does_not_wait_on_a_broker_that_died(
+    broker: LocalBroker, wait_until: WaitUntil
+) -> None:
+    """A node stopping as its broker dies (a machine shutdown) must not wait out the drain."""
+    patient = MqttOptions(backoff_min=0.05, backoff_max=0.3, drain_timeout=120.0)
+    t = MqttTransport(broker.uri, "t", patient)
+    await t.connect()
+    broker.stop()
+    await wait_until(lambda: not t.connected)
+    await t.publish("net/presence/t", b"bye")  # queued for a broker that is gone
+    async with asyncio.timeout(30):  # far below the drain timeout
+        await t.close()
+    assert t.stats.dropped == 1
+    assert [m async for m in t.messages()] == []

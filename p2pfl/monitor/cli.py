@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -95,11 +96,17 @@ class _Session:
         self.history: list[tuple[float, float | None, float | None]] = []
         self.stop = asyncio.Event()
 
+    def _on_signal(self, sig: int) -> None:
+        """First SIGINT/SIGTERM: leave gracefully (bye on every broker). Second: exit now."""
+        if self.stop.is_set():
+            os._exit(128 + sig)
+        self.stop.set()
+
     async def run(self, *, once: bool, wait: float, metrics: tuple[str, int | None]) -> int:
         server = self._serve(*metrics)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop.set)
+            loop.add_signal_handler(sig, self._on_signal, sig)
         console = Console()
         try:
             async with asyncio.TaskGroup() as tg:

@@ -205,7 +205,10 @@ class Link:
         ever_up = False
         while True:
             was_up, idle = await self._connect_once()
-            if idle or self.owner.aborting:
+            # Checked, not left to cancellation: on Python 3.11 a TaskGroup whose child fails
+            # (the broken connection) while the link is cancelled raises the child's error and
+            # drops the cancellation, so a closing link would otherwise reconnect forever.
+            if idle or self.owner.aborting or self.owner.closing:
                 return
             now = loop.time()
             if was_up:
@@ -218,7 +221,7 @@ class Link:
                 self.owner.forget(self)
                 self.owner.dropped(self.clear(), f"broker {self.address.uri} unreachable")
                 return
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            await self.owner.pause(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, opts.backoff_max)
 
     async def _connect_once(self) -> tuple[bool, bool]:

@@ -159,6 +159,11 @@ class MosquittoBroker:
         return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The child process id while it runs (to signal it as a service manager would)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         """Whether the child process is alive."""
         return self._proc is not None and self._proc.poll() is None

@@ -67,7 +67,9 @@ class MqttOptions:
     max_payload: int = MAX_PAYLOAD
     max_attempts: int = 5
     drain_timeout: float = 5.0
-    """How long `close()` waits for queued messages to be acknowledged."""
+    """How long `close()` waits for queued messages to be acknowledged by brokers still up."""
+    close_timeout: float = 3.0
+    """How long `close()` then waits for the connections to end before cutting them."""
     link_idle: float = 120.0
     """A remote-broker link with nothing to send for this long is closed (reopened on demand)."""
     link_give_up: float = 60.0
@@ -116,6 +118,17 @@ class MqttTransport:
     def connected(self) -> bool:
         """Whether the home broker connection is up right now."""
         return self._home_link is not None and self._home_link.connected.is_set()
+
+    @property
+    def closing(self) -> bool:
+        """Whether `close()` or `abort()` was called: links stop reconnecting."""
+        return self._stop.is_set()
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less when the transport starts closing."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
 
     @property
     def brokers(self) -> list[str]:
@@ -242,8 +255,9 @@ class MqttTransport:
             self._state = "closing"
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.options.drain_timeout):
-                    for link in list(self._running):
-                        await link.drained.wait()
+                    # A link whose broker died will not drain: don't wait on it.
+                    for link in [lk for lk in self._running if lk.connected.is_set()]:
+                        await link.until_down(link.drained.wait())
         if self._state == "connecting":
             self._state = "closing"
         self._stop.set()
@@ -358,7 +372,17 @@ class MqttTransport:
 
     async def _wait_runner(self) -> None:
         if self._runner is not None:
-            await asyncio.wait({self._runner})
+            done, _ = await asyncio.wait({self._runner}, timeout=self.options.close_timeout)
+            if not done:
+                # A connection that does not end (a broker that died mid-handshake, aiomqtt
+                # waiting for a DISCONNECT to go out): cut everything; cancel, not wait.
+                log.warning("closing client=%s: connections did not end in time", self.client_id)
+                self._runner.cancel()
+                await asyncio.wait({self._runner}, timeout=self.options.close_timeout)
+                if not self._runner.done():
+                    log.error("closing client=%s: abandoned its connections", self.client_id)
+                    self._finish()
+                    return
             if not self._runner.cancelled() and self._runner.exception() is not None:
                 raise TransportError(
                     f"{self.client_id}: transport failed"
