@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from p2pfl.transport.mosquitto import MosquittoBroker, find_mosquitto
-from tests.nodeproc import NodeProcess, stop_all, wait_until
+from tests.nodeproc import NodeProcess, free_ports, stop_all, wait_until
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -114,3 +115,48 @@ def test_a_second_sigterm_ends_a_slow_shutdown_at_once(tmp_path: Path) -> None:
         assert any("second SIGTERM: exiting now" in r.get("msg", "") for r in node.records())
     finally:
         stop_all([node], grace=5)
+
+
+def test_node_and_monitor_exit_when_a_peers_broker_dies(tmp_path: Path) -> None:
+    """Embedded home brokers: a peer is SIGKILLed (its broker dies with it) and the node and a
+    `p2pfl monitor` watching both are SIGTERMed at that moment: both exit 0 within 10 s."""
+    for run in range(3):
+        lose_a_peer(tmp_path, f"stope{run}")
+
+
+def lose_a_peer(tmp: Path, net: str) -> None:
+    ports = free_ports(2)
+    peers = [f"e{j}=mqtt://127.0.0.1:{port}" for j, port in enumerate(ports)]
+    nodes = [
+        NodeProcess(
+            f"{net}-{j}",
+            ["--id", f"e{j}", "--network", net, "--listen", f"127.0.0.1:{ports[j]}",
+             "--peer", peers[1 - j], "--rounds", "0", "--num-partitions", "2",
+             "--partition-index", str(j), "--state-dir", str(tmp / net / f"e{j}"), *FAST],
+            tmp,
+        ).start()
+        for j in range(2)
+    ]  # fmt: skip
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "p2pfl", "monitor", "--network", net, "--no-mdns",
+         "--peer", peers[0], "--peer", peers[1], "--export", str(tmp / f"{net}.jsonl")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def tails() -> str:
+        return "\n".join(n.tail() for n in nodes)
+
+    try:
+        wait_until(lambda: all(n.rounds() for n in nodes), 120, "a first round", tails)
+        time.sleep(1.0)  # the monitor has connected to both brokers by now
+        survivor, victim = nodes
+        victim.signal(signal.SIGKILL)
+        survivor.signal(signal.SIGTERM)
+        monitor.send_signal(signal.SIGTERM)
+        assert survivor.wait(EXIT_WITHIN) == 0, tails()
+        assert monitor.wait(EXIT_WITHIN) == 0
+    finally:
+        stop_all(nodes, grace=5)
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait(5)
