@@ -1,4 +1,4 @@
-"""The `p2pfl` command line: `run | sim | monitor | peers | keys | topology`."""
+"""The `p2pfl` command line: `run | sim | monitor | peers | doctor | keys | topology`."""
 
 from __future__ import annotations
 
