@@ -449,12 +449,6 @@ def doctor(
 
 
 @app.command()
-def keys() -> None:
-    """Create and show this node's signing identity. [not implemented yet]"""
-    _not_yet("keys", "message signing")
-
-
-@app.command()
 def topology(
     schedule: str = typer.Option("partial-mesh", help="ring | random-walk | partial-mesh."),
     nodes: int = typer.Option(8, min=1, help="How many nodes (ids n01, n02, ...)."),
@@ -508,6 +502,16 @@ def topology(
     for m, p in plans.items():
         table.add_row(m, ", ".join(p.send_to) or "-", ", ".join(p.expect_from) or "-")
     Console().print(table)
+
+
+def _register_keys() -> None:
+    from p2pfl.keys_command import EPILOG as KEYS_EPILOG
+    from p2pfl.keys_command import app as keys_app
+
+    app.add_typer(keys_app, name="keys", epilog=verbatim(KEYS_EPILOG))
+
+
+_register_keys()
 
 
 def _register_monitor() -> None:

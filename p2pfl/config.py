@@ -6,6 +6,7 @@ Validated once at start-up; a bad value becomes one readable line naming the key
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -226,6 +227,12 @@ class NodeConfig(BaseModel):
         if self.topology_file is not None and not self.topology_file.is_file():
             raise ValueError(f"topology_file: no such file {self.topology_file}")
         return self
+
+
+def default_state_dir(network: str, node_id: str | None) -> Path:
+    """`$XDG_STATE_HOME/p2pfl/<network>/<id or 'node'>`."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "p2pfl" / network / (node_id or "node")
 
 
 def parse_host_port(value: str) -> tuple[str, int]:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pfl.config import NodeConfig, parse_host_port
+from p2pfl.config import NodeConfig, default_state_dir, parse_host_port
 from p2pfl.discovery.addresses import (
     OwnBroker,
     advertised_hosts,
@@ -27,11 +27,12 @@ from p2pfl.discovery.addresses import (
     is_wildcard,
 )
 from p2pfl.discovery.mdns import Mdns
+from p2pfl.identity import KeyFileError, fingerprint, load_identity
 from p2pfl.learning.datasets import load_dataset
 from p2pfl.learning.partition import partition
 from p2pfl.learning.torch_learner import TorchLearner, learner_from_config
 from p2pfl.node import Node, NodeCounters, RoundReport
-from p2pfl.store import StateDir
+from p2pfl.store import StateDir, StateDirError
 from p2pfl.telemetry import LogForwarder
 from p2pfl.topology import load_graph, make_schedule
 from p2pfl.transport.address import TlsOptions, parse_broker_uri
@@ -41,12 +42,6 @@ from p2pfl.transport.mqtt import MqttOptions, MqttTransport
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("p2pfl.progress")
-
-
-def default_state_dir(network: str, node_id: str | None) -> Path:
-    """`$XDG_STATE_HOME/p2pfl/<network>/<id or 'node'>`."""
-    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    return base / "p2pfl" / network / (node_id or "node")
 
 
 def build_torch_learner(config: NodeConfig) -> TorchLearner:
@@ -106,6 +101,7 @@ async def mdns_discovery(config: NodeConfig, node: Node, home: HomeBroker) -> As
         node.node_id,
         role=config.role,
         broker_uri=home.advertised[0],
+        public_key=node.membership.fingerprint,
         addresses=[h for h in map(_uri_host, home.advertised) if _is_ip(h)],
         interfaces=config.interfaces,
         round=node.round,
@@ -199,6 +195,12 @@ async def serve(config: NodeConfig) -> NodeCounters:
     state_path = config.state_dir or default_state_dir(config.network, config.id)
     with StateDir(state_path, keep=config.checkpoints_keep) as state:
         node_id = state.node_id(config.id)
+        try:
+            identity = load_identity(state.path)
+        except KeyFileError as exc:
+            raise StateDirError(str(exc)) from None
+        print_ = fingerprint(identity.public)
+        log.info("identity id=%s key=%s", node_id, print_)
         log.info("loading data dataset=%s model=%s", config.dataset, config.model)
         learner = await asyncio.to_thread(build_torch_learner, config)
         graph = None if config.topology_file is None else load_graph(config.topology_file)
@@ -230,6 +232,7 @@ async def serve(config: NodeConfig) -> NodeCounters:
                 home_broker=home.uri,
                 advertised=home.advertised,
                 own_broker=home.own,
+                fingerprint=print_,
                 schedule=schedule,
                 state=state,
                 on_round=report_round,

@@ -92,6 +92,7 @@ class Node:
         logs: LogForwarder | None = None,
         advertised: Sequence[str] = (),
         own_broker: Container[str] | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         self.config = config
         self.learner = learner
@@ -125,6 +126,7 @@ class Node:
             clock=clock,
             advertised=advertised,
             own_broker=own_broker,
+            fingerprint=fingerprint,
         )
         self._last_good: dict[str, np.ndarray] | None = None
         self._logs = logs

@@ -237,3 +237,13 @@ def test_mdns_record_naming_another_host_is_taken_as_is() -> None:
     # An external broker, or a name for NAT: the record's own addresses are not its broker's.
     for mqtt in ("mqtt://broker.example:1883", "mqtt://10.9.9.9:1883"):
         assert parse_txt(_txt(mqtt), ["10.77.0.2"]).candidates == (mqtt,)
+
+
+def test_presence_carries_the_key_fingerprint() -> None:
+    payload = encode_presence(
+        "lab", "m1", 1, online=True, role="trainer", broker="mqtt://10.0.0.1:1", pk="SHA256:abc"
+    )
+    assert parse_presence(unpack_envelope(payload)).pk == "SHA256:abc"
+    env = _presence({"state": "online", "pk": "x" * 200})
+    with pytest.raises(ProtocolError, match="pk"):
+        parse_presence(env)

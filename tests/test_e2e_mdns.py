@@ -68,6 +68,13 @@ def test_nodes_discover_each_other_over_mdns_and_train_a_ring(tmp_path: Path) ->
                 break
         assert sorted(p["id"] for p in listed) == ["d0", "d1", "d2"], listed
         assert {p["role"] for p in listed} == {"trainer"}
+        for peer in listed:  # each announces the fingerprint of the key in its state dir
+            shown = subprocess.run(
+                [sys.executable, "-m", "p2pfl", "keys", "show", "--json",
+                 "--state-dir", str(tmp_path / str(peer["id"]))],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert peer["pk"] == json.loads(shown.stdout)["fingerprint"], shown.stderr
         assert stranger.rounds()[-1]["peers"] == 0  # never saw, never contacted, the demo nodes
 
         late = node("d3")

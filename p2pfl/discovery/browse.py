@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,13 +30,15 @@ async def browse(
 
 
 def _address(peer: PeerInfo) -> str:
-    addresses = peer.meta.get("addresses")
-    if isinstance(addresses, list) and addresses:
-        return str(addresses[0])
+    """The address its broker is reached at first, else the first one its record lists."""
     try:
-        return parse_broker_uri(peer.broker).host
+        host = parse_broker_uri(peer.broker).host
+        ipaddress.ip_address(host)
+        return host
     except ValueError:
-        return ""
+        pass
+    addresses = peer.meta.get("addresses")
+    return str(addresses[0]) if isinstance(addresses, list) and addresses else ""
 
 
 def peers_json(peers: Iterable[PeerInfo]) -> list[dict[str, Any]]:
@@ -49,6 +52,8 @@ def peers_json(peers: Iterable[PeerInfo]) -> list[dict[str, Any]]:
             "broker": peer.broker,
             "version": peer.version,
             "round": peer.round,
+            "pk": peer.meta.get("pk"),
+            "brokers": list(peer.candidates),
         }
         for peer in peers
     ]

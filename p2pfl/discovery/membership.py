@@ -67,6 +67,7 @@ class Membership:
         clock: Callable[[], float],
         advertised: Sequence[str] = (),
         own_broker: Container[str] | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -74,6 +75,7 @@ class Membership:
         self.node_id = node_id
         self.home_broker = home_broker
         self.advertised = tuple(advertised) or (home_broker,)
+        self.fingerprint = fingerprint
         self.net = config.network
         self.presence_on = "presence" in config.discovery
         self._own: Container[str] = own_broker if own_broker is not None else ()
@@ -147,6 +149,7 @@ class Membership:
         info = PeerInfo(
             id=peer_id, role=record.role, broker=usable[0] if usable else "", brokers=usable,
             source="presence", last_seen=self._clock(), round=record.round,
+            meta={"pk": record.pk} if record.pk else {},
         )  # fmt: skip
         self._note(peer_id, usable)
         if len(usable) > 1:
@@ -324,6 +327,7 @@ class Membership:
             broker=self.advertised[0],
             brokers=self.advertised,
             round=self._round(),
+            pk=self.fingerprint,
         )
         return Message(topics.presence(self.net, self.node_id), payload, retain=True)
 

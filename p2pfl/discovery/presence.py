@@ -19,6 +19,7 @@ from p2pfl.protocol.errors import ProtocolError
 from p2pfl.transport.address import parse_broker_uri
 
 ROLES = ("trainer", "monitor")
+MAX_PK = 128  # a key fingerprint, as in the mDNS TXT record
 MAX_BROKERS = 16  # addresses a record may list: a host's interfaces, not a network
 
 
@@ -33,6 +34,7 @@ class PresenceRecord:
     round: int | None = None
     graceful: bool = False  # a `bye`: the node stopped on purpose (not its will after a crash)
     brokers: tuple[str, ...] = ()  # every address of the node's broker, in its order
+    pk: str = ""  # the fingerprint of the node's public key
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -51,6 +53,7 @@ def encode_presence(
     broker: str,
     brokers: Sequence[str] = (),
     round: int | None = None,
+    pk: str | None = None,
 ) -> bytes:
     """The presence envelope of `node_id`: online, a graceful `bye`, or (``graceful=False``)
     the offline record a will carries, which says the node died rather than stopped.
@@ -66,6 +69,8 @@ def encode_presence(
         body["brokers"] = list(brokers)
     if round is not None:
         body["round"] = round
+    if pk:
+        body["pk"] = pk
     env = Envelope(
         v=PROTOCOL_VERSION,
         kind="bye" if not online and graceful else "presence",
@@ -101,6 +106,9 @@ def parse_presence(env: Envelope) -> PresenceRecord:
     rnd = body.get("round")
     if rnd is not None and (not isinstance(rnd, int) or rnd < 0 or not math.isfinite(rnd)):
         raise ProtocolError(f"presence round must be a non-negative integer, got {rnd!r}")
+    pk = body.get("pk", "")
+    if not isinstance(pk, str) or len(pk) > MAX_PK or not pk.isascii() or not pk.isprintable():
+        raise ProtocolError("presence pk must be a short printable ASCII string")
     online = env.kind == "presence" and state == "online"
     return PresenceRecord(
         node_id=env.src,
@@ -110,6 +118,7 @@ def parse_presence(env: Envelope) -> PresenceRecord:
         round=rnd,
         graceful=env.kind == "bye",
         brokers=tuple(b for b in brokers if b),
+        pk=pk,
     )
 
 
