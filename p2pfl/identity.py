@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 from collections.abc import Iterator
@@ -94,13 +95,23 @@ def read_key_argument(value: str) -> Ed25519PublicKey:
 
 @dataclass(frozen=True)
 class Identity:
-    """This node's key pair."""
+    """This node's key pair; signs envelopes (a ``p2pfl.protocol.envelope.Signer``)."""
 
     private: Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> Identity:
+        """A fresh key pair kept in memory only (simulated nodes)."""
+        return cls(Ed25519PrivateKey.generate())
 
     @property
     def public(self) -> Ed25519PublicKey:
         return self.private.public_key()
+
+    @functools.cached_property
+    def public_raw(self) -> bytes:
+        """The 32 raw bytes of the public key, as envelopes carry it."""
+        return public_bytes(self.public)
 
     def sign(self, data: bytes) -> bytes:
         """A 64-byte Ed25519 signature of ``data``."""

@@ -6,9 +6,12 @@ from typing import Any
 
 import msgpack
 import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pfl.identity import Identity
 from p2pfl.protocol import (
     KINDS,
     PROTOCOL_VERSION,
@@ -17,6 +20,7 @@ from p2pfl.protocol import (
     pack_envelope,
     unpack_envelope,
 )
+from p2pfl.protocol.envelope import SIG_DOMAIN, peek
 
 
 def fields(**changes: Any) -> dict[str, Any]:
@@ -27,8 +31,9 @@ def fields(**changes: Any) -> dict[str, Any]:
         "src": "n1",
         "seq": 7,
         "ts": 1.5,
-        "body": {"role": "trainer"},
+        "pk": None,
         "sig": None,
+        "body": {"role": "trainer"},
     }
     return base | changes
 
@@ -36,8 +41,43 @@ def fields(**changes: Any) -> dict[str, Any]:
 def test_envelope_round_trips_with_and_without_signature() -> None:
     env = Envelope(1, "control", "lab", "n1", 3, 12.25, {"op": "stop", "n": [1, 2]})
     assert unpack_envelope(pack_envelope(env)) == env
-    signed = dataclasses.replace(env, sig=b"\x01" * 64)
-    assert unpack_envelope(pack_envelope(signed)) == signed
+    me = Identity.generate()
+    signed = unpack_envelope(pack_envelope(env, me))
+    assert signed.pk == me.public_raw and signed.sig is not None
+    assert dataclasses.replace(signed, sig=None, pk=None) == env
+
+
+def test_the_signature_covers_every_byte_and_is_checked_without_the_body() -> None:
+    me = Identity.generate()
+    body = {"round": 3, "data": bytes(range(200)) * 30}  # spliced in: above the copy threshold
+    packed = bytes(pack_envelope(Envelope(1, "model", "lab", "n1", 9, 2.5, body), me))
+    head = peek(packed)
+    assert (head.kind, head.src, head.seq, head.pk) == ("model", "n1", 9, me.public_raw)
+    assert head.sig is not None
+    me.public.verify(head.sig, SIG_DOMAIN + head.digest())  # raises when it does not hold
+    sig_at = packed.index(head.sig)
+    for at in range(len(packed)):
+        if sig_at <= at < sig_at + len(head.sig):
+            continue  # a changed signature is simply another (wrong) signature
+        tampered = bytearray(packed)
+        tampered[at] ^= 0x01
+        try:
+            other = peek(tampered)
+        except ProtocolError:
+            continue
+        assert other.sig is not None and other.pk is not None
+        with pytest.raises(InvalidSignature):
+            Ed25519PublicKey.from_public_bytes(other.pk).verify(
+                other.sig, SIG_DOMAIN + other.digest()
+            )
+
+
+def test_peek_needs_the_wire_order() -> None:
+    scrambled = msgpack.packb(dict(reversed(list(fields().items()))))
+    with pytest.raises(ProtocolError, match="out of order"):
+        peek(scrambled)
+    with pytest.raises(ProtocolError, match="header"):
+        peek(msgpack.packb(fields(src="x" * 5000)))
 
 
 def test_create_stamps_current_version_and_time() -> None:
@@ -52,7 +92,7 @@ def test_packed_envelope_is_plain_msgpack_with_exactly_the_design_keys() -> None
     env = Envelope(1, "log", "lab", "n1", 1, 2.0, {"blob": memoryview(blob), "small": b"ab"})
     packed = pack_envelope(env)
     decoded = msgpack.unpackb(packed)
-    assert list(decoded) == ["v", "kind", "net", "src", "seq", "ts", "body", "sig"]
+    assert list(decoded) == ["v", "kind", "net", "src", "seq", "ts", "pk", "sig", "body"]
     # Byte-identical to msgpack's own encoding of the same map.
     expected = fields(kind="log", seq=1, ts=2.0, body={"blob": blob, "small": b"ab"})
     assert bytes(packed) == msgpack.packb(expected)
@@ -88,6 +128,8 @@ def test_oversize_message_is_refused_before_parsing() -> None:
         ({"body": {b"k": 1}}, "body"),
         ({"sig": "text"}, "signature"),
         ({"sig": b"x" * 2000}, "signature"),
+        ({"pk": b"short"}, "public key"),
+        ({"pk": "text"}, "public key"),
         ({"extra": 1}, "unexpected ['extra']"),
     ],
 )

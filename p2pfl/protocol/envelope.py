@@ -1,14 +1,23 @@
 """The envelope every p2pfl v1 message travels in: a msgpack map ``{v, kind, net, src, seq, ts,
-body, sig}``.
+pk, sig, body}``, in that order on the wire.
 
 Decoding is defensive: the size is checked before parsing, msgpack runs with explicit limits,
 and every field is type-checked; whatever goes wrong surfaces as one ``ProtocolError``.
+
+Signing (DESIGN.md, Trust): ``sig`` is an Ed25519 signature by the key ``pk`` (32 raw bytes)
+over the SHA-256 of the envelope packed *without* its ``sig`` entry, prefixed by a domain tag.
+Because ``body`` comes last, a receiver reads and checks the few header fields (:func:`peek`)
+and the signature before it allocates or decodes anything of the body; the digest is computed
+over slices of the message as received, without a copy. Unsigned messages carry ``pk`` and
+``sig`` as nil.
 """
 
+import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -17,7 +26,12 @@ from p2pfl.protocol.topics import validate_name
 
 PROTOCOL_VERSION = 1
 KINDS = frozenset({"model", "chunk", "presence", "bye", "telemetry", "log", "control"})
-FIELDS = ("v", "kind", "net", "src", "seq", "ts", "body", "sig")
+FIELDS = ("v", "kind", "net", "src", "seq", "ts", "pk", "sig", "body")
+SIG_DOMAIN = b"p2pfl/v1/envelope\x00"
+KEY_SIZE = 32
+SIG_SIZE = 64
+HEADER_MAX = 4096
+"""Every field before the body fits in this many bytes (names are at most 128 characters)."""
 
 DEFAULT_MAX_MESSAGE = 256 * 2**20
 """Largest message (after reassembly of chunks) a node parses by default."""
@@ -36,9 +50,18 @@ BytesLike = bytes | bytearray | memoryview
 _SPLICE_MIN = 4096
 
 
+class Signer(Protocol):
+    """Signs envelopes: its raw public key, and a signature of a digest."""
+
+    @property
+    def public_raw(self) -> bytes: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class Envelope:
-    """One decoded message; ``sig`` is carried but not verified here."""
+    """One decoded message; ``sig`` is carried but not verified here (see :func:`peek`)."""
 
     v: int
     kind: str
@@ -48,6 +71,7 @@ class Envelope:
     ts: float
     body: dict[str, Any]
     sig: bytes | None = None
+    pk: bytes | None = None
 
     @classmethod
     def create(
@@ -64,8 +88,9 @@ class Envelope:
         return cls(PROTOCOL_VERSION, kind, net, src, seq, time.time() if ts is None else ts, body)
 
 
-def pack_envelope(env: Envelope) -> bytearray:
-    """Serialise ``env``; large binary values in the body (memoryviews of tensors) are copied once.
+def pack_envelope(env: Envelope, signer: Signer | None = None) -> bytearray:
+    """Serialise ``env``, signed by ``signer`` when given; large binary values in the body
+    (memoryviews of tensors) are copied once.
 
     Returns a bytearray (bytes-like, accepted wherever bytes are) to avoid a final full copy.
     """
@@ -73,10 +98,18 @@ def pack_envelope(env: Envelope) -> bytearray:
         raise ValueError(f"unknown message kind {env.kind!r}")
     validate_name(env.net, "network name")
     validate_name(env.src, "node id")
-    fields = {name: getattr(env, name) for name in FIELDS}
     packer = msgpack.Packer(use_bin_type=True, autoreset=True)
-    parts: list[bytes | memoryview] = []
-    _flatten(fields, packer, parts)
+    pk = signer.public_raw if signer is not None else None
+    head: list[bytes | memoryview] = []
+    for name in FIELDS[:7]:  # v .. pk
+        head.append(packer.pack(name))
+        head.append(packer.pack(pk if name == "pk" else getattr(env, name)))
+    tail: list[bytes | memoryview] = [packer.pack("body")]
+    _flatten(env.body, packer, tail)
+    sig = None
+    if signer is not None:
+        sig = signer.sign(SIG_DOMAIN + _digest([b"\x88", *head, *tail]))
+    parts = [b"\x89", *head, packer.pack("sig"), packer.pack(sig), *tail]
     out = bytearray(sum(len(part) if isinstance(part, bytes) else part.nbytes for part in parts))
     with memoryview(out) as view:
         pos = 0
@@ -122,7 +155,7 @@ def _check_envelope(obj: object) -> Envelope:
         missing = sorted(set(FIELDS) - set(obj))
         extra = sorted(map(str, set(obj) - set(FIELDS)))[:5]
         raise ProtocolError(f"envelope fields wrong: missing {missing}, unexpected {extra}")
-    v, kind, net, src, seq, ts, body, sig = (obj[name] for name in FIELDS)
+    v, kind, net, src, seq, ts, pk, sig, body = (obj[name] for name in FIELDS)
     if not is_int(v) or v != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {v!r:.40}")
     if not isinstance(kind, str) or kind not in KINDS:
@@ -140,7 +173,66 @@ def _check_envelope(obj: object) -> Envelope:
         raise ProtocolError("body must be a map with string keys")
     if sig is not None and (not isinstance(sig, bytes) or len(sig) > MAX_SIG_LEN):
         raise ProtocolError("signature must be absent or at most 1024 bytes")
-    return Envelope(v, kind, net, src, seq, float(ts), body, sig)
+    if pk is not None and (not isinstance(pk, bytes) or len(pk) != KEY_SIZE):
+        raise ProtocolError(f"public key must be absent or {KEY_SIZE} bytes")
+    return Envelope(v, kind, net, src, seq, float(ts), body, sig, pk)
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fields of a message before its body, read without touching the body."""
+
+    kind: str
+    net: str
+    src: str
+    seq: int
+    ts: float
+    pk: bytes | None
+    sig: bytes | None
+    digest: Callable[[], bytes]
+    """SHA-256 of what the signature covers (computed on demand: it reads the whole message)."""
+
+
+def peek(data: BytesLike) -> Header:
+    """Read and type-check the header fields of a message (the first few hundred bytes) without
+    parsing its body; ProtocolError when they are not a well-formed v1 header in wire order."""
+    view = memoryview(data).cast("B")
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=True, max_bin_len=MAX_SIG_LEN, max_str_len=256,
+        max_array_len=0, max_map_len=0, max_ext_len=0,
+    )  # fmt: skip
+    unpacker.feed(view[:HEADER_MAX].tobytes())
+    values: dict[str, Any] = {}
+    try:
+        if unpacker.read_map_header() != len(FIELDS):
+            raise ProtocolError(f"envelope must be a map of {len(FIELDS)} fields")
+        for name in FIELDS:
+            offset = unpacker.tell()
+            if unpacker.unpack() != name:
+                raise ProtocolError(f"envelope fields out of order: expected {name!r}")
+            if name == "body":
+                body_at = offset
+                break
+            if name == "sig":
+                sig_at = offset
+            values[name] = unpacker.unpack()
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack: OutOfData (header too long), limits, bad bytes
+        raise ProtocolError(f"not a valid msgpack message header: {str(exc)[:120]}") from None
+    env = _check_envelope({**values, "body": {}})
+
+    def digest() -> bytes:
+        return _digest([b"\x88", view[1:sig_at], view[body_at:]])
+
+    return Header(env.kind, env.net, env.src, env.seq, env.ts, env.pk, env.sig, digest)
+
+
+def _digest(parts: list[bytes | memoryview]) -> bytes:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.digest()
 
 
 def is_int(value: object) -> bool:
