@@ -180,10 +180,11 @@ class TrustedKey:
 
 
 class TrustedKeys:
-    """``trusted_keys`` of a state dir: which key each peer id must sign with."""
+    """``trusted_keys`` of a state dir (or another file of that format, such as the keys a
+    node pinned on first use): which key each peer id must sign with."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / TRUSTED_FILE
+    def __init__(self, state_dir: Path, name: str = TRUSTED_FILE) -> None:
+        self.path = state_dir / name
 
     def __iter__(self) -> Iterator[TrustedKey]:
         return iter(self.load())

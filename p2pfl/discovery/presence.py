@@ -73,7 +73,7 @@ def encode_presence(
         body["pk"] = pk
     env = Envelope(
         v=PROTOCOL_VERSION,
-        kind="bye" if not online and graceful else "presence",
+        kind="presence" if online else "bye" if graceful else "will",
         net=net,
         src=node_id,
         seq=seq,
@@ -85,12 +85,12 @@ def encode_presence(
 
 def parse_presence(env: Envelope) -> PresenceRecord:
     """Validate a presence/bye envelope; ProtocolError when it is not one."""
-    if env.kind not in ("presence", "bye"):
+    if env.kind not in ("presence", "bye", "will"):
         raise ProtocolError(f"expected a presence record, got kind {env.kind!r}")
     body = env.body
     if not isinstance(body, dict):
         raise ProtocolError("presence body must be a map")
-    state = body.get("state", "offline" if env.kind == "bye" else None)
+    state = body.get("state", "offline" if env.kind != "presence" else None)
     if state not in ("online", "offline"):
         raise ProtocolError(f"presence state must be online or offline, got {state!r}")
     role = body.get("role", "trainer")

@@ -25,7 +25,8 @@ from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.topics import validate_name
 
 PROTOCOL_VERSION = 1
-KINDS = frozenset({"model", "chunk", "presence", "bye", "telemetry", "log", "control"})
+# "will": the offline presence record a broker publishes when a node dies (signed at connect).
+KINDS = frozenset({"model", "chunk", "presence", "bye", "will", "telemetry", "log", "control"})
 FIELDS = ("v", "kind", "net", "src", "seq", "ts", "pk", "sig", "body")
 SIG_DOMAIN = b"p2pfl/v1/envelope\x00"
 KEY_SIZE = 32
