@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import psutil
 
-from p2pfl.protocol.envelope import PROTOCOL_VERSION, Envelope, pack_envelope
+from p2pfl.protocol.envelope import PROTOCOL_VERSION, Envelope, Signer, pack_envelope
 
 if TYPE_CHECKING:
     from p2pfl.node import Node
@@ -57,17 +57,21 @@ class ProcessStats:
         return self._proc.cpu_percent(None), int(self._proc.memory_info().rss)
 
 
-def encode_telemetry(net: str, node_id: str, seq: int, body: dict[str, Any]) -> bytes:
-    """The telemetry envelope of `node_id`."""
+def encode_telemetry(
+    net: str, node_id: str, seq: int, body: dict[str, Any], signer: Signer | None = None
+) -> bytes:
+    """The telemetry envelope of `node_id`, signed by `signer` when given."""
     env = Envelope(
         v=PROTOCOL_VERSION, kind="telemetry", net=net, src=node_id, seq=seq, ts=time.time(),
         body=body,
     )  # fmt: skip
-    return bytes(pack_envelope(env))
+    return bytes(pack_envelope(env, signer))
 
 
-def encode_log(net: str, node_id: str, seq: int, record: logging.LogRecord) -> bytes:
-    """One warning or error of `node_id`, for the log topic."""
+def encode_log(
+    net: str, node_id: str, seq: int, record: logging.LogRecord, signer: Signer | None = None
+) -> bytes:
+    """One warning or error of `node_id`, for the log topic, signed by `signer` when given."""
     body = {
         "level": record.levelname.lower(),
         "logger": record.name,
@@ -77,7 +81,7 @@ def encode_log(net: str, node_id: str, seq: int, record: logging.LogRecord) -> b
     env = Envelope(
         v=PROTOCOL_VERSION, kind="log", net=net, src=node_id, seq=seq, ts=time.time(), body=body
     )
-    return bytes(pack_envelope(env))
+    return bytes(pack_envelope(env, signer))
 
 
 class LogForwarder(logging.Handler):

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from p2pfl.protocol.envelope import PROTOCOL_VERSION, Envelope, pack_envelope
+from p2pfl.protocol.envelope import PROTOCOL_VERSION, Envelope, Signer, pack_envelope
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.transport.address import parse_broker_uri
 
@@ -54,6 +54,7 @@ def encode_presence(
     brokers: Sequence[str] = (),
     round: int | None = None,
     pk: str | None = None,
+    signer: Signer | None = None,
 ) -> bytes:
     """The presence envelope of `node_id`: online, a graceful `bye`, or (``graceful=False``)
     the offline record a will carries, which says the node died rather than stopped.
@@ -80,7 +81,7 @@ def encode_presence(
         ts=time.time(),
         body=body,
     )
-    return bytes(pack_envelope(env))
+    return bytes(pack_envelope(env, signer))
 
 
 def parse_presence(env: Envelope) -> PresenceRecord:

@@ -21,6 +21,7 @@ from p2pfl.protocol.envelope import (
     MAX_ARRAY_LEN,
     BytesLike,
     Envelope,
+    Signer,
     is_int,
     is_number,
     pack_envelope,
@@ -64,8 +65,10 @@ def encode_model(
     codec: str | Codec = "raw",
     ts: float | None = None,
     meta: dict[str, Any] | None = None,
+    signer: Signer | None = None,
 ) -> bytearray:
-    """Encode ``weights`` as a ``model`` envelope; raw tensors are copied once, into the output.
+    """Encode ``weights`` as a ``model`` envelope (signed by ``signer`` when given); raw tensors
+    are copied once, into the output.
 
     Raises ValueError for a bad codec spec, a negative round or age, an unsupported dtype or
     non-finite values (peers would refuse them).
@@ -85,7 +88,8 @@ def encode_model(
     }
     if meta:
         body["meta"] = meta
-    return pack_envelope(Envelope.create("model", body, net=net, src=src, seq=seq, ts=ts))
+    env = Envelope.create("model", body, net=net, src=src, seq=seq, ts=ts)
+    return pack_envelope(env, signer)
 
 
 def decode_model(
