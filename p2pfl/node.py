@@ -499,10 +499,15 @@ class Node:
             pass
 
     async def _resume(self) -> bool:
-        """Load the newest checkpoint, if any; True when the node resumed from one."""
+        """Load the newest checkpoint that fits the model; True when the node resumed from one.
+
+        `run()` has set `inbox.layout` from the learner's weights: a checkpoint of another
+        layout, or one holding NaN/Inf, is refused by the state dir and an older one tried.
+        """
         if self.state is None:
             return False
-        ckpt = await asyncio.to_thread(self.state.latest_checkpoint)
+        assert self.inbox.layout, "run() sets the model layout before resuming"
+        ckpt = await asyncio.to_thread(self.state.latest_checkpoint, self.inbox.layout)
         if ckpt is None:
             return False
         await asyncio.to_thread(self.learner.set_weights, ckpt.weights)

@@ -8,8 +8,12 @@ Layout of ``--state-dir``::
     metrics.jsonl            one JSON object per round
 
 Checkpoints are ``.npz`` files loaded with ``allow_pickle=False`` (no code runs from a
-checkpoint), written to a temp file, fsynced and renamed, so a crash mid-write leaves the previous
-checkpoint intact. Optimizer state is not checkpointed: a resumed node restarts its momentum.
+checkpoint), written to a temp file, fsynced, renamed, and the directory fsynced, so a crash or a
+power cut mid-write leaves the previous checkpoint intact. On resume a checkpoint that cannot be
+read, does not fit the model's layout or holds NaN/Inf is refused and the next older one is tried.
+Temp files orphaned by a killed writer are removed when the directory is opened. Everything is
+private to the user: directories 0700, files 0600. Optimizer state is not checkpointed: a resumed
+node restarts its momentum.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import logging
 import os
 import re
 import socket
+import stat
 import tempfile
 import threading
 import uuid
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +36,18 @@ from typing import IO, Any
 
 import numpy as np
 
+from p2pfl.protocol.model import ExpectedSpec
+
 log = logging.getLogger(__name__)
 
 _CKPT_RE = re.compile(r"^ckpt-(\d{6,})\.npz$")
 _META_KEY = "__p2pfl_meta__"
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+# What reading a damaged .npz can raise: truncated (BadZipFile), empty (EOFError), bad CRC
+# (BadZipFile), bad header (ValueError), bad metadata (ValueError, KeyError, TypeError).
+_UNREADABLE = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile)
 
 
 class StateDirError(RuntimeError):
@@ -82,10 +96,18 @@ class StateDir:
         self.close()
 
     def open(self) -> None:
-        """Create the directory and take its lock."""
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        lock = (self.path / "lock").open("a+")
+        """Create the directory (private to the user), take its lock, remove orphaned temp files."""
         try:
+            for directory in (self.path, self.checkpoint_dir):
+                directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+                if stat.S_IMODE(directory.stat().st_mode) != _DIR_MODE:
+                    os.chmod(directory, _DIR_MODE)
+            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        except OSError as exc:
+            raise StateDirError(f"cannot use state dir {self.path}: {exc}") from exc
+        lock = os.fdopen(fd, "r+")
+        try:
+            os.fchmod(fd, _FILE_MODE)  # a lock file left by an older version may be 0644
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
@@ -95,11 +117,30 @@ class StateDir:
                 f"state dir {self.path} is in use by another p2pfl node (pid {owner}); "
                 "give each node its own --state-dir"
             ) from None
+        except OSError as exc:
+            lock.close()
+            raise StateDirError(f"cannot use state dir {self.path}: {exc}") from exc
         lock.seek(0)
         lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
         self._lock = lock
+        # Only now, holding the lock, is it certain that no writer owns these temp files.
+        self._remove_orphans()
+
+    def _remove_orphans(self) -> None:
+        removed = []
+        for directory in (self.path, self.checkpoint_dir):
+            for entry in os.scandir(directory):
+                if _is_temp_name(entry.name) and not entry.is_dir(follow_symlinks=False):
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed.append(entry.name)
+        if removed:
+            log.info(
+                "removed temp files left by an interrupted write dir=%s files=%s",
+                self.path,
+                ",".join(sorted(removed)),
+            )
 
     def close(self) -> None:
         if self._lock is not None:
@@ -129,7 +170,8 @@ class StateDir:
         if _META_KEY in weights:
             raise ValueError(f"tensor name {_META_KEY!r} is reserved")
         body = {"round": round, **(meta or {})}
-        arrays = {name: np.ascontiguousarray(arr) for name, arr in weights.items()}
+        # Not np.ascontiguousarray: it turns a 0-d tensor (a counter) into shape (1,).
+        arrays = {name: np.asarray(arr, order="C") for name, arr in weights.items()}
         arrays[_META_KEY] = np.frombuffer(json.dumps(body).encode(), dtype=np.uint8)
         target = self.checkpoint_dir / f"ckpt-{round:06d}.npz"
         with self._writing:
@@ -143,6 +185,7 @@ class StateDir:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+            _fsync_dir(self.checkpoint_dir)
             for old in self._checkpoints()[: -self.keep]:
                 old.unlink(missing_ok=True)
         return target
@@ -154,21 +197,39 @@ class StateDir:
         """
         return self._writing.acquire(timeout=timeout)
 
-    def latest_checkpoint(self) -> Checkpoint | None:
-        """The newest readable checkpoint, skipping damaged ones (logged)."""
-        for path in reversed(self._checkpoints()):
+    def latest_checkpoint(self, expected: ExpectedSpec | None = None) -> Checkpoint | None:
+        """The newest usable checkpoint, or None when there is none.
+
+        Newest first, a checkpoint is refused (one warning naming the file and the reason) when
+        it cannot be read, holds NaN/Inf, or, given `expected` (tensor name -> (dtype, shape),
+        as `p2pfl.protocol.model.layout` computes it), does not fit that layout; the next older
+        one is then tried. When every one is refused, one more warning says the node starts
+        fresh.
+        """
+        paths = self._checkpoints()
+        for path in reversed(paths):
+            reason: str | None
             try:
-                with np.load(path, allow_pickle=False) as data:
-                    meta = json.loads(bytes(data[_META_KEY]).decode())
-                    weights = {k: data[k] for k in data.files if k != _META_KEY}
-                return Checkpoint(round=int(meta.pop("round")), weights=weights, meta=meta)
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("skipping unreadable checkpoint path=%s error=%s", path, exc)
+                ckpt = _read_checkpoint(path)
+            except _UNREADABLE as exc:
+                reason = f"unreadable ({type(exc).__name__}: {exc})"
+            else:
+                reason = _misfit(ckpt.weights, expected)
+                if reason is None:
+                    return ckpt
+            log.warning("refusing checkpoint path=%s reason=%s", path, reason)
+        if paths:
+            log.warning(
+                "no usable checkpoint in %s (%d refused): starting fresh",
+                self.checkpoint_dir,
+                len(paths),
+            )
         return None
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line to the metrics log."""
-        with self.metrics_path.open("a") as fh:
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+        with os.fdopen(fd, "a") as fh:
             fh.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def _checkpoints(self) -> list[Path]:
@@ -178,6 +239,51 @@ class StateDir:
             if m:
                 found.append((int(m.group(1)), path))
         return [p for _, p in sorted(found)]
+
+
+def _read_checkpoint(path: Path) -> Checkpoint:
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(bytes(data[_META_KEY]).decode())
+        weights = {k: data[k] for k in data.files if k != _META_KEY}
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a JSON object")
+    return Checkpoint(round=int(meta.pop("round")), weights=weights, meta=meta)
+
+
+def _misfit(weights: Mapping[str, np.ndarray], expected: ExpectedSpec | None) -> str | None:
+    """Why these weights cannot be loaded into a model of layout `expected`; None if they can."""
+    if expected is not None:
+        if set(weights) != set(expected):
+            missing = sorted(set(expected) - set(weights))[:5]
+            extra = sorted(set(weights) - set(expected))[:5]
+            return f"tensor names differ from the model: missing {missing}, unexpected {extra}"
+        for name, (want_dtype, want_shape) in expected.items():
+            arr = weights[name]
+            if arr.dtype != np.dtype(want_dtype):
+                return (
+                    f"dtype mismatch for {name}: got {arr.dtype.name}, "
+                    f"expected {np.dtype(want_dtype).name}"
+                )
+            if arr.shape != tuple(want_shape):
+                return f"shape mismatch for {name}: got {arr.shape}, expected {tuple(want_shape)}"
+    for name, arr in weights.items():
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            return f"non-finite values (NaN/Inf) in {name}"
+    return None
+
+
+def _is_temp_name(name: str) -> bool:
+    """A temp file of `_atomic_write_bytes` or `save_checkpoint` (hidden, ``.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable: without this a power cut may undo it."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -191,3 +297,4 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
