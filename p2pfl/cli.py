@@ -194,6 +194,14 @@ def run(
     state_dir: Path | None = typer.Option(
         None, help="Identity, checkpoints, metrics. [default: ~/.local/state/p2pfl/NET/ID]"
     ),
+    trust: str | None = typer.Option(
+        None,
+        help="Whose messages to believe: tofu (pin the first key seen per id) | allowlist "
+        "(only trusted_keys: see p2pfl keys) | open (no checks: demos). [default: tofu]",
+    ),
+    max_peers: int | None = typer.Option(
+        None, help="Track at most this many peer ids (keys, replay state). [default: 256]"
+    ),
     log_format: str | None = typer.Option(None, help="text | json. [default: text]"),
     log_level: str | None = typer.Option(
         None, help="debug | info | warning | error. [default: info]"
@@ -242,6 +250,8 @@ def run(
         "codec": codec,
         "seed": seed,
         "state_dir": state_dir,
+        "trust": trust,
+        "max_peers": max_peers,
         "telemetry_interval": telemetry_interval,
         "metrics_port": metrics_port,
         "metrics_host": metrics_host,

@@ -112,6 +112,10 @@ class NodeConfig(BaseModel):
     seed: int = 0
     codec: str = "raw"
     max_round_lag: int = Field(10, ge=0)
+    # trust (DESIGN.md, Trust): who may speak for a peer id
+    trust: Literal["tofu", "allowlist", "ca", "open"] = "tofu"
+    max_peers: int = Field(256, ge=1)
+    max_clock_skew: float = Field(300.0, gt=0)
     # limits, state, output
     max_message_size: int = Field(64 * 1024 * 1024, ge=1024)
     max_chunk: int = Field(1024 * 1024, ge=1024)
@@ -224,6 +228,8 @@ class NodeConfig(BaseModel):
             raise ValueError("walkers: token mode runs in async mode only (use --mode async)")
         if self.walkers and self.schedule == "partial-mesh":
             raise ValueError("walkers: token mode applies to ring and random-walk only")
+        if self.trust == "ca":
+            raise ValueError("trust: ca (membership certificates) is not available yet")
         if self.topology_file is not None and not self.topology_file.is_file():
             raise ValueError(f"topology_file: no such file {self.topology_file}")
         return self

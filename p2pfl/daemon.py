@@ -232,7 +232,7 @@ async def serve(config: NodeConfig) -> NodeCounters:
                 home_broker=home.uri,
                 advertised=home.advertised,
                 own_broker=home.own,
-                fingerprint=print_,
+                identity=identity,
                 schedule=schedule,
                 state=state,
                 on_round=report_round,

@@ -10,6 +10,7 @@ node merges them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -20,10 +21,11 @@ import numpy as np
 
 from p2pfl.config import NodeConfig
 from p2pfl.protocol import chunking
-from p2pfl.protocol.envelope import Envelope, unpack_envelope
+from p2pfl.protocol.envelope import Envelope, peek, unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.model import ModelMessage, container_limit, model_from_envelope
 from p2pfl.transport.base import Payload
+from p2pfl.trust import TRUST_REASONS, Trust
 
 log = logging.getLogger("p2pfl.node")
 
@@ -37,6 +39,7 @@ _ROUNDS_PER_SENDER = 3
 
 # Rejection counters use a fixed set of labels, whatever text a peer's message provokes.
 _REASONS = (
+    *TRUST_REASONS,
     ("exceeds the limit", "oversize"),
     ("oversize", "oversize"),
     ("msgpack", "malformed"),
@@ -111,6 +114,9 @@ class ReceivedModel:
 class Inbox:
     """Validates what arrives on a node's inbox and buffers the models worth merging."""
 
+    trust: Trust | None = None
+    """Checks signatures and senders' keys first (set by the node; None: trust everyone)."""
+
     def __init__(self, config: NodeConfig, counters: NodeCounters, *, clock: Any) -> None:
         self.config = config
         self.counters = counters
@@ -125,7 +131,23 @@ class Inbox:
             clock=clock,
             # Room for every mesh neighbour's model at once; spoofed sender ids get no more.
             max_pending_bytes=max(4, config.degree + 1) * config.max_message_size,
+            max_message_size=config.max_message_size,
+            on_expire=self._transfer_expired,
         )
+
+    async def sweep_loop(self, interval: float | None = None) -> None:
+        """Drop chunked transfers left idle past their timeout, every ``interval`` seconds.
+
+        Runs until cancelled. Without it an abandoned transfer would hold its bytes until the
+        next chunk arrives from anyone. The default interval is a quarter of the timeout.
+        """
+        period = self._reassembler.timeout / 4 if interval is None else interval
+        while True:
+            await asyncio.sleep(period)
+            self._reassembler.expire()
+
+    def _transfer_expired(self, src: str) -> None:
+        self.reject(src, "chunked transfer expired incomplete")
 
     def reject(self, src: str, reason: str) -> None:
         """Count a refused message and log it once per peer and label."""
@@ -141,7 +163,12 @@ class Inbox:
         try:
             if len(data) > self.config.max_message_size:
                 raise ProtocolError(f"oversize: {len(data)} bytes")
-            env = await _off_loop_if(len(data) > _INLINE_DECODE_BYTES, self._unpack, data)
+            big = len(data) > _INLINE_DECODE_BYTES
+            if self.trust is not None:  # who says it, before anything of the body is decoded
+                header = peek(data)
+                src = header.src
+                await _off_loop_if(big, self.trust.verify, header)
+            env = await _off_loop_if(big, self._unpack, data)
             src = env.src
             if env.net != self.net:
                 raise ProtocolError(f"wrong network: {env.net!r}")
@@ -151,7 +178,12 @@ class Inbox:
                 if complete is None:
                     return
                 data = complete
-                env = await _off_loop_if(len(data) > _INLINE_DECODE_BYTES, self._unpack, data)
+                big = len(data) > _INLINE_DECODE_BYTES
+                if self.trust is not None:  # its chunks were checked: not a replay of them
+                    check = functools.partial(self.trust.check, replay=False)
+                    if (await _off_loop_if(big, check, data)).src != src:
+                        raise ProtocolError("sender mismatch between chunks and model")
+                env = await _off_loop_if(big, self._unpack, data)
             elif env.kind != "model":
                 raise ProtocolError(f"unexpected kind in inbox: {env.kind}")
             # A model message is parsed once: validated from the envelope already unpacked.

@@ -24,6 +24,7 @@ import numpy as np
 from p2pfl.config import NodeConfig
 from p2pfl.discovery.membership import Membership
 from p2pfl.discovery.peerview import PeerInfo, PeerView
+from p2pfl.identity import Identity
 from p2pfl.inbox import Inbox, NodeCounters
 from p2pfl.learning.learner import EvalResult, FitResult, Learner
 from p2pfl.learning.merge import parse_merge
@@ -34,6 +35,7 @@ from p2pfl.telemetry import LogForwarder, ProcessStats, encode_log, encode_telem
 from p2pfl.tokens import Tokens
 from p2pfl.topology import Schedule
 from p2pfl.transport.base import Payload, Transport, TransportError
+from p2pfl.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,8 @@ class Node:
         logs: LogForwarder | None = None,
         advertised: Sequence[str] = (),
         own_broker: Container[str] | None = None,
-        fingerprint: str | None = None,
+        identity: Identity | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.config = config
         self.learner = learner
@@ -109,9 +112,18 @@ class Node:
         self.round = 0
         self.last_eval: EvalResult | None = None
         self._merge = parse_merge(config.merge)
-        self._seq = 0
+        # Above every seq of an earlier run of this node, so peers never take ours for replays.
+        self._seq = time.time_ns() // 1000
+        self.identity = identity or Identity.generate()
+        self.trust = trust or Trust(
+            config.trust,
+            state_dir=None if state is None else state.path,
+            max_peers=config.max_peers,
+            max_skew=config.max_clock_skew,
+        )
         self._inbox_topic = topics.inbox(self.net, node_id)
         self.inbox = Inbox(config, self.counters, clock=clock)
+        self.inbox.trust = self.trust
         self._stop = asyncio.Event()
         self.started = clock()
         self.membership = Membership(
@@ -126,7 +138,8 @@ class Node:
             clock=clock,
             advertised=advertised,
             own_broker=own_broker,
-            fingerprint=fingerprint,
+            signer=self.identity,
+            trust=self.trust,
         )
         self._last_good: dict[str, np.ndarray] | None = None
         self._logs = logs
@@ -176,8 +189,9 @@ class Node:
                 heartbeat = tg.create_task(self.membership.heartbeat_loop())
                 discovery = tg.create_task(self.membership.discovery_loop())
                 telemetry = tg.create_task(self._telemetry_loop())
+                sweeper = tg.create_task(self.inbox.sweep_loop())
                 await self._train_loop()
-                for task in (receiver, heartbeat, discovery, telemetry):
+                for task in (receiver, heartbeat, discovery, telemetry, sweeper):
                     task.cancel()
         finally:
             await self._shutdown()
@@ -398,6 +412,7 @@ class Node:
             round=r,
             age=age,
             codec=self.config.codec,
+            signer=self.identity,
         )
 
     async def _send(self, target: str, broker: str, payload: Payload) -> None:
@@ -410,6 +425,7 @@ class Node:
             net=self.net,
             src=self.node_id,
             seq=self._seq,
+            signer=self.identity,
         )
         for part in parts:
             if isinstance(part, memoryview):
@@ -475,13 +491,13 @@ class Node:
             if self._logs is not None:
                 for record in self._logs.drain():
                     self._seq += 1
-                    payload = encode_log(self.net, self.node_id, self._seq, record)
+                    payload = encode_log(self.net, self.node_id, self._seq, record, self.identity)
                     await self._publish_home(topics.log(self.net, self.node_id), payload, False)
             if interval > 0 and self.clock() >= next_at:
                 next_at = self.clock() + interval
                 body = await asyncio.to_thread(node_status, self, stats)
                 self._seq += 1
-                payload = encode_telemetry(self.net, self.node_id, self._seq, body)
+                payload = encode_telemetry(self.net, self.node_id, self._seq, body, self.identity)
                 await self._publish_home(topic, payload, True)
             await asyncio.sleep(min(1.0, interval) if interval > 0 else 1.0)
 

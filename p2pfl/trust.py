@@ -35,6 +35,14 @@ from p2pfl.protocol.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
+# Refusal labels (counted by nodes and monitors), found by the start of the refusal's text.
+TRUST_REASONS = (
+    ("unsigned", "unsigned"),
+    ("bad signature", "bad-signature"),
+    ("untrusted", "untrusted"),
+    ("replay", "replay"),
+)
+
 Policy = Literal["tofu", "allowlist", "ca", "open"]
 POLICIES: tuple[Policy, ...] = ("tofu", "allowlist", "ca", "open")
 KNOWN_FILE = "known_keys"
@@ -80,7 +88,11 @@ class Trust:
 
         ``replay=False`` for a payload rebuilt from chunks that were each checked already.
         """
-        header = peek(data)
+        return self.verify(peek(data), replay=replay)
+
+    def verify(self, header: Header, *, replay: bool = True) -> Header:
+        """:meth:`check` of a header already read (hashes the whole message: big ones off the
+        event loop)."""
         if self.policy == "open":
             return header
         if header.sig is None or header.pk is None:
@@ -144,6 +156,11 @@ class Trust:
         if last is None and len(self._last_seq) >= self.max_peers:
             raise ProtocolError(f"untrusted: already tracking {self.max_peers} peers")
         self._last_seq[header.src] = header.seq
+
+
+def trust_label(reason: str) -> str | None:
+    """The label of a trust refusal (``unsigned``, ``bad-signature``, ...), else None."""
+    return next((label for start, label in TRUST_REASONS if reason.startswith(start)), None)
 
 
 def _short(raw: bytes) -> str:

@@ -6,12 +6,14 @@ import asyncio
 import dataclasses
 import os
 import signal
+import time
 from pathlib import Path
 
 import aiomqtt
 import numpy as np
 import pytest
 
+from p2pfl.identity import Identity
 from p2pfl.learning.models import build_model
 from p2pfl.protocol import topics
 from p2pfl.protocol.codec import encode_tensor, parse_codec
@@ -25,6 +27,13 @@ pytestmark = pytest.mark.timeout(240)
 # mDNS stays on loopback in tests (network rule)
 FAST = ["--model", "mlp", "--local-epochs", "1", "--seed", "0", "--interface", "127.0.0.1"]
 MAX_MESSAGE = 1_500_000
+
+
+EVIL = Identity.generate()
+
+
+def now_seq() -> int:
+    return time.time_ns() // 1000
 
 
 def mlp_weights() -> dict[str, np.ndarray]:
@@ -48,16 +57,21 @@ def nan_model(weights: dict[str, np.ndarray], *, net: str) -> bytes:
         "tensors": [e.to_wire() for e in entries],
         "digest": model_digest(entries),
     }
-    return bytes(pack_envelope(Envelope.create("model", body, net=net, src="evil", seq=1)))
+    env = Envelope.create("model", body, net=net, src="evil", seq=now_seq() + 4)
+    return bytes(pack_envelope(env, EVIL))
 
 
 def hostile_payloads(net: str) -> list[bytes]:
     rng = np.random.default_rng(0)
     weights = mlp_weights()
-    valid = bytes(encode_model(weights, net=net, src="evil", seq=1, round=1, age=1.0))
+    # The attacker signs with a key of its own (any LAN host can make one): under tofu its id
+    # gets pinned, so these reach the checks behind the signature. Repeats are replays.
+    seq = now_seq()
+    sign = {"src": "evil", "round": 1, "age": 1.0, "signer": EVIL}
+    valid = bytes(encode_model(weights, net=net, seq=seq + 1, **sign))  # type: ignore[arg-type]
     wrong_shape = {k: np.zeros((3, 3), np.float32) for k in weights}
-    wrong = bytes(encode_model(wrong_shape, net=net, src="evil", seq=2, round=1, age=1.0))
-    other_net = bytes(encode_model(weights, net="other", src="evil", seq=3, round=1, age=1.0))
+    wrong = bytes(encode_model(wrong_shape, net=net, seq=seq + 2, **sign))  # type: ignore[arg-type]
+    other_net = bytes(encode_model(weights, net="other", seq=seq + 3, **sign))  # type: ignore[arg-type]
     nan = nan_model(weights, net=net)
     payloads: list[bytes] = []
     payloads += [rng.bytes(int(rng.integers(1, 2000))) for _ in range(400)]

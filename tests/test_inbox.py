@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from p2pfl.config import NodeConfig
 from p2pfl.inbox import Inbox, NodeCounters
 from p2pfl.protocol import chunking
+from p2pfl.protocol.envelope import Envelope, pack_envelope
 from p2pfl.protocol.model import encode_model, layout
 
 NET = "inboxtest"
@@ -48,3 +50,49 @@ async def test_a_reassembled_model_from_another_network_is_refused() -> None:
         await box.accept(part, lowest=0, highest=5)
     assert box.counters.models_received == 0
     assert box.counters.rejected_total == 1
+
+
+# -- bounded reassembly: forged chunk headers and abandoned transfers -----------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def forged_chunk(total: int, count: int, src: str = "mallory") -> bytes:
+    """A chunk header claiming `total` bytes in `count` chunks, with a first slice to match."""
+    body = {"id": "t", "index": 0, "count": count, "total": total, "digest": bytes(16)}
+    body["data"] = bytes(-(-total // count))
+    return bytes(pack_envelope(Envelope.create("chunk", body, net=NET, src=src, seq=1)))
+
+
+async def test_forged_chunk_headers_are_refused_under_fixed_labels() -> None:
+    config = NodeConfig.model_validate({"network": NET, "id": "me", "max_message_size": 2**20})
+    box = Inbox(config, NodeCounters(), clock=time.monotonic)
+    await box.accept(forged_chunk(32 * 2**20, 2**15), lowest=0, highest=5)  # 32 MiB claimed
+    assert dict(box.counters.rejected) == {"oversize": 1}
+    await box.accept(forged_chunk(2**20, 2**20, src="eve"), lowest=0, highest=5)  # 1-byte slices
+    assert dict(box.counters.rejected) == {"oversize": 1, "chunk": 1}
+
+
+async def test_an_abandoned_transfer_expires_on_the_timer_alone(wait_until) -> None:
+    clock = FakeClock()
+    config = NodeConfig.model_validate({"network": NET, "id": "me"})
+    box = Inbox(config, NodeCounters(), clock=clock)
+    box.layout = layout(weights())
+    first, *rest = chunks(NET)
+    await box.accept(first, lowest=0, highest=5)
+    clock.now = 1_000.0  # long past the timeout; no other chunk arrives from anyone
+    async with asyncio.TaskGroup() as tg:
+        sweeper = tg.create_task(box.sweep_loop(interval=0.01))
+        await wait_until(lambda: box.counters.rejected["chunk"] > 0)
+        sweeper.cancel()
+    assert dict(box.counters.rejected) == {"chunk": 1}
+    for part in rest:  # the late rest cannot complete it, and is not counted again
+        await box.accept(part, lowest=0, highest=5)
+    assert box.counters.models_received == 0
+    assert dict(box.counters.rejected) == {"chunk": 1}

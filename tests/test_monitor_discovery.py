@@ -5,6 +5,7 @@ nothing retained behind."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ import pytest
 
 from p2pfl.config import StaticPeer
 from p2pfl.discovery.presence import encode_presence, parse_presence
+from p2pfl.identity import Identity
 from p2pfl.monitor.cli import MonitorConfigError, run_monitor
 from p2pfl.monitor.monitor import Monitor
 from p2pfl.protocol import topics
@@ -79,13 +81,20 @@ async def drain(transport: MqttTransport, within: float) -> list[Message]:
     return out
 
 
+# Each fake node signs with its own key, as a node does; the monitor verifies.
+KEYS: dict[str, Identity] = collections.defaultdict(Identity.generate)
+
+
 def presence(net: str, node_id: str, broker: str, *, online: bool = True) -> bytes:
-    return encode_presence(net, node_id, 1, online=online, role="trainer", broker=broker, round=3)
+    return encode_presence(
+        net, node_id, 1, online=online, role="trainer", broker=broker, round=3,
+        signer=KEYS[node_id],
+    )  # fmt: skip
 
 
 def telemetry(net: str, node_id: str, broker: str, **fields: object) -> bytes:
     body = {"id": node_id, "role": "trainer", "broker": broker, "round": 4, **fields}
-    return encode_telemetry(net, node_id, 1, body)
+    return encode_telemetry(net, node_id, 1, body, KEYS[node_id])
 
 
 async def test_the_monitor_follows_presence_records_to_other_brokers(
@@ -226,3 +235,35 @@ def test_bad_options_are_refused_before_anything_starts() -> None:
         run_monitor("net", peers=["no-equals-sign"], once=True, mdns=False)
     with pytest.raises(MonitorConfigError, match="--wait"):
         run_monitor("net", once=True, wait=-1, mdns=False)
+
+
+async def test_ghosts_do_not_enter_the_global_metrics(
+    mosquitto: LocalBroker, wait_until: WaitUntil
+) -> None:
+    """An attacker's telemetry: unsigned ghosts, and an impostor signing for a real node's id
+    with its own key. Neither is shown, and neither counts in the global accuracy."""
+    net = f"m{uuid.uuid4().hex[:6]}"
+    monitor = Monitor(net, brokers=[mosquitto.uri], use_mdns=False, options=FAST)
+    perfect = [[10, 0], [0, 10]]
+    async with client(mosquitto.uri) as real, client(mosquitto.uri) as attacker:
+        mine = telemetry(net, "x", mosquitto.uri, confusion=[[1, 1], [1, 1]])
+        await real.publish(topics.telemetry(net, "x"), mine, retain=True)
+        async with running(monitor):
+            await wait_until(lambda: [n["id"] for n in monitor.snapshot()["nodes"]] == ["x"])
+            for i in range(5):
+                body = {"id": f"ghost{i}", "role": "trainer", "round": 9, "confusion": perfect}
+                await attacker.publish(
+                    topics.telemetry(net, f"ghost{i}"),
+                    encode_telemetry(net, f"ghost{i}", 1, body),  # unsigned
+                )
+            impostor = Identity.generate()
+            body = {"id": "x", "role": "trainer", "round": 9, "confusion": perfect}
+            await attacker.publish(
+                topics.telemetry(net, "x"), encode_telemetry(net, "x", 2, body, impostor)
+            )
+            await wait_until(lambda: sum(monitor.state.rejected.values()) >= 6)
+            snap = monitor.snapshot()
+            assert [n["id"] for n in snap["nodes"]] == ["x"]
+            assert snap["global"]["accuracy"] == 0.5
+            assert monitor.state.rejected["unsigned"] == 5
+            assert monitor.state.rejected["untrusted"] == 1

@@ -4,7 +4,9 @@ resume from a state dir, graceful stop."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -17,6 +19,7 @@ import pytest
 
 from p2pfl.config import NodeConfig
 from p2pfl.discovery.presence import encode_presence
+from p2pfl.identity import Identity
 from p2pfl.learning.datasets import Dataset, load_dataset
 from p2pfl.learning.learner import EvalResult, FitResult, Learner
 from p2pfl.learning.torch_learner import build_learner
@@ -156,8 +159,19 @@ def same_weights(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bo
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+# Peers' keys: a test peer signs what it sends, as a real one does (a refused signature is
+# tests/test_trust.py's business; these tests reach the checks behind it).
+KEYS: dict[str, Identity] = collections.defaultdict(Identity.generate)
+_SEQ = itertools.count(time.time_ns() // 1000)
+
+
 def model_message(weights: Mapping[str, np.ndarray], src: str, round: int, net: str = NET) -> bytes:
-    return bytes(encode_model(dict(weights), net=net, src=src, seq=1, round=round, age=100.0))
+    return bytes(
+        encode_model(
+            dict(weights), net=net, src=src, seq=next(_SEQ), round=round, age=100.0,
+            signer=KEYS[src],
+        )
+    )  # fmt: skip
 
 
 def unchecked_model_message(weights: Mapping[str, np.ndarray], src: str, round: int) -> bytes:
@@ -174,13 +188,14 @@ def unchecked_model_message(weights: Mapping[str, np.ndarray], src: str, round: 
         "tensors": [e.to_wire() for e in entries],
         "digest": model_digest(entries),
     }
-    return bytes(pack_envelope(Envelope.create("model", body, net=NET, src=src, seq=1)))
+    env = Envelope.create("model", body, net=NET, src=src, seq=next(_SEQ))
+    return bytes(pack_envelope(env, KEYS[src]))
 
 
 def raw_envelope(kind: str, body: dict[str, Any], *, src: str = "mallory", v: int = 1) -> bytes:
     """An envelope packed by hand, so that it may carry what pack_envelope refuses."""
-    fields = {"v": v, "kind": kind, "net": NET, "src": src, "seq": 1, "ts": 0.0}
-    return bytes(msgpack.packb({**fields, "body": body, "sig": None}, use_bin_type=True))
+    fields = {"v": v, "kind": kind, "net": NET, "src": src, "seq": 1, "ts": 0.0, "pk": None}
+    return bytes(msgpack.packb({**fields, "sig": None, "body": body}, use_bin_type=True))
 
 
 # ---- 1. a sync ring over the memory bus ------------------------------------------------------
@@ -250,11 +265,12 @@ def hostile_messages(good: bytes, weights: Weights) -> list[list[bytes]]:
     inf = {k: v.copy() for k, v in weights.items()}
     next(iter(inf.values())).flat[0] = -np.inf
     corrupted = bytearray(good)
-    corrupted[len(corrupted) // 2] ^= 0xFF  # inside the tensor bytes: the digest catches it
+    corrupted[len(corrupted) // 2] ^= 0xFF  # inside the tensor bytes: the signature catches it
     # Chunks sent by "mallory" whose reassembled model says it comes from "ghost".
     spoofed = chunking.split(
-        model_message(weights, "ghost", 1), max_chunk=1024, transfer_id="t1", net=NET, src="mallory"
-    )
+        model_message(weights, "ghost", 1), max_chunk=1024, transfer_id="t1", net=NET,
+        src="mallory", seq=next(_SEQ), signer=KEYS["mallory"],
+    )  # fmt: skip
     assert len(spoofed) > 1
     bad_chunk = {"id": "t2", "index": 5, "count": 2, "total": 10, "digest": b"0" * 16, "data": b""}
     return [
@@ -317,7 +333,7 @@ async def test_hostile_inbox_messages_are_counted_and_change_nothing(
         assert node.counters.models_received == 0
         assert not task.done(), "the node keeps running"
         rejected = node.counters.rejected
-        assert {"oversize", "network", "digest", "non-finite", "layout"} <= set(rejected)
+        assert {"oversize", "network", "bad-signature", "non-finite", "layout"} <= set(rejected)
         assert rejected["sender"] == 1
 
         # Round 1 ends by timeout; in round 2 a valid model from "ghost" is still merged.
@@ -459,10 +475,14 @@ async def test_bye_and_will_remove_a_peer_at_once(dataset: Dataset, wait_until: 
     async with asyncio.timeout(30), running(a) as task_a:
         # A peer announced by a bare client, then leaving with a bye record.
         c = await bus_client(bus, "p2")
-        record = encode_presence(NET, "p2", 1, online=True, role="trainer", broker=BUS)
+        record = encode_presence(
+            NET, "p2", next(_SEQ), online=True, role="trainer", broker=BUS, signer=KEYS["p2"]
+        )
         await c.publish(topics.presence(NET, "p2"), record, retain=True)
         await wait_until(lambda: "p2" in a.view)
-        bye = encode_presence(NET, "p2", 2, online=False, role="trainer", broker=BUS)
+        bye = encode_presence(
+            NET, "p2", next(_SEQ), online=False, role="trainer", broker=BUS, signer=KEYS["p2"]
+        )
         await c.publish(topics.presence(NET, "p2"), bye, retain=True)
         await wait_until(lambda: "p2" not in a.view, within=GONE_WITHIN)
         await c.close()

@@ -404,3 +404,31 @@ async def test_close_does_not_wait_on_a_broker_that_died(
         await t.close()
     assert t.stats.dropped == 1
     assert [m async for m in t.messages()] == []
+
+
+async def test_inbox_is_bounded_in_bytes(
+    broker: LocalBroker, transports, wait_until: WaitUntil
+) -> None:
+    """A flood at a node that reads too slowly: what would overflow the bytes bound is dropped."""
+    bounded = MqttOptions(
+        backoff_min=0.05, backoff_max=0.3, drain_timeout=10.0, max_inbox_bytes=1_000_000
+    )
+    slow = await transports(broker.uri, "slow", options=bounded)
+    await slow.subscribe("net/node/slow/inbox")
+    flooder = await transports(broker.uri, "flooder")
+    queued: list[int] = []
+
+    def all_arrived() -> bool:
+        queued.append(slow.inbox_bytes)
+        return slow.stats.received_messages + slow.stats.dropped == 20
+
+    for i in range(20):  # 4 MB, far below the message count bound: only bytes can stop it
+        await flooder.publish("net/node/slow/inbox", bytes([i]) * 200_000)
+    await wait_until(all_arrived, within=20)
+    assert slow.stats.received_messages == 5 and slow.stats.dropped == 15
+    assert max(queued) <= 1_000_000 and slow.inbox_bytes == 1_000_000
+    got = await receive(slow, 5)
+    assert {len(m.payload) for m in got} == {200_000}
+    assert slow.inbox_bytes == 0  # taken messages no longer count
+    await flooder.publish("net/node/slow/inbox", b"room again")
+    assert [m.payload for m in await receive(slow)] == [b"room again"]

@@ -26,16 +26,19 @@ from p2pfl.discovery.addresses import is_loopback
 from p2pfl.discovery.dial import first_reachable, probe
 from p2pfl.discovery.peerview import PeerInfo, PeerView
 from p2pfl.discovery.presence import encode_presence, parse_presence
+from p2pfl.identity import Identity, fingerprint
 from p2pfl.protocol import topics
 from p2pfl.protocol.envelope import unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.transport.address import parse_broker_uri
 from p2pfl.transport.base import Message, Transport, TransportError
+from p2pfl.trust import Trust
 
 log = logging.getLogger("p2pfl.node")
 
 # Per-peer notes kept for diagnosis; a bound, whatever the network sends.
 _MAX_NOTES = 256
+_MAX_PRESENCE = 64 * 1024
 
 
 def _host_port(uri: str) -> tuple[str, str]:
@@ -67,7 +70,8 @@ class Membership:
         clock: Callable[[], float],
         advertised: Sequence[str] = (),
         own_broker: Container[str] | None = None,
-        fingerprint: str | None = None,
+        signer: Identity | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -75,7 +79,9 @@ class Membership:
         self.node_id = node_id
         self.home_broker = home_broker
         self.advertised = tuple(advertised) or (home_broker,)
-        self.fingerprint = fingerprint
+        self.signer = signer
+        self.fingerprint = None if signer is None else fingerprint(signer.public)
+        self.trust = trust
         self.net = config.network
         self.presence_on = "presence" in config.discovery
         self._own: Container[str] = own_broker if own_broker is not None else ()
@@ -128,8 +134,12 @@ class Membership:
         if kind != "presence" or peer_id == self.node_id or not message.payload:
             return
         try:
+            if len(message.payload) > _MAX_PRESENCE:
+                raise ProtocolError(f"oversize presence record: {len(message.payload)} bytes")
+            if self.trust is not None:
+                self.trust.check(message.payload)  # before anything is decoded
             # a presence record is a flat map of a few fields: no long containers in it
-            env = unpack_envelope(message.payload, max_size=64 * 1024, max_container_len=64)
+            env = unpack_envelope(message.payload, max_size=_MAX_PRESENCE, max_container_len=64)
             record = parse_presence(env)
             if env.src != peer_id or env.net != self.net:
                 raise ProtocolError("presence record does not match its topic")
@@ -328,6 +338,7 @@ class Membership:
             brokers=self.advertised,
             round=self._round(),
             pk=self.fingerprint,
+            signer=self.signer,
         )
         return Message(topics.presence(self.net, self.node_id), payload, retain=True)
 

@@ -22,11 +22,13 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from p2pfl.config import StaticPeer
+from p2pfl.config import StaticPeer, default_state_dir
+from p2pfl.identity import load_identity
 from p2pfl.monitor.dashboard import render_dashboard, render_report
 from p2pfl.monitor.monitor import Monitor
 from p2pfl.monitor.plot import write_plot
 from p2pfl.monitor.prometheus import MetricsServer, MonitorCollector, serve_metrics
+from p2pfl.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ def run_monitor(
     mdns: bool = True,
     stale_after: float | None = None,
     forget_after: float = 60.0,
+    trust: str = "tofu",
+    state_dir: Path | None = None,
 ) -> int:
     """Run the monitor until done (`once`) or signalled; the process exit code.
 
@@ -69,6 +73,9 @@ def run_monitor(
         if metrics_port is not None and not 0 <= metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be 0-65535, got {metrics_port}")
         static = [StaticPeer.parse(text) for text in peers]
+        where = state_dir or default_state_dir(network, "monitor")
+        identity = load_identity(where)
+        policy = Trust(trust, state_dir=where)  # type: ignore[arg-type]
         monitor = Monitor(
             network,
             brokers=brokers,
@@ -77,8 +84,10 @@ def run_monitor(
             use_mdns=mdns,
             stale_after=stale_after,
             forget_after=forget_after,
+            trust=policy,
+            identity=identity,
         )
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise MonitorConfigError(str(exc)) from None
     session = _Session(monitor, export=export, plot=plot, json_out=json_out)
     return asyncio.run(session.run(once=once, wait=wait, metrics=(metrics_host, metrics_port)))

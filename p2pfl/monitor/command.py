@@ -51,6 +51,14 @@ def monitor(
     ),
     forget_after: float = typer.Option(60.0, help="Seconds of silence before a node is dropped."),
     log_level: str = typer.Option("warning", help="debug | info | warning | error."),
+    trust: str = typer.Option(
+        "tofu", help="Which nodes' records to believe: tofu | allowlist | open (as p2pfl run)."
+    ),
+    state_dir: Path | None = typer.Option(
+        None,
+        help="The monitor's key, trusted_keys and pinned keys. "
+        "[default: ~/.local/state/p2pfl/NET/monitor]",
+    ),
 ) -> None:
     """Watch a running network: peers, rounds, accuracy, traffic, overlay, logs."""
     from p2pfl.logs import setup_logging
@@ -73,6 +81,8 @@ def monitor(
             mdns=mdns,
             stale_after=stale_after,
             forget_after=forget_after,
+            trust=trust,
+            state_dir=state_dir,
         )
     except MonitorConfigError as exc:
         typer.echo(f"config error: {exc}", err=True)

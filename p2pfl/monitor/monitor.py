@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from p2pfl.discovery.dial import first_reachable
 from p2pfl.discovery.mdns import Mdns
 from p2pfl.discovery.peerview import PeerInfo
 from p2pfl.discovery.presence import encode_presence, parse_presence
+from p2pfl.identity import Identity
 from p2pfl.monitor.state import NetworkState
 from p2pfl.protocol import topics
 from p2pfl.protocol.envelope import unpack_envelope
@@ -34,6 +34,7 @@ from p2pfl.protocol.errors import ProtocolError
 from p2pfl.transport.address import parse_broker_uri
 from p2pfl.transport.base import Message, TransportError
 from p2pfl.transport.mqtt import MqttOptions, MqttTransport
+from p2pfl.trust import Trust, trust_label
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,17 @@ class Monitor:
         forget_after: float = 60.0,
         monitor_id: str | None = None,
         options: MqttOptions = DEFAULT_OPTIONS,
+        trust: Trust | None = None,
+        identity: Identity | None = None,
     ) -> None:
         topics.validate_name(network, "network name")
         self.network = network
+        self.identity = identity or Identity.generate()
+        # Records are verified like a node verifies them; their order is the state's business
+        # (the same record arrives through several brokers, retained ones replay old news).
+        self.trust = trust or Trust("tofu")
         self.monitor_id = topics.validate_name(
-            monitor_id or f"monitor-{secrets.token_hex(3)}", "monitor id"
+            monitor_id or f"monitor-{self.identity.public_raw.hex()[:8]}", "monitor id"
         )
         self.state = NetworkState(
             network, stale_after=stale_after, forget_after=forget_after, clock=clock
@@ -107,7 +114,7 @@ class Monitor:
         self._failed: dict[str, float] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._closing = False
-        self._seq = 0
+        self._seq = time.time_ns() // 1000  # above any seq of an earlier run: no replay
         self._clients = 0
         self._logged: set[tuple[str, str]] = set()
         self._dialling: set[tuple[str, ...]] = set()
@@ -280,6 +287,9 @@ class Monitor:
         if net != self.network or node_id == self.monitor_id or not message.payload:
             return  # an empty payload is a cleared retained record
         try:
+            if len(message.payload) > MAX_RECORD:
+                raise ProtocolError(f"oversize: {len(message.payload)} bytes")
+            self.trust.check(message.payload, replay=False)
             env = unpack_envelope(message.payload, max_size=MAX_RECORD)
             if env.src != node_id or env.net != net:
                 raise ProtocolError("record does not match its topic")
@@ -288,7 +298,7 @@ class Monitor:
             elif env.kind != kind:
                 raise ProtocolError(f"a {env.kind!r} record on a {kind} topic")
         except ProtocolError as exc:
-            self.state.reject(kind)
+            self.state.reject(trust_label(exc.reason) or kind)
             if (node_id, kind) not in self._logged:
                 self._logged.add((node_id, kind))
                 log.info("monitor dropped record kind=%s id=%s reason=%s", kind, node_id, exc)
@@ -316,8 +326,9 @@ class Monitor:
     def _presence(self, *, online: bool) -> bytes:
         self._seq += 1
         return encode_presence(
-            self.network, self.monitor_id, self._seq, online=online, role="monitor", broker=""
-        )
+            self.network, self.monitor_id, self._seq, online=online, role="monitor", broker="",
+            signer=self.identity,
+        )  # fmt: skip
 
     async def _announce(self, transport: MqttTransport) -> None:
         await transport.publish(

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pfl.identity import Identity
 from p2pfl.learning.datasets import Dataset, load_dataset
 from p2pfl.learning.learner import Learner
 from p2pfl.learning.partition import partition
@@ -69,6 +70,8 @@ class _Member:
     # counted by their last round, so the cumulative columns stay cumulative across a crash.
     counted: dict[str, int] = field(default_factory=dict)
     carried: dict[str, int] = field(default_factory=dict)
+    # Its key outlives a crash, as a daemon's does in its state dir: peers pinned it.
+    identity: Identity = field(default_factory=Identity.generate)
 
     @property
     def running(self) -> bool:
@@ -223,6 +226,7 @@ class Simulation:
                     ),
                     state=member.state,
                     on_round=functools.partial(on_round, member),
+                    identity=member.identity,
                 )
 
             def on_round(member: _Member, report: RoundReport) -> None:

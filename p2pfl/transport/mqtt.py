@@ -64,6 +64,9 @@ class MqttOptions:
     max_queued_messages: int = 10_000
     max_queued_bytes: int = 256 * 1024 * 1024
     max_inbox: int = 10_000
+    """Received messages waiting for the node to read them; more are dropped (0: no bound)."""
+    max_inbox_bytes: int = 256 * 1024 * 1024
+    """Payload bytes of those waiting messages; more are dropped (0: no bound)."""
     max_payload: int = MAX_PAYLOAD
     max_attempts: int = 5
     drain_timeout: float = 5.0
@@ -98,6 +101,7 @@ class MqttTransport:
         self.stats = TransportStats()
         self._patterns: dict[str, None] = {}
         self._inbox: asyncio.Queue[Message | object] = asyncio.Queue()
+        self._inbox_bytes = 0  # payload bytes in _inbox, bounded by options.max_inbox_bytes
         self._links: dict[BrokerAddress, Link] = {}
         self._running: set[Link] = set()
         self._home_link: Link | None = None
@@ -118,6 +122,11 @@ class MqttTransport:
     def connected(self) -> bool:
         """Whether the home broker connection is up right now."""
         return self._home_link is not None and self._home_link.connected.is_set()
+
+    @property
+    def inbox_bytes(self) -> int:
+        """Payload bytes received and not yet taken by `messages()`."""
+        return self._inbox_bytes
 
     @property
     def closing(self) -> bool:
@@ -244,6 +253,7 @@ class MqttTransport:
                     raise TransportError(f"{self.client_id}: transport failed") from self._failure
                 return
             assert isinstance(item, Message)
+            self._inbox_bytes -= len(item.payload)
             yield item
 
     async def close(self) -> None:
@@ -280,11 +290,16 @@ class MqttTransport:
 
     def deliver(self, message: Message) -> None:
         """Put a received message in the inbox, or count it dropped when the inbox is full."""
+        size = len(message.payload)
         if 0 < self.options.max_inbox <= self._inbox.qsize():
             self.dropped(1, "inbox is full (the node reads too slowly)")
             return
+        if 0 < self.options.max_inbox_bytes < self._inbox_bytes + size:
+            self.dropped(1, "inbox holds too many bytes (the node reads too slowly)")
+            return
         self.stats.received_messages += 1
-        self.stats.received_bytes += len(message.payload)
+        self.stats.received_bytes += size
+        self._inbox_bytes += size
         self._inbox.put_nowait(message)
 
     def dropped(self, count: int, reason: str) -> None:
