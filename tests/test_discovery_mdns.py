@@ -317,6 +317,8 @@ def test_peers_json_and_table_have_the_cli_fields() -> None:
             "broker": "mqtt://10.0.0.5:1883",
             "version": 1,
             "round": 3,
+            "pk": None,
+            "brokers": ["mqtt://10.0.0.5:1883"],
         },
         {
             "id": "n2",
@@ -326,6 +328,8 @@ def test_peers_json_and_table_have_the_cli_fields() -> None:
             "broker": "mqtt://h:1",
             "version": 1,
             "round": None,
+            "pk": None,
+            "brokers": ["mqtt://h:1"],
         },
     ]
     assert json.loads(json.dumps(rows)) == rows
