@@ -152,6 +152,12 @@ def announce_reachability(config: NodeConfig, node_id: str, home: HomeBroker) ->
     )  # fmt: skip
     host, _ = parse_host_port(config.listen)
     lonely = all(is_loopback(_uri_host(u)) for u in home.advertised)
+    if config.trust == "open" and not lonely:
+        log.warning(
+            "--trust open on %s: any host that reaches this node can get models merged and "
+            "pose as any peer; use tofu (the default) or allowlist outside demos",
+            where,
+        )
     if home.own is not None and is_wildcard(host) and not config.advertise and lonely:
         log.warning(
             "no network interface besides loopback: other machines cannot reach this "

@@ -115,6 +115,8 @@ class Node:
         # Above every seq of an earlier run of this node, so peers never take ours for replays.
         self._seq = time.time_ns() // 1000
         self.identity = identity or Identity.generate()
+        # An open network checks nothing, so nothing is signed either (and nothing costs).
+        self.signer = None if config.trust == "open" else self.identity
         self.trust = trust or Trust(
             config.trust,
             state_dir=None if state is None else state.path,
@@ -138,7 +140,7 @@ class Node:
             clock=clock,
             advertised=advertised,
             own_broker=own_broker,
-            signer=self.identity,
+            signer=self.signer,
             trust=self.trust,
         )
         self._last_good: dict[str, np.ndarray] | None = None
@@ -412,7 +414,7 @@ class Node:
             round=r,
             age=age,
             codec=self.config.codec,
-            signer=self.identity,
+            signer=self.signer,
         )
 
     async def _send(self, target: str, broker: str, payload: Payload) -> None:
@@ -425,7 +427,7 @@ class Node:
             net=self.net,
             src=self.node_id,
             seq=self._seq,
-            signer=self.identity,
+            signer=self.signer,
         )
         for part in parts:
             if isinstance(part, memoryview):
@@ -491,13 +493,13 @@ class Node:
             if self._logs is not None:
                 for record in self._logs.drain():
                     self._seq += 1
-                    payload = encode_log(self.net, self.node_id, self._seq, record, self.identity)
+                    payload = encode_log(self.net, self.node_id, self._seq, record, self.signer)
                     await self._publish_home(topics.log(self.net, self.node_id), payload, False)
             if interval > 0 and self.clock() >= next_at:
                 next_at = self.clock() + interval
                 body = await asyncio.to_thread(node_status, self, stats)
                 self._seq += 1
-                payload = encode_telemetry(self.net, self.node_id, self._seq, body, self.identity)
+                payload = encode_telemetry(self.net, self.node_id, self._seq, body, self.signer)
                 await self._publish_home(topic, payload, True)
             await asyncio.sleep(min(1.0, interval) if interval > 0 else 1.0)
 

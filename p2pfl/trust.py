@@ -12,8 +12,9 @@ Policies (``--trust``):
 - ``allowlist``: only the keys of ``trusted_keys``.
 - ``open``: no checks (simulations and demos); messages are still signed.
 
-Replays: per sender, a message must carry a higher ``seq`` than the last one accepted (chunks of
-one transfer share theirs) and a timestamp within ``max_skew`` seconds of ours. A node's wills
+Replays: per sender, each ``seq`` is taken once (chunks of one transfer share theirs), within a
+window of :data:`REPLAY_WINDOW` below the highest seen, as IPsec does: messages may arrive out
+of order. The timestamp must be within ``max_skew`` seconds of ours. A node's wills
 are published by a broker long after they were signed, so kind ``will`` is exempt: replaying a
 captured will drops a live node from views until its next heartbeat.
 """
@@ -46,6 +47,10 @@ TRUST_REASONS = (
 Policy = Literal["tofu", "allowlist", "ca", "open"]
 POLICIES: tuple[Policy, ...] = ("tofu", "allowlist", "ca", "open")
 KNOWN_FILE = "known_keys"
+REPLAY_WINDOW = 4096
+"""Messages may arrive out of order (network jitter, several links): a seq this far below the
+highest one accepted from a sender is still taken, once."""
+_WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
 
 
 class Trust:
@@ -80,7 +85,8 @@ class Trust:
                 source = self._known = TrustedKeys(state_dir, KNOWN_FILE)
             if source is not None:
                 self._keys = {e.node_id: public_bytes(e.key) for e in source.load()}
-        self._last_seq: dict[str, int] = {}
+        # per sender: the highest seq accepted, and a bitmask of the REPLAY_WINDOW before it
+        self._windows: dict[str, tuple[int, int]] = {}
         self._warned: set[str] = set()
 
     def check(self, data: BytesLike, *, replay: bool = True) -> Header:
@@ -110,7 +116,7 @@ class Trust:
 
     def forget(self, node_id: str) -> None:
         """Drop the replay state of a peer that left (its pinned key stays)."""
-        self._last_seq.pop(node_id, None)
+        self._windows.pop(node_id, None)
 
     def _check_key(self, src: str, pk: bytes) -> None:
         known = self._keys.get(src)
@@ -148,14 +154,25 @@ class Trust:
                 f"replay or clock skew: message from {header.src!r} is {skew:+.0f} s from our "
                 f"clock (more than {self.max_skew:g} s)"
             )
-        last = self._last_seq.get(header.src)
-        if last is not None and (
-            header.seq < last or (header.seq == last and header.kind != "chunk")
-        ):
-            raise ProtocolError(f"replay: {header.src!r} sent seq {header.seq} after {last}")
-        if last is None and len(self._last_seq) >= self.max_peers:
-            raise ProtocolError(f"untrusted: already tracking {self.max_peers} peers")
-        self._last_seq[header.src] = header.seq
+        window = self._windows.get(header.src)
+        if window is None:
+            if len(self._windows) >= self.max_peers:
+                raise ProtocolError(f"untrusted: already tracking {self.max_peers} peers")
+            self._windows[header.src] = (header.seq, 1)
+            return
+        highest, seen = window
+        if header.seq > highest:
+            shift = header.seq - highest
+            seen = ((seen << shift) | 1) & _WINDOW_MASK if shift < REPLAY_WINDOW else 1
+            self._windows[header.src] = (header.seq, seen)
+            return
+        age = highest - header.seq
+        if age >= REPLAY_WINDOW:
+            raise ProtocolError(f"replay: {header.src!r} sent seq {header.seq}, long after")
+        bit = 1 << age
+        if seen & bit and header.kind != "chunk":  # chunks of one transfer share their seq
+            raise ProtocolError(f"replay: {header.src!r} sent seq {header.seq} again")
+        self._windows[header.src] = (highest, seen | bit)
 
 
 def trust_label(reason: str) -> str | None:

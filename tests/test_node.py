@@ -497,6 +497,47 @@ async def test_bye_and_will_remove_a_peer_at_once(dataset: Dataset, wait_until: 
         assert a.counters.rejected_total == 0
 
 
+async def test_forged_presence_cannot_remove_a_peer_or_steer_the_round(
+    dataset: Dataset, wait_until: WaitUntil
+) -> None:
+    """An attacker without the peer's key: a forged bye for a live peer, a forged presence
+    for it naming another broker and claiming round 10**6 (signed with the attacker's own
+    key), and a replay of the peer's own old record. None of it changes the view."""
+    bus = MemoryBus()
+    common: dict[str, Any] = {"mode": "async", "period": 0.1, "discovery": ("static", "presence")}
+    a = make_node(dataset, MemoryTransport(bus, "v0"), "v0", 0, **common)
+    async with asyncio.timeout(30), running(a) as task:
+        peer = await bus_client(bus, "v1")
+        old = encode_presence(
+            NET, "v1", next(_SEQ), online=True, role="trainer", broker=BUS, round=2,
+            signer=KEYS["v1"],
+        )  # fmt: skip
+        await peer.publish(topics.presence(NET, "v1"), old, retain=True)
+        await wait_until(lambda: "v1" in a.view)
+        attacker = await bus_client(bus, "mallory")
+        forged_bye = encode_presence(
+            NET, "v1", next(_SEQ), online=False, role="trainer", broker=BUS
+        )
+        hijack = encode_presence(
+            NET, "v1", next(_SEQ), online=True, role="trainer", broker="mqtt://127.0.0.1:9",
+            round=10**6, signer=Identity.generate(),
+        )  # fmt: skip
+        newer = encode_presence(
+            NET, "v1", next(_SEQ), online=True, role="trainer", broker=BUS, round=3,
+            signer=KEYS["v1"],
+        )  # fmt: skip
+        await peer.publish(topics.presence(NET, "v1"), newer)
+        for payload in (forged_bye, hijack, old):
+            await attacker.publish(topics.presence(NET, "v1"), payload)
+        await wait_until(lambda: a.counters.rejected_total >= 3)
+        info = a.view.get("v1")
+        assert info is not None and info.broker == BUS and info.round == 3
+        assert dict(a.counters.rejected) == {"unsigned": 1, "untrusted": 1, "replay": 1}
+        assert a.round < 1000 and not task.done()
+        await attacker.close()
+        await peer.close()
+
+
 # ---- 5. resume from the state dir ------------------------------------------------------------
 
 

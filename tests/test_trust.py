@@ -10,7 +10,7 @@ import pytest
 from p2pfl.identity import Identity, TrustedKeys
 from p2pfl.protocol.envelope import Envelope, pack_envelope
 from p2pfl.protocol.errors import ProtocolError
-from p2pfl.trust import Trust
+from p2pfl.trust import REPLAY_WINDOW, Trust
 
 NOW = 1_000_000.0
 
@@ -86,13 +86,16 @@ def test_a_key_swapped_in_by_an_attacker_does_not_verify() -> None:
 def test_replays_and_stale_or_future_messages_are_refused() -> None:
     me = Identity.generate()
     t = trust()
-    first = message(me, seq=10)
+    first = message(me, seq=10_000)
     t.check(first)
     assert refused(t, first).startswith("replay")  # the same message again
-    assert refused(t, message(me, seq=9)).startswith("replay")  # an older one
-    assert refused(t, message(me, seq=11, ts=NOW - 3600)).startswith("replay")
-    assert refused(t, message(me, seq=12, ts=NOW + 3600)).startswith("replay")
-    t.check(message(me, seq=13, ts=NOW + 10))  # small skew is fine
+    t.check(message(me, seq=9_990))  # late, out of order: taken once
+    assert refused(t, message(me, seq=9_990)).startswith("replay")
+    assert refused(t, message(me, seq=10_000 - REPLAY_WINDOW)).startswith("replay")  # too old
+    assert refused(t, message(me, seq=10_001, ts=NOW - 3600)).startswith("replay")
+    assert refused(t, message(me, seq=10_002, ts=NOW + 3600)).startswith("replay")
+    t.check(message(me, seq=10_003, ts=NOW + 10))  # small skew is fine
+    t.check(message(me, seq=10_003 + 5 * REPLAY_WINDOW))  # a jump ahead resets the window
 
 
 def test_chunks_of_one_transfer_share_a_seq_and_wills_are_exempt() -> None:
