@@ -202,6 +202,9 @@ def run(
     max_peers: int | None = typer.Option(
         None, help="Track at most this many peer ids (keys, replay state). [default: 256]"
     ),
+    max_clock_skew: float | None = typer.Option(
+        None, help="Refuse messages stamped further than this from our clock, s. [default: 300]"
+    ),
     log_format: str | None = typer.Option(None, help="text | json. [default: text]"),
     log_level: str | None = typer.Option(
         None, help="debug | info | warning | error. [default: info]"
@@ -252,6 +255,7 @@ def run(
         "state_dir": state_dir,
         "trust": trust,
         "max_peers": max_peers,
+        "max_clock_skew": max_clock_skew,
         "telemetry_interval": telemetry_interval,
         "metrics_port": metrics_port,
         "metrics_host": metrics_host,

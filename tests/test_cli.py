@@ -25,7 +25,8 @@ def test_help_lists_every_command() -> None:
 def test_run_help_teaches_the_flags() -> None:
     out = p2pfl("run", "--help")
     assert out.returncode == 0
-    for flag in ("--schedule", "--peer", "--broker", "--partition-index", "--state-dir"):
+    for flag in ("--schedule", "--peer", "--broker", "--partition-index", "--state-dir",
+                 "--advertise", "--interface", "--trust", "--max-peers"):  # fmt: skip
         assert flag in out.stdout
     assert "Examples" in out.stdout
 
@@ -42,6 +43,11 @@ def test_run_help_teaches_the_flags() -> None:
         (["--num-partitions", "2", "--partition-index", "5"], "partition_index"),
         (["--id", "a/b"], "id"),
         (["--peer", "n1"], "peer"),
+        (["--trust", "nobody"], "trust"),
+        (["--trust", "ca"], "config"),
+        (["--max-peers", "0"], "max_peers"),
+        (["--advertise", "mqtt://h:1"], "advertise"),
+        (["--interface", "eth0"], "interfaces"),
     ],
 )
 def test_bad_flag_prints_one_line_naming_the_key_and_exits_2(args: list[str], key: str) -> None:
