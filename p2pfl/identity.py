@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from p2pfl.protocol.topics import validate_name
+from p2pfl.store import atomic_write_bytes
 
 KEY_FILE = "identity.key"
 TRUSTED_FILE = "trusted_keys"
@@ -234,11 +235,4 @@ class TrustedKeys:
 
     def _write(self, entries: list[TrustedKey]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        text = "".join(e.line() + "\n" for e in entries)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, "".join(e.line() + "\n" for e in entries).encode())

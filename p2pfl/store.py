@@ -160,7 +160,7 @@ class StateDir:
         node_id = requested or stored.get("id") or default_node_id()
         if stored.get("id") != node_id:
             stored["id"] = node_id
-            _atomic_write_bytes(path, json.dumps(stored, indent=2).encode())
+            atomic_write_bytes(path, json.dumps(stored, indent=2).encode())
         return str(node_id)
 
     def save_checkpoint(
@@ -273,7 +273,7 @@ def _misfit(weights: Mapping[str, np.ndarray], expected: ExpectedSpec | None) ->
 
 
 def _is_temp_name(name: str) -> bool:
-    """A temp file of `_atomic_write_bytes` or `save_checkpoint` (hidden, ``.tmp``)."""
+    """A temp file of `atomic_write_bytes` or `save_checkpoint` (hidden, ``.tmp``)."""
     return name.startswith(".") and name.endswith(".tmp")
 
 
@@ -286,7 +286,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` whole or not at all (temp file 0600, fsync, rename, fsync dir)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
