@@ -131,12 +131,15 @@ def revoke(
     network: str = NetworkOption,
     node_id: str | None = typer.Option(None, "--node", help="This node's id (state dir)."),
 ) -> None:
-    """Stop trusting the key of peer ID."""
+    """Stop trusting the key of peer ID (trusted, or pinned on first use): under tofu, the
+    next key it shows is pinned anew."""
     from p2pfl.identity import KeyFileError, TrustedKeys
+    from p2pfl.trust import KNOWN_FILE
 
     where = _state_dir(state_dir, network, node_id)
     try:
-        removed = TrustedKeys(where).remove(peer_id)
+        files = (TrustedKeys(where), TrustedKeys(where, KNOWN_FILE))
+        removed = any([keys.remove(peer_id) for keys in files])  # a list: both files, always
     except (KeyFileError, OSError) as exc:
         _fail(str(exc))
         return

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pfl.identity import (
+    Identity,
     KeyFileError,
     TrustedKeys,
     fingerprint,
@@ -135,3 +136,12 @@ def test_keys_commands_end_to_end(tmp_path: Path) -> None:
     bad = keys("trust", "p2pfl-ed25519 !!!", "--id", "n1", "--state-dir", n2)
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_revoke_also_forgets_a_key_pinned_on_first_use(tmp_path: Path) -> None:
+    """After 'KEY CHANGED', the fix the log suggests must work: revoke, then the new key pins."""
+    old, new = Identity.generate(), Identity.generate()
+    TrustedKeys(tmp_path, "known_keys").add("n1", old.public, "pinned on first use")
+    assert keys("revoke", "n1", "--state-dir", str(tmp_path)).returncode == 0
+    assert TrustedKeys(tmp_path, "known_keys").get("n1") is None
+    assert TrustedKeys(tmp_path, "known_keys").add("n1", new.public)

@@ -74,8 +74,11 @@ def run_monitor(
             raise ValueError(f"--metrics-port must be 0-65535, got {metrics_port}")
         static = [StaticPeer.parse(text) for text in peers]
         where = state_dir or default_state_dir(network, "monitor")
-        identity = load_identity(where)
-        policy = Trust(trust, state_dir=where)  # type: ignore[arg-type]
+        identity = load_identity(where)  # one id and key across runs: nodes pin it once
+        # Keys pinned on first use persist only in a state dir the user chose: a default one
+        # would refuse every node of a network restarted with fresh keys, run after run.
+        keep = state_dir is not None or trust == "allowlist"
+        policy = Trust(trust, state_dir=where if keep else None)  # type: ignore[arg-type]
         monitor = Monitor(
             network,
             brokers=brokers,
