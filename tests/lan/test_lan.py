@@ -122,45 +122,37 @@ def finish(nodes: list[NsNodeProcess], timeout: float) -> None:
 @pytest.mark.parametrize("schedule", ["ring", "random-walk", "partial-mesh"])
 def test_ring_across_namespaces(lan: Lan, tmp_path: Path, schedule: str) -> None:
     extra = ["--schedule", schedule] + (["--degree", "2"] if schedule == "partial-mesh" else [])
-    # `peers` and `monitor` look at the ring while it trains: it runs until stopped, so however
-    # fast the machine trains they see it alive. The other schedules run ROUNDS rounds and exit.
-    look = schedule == "ring"
-    nodes = start_nodes(lan, tmp_path, 0 if look else ROUNDS, extra)
+    # `peers` and `monitor` look at the network while it trains: it runs until stopped, so
+    # however fast the machine trains they see it alive.
+    nodes = start_nodes(lan, tmp_path, 0, extra)
     logs = lambda: tails(nodes)  # noqa: E731
     observer = lan.hosts[3]
     try:
         wait_until(lambda: all(n.rounds() for n in nodes), 90, "every node's first round", logs)
-        if look:
-            monitor = monitor_once(lan, observer)  # runs alongside `peers`
-            listed = peers_json(lan, observer, set(IDS))
-            out, err = monitor.communicate(timeout=90)
-            assert monitor.returncode == 0, err
-            snap = json.loads(out)
-            if not complete(snap):  # an mDNS answer lost on a loaded machine: look again
-                again = lan.p2pfl(observer, *MONITOR_ONCE, timeout=90)
-                assert again.returncode == 0, again.stderr
-                snap = json.loads(again.stdout)
-            wait_until(
-                lambda: all(n.last_round() > ROUNDS for n in nodes), 90, f"{ROUNDS} rounds", logs
-            )
-            assert all(n.alive() for n in nodes), logs()
-            stop_all(nodes, grace=30)
-            codes = [n.wait(0) for n in nodes]
-            assert codes == [0, 0, 0], f"exit codes {codes}\n{logs()}"
-        else:
-            finish(nodes, 150)
+        monitor = monitor_once(lan, observer)  # runs alongside `peers`
+        listed = peers_json(lan, observer, set(IDS))
+        out, err = monitor.communicate(timeout=90)
+        assert monitor.returncode == 0, err
+        snap = json.loads(out)
+        if not complete(snap):  # an mDNS answer lost on a loaded machine: look again
+            again = lan.p2pfl(observer, *MONITOR_ONCE, timeout=90)
+            assert again.returncode == 0, again.stderr
+            snap = json.loads(again.stdout)
+        wait_until(
+            lambda: all(n.last_round() > ROUNDS for n in nodes), 90, f"{ROUNDS} rounds", logs
+        )
+        assert all(n.alive() for n in nodes), logs()
+        stop_all(nodes, grace=30)
+        codes = [n.wait(0) for n in nodes]
+        assert codes == [0, 0, 0], f"exit codes {codes}\n{logs()}"
     finally:
         stop_all(nodes, grace=10)
 
     for node in nodes:
-        rounds_seen = node.rounds()
-        numbers = [r["round"] for r in rounds_seen]
+        numbers = [r["round"] for r in node.rounds()]
         assert numbers == list(range(1, len(numbers) + 1)), node.tail()
-        if look:
-            # the round under way when SIGTERM came may miss a neighbour that stopped first
-            rounds_seen = rounds_seen[:-1]
-        else:
-            assert len(numbers) == ROUNDS, node.tail()
+        # the round under way when SIGTERM came may miss a neighbour that stopped first
+        rounds_seen = node.rounds()[:-1]
         assert max(r["peers"] for r in rounds_seen) == 2, node.tail()
         merged = [r["merged"] for r in rounds_seen]
         if schedule == "random-walk":
@@ -170,19 +162,18 @@ def test_ring_across_namespaces(lan: Lan, tmp_path: Path, schedule: str) -> None
             assert all(m >= 1 for m in merged), (node.name, merged)
     assert sum(r["merged"] for n in nodes for r in n.rounds()) > 0
 
-    if look:
-        assert_lan_addresses(lan, listed, IDS)
-        seen = {n["id"]: n for n in snap["nodes"]}
-        assert sorted(seen) == IDS, snap
-        for report in seen.values():
-            assert report["round"] is not None and report["round"] >= 1, report
-        glob = snap["global"]
-        assert glob["nodes"] == 3 and glob["stale"] == 0, glob
-        assert isinstance(glob["accuracy"], float), glob
-        brokers = snap["monitor"]["brokers"]
-        assert len(brokers) == 3, brokers
-        for host in lan.hosts[:3]:
-            assert any(host.ip in str(b) for b in brokers), (host.ip, brokers)
+    assert_lan_addresses(lan, listed, IDS)
+    seen = {n["id"]: n for n in snap["nodes"]}
+    assert sorted(seen) == IDS, snap
+    for report in seen.values():
+        assert report["round"] is not None and report["round"] >= 1, report
+    glob = snap["global"]
+    assert glob["nodes"] == 3 and glob["stale"] == 0, glob
+    assert isinstance(glob["accuracy"], float), glob
+    brokers = snap["monitor"]["brokers"]
+    assert len(brokers) == 3, brokers
+    for host in lan.hosts[:3]:
+        assert any(host.ip in str(b) for b in brokers), (host.ip, brokers)
 
 
 def test_hostname_maps_to_loopback_but_advertises_bridge_address(lan: Lan, tmp_path: Path) -> None:
