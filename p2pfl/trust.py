@@ -92,7 +92,8 @@ class Trust:
     def check(self, data: BytesLike, *, replay: bool = True) -> Header:
         """The header of a message that verifies; ProtocolError with the reason otherwise.
 
-        ``replay=False`` for a payload rebuilt from chunks that were each checked already.
+        ``replay=False``: order and duplicates are the caller's business (a monitor hears one
+        record through several brokers, and retained ones replay old news).
         """
         return self.verify(peek(data), replay=replay)
 
