@@ -22,6 +22,7 @@ captured will drops a live node from views until its next heartbeat.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +89,8 @@ class Trust:
         # per sender: the highest seq accepted, and a bitmask of the REPLAY_WINDOW before it
         self._windows: dict[str, tuple[int, int]] = {}
         self._warned: set[str] = set()
+        # An embedded broker's auth plugin asks from its own thread (admit_key).
+        self._lock = threading.Lock()
 
     def check(self, data: BytesLike, *, replay: bool = True) -> Header:
         """The header of a message that verifies; ProtocolError with the reason otherwise.
@@ -104,20 +107,37 @@ class Trust:
             return header
         if header.sig is None or header.pk is None:
             raise ProtocolError(f"unsigned message from {header.src!r}")
-        self._check_key(header.src, header.pk)
+        with self._lock:
+            self._check_key(header.src, header.pk)
         try:
             key = Ed25519PublicKey.from_public_bytes(header.pk)
             key.verify(header.sig, SIG_DOMAIN + header.digest())
         except (InvalidSignature, ValueError):
             raise ProtocolError(f"bad signature on a message from {header.src!r}") from None
-        self._pin(header.src, header.pk)
-        if replay and header.kind != "will":
-            self._check_fresh(header)
+        with self._lock:
+            self._pin(header.src, header.pk)
+            if replay and header.kind != "will":
+                self._check_fresh(header)
         return header
+
+    def admit_key(self, node_id: str, pk: bytes) -> None:
+        """Whether ``pk`` may speak for ``node_id`` under the policy (ProtocolError if not);
+        pins it under tofu. The caller has checked that the holder of ``pk`` signed something
+        fresh (a broker's auth plugin: a login token). Safe to call from any thread."""
+        if self.policy == "open":
+            return
+        with self._lock:
+            self._check_key(node_id, pk)
+            self._pin(node_id, pk)
+
+    def knows(self, node_id: str) -> bool:
+        """Whether a key is trusted or pinned for ``node_id``."""
+        return node_id in self._keys
 
     def forget(self, node_id: str) -> None:
         """Drop the replay state of a peer that left (its pinned key stays)."""
-        self._windows.pop(node_id, None)
+        with self._lock:
+            self._windows.pop(node_id, None)
 
     def _check_key(self, src: str, pk: bytes) -> None:
         known = self._keys.get(src)
