@@ -93,11 +93,27 @@ def run(
         help="Host(s) peers use to reach this node's broker, comma-separated (NAT, containers). "
         "[default: every non-loopback interface address]",
     ),
-    ca: Path | None = typer.Option(None, help="CA file for mqtts://."),
-    cert: Path | None = typer.Option(None, help="Client certificate for mqtts://."),
-    key: Path | None = typer.Option(None, help="Client key for mqtts://."),
-    username: str | None = typer.Option(None, help="Broker username."),
-    password: str | None = typer.Option(None, help="Broker password."),
+    ca: Path | None = typer.Option(None, help="CA file to verify mqtts:// brokers (peers' too)."),
+    cert: Path | None = typer.Option(
+        None, help="Client certificate for the --broker URI (sent to that broker only)."
+    ),
+    key: Path | None = typer.Option(None, help="Client key for --cert."),
+    username: str | None = typer.Option(
+        None, help="User name for the --broker URI (peers' brokers get a key-based login)."
+    ),
+    password: str | None = typer.Option(
+        None, help="Password for the --broker URI; never sent to any other broker."
+    ),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", help="Certificate for a TLS listener of this node's broker (mqtts://)."
+    ),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="Key for --tls-cert."),
+    password_file: Path | None = typer.Option(
+        None,
+        "--password-file",
+        help="Mosquitto password file for --broker local; with --tls-cert it may listen on "
+        "the LAN (without both it listens on loopback only).",
+    ),
     peer: list[str] | None = typer.Option(
         None, "--peer", help="Static peer ID=mqtt://HOST:PORT (repeatable)."
     ),
@@ -197,7 +213,14 @@ def run(
     trust: str | None = typer.Option(
         None,
         help="Whose messages to believe: tofu (pin the first key seen per id) | allowlist "
-        "(only trusted_keys: see p2pfl keys) | open (no checks: demos). [default: tofu]",
+        "(only trusted_keys: see p2pfl keys) | ca (nodes with a certificate from the network "
+        "key --ca-key: see p2pfl keys ca) | open (no checks: demos). [default: tofu]",
+    ),
+    ca_key: str | None = typer.Option(
+        None,
+        "--ca-key",
+        help="With --trust ca: the network's public key ('p2pfl-ed25519 ...', printed by "
+        "p2pfl keys ca init) or a file holding it.",
     ),
     max_peers: int | None = typer.Option(
         None, help="Track at most this many peer ids (keys, replay state). [default: 256]"
@@ -227,6 +250,9 @@ def run(
         "key": key,
         "username": username,
         "password": password,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "password_file": password_file,
         "schedule": schedule,
         "degree": degree,
         "topology_file": topology_file,
@@ -254,6 +280,7 @@ def run(
         "seed": seed,
         "state_dir": state_dir,
         "trust": trust,
+        "ca_key": ca_key,
         "max_peers": max_peers,
         "max_clock_skew": max_clock_skew,
         "telemetry_interval": telemetry_interval,
@@ -282,10 +309,14 @@ def run(
         raise typer.Exit(code=2) from None
     setup_logging(cfg.log_format, cfg.log_level)
     from p2pfl.daemon import serve
+    from p2pfl.identity import KeyFileError
     from p2pfl.store import StateDirError
 
     try:
         asyncio.run(serve(cfg))
+    except KeyFileError as exc:  # a key, trust list or certificate file that cannot be used
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
     except StateDirError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None

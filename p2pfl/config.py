@@ -6,6 +6,7 @@ Validated once at start-up; a bad value becomes one readable line naming the key
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -77,6 +78,11 @@ class NodeConfig(BaseModel):
     key: Path | None = None
     username: str | None = None
     password: str | None = None
+    # a TLS listener for the embedded/local broker (peers then dial mqtts://)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Mosquitto password file for --broker local (with TLS it may then listen on the LAN)
+    password_file: Path | None = None
     # membership
     peers: tuple[StaticPeer, ...] = ()
     discovery: tuple[DiscoverySource, ...] = ("static", "presence", "mdns")
@@ -114,6 +120,8 @@ class NodeConfig(BaseModel):
     max_round_lag: int = Field(10, ge=0)
     # trust (DESIGN.md, Trust): who may speak for a peer id
     trust: Literal["tofu", "allowlist", "ca", "open"] = "tofu"
+    # trust = ca: the network's public key (its text, or a file holding it; kept as the text)
+    ca_key: str | None = None
     max_peers: int = Field(256, ge=1)
     max_clock_skew: float = Field(300.0, gt=0)
     # limits, state, output
@@ -162,6 +170,15 @@ class NodeConfig(BaseModel):
                     f"expected HOST or HOST,HOST (names or IPs, no scheme or port), got {value!r}"
                 )
         return ",".join(hosts)
+
+    @field_validator("ca_key")
+    @classmethod
+    def _check_ca_key(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from p2pfl.identity import key_text, read_key_argument
+
+        return key_text(read_key_argument(value))
 
     @field_validator("interfaces")
     @classmethod
@@ -228,17 +245,50 @@ class NodeConfig(BaseModel):
             raise ValueError("walkers: token mode runs in async mode only (use --mode async)")
         if self.walkers and self.schedule == "partial-mesh":
             raise ValueError("walkers: token mode applies to ring and random-walk only")
-        if self.trust == "ca":
-            raise ValueError("trust: ca (membership certificates) is not available yet")
+        if self.trust == "ca" and self.ca_key is None:
+            raise ValueError(
+                "ca_key: trust = ca needs the network's public key (p2pfl keys ca show prints "
+                "it; give it, or a file holding it, as --ca-key)"
+            )
+        if self.broker == "local" and (self.tls_cert is None or self.password_file is None):
+            host = parse_host_port(self.listen)[0]
+            if host not in ("0.0.0.0", "::", "") and not _is_loopback(host):
+                raise ValueError(
+                    f"listen: --broker local listens on loopback only unless --tls-cert, "
+                    f"--tls-key and --password-file are given (got {host})"
+                )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key: give both (the broker's certificate and key)")
+        for name in ("tls_cert", "tls_key", "password_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file {path}")
         if self.topology_file is not None and not self.topology_file.is_file():
             raise ValueError(f"topology_file: no such file {self.topology_file}")
         return self
 
 
+def state_root() -> Path:
+    """`$XDG_STATE_HOME/p2pfl` (default `~/.local/state/p2pfl`): where p2pfl keeps its files."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "p2pfl"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def default_state_dir(network: str, node_id: str | None) -> Path:
     """`$XDG_STATE_HOME/p2pfl/<network>/<id or 'node'>`."""
-    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    return base / "p2pfl" / network / (node_id or "node")
+    return state_root() / network / (node_id or "node")
+
+
+def default_ca_file(network: str) -> Path:
+    """`$XDG_STATE_HOME/p2pfl/ca/<network>.key`: the network key `p2pfl keys ca init` makes."""
+    return state_root() / "ca" / f"{network}.key"
 
 
 def parse_host_port(value: str) -> tuple[str, int]:

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from p2pfl.broker_auth import BrokerGate, login_password
+from p2pfl.certs import own_certificate
 from p2pfl.config import NodeConfig, default_state_dir, parse_host_port
 from p2pfl.discovery.addresses import (
     OwnBroker,
@@ -27,18 +29,19 @@ from p2pfl.discovery.addresses import (
     is_wildcard,
 )
 from p2pfl.discovery.mdns import Mdns
-from p2pfl.identity import KeyFileError, fingerprint, load_identity
+from p2pfl.identity import fingerprint, load_identity, parse_key
 from p2pfl.learning.datasets import load_dataset
 from p2pfl.learning.partition import partition
 from p2pfl.learning.torch_learner import TorchLearner, learner_from_config
 from p2pfl.node import Node, NodeCounters, RoundReport
-from p2pfl.store import StateDir, StateDirError
+from p2pfl.store import StateDir
 from p2pfl.telemetry import LogForwarder
 from p2pfl.topology import load_graph, make_schedule
 from p2pfl.transport.address import TlsOptions, parse_broker_uri
 from p2pfl.transport.embedded import EmbeddedBroker
 from p2pfl.transport.mosquitto import MosquittoBroker
 from p2pfl.transport.mqtt import MqttOptions, MqttTransport
+from p2pfl.trust import Trust
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("p2pfl.progress")
@@ -65,29 +68,73 @@ def advertised_uris(config: NodeConfig, port: int) -> list[str]:
     """The URIs peers use to reach a broker this node hosts on ``config.listen``'s host."""
     host, _ = parse_host_port(config.listen)
     advertise = [h.strip() for h in (config.advertise or "").split(",") if h.strip()]
-    return broker_uris(advertised_hosts(host, advertise, config.interfaces), port)
+    tls = config.tls_cert is not None
+    return broker_uris(advertised_hosts(host, advertise, config.interfaces), port, tls=tls)
 
 
 @contextlib.asynccontextmanager
-async def home_broker(config: NodeConfig) -> AsyncIterator[HomeBroker]:
-    """Start the node's home broker (embedded or local) or pass an external URI through."""
+async def home_broker(
+    config: NodeConfig, gate: BrokerGate | None = None
+) -> AsyncIterator[HomeBroker]:
+    """Start the node's home broker (embedded or local) or pass an external URI through.
+
+    An embedded broker is locked down by ``gate`` (logins, ACL, limits: p2pfl.broker_auth).
+    A local Mosquitto cannot check key-based logins: it listens on loopback only, unless TLS
+    and a password file are given (see `local_broker`).
+    """
     if config.broker not in ("embedded", "local"):
         yield HomeBroker(config.broker, (config.broker,))
         return
     host, port = parse_host_port(config.listen)
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = (config.tls_cert, config.tls_key)
+    broker: EmbeddedBroker | MosquittoBroker
     if config.broker == "embedded":
-        broker: EmbeddedBroker | MosquittoBroker = EmbeddedBroker(host=host, port=port)
+        broker = EmbeddedBroker(host=host, port=port, gate=gate, tls=tls)
     else:
-        broker = MosquittoBroker(host=host, port=port, max_packet_size=config.max_message_size)
+        host, broker = local_broker(config, host, port)
     async with broker:  # a local Mosquitto is spawned from this thread, to die with it
         advertised = advertised_uris(config, broker.port)
         # Our own client takes the shortest way in: loopback, when the broker listens there.
         local = "127.0.0.1" if is_wildcard(host) else host
+        own = OwnBroker(host, broker.port, advertised)
+        if gate is not None:
+            gate.own = own
         yield HomeBroker(
-            uri=broker_uris([local], broker.port)[0],
+            uri=broker_uris([local], broker.port, tls=tls is not None)[0],
             advertised=tuple(advertised),
-            own=OwnBroker(host, broker.port, advertised),
+            own=own,
         )
+
+
+def local_broker(config: NodeConfig, host: str, port: int) -> tuple[str, MosquittoBroker]:
+    """A private Mosquitto for ``--broker local`` and the host it really listens on.
+
+    Mosquitto cannot check p2pfl's key-based logins, so without TLS and a password file it
+    listens on loopback only (one machine: several nodes sharing it as ``--broker URI``).
+    With both, it takes the password file and a topic ACL like the embedded broker's, as far
+    as Mosquitto's patterns go (a node may still publish to its own inbox).
+    """
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = (str(config.tls_cert), str(config.tls_key))
+    secured = tls is not None and config.password_file is not None
+    if not secured and not is_loopback(host):  # a wildcard (config refuses anything else)
+        host = "127.0.0.1"
+        log.info(
+            "--broker local listens on 127.0.0.1 only (give --tls-cert, --tls-key and "
+            "--password-file to open it to the LAN)"
+        )
+    broker = MosquittoBroker(
+        host=host,
+        port=port,
+        max_packet_size=config.max_message_size + 64 * 1024,
+        tls=tls,
+        password_file=None if config.password_file is None else str(config.password_file),
+        network=config.network,
+    )
+    return host, broker
 
 
 @contextlib.asynccontextmanager
@@ -201,10 +248,7 @@ async def serve(config: NodeConfig) -> NodeCounters:
     state_path = config.state_dir or default_state_dir(config.network, config.id)
     with StateDir(state_path, keep=config.checkpoints_keep) as state:
         node_id = state.node_id(config.id)
-        try:
-            identity = load_identity(state.path)
-        except KeyFileError as exc:
-            raise StateDirError(str(exc)) from None
+        identity = load_identity(state.path)  # KeyFileError: a bad key file (exit 2)
         print_ = fingerprint(identity.public)
         log.info("identity id=%s key=%s", node_id, print_)
         log.info("loading data dataset=%s model=%s", config.dataset, config.model)
@@ -213,20 +257,50 @@ async def serve(config: NodeConfig) -> NodeCounters:
         schedule = make_schedule(
             config.schedule, degree=config.degree, seed=config.seed, graph=graph
         )
-        async with home_broker(config) as home:
+        certificate = None
+        if config.trust == "ca":
+            assert config.ca_key is not None  # NodeConfig requires it under ca
+            certificate = own_certificate(
+                state.path, parse_key(config.ca_key), node_id, identity.public_raw
+            )
+        trust = Trust(
+            config.trust,
+            state_dir=state.path,
+            max_peers=config.max_peers,
+            max_skew=config.max_clock_skew,
+            ca_key=config.ca_key,
+            certificate=certificate,
+        )
+        max_payload = max(config.max_message_size, config.max_chunk + 64 * 1024)
+        gate = BrokerGate(
+            config.network,
+            trust=trust,
+            own=(),  # the broker's addresses, once it listens
+            owner=identity,
+            owner_id=node_id,
+            max_packet=max_payload + 64 * 1024,
+        )
+        async with home_broker(config, gate) as home:
             tls = None
             if config.ca or config.cert or config.key:
                 tls = TlsOptions(
                     ca=_opt_str(config.ca), cert=_opt_str(config.cert), key=_opt_str(config.key)
                 )
+
+            def login(uri: str) -> tuple[str, str]:
+                return node_id, login_password(identity, node_id, uri, certificate=certificate)
+
             options = MqttOptions(
                 username=config.username,
                 password=config.password,
                 tls=tls,
-                max_payload=max(config.max_message_size, config.max_chunk + 64 * 1024),
+                login=login,
+                max_payload=max_payload,
             )
+            # An unguessable client id: a broker ends a session when another connects with
+            # its id, even one that then fails to log in (amqtt, Mosquitto alike).
             transport = MqttTransport(
-                home.uri, client_id=f"{node_id}-{secrets.token_hex(3)}", options=options
+                home.uri, client_id=f"{node_id}-{secrets.token_hex(8)}", options=options
             )
             forwarder = LogForwarder()
             logging.getLogger("p2pfl").addHandler(forwarder)
@@ -239,6 +313,7 @@ async def serve(config: NodeConfig) -> NodeCounters:
                 advertised=home.advertised,
                 own_broker=home.own,
                 identity=identity,
+                trust=trust,
                 schedule=schedule,
                 state=state,
                 on_round=report_round,
@@ -250,6 +325,11 @@ async def serve(config: NodeConfig) -> NodeCounters:
 
                 metrics = serve_node_metrics(node, config.metrics_port, host=config.metrics_host)
             loop = asyncio.get_running_loop()
+
+            def refused(who: str, reason: str) -> None:  # on the broker's thread
+                loop.call_soon_threadsafe(node.inbox.reject, who, reason)
+
+            gate.on_refuse = refused
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, on_signal, node, state, sig)
             announce_reachability(config, node_id, home)

@@ -219,6 +219,8 @@ async def check_broker(uri: str, within: float) -> BrokerCheck:
         async with asyncio.timeout(within + 1.0), client:
             pass
     except aiomqtt.MqttCodeError as exc:
+        if exc.rc in (4, 5, 134, 135):  # bad user name or password, not authorised
+            return BrokerCheck(uri, tcp=OK, mqtt=OK)  # it answers: it wants a node's key login
         return BrokerCheck(uri, tcp=OK, mqtt=f"MQTT CONNECT refused: {exc}")
     except (aiomqtt.MqttError, OSError) as exc:
         return BrokerCheck(uri, tcp=OK, mqtt=f"MQTT CONNECT failed: {exc or type(exc).__name__}")

@@ -82,16 +82,34 @@ def read_key_argument(value: str) -> Ed25519PublicKey:
     """A public key given on the command line: the key text itself, or a file holding it."""
     path = Path(value)
     if not value.startswith(KEY_TYPE) and path.is_file():
+        try:
+            return parse_key(first_line(path))
+        except KeyFileError as exc:
+            raise KeyFileError(f"{path}: {exc}") from None
+    try:
+        return parse_key(value)
+    except KeyFileError:
+        if value.startswith(KEY_TYPE):
+            raise
+        raise KeyFileError(
+            f"{value[:60]!r} is neither a key ('{KEY_TYPE} BASE64') nor a file"
+        ) from None
+
+
+def first_line(path: Path) -> str:
+    """The first non-blank line of a small text file (a key, a certificate); KeyFileError
+    naming the path when it is too large, empty or unreadable."""
+    try:
         if path.stat().st_size > MAX_KEY_FILE:
             raise KeyFileError(f"{path}: too large to be a key file")
         lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        if not lines:
-            raise KeyFileError(f"{path}: empty")
-        try:
-            return parse_key(lines[0])
-        except KeyFileError as exc:
-            raise KeyFileError(f"{path}: {exc}") from None
-    return parse_key(value)
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path}: not a text file") from None
+    if not lines:
+        raise KeyFileError(f"{path}: empty")
+    return lines[0]
 
 
 @dataclass(frozen=True)
@@ -127,6 +145,12 @@ def load_identity(state_dir: Path, *, create: bool = True) -> Identity:
         if not create:
             raise KeyFileError(f"{path}: no identity yet (p2pfl run creates it on first start)")
         return _create_identity(path)
+    return Identity(load_private_key(path))
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM file (a node's identity, a network's CA key); its
+    mode is tightened to 0600. KeyFileError with the path when it cannot be used."""
     try:
         data = path.read_bytes()[: MAX_KEY_FILE + 1]
         if len(data) > MAX_KEY_FILE:
@@ -140,17 +164,21 @@ def load_identity(state_dir: Path, *, create: bool = True) -> Identity:
         raise KeyFileError(f"{path}: not an Ed25519 key")
     if os.name == "posix" and path.stat().st_mode & 0o077:
         path.chmod(0o600)  # a copied-in key file keeps others out from now on
-    return Identity(key)
+    return key
 
 
-def _create_identity(path: Path) -> Identity:
-    key = Ed25519PrivateKey.generate()
+def write_private_key(path: Path, key: Ed25519PrivateKey, *, overwrite: bool = False) -> None:
+    """Write ``key`` as PKCS#8 PEM, mode 0600, whole or not at all; FileExistsError when
+    ``path`` exists and not ``overwrite`` (of two writers racing, the first wins)."""
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if overwrite:
+        atomic_write_bytes(path, pem)  # its temp file is made 0600
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -158,12 +186,18 @@ def _create_identity(path: Path) -> Identity:
             fh.write(pem)
             fh.flush()
             os.fsync(fh.fileno())
-        # Two processes racing on first start: the first key written wins, both use it.
-        os.link(tmp, path)
-    except FileExistsError:
-        return load_identity(path.parent, create=False)
+        os.link(tmp, path)  # FileExistsError when there is one already
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _create_identity(path: Path) -> Identity:
+    key = Ed25519PrivateKey.generate()
+    try:
+        write_private_key(path, key)
+    except FileExistsError:
+        # Two processes racing on first start: the first key written wins, both use it.
+        return load_identity(path.parent, create=False)
     return Identity(key)
 
 

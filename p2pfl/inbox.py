@@ -1,10 +1,11 @@
 """What a node accepts from its peers: the inbox topic's defensive decoding and model buffer.
 
-Every message on a node's inbox goes through `Inbox.accept`: size limit, envelope, network,
-chunk reassembly, model decoding against the local model's layout, and a round window. Anything
-wrong is dropped, counted under a label from a fixed set and logged once per peer; nothing is
-ever raised into the node's loop. Accepted models wait in a small per-sender buffer until the
-node merges them.
+Every message on a node's inbox goes through `Inbox.accept`: size limit, signature, whether
+the sender is a peer of this node at all, envelope, network, chunk reassembly, model decoding
+against the local model's layout, and a round window. Anything wrong is dropped, counted under a
+label from a fixed set and logged once per peer; nothing is ever raised into the node's loop.
+Accepted models wait in a small per-sender buffer until the node merges them; everything kept
+per sender goes when the node says the peer left (`forget`).
 """
 
 from __future__ import annotations
@@ -35,10 +36,20 @@ R = TypeVar("R")
 _INLINE_DECODE_BYTES = 256 * 1024
 # Rounds buffered per sender, whatever a peer sends.
 _ROUNDS_PER_SENDER = 3
+# (peer, label) pairs logged once: beyond this many, refusals are counted but not logged, so a
+# flood of made-up sender ids cannot grow the set or the log (entries go when a peer leaves).
+_MAX_LOGGED = 4096
 
 # Rejection counters use a fixed set of labels, whatever text a peer's message provokes.
 _REASONS = (
     *TRUST_REASONS,
+    # before "sender", which would capture "unknown sender"
+    ("unknown sender", "unknown-sender"),
+    ("max-peers", "max-peers"),
+    ("new-peer-rate", "new-peer-rate"),
+    ("acl:", "acl"),  # refused by this node's broker (p2pfl.broker_auth)
+    ("retained budget", "retained"),
+    ("malformed", "malformed"),
     ("exceeds the limit", "oversize"),
     ("oversize", "oversize"),
     ("msgpack", "malformed"),
@@ -115,6 +126,9 @@ class Inbox:
 
     trust: Trust | None = None
     """Checks signatures and senders' keys first (set by the node; None: trust everyone)."""
+    admitted: Callable[[str], bool] | None = None
+    """Whether a sender whose signature verified is a peer of this node, whose models may be
+    taken at all (set by the node; None: every sender)."""
 
     def __init__(self, config: NodeConfig, counters: NodeCounters, *, clock: Any) -> None:
         self.config = config
@@ -152,9 +166,28 @@ class Inbox:
         """Count a refused message and log it once per peer and label."""
         label = reason_label(reason)
         self.counters.rejected[label] += 1
-        if (src, label) not in self._logged:
-            self._logged.add((src, label))
-            log.warning("message rejected peer=%s reason=%s", src, reason)
+        if (src, label) in self._logged:
+            return
+        if len(self._logged) >= _MAX_LOGGED:
+            if ("", "") not in self._logged:  # said once, in the last place left
+                self._logged.add(("", ""))
+                log.warning(
+                    "rejections from %d peer/reason pairs logged already: further ones are "
+                    "counted, not logged, until peers leave",
+                    len(self._logged),
+                )
+            return
+        self._logged.add((src, label))
+        log.warning("message rejected peer=%s reason=%s", src, reason)
+
+    def forget(self, src: str, *, models: bool = True) -> None:
+        """Drop what is kept for a peer that left: its partial transfers, its log-once
+        entries and (``models``) its buffered models."""
+        if models:
+            self._models.pop(src, None)
+        self._reassembler.forget(src)
+        self._logged = {entry for entry in self._logged if entry[0] != src}
+        self._logged.discard(("", ""))  # room again: the next new one is logged
 
     async def accept(self, data: Payload, *, lowest: int, highest: int) -> None:
         """Take one inbox message; a model with a round in [lowest, highest] is buffered."""
@@ -163,10 +196,14 @@ class Inbox:
             if len(data) > self.config.max_message_size:
                 raise ProtocolError(f"oversize: {len(data)} bytes")
             big = len(data) > _INLINE_DECODE_BYTES
-            if self.trust is not None:  # who says it, before anything of the body is decoded
+            if self.trust is not None or self.admitted is not None:
+                # who says it, before anything of the body is decoded or reassembled
                 header = peek(data)
                 src = header.src
-                await _off_loop_if(big, self.trust.verify, header)
+                if self.trust is not None:
+                    await _off_loop_if(big, self.trust.verify, header)
+                if self.admitted is not None and not self.admitted(src):
+                    raise ProtocolError("unknown sender: not a live peer of this node")
             env = await _off_loop_if(big, self._unpack, data)
             src = env.src
             if env.net != self.net:

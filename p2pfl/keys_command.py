@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
 from p2pfl.config import default_state_dir
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 EPILOG = """
 Examples:
@@ -20,6 +24,7 @@ Examples:
   p2pfl keys trust n1.pub --id n1 --state-dir st/n2  # n2 accepts only this key for n1
   p2pfl keys list --state-dir st/n2
   p2pfl keys revoke n1 --state-dir st/n2
+  p2pfl keys ca --help                               # admit nodes by certificate (--trust ca)
 
 Without --state-dir, the default state dir of --network and --id is used (as p2pfl run does).
 """
@@ -43,7 +48,7 @@ def _state_dir(state_dir: Path | None, network: str, node_id: str | None) -> Pat
     return state_dir or default_state_dir(network, node_id)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
 
@@ -147,3 +152,212 @@ def revoke(
         typer.echo(f"{peer_id} was not trusted in {where}", err=True)
         raise typer.Exit(code=1)
     typer.echo(f"revoked: {peer_id}")
+
+
+CA_EPILOG = """
+Membership certificates (p2pfl run --trust ca): one network key admits any number of nodes.
+
+\b
+  # on the admin machine, once per network (the private key stays there)
+  p2pfl keys ca init --network lab
+  # on each node: its public key, to send to the admin
+  p2pfl keys show --network lab --id n1 --public > n1.pub
+  # on the admin machine: a certificate for that key and id
+  p2pfl keys ca admit n1.pub --id n1 --network lab --out n1.cert
+  # on the node: install it, then run with the network's public key
+  p2pfl keys ca install n1.cert --network lab --id n1
+  p2pfl run --network lab --id n1 --trust ca --ca-key 'p2pfl-ed25519 ...'
+
+Without --ca-file, the network key is kept in ~/.local/state/p2pfl/ca/NETWORK.key
+($XDG_STATE_HOME/p2pfl/ca/NETWORK.key).
+"""
+
+ca_app = typer.Typer(
+    name="ca",
+    help="A network key that admits nodes by certificate (p2pfl run --trust ca).",
+    epilog=CA_EPILOG,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(ca_app, name="ca")
+
+CaFileOption = typer.Option(
+    None,
+    "--ca-file",
+    help="The network's private key file. [default: ~/.local/state/p2pfl/ca/NETWORK.key]",
+)
+CaNetworkOption = typer.Option("default", "--network", help="Network the key admits nodes to.")
+
+
+def _ca_file(ca_file: Path | None, network: str) -> Path:
+    from p2pfl.config import default_ca_file
+    from p2pfl.protocol.topics import validate_name
+
+    try:
+        validate_name(network, "network")
+    except ValueError as exc:
+        _fail(str(exc))
+    return ca_file or default_ca_file(network)
+
+
+def _load_ca(ca_file: Path | None, network: str) -> tuple[Path, Ed25519PrivateKey]:
+    from p2pfl.identity import KeyFileError, load_private_key
+
+    path = _ca_file(ca_file, network)
+    if not path.exists():
+        _fail(f"no network key at {path}: run p2pfl keys ca init first (or give --ca-file)")
+    try:
+        return path, load_private_key(path)
+    except KeyFileError as exc:
+        _fail(str(exc))
+
+
+@ca_app.command(name="init")
+def ca_init(
+    ca_file: Path | None = CaFileOption,
+    network: str = CaNetworkOption,
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing key: certificates it signed stop counting."
+    ),
+) -> None:
+    """Make the network key (once per network, on the admin machine) and print its public
+    key, which every node is given with --ca-key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from p2pfl.identity import key_text, write_private_key
+
+    path = _ca_file(ca_file, network)
+    key = Ed25519PrivateKey.generate()
+    try:
+        write_private_key(path, key, overwrite=force)
+    except FileExistsError:
+        _fail(
+            f"{path} exists already (p2pfl keys ca show prints its public key); --force "
+            "replaces it, and then no certificate it signed is accepted any more"
+        )
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc.strerror}")
+    text = key_text(key.public_key())
+    typer.echo(text)
+    typer.echo(f"network key written to {path} (keep it secret: it admits nodes)", err=True)
+    typer.echo(f"start every node with: --trust ca --ca-key '{text}'", err=True)
+
+
+@ca_app.command(name="show")
+def ca_show(ca_file: Path | None = CaFileOption, network: str = CaNetworkOption) -> None:
+    """Print the network's public key (the value of --ca-key)."""
+    from p2pfl.identity import key_text
+
+    _path, key = _load_ca(ca_file, network)
+    typer.echo(key_text(key.public_key()))
+
+
+@ca_app.command(name="admit")
+def ca_admit(
+    node_pubkey: str = typer.Argument(
+        ...,
+        metavar="NODE_PUBKEY",
+        help="The node's public key ('p2pfl-ed25519 ...', from p2pfl keys show --public) or a "
+        "file holding it.",
+    ),
+    peer_id: str = typer.Option(..., "--id", help="The node id this key speaks for."),
+    ca_file: Path | None = CaFileOption,
+    network: str = CaNetworkOption,
+    valid_days: int | None = typer.Option(
+        None, "--valid-days", min=1, help="Expire after N days. [default: never]"
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write the certificate to this file. [default: print it]"
+    ),
+) -> None:
+    """Issue a certificate: the network key vouches that NODE_PUBKEY speaks for node --id.
+    Give it to that node: p2pfl keys ca install."""
+    from p2pfl.certs import cert_text, issue, parse_cert
+    from p2pfl.identity import KeyFileError, read_key_argument, short_fingerprint
+    from p2pfl.store import atomic_write_bytes
+
+    try:
+        public = read_key_argument(node_pubkey)
+    except (KeyFileError, OSError) as exc:
+        _fail(str(exc))
+        return
+    _path, key = _load_ca(ca_file, network)
+    try:
+        data = issue(key, peer_id, public, valid_days=valid_days)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    text = cert_text(data)
+    what = f"certificate for {parse_cert(data).describe()}, key {short_fingerprint(public)}"
+    if out is None:
+        typer.echo(text)
+        typer.echo(what, err=True)
+        return
+    try:
+        atomic_write_bytes(out, (text + "\n").encode())
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc.strerror}")
+    typer.echo(f"{what} written to {out}")
+
+
+@ca_app.command(name="install")
+def ca_install(
+    cert: str = typer.Argument(
+        ..., metavar="CERT", help="The certificate ('p2pfl-cert ...', from the admin) or a file."
+    ),
+    state_dir: Path | None = StateDirOption,
+    network: str = NetworkOption,
+    node_id: str | None = IdOption,
+    ca_key: str | None = typer.Option(
+        None, "--ca-key", help="Also check that this network key signed it (text or file)."
+    ),
+) -> None:
+    """Install this node's certificate (membership.cert in its state dir), after checking that
+    it names this node's key."""
+    import time
+
+    from p2pfl.certs import parse_cert, read_cert_argument, verify_cert, write_certificate
+    from p2pfl.identity import KeyFileError, load_identity, read_key_argument, short_fingerprint
+    from p2pfl.protocol.errors import ProtocolError
+
+    where = _state_dir(state_dir, network, node_id)
+    try:
+        data = read_cert_argument(cert)
+        identity = load_identity(where, create=False)
+        network_key = None if ca_key is None else read_key_argument(ca_key)
+    except (KeyFileError, OSError) as exc:
+        _fail(str(exc))
+        return
+    parsed = parse_cert(data)
+    if parsed.pk != identity.public_raw:
+        mine = short_fingerprint(identity.public)
+        _fail(
+            f"this certificate is for another key, not this node's {mine} (state dir {where}): "
+            "the admin must admit the key that p2pfl keys show --public prints"
+        )
+    expected = node_id or _stored_id(where)
+    if expected is not None and parsed.node_id != expected:
+        _fail(f"this certificate is for id {parsed.node_id!r}, and this node is {expected!r}")
+    if parsed.expired(time.time()):
+        _fail(f"this certificate has expired ({parsed.describe()})")
+    if network_key is not None:
+        try:
+            verify_cert(data, network_key, parsed.node_id, identity.public_raw, time.time())
+        except ProtocolError as exc:
+            _fail(exc.reason)
+    try:
+        path = write_certificate(where, data)
+    except OSError as exc:
+        _fail(f"cannot write {where}: {exc.strerror}")
+        return
+    typer.echo(f"installed: certificate for {parsed.describe()} in {path}")
+
+
+def _stored_id(state_dir: Path) -> str | None:
+    """The id a node keeps in its state dir (identity.json), if it ran before."""
+    try:
+        stored = json.loads((state_dir / "identity.json").read_text())
+    except (OSError, ValueError):
+        return None
+    node_id = stored.get("id") if isinstance(stored, dict) else None
+    return node_id if isinstance(node_id, str) else None

@@ -23,7 +23,7 @@ import numpy as np
 
 from p2pfl.config import NodeConfig
 from p2pfl.discovery.membership import Membership
-from p2pfl.discovery.peerview import PeerInfo, PeerView
+from p2pfl.discovery.peerview import NewPeerBucket, PeerInfo, PeerView
 from p2pfl.identity import Identity
 from p2pfl.inbox import Inbox, NodeCounters
 from p2pfl.learning.learner import EvalResult, FitResult, Learner
@@ -96,7 +96,10 @@ class Node:
         own_broker: Container[str] | None = None,
         identity: Identity | None = None,
         trust: Trust | None = None,
+        limit_new_peers: bool = True,
     ) -> None:
+        """``limit_new_peers=False`` lets every new peer join the view at once (the simulator,
+        whose peers are all its own); the cap of ``max_peers`` holds either way."""
         self.config = config
         self.learner = learner
         self.transport = transport
@@ -107,7 +110,14 @@ class Node:
         self.on_round = on_round
         self.clock = clock
         self.net = config.network
-        self.view = PeerView(node_id, ttl=config.presence_ttl, clock=clock)
+        self.view = PeerView(
+            node_id,
+            ttl=config.presence_ttl,
+            clock=clock,
+            max_peers=config.max_peers,
+            new_peers=NewPeerBucket(clock=clock) if limit_new_peers else None,
+            configured={p.id for p in config.peers},
+        )
         self.counters = NodeCounters()
         self.round = 0
         self.last_eval: EvalResult | None = None
@@ -122,7 +132,9 @@ class Node:
             state_dir=None if state is None else state.path,
             max_peers=config.max_peers,
             max_skew=config.max_clock_skew,
+            ca_key=config.ca_key,
         )
+        self.trust.own(node_id, self.identity.public_raw)  # nobody else speaks as us
         self._inbox_topic = topics.inbox(self.net, node_id)
         self.inbox = Inbox(config, self.counters, clock=clock)
         self.inbox.trust = self.trust
@@ -142,7 +154,13 @@ class Node:
             own_broker=own_broker,
             signer=self.signer,
             trust=self.trust,
+            certificate=self.trust.certificate,
         )
+        # Only peers of the view steer this node: they alone get models merged, and what is
+        # kept for a peer goes when it leaves.
+        self.view.on_refuse = self.inbox.reject
+        self.view.on_leave = self._peer_left
+        self.inbox.admitted = self._admitted
         self._last_good: dict[str, np.ndarray] | None = None
         self._logs = logs
         self.last_loss: float | None = None
@@ -272,7 +290,7 @@ class Node:
                 self._merge, [t.weights for t in tokens], [t.age for t in tokens]
             )
         await asyncio.to_thread(self.learner.set_weights, merged)
-        self.round = max(self.round, max(t.round for t in tokens))
+        self.round = max(self.round, min(max(t.round for t in tokens), self._round_ceiling()))
         return len(tokens)
 
     async def _one_round(self) -> None:
@@ -393,15 +411,23 @@ class Node:
                 await self._send_planned(r, payload, sent)
 
     async def _merge_received(self, own: dict[str, np.ndarray], r: int, own_age: float) -> int:
-        fresh = self.inbox.take(r)
+        # Only peers of the view get a model merged: not one that left or was never admitted
+        # (its presence still being dialled when the model came, then refused). A peer that
+        # finished its rounds and said bye is the exception: sync rounds up to its last
+        # counted on its model.
+        live = set(self.view.live())
+        finished = self.membership.finished
+        fresh = [m for m in self.inbox.take(r) if m.src in live or m.src in finished]
         if not fresh:
             return 0
         models = [own, *(m.weights for m in fresh)]
         ages = [own_age, *(m.age for m in fresh)]
         merged = await asyncio.to_thread(self._merge, models, ages)
         await asyncio.to_thread(self.learner.set_weights, merged)
-        # Rounds are adopted from the furthest peer, so a restarted node catches up.
-        self.round = max(self.round, max(m.round for m in fresh) - 1)
+        # Rounds are adopted from the furthest peer, so a restarted node catches up; never
+        # beyond the ceiling (the inbox took no model above it, but the view may have changed).
+        top = min(max(m.round for m in fresh), self._round_ceiling())
+        self.round = max(self.round, top - 1)
         return len(fresh)
 
     def _encode(self, weights: Mapping[str, np.ndarray], r: int, age: float) -> Payload:
@@ -456,21 +482,49 @@ class Node:
                 await self.membership.on_message(message)
 
     def _round_ceiling(self) -> int:
-        """The highest round a model may claim: ours, or the live peers' median, plus the lag.
+        """The highest round a model may claim: ours, or the median of ours and the
+        established peers' rounds, plus the lag.
 
         Catching up to a network that is ahead is allowed (a restarted or slow node); one peer
-        claiming round 10**9 is not, since adopting it would end everyone's run.
+        claiming round 10**9 is not, since adopting it would end everyone's run. Under tofu
+        anyone can make keys and verified presence records, so only established peers count
+        (in the view for a heartbeat interval, `presence_ttl / 3`), and this node counts too:
+        a flood of fresh records moves nothing, and Sybils must outnumber this node and its
+        established peers to move it. Of two middle values the higher one counts, so a
+        restarted node with a single peer ahead still catches up with it.
         """
-        key = (self.view.version, self.round, int(self.clock() // 5))
+        key = (self.view.version, self.round, int(self.clock()))
         if self._ceiling is None or self._ceiling[0] != key:
+            established = self.view.established(self.config.presence_ttl / 3)
             rounds = sorted(
-                info.round
-                for p in self.view.live()
-                if (info := self.view.get(p)) is not None and info.round is not None
+                [
+                    self.round,
+                    *(
+                        info.round
+                        for p in established
+                        if (info := self.view.get(p)) is not None and info.round is not None
+                    ),
+                ]
             )
-            median = rounds[(len(rounds) - 1) // 2] if rounds else 0
+            median = rounds[len(rounds) // 2]
             self._ceiling = (key, max(self.round, median) + self.config.max_round_lag + 1)
         return self._ceiling[1]
+
+    def _admitted(self, src: str) -> bool:
+        """Whether the inbox may take a model from `src`: a trainer of the view, or a peer
+        whose verified presence is being dialled (its first model would race its admission)."""
+        info = self.view.get(src)
+        if info is not None:
+            return info.role == "trainer"
+        return self.membership.pending(src)
+
+    def _peer_left(self, info: PeerInfo) -> None:
+        """Drop what is kept for a peer that left the view (`PeerView.on_leave`)."""
+        # Its buffered models stay when it finished its rounds (sync rounds up to its last
+        # count on them), and with walkers: a token that reached us is ours to carry on.
+        keep = info.id in self.membership.finished or self.config.walkers > 0
+        self.inbox.forget(info.id, models=not keep)
+        self.membership.forget(info)
 
     def discovered(self, info: PeerInfo) -> None:
         """A discovery source (mDNS) found a peer; call it on the node's loop."""

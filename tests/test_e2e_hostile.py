@@ -1,8 +1,10 @@
-"""End-to-end: a `p2pfl run` node under hostile input and a broker outage, over real sockets."""
+"""End-to-end: a `p2pfl run` node under hostile input, a Sybil flood and a broker outage, over
+real sockets."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -13,6 +15,8 @@ import aiomqtt
 import numpy as np
 import pytest
 
+from p2pfl.broker_auth import login_password
+from p2pfl.discovery.presence import encode_presence
 from p2pfl.identity import Identity
 from p2pfl.learning.models import build_model
 from p2pfl.protocol import topics
@@ -84,10 +88,47 @@ def hostile_payloads(net: str) -> list[bytes]:
     return payloads
 
 
+def evil_client(port: int) -> aiomqtt.Client:
+    """The attacker, logged in to the victim's broker with a key of its own (tofu takes it)."""
+    uri = f"mqtt://127.0.0.1:{port}"
+    return aiomqtt.Client(
+        "127.0.0.1", port, identifier=f"evil-{os.urandom(4).hex()}", username="evil",
+        password=login_password(EVIL, "evil", uri), timeout=60,
+    )  # fmt: skip
+
+
 async def publish_all(port: int, topic: str, payloads: list[bytes]) -> None:
+    """Publish each payload to ``topic`` anonymously (a shared open broker)."""
     async with aiomqtt.Client("127.0.0.1", port, identifier="hostile", timeout=60) as client:
         for payload in payloads:
             await client.publish(topic, payload, qos=1)
+
+
+async def evil_publish_all(port: int, net: str, payloads: list[bytes]) -> None:
+    """Announce "evil" as a peer (so its models reach the checks behind the view), then send
+    each payload to the victim's inbox; one over the packet limit costs the connection."""
+    topic = topics.inbox(net, "victim")
+    async with evil_client(port) as client:
+        nowhere = "mqtt://127.0.0.1:1"
+        await client.publish(topics.presence(net, "evil"), presence_of(net, "evil", EVIL, nowhere))
+        await asyncio.sleep(1.0)
+        for payload in payloads:
+            if len(payload) <= MAX_MESSAGE:
+                await client.publish(topic, payload, qos=1)
+    for payload in payloads:
+        if len(payload) > MAX_MESSAGE:  # the broker hangs up without reading it: no PUBACK
+            with contextlib.suppress(aiomqtt.MqttError):
+                async with evil_client(port) as client:
+                    await client.publish(topic, payload, qos=0)
+                    await asyncio.sleep(0.3)
+
+
+def presence_of(net: str, peer_id: str, key: Identity, broker: str, round: int = 1) -> bytes:
+    """A verified presence record: `peer_id` is a trainer reached at `broker`."""
+    return encode_presence(
+        net, peer_id, now_seq(), online=True, role="trainer", broker=broker, round=round,
+        signer=key,
+    )  # fmt: skip
 
 
 def test_a_thousand_malformed_payloads_are_counted_and_change_nothing(tmp_path: Path) -> None:
@@ -102,9 +143,7 @@ def test_a_thousand_malformed_payloads_are_counted_and_change_nothing(tmp_path: 
     try:
         wait_until(lambda: node.last_round() >= 1, 60, "first round", node.tail)
         before = node.rounds()[-1]
-        asyncio.run(
-            publish_all(port, topics.inbox("hostile", "victim"), hostile_payloads("hostile"))
-        )
+        asyncio.run(evil_publish_all(port, "hostile", hostile_payloads("hostile")))
         wait_until(lambda: node.rounds()[-1]["rejected"] >= 1000, 60, "1000 rejections", node.tail)
         wait_until(lambda: node.last_round() >= before["round"] + 2, 30, "more rounds", node.tail)
         assert node.alive(), node.tail()
@@ -117,6 +156,73 @@ def test_a_thousand_malformed_payloads_are_counted_and_change_nothing(tmp_path: 
         assert len(reasons) >= 4, reasons
     finally:
         node.stop()
+    assert node.proc is not None and node.proc.returncode == 0, node.tail()
+
+
+def test_a_sybil_flood_neither_takes_the_view_nor_moves_the_round(tmp_path: Path) -> None:
+    """100 presence records signed by 100 self-made keys (they verify under tofu), each
+    claiming round 10**6, then a model from each at that round: the view takes them only at
+    the new-peer rate, and nothing of theirs moves the round or is merged."""
+    # A shared open Mosquitto, where anyone may publish anything: the Sybils announce it as
+    # their broker too.
+    shared = MosquittoBroker(port=0)
+    shared.start()
+    port = shared.port
+    node = NodeProcess(
+        "victim",
+        ["--id", "victim", "--network", "sybil", "--broker", shared.uri,
+         "--state-dir", str(tmp_path / "victim"), "--period", "0.2",
+         "--presence-ttl", "60", *FAST],  # a peer is established after 20 s
+        tmp_path,
+    ).start()  # fmt: skip
+    keys = {f"sybil{i:03d}": Identity.generate() for i in range(100)}
+    reasons = lambda: node.rounds()[-1]["rejected_by_reason"]  # noqa: E731
+    try:
+        wait_until(lambda: node.last_round() >= 1, 60, "first round", node.tail)
+        started = time.monotonic()
+
+        async def flood() -> None:
+            async with aiomqtt.Client("127.0.0.1", port, identifier="sybils") as client:
+                for sybil, key in keys.items():
+                    record = presence_of("sybil", sybil, key, shared.uri, round=10**6)
+                    await client.publish(topics.presence("sybil", sybil), record, qos=1)
+
+        asyncio.run(flood())
+        wait_until(
+            lambda: node.rounds()[-1]["peers"] + reasons().get("new-peer-rate", 0) == 100,
+            30,
+            "every record admitted or refused",
+            node.tail,
+        )
+        elapsed = time.monotonic() - started
+        peers = node.rounds()[-1]["peers"]
+        assert 32 <= peers <= 32 + elapsed / 2 + 1, (peers, elapsed)
+
+        weights = mlp_weights()
+        models = [
+            bytes(encode_model(weights, net="sybil", src=sybil, seq=now_seq(), round=10**6,
+                               age=1.0, signer=key))
+            for sybil, key in keys.items()
+        ]  # fmt: skip
+        asyncio.run(publish_all(port, topics.inbox("sybil", "victim"), models))
+        wait_until(
+            lambda: reasons().get("future", 0) + reasons().get("unknown-sender", 0) == 100,
+            30,
+            "every Sybil model refused",
+            node.tail,
+        )
+        assert reasons()["future"] == peers  # in the view, but fresh: the ceiling stays
+        assert reasons()["unknown-sender"] == 100 - peers
+        mark = node.last_round()
+        wait_until(lambda: node.last_round() >= mark + 2, 30, "more rounds", node.tail)
+        assert node.alive(), node.tail()
+        last = node.rounds()[-1]
+        assert last["round"] == last["rounds"], "one round per step: none adopted"
+        assert last["models_received"] == 0
+        assert all(r["merged"] == 0 for r in node.rounds())
+    finally:
+        node.stop()
+        shared.stop()
     assert node.proc is not None and node.proc.returncode == 0, node.tail()
 
 

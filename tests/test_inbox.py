@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import numpy as np
+import pytest
 
 from p2pfl.config import NodeConfig
+from p2pfl.identity import Identity
 from p2pfl.inbox import Inbox, NodeCounters
 from p2pfl.protocol import chunking
 from p2pfl.protocol.envelope import Envelope, pack_envelope
 from p2pfl.protocol.model import encode_model, layout
+from p2pfl.trust import Trust
 
 NET = "inboxtest"
 
@@ -96,3 +100,78 @@ async def test_an_abandoned_transfer_expires_on_the_timer_alone(wait_until) -> N
         await box.accept(part, lowest=0, highest=5)
     assert box.counters.models_received == 0
     assert dict(box.counters.rejected) == {"chunk": 1}
+
+
+# -- only peers' models: unknown senders refused before anything is kept, state dropped on leave
+
+
+def signed_chunks(src: str, key: Identity, transfer: str = "t1") -> list[bytes]:
+    seq = time.time_ns() // 1000
+    message = encode_model(weights(), net=NET, src=src, seq=seq, round=1, age=1.0, signer=key)
+    parts = chunking.split(
+        message, max_chunk=2048, transfer_id=transfer, net=NET, src=src, seq=seq + 1, signer=key
+    )
+    assert len(parts) > 1
+    return [bytes(part) for part in parts]
+
+
+async def test_an_unknown_sender_is_refused_before_reassembly_or_decoding() -> None:
+    box = inbox()
+    box.trust = Trust("tofu")
+    box.admitted = lambda src: src == "peer"
+    parts = signed_chunks("mallory", Identity.generate())
+    for part in parts:  # each one verifies: a self-made key is pinned under tofu
+        await box.accept(part, lowest=0, highest=5)
+    assert dict(box.counters.rejected) == {"unknown-sender": len(parts)}
+    assert box._reassembler.pending_transfers() == 0  # nothing was kept for it
+    assert box._reassembler.total_pending_bytes() == 0
+    inline = encode_model(
+        weights(), net=NET, src="eve", seq=1, round=1, age=1.0, signer=Identity.generate()
+    )
+    await box.accept(bytes(inline), lowest=0, highest=5)
+    assert box.counters.rejected["unknown-sender"] == len(parts) + 1
+    assert box.counters.models_received == 0 and not box
+    for part in signed_chunks("peer", Identity.generate()):
+        await box.accept(part, lowest=0, highest=5)
+    assert box.counters.models_received == 1
+
+
+async def test_forget_drops_what_is_kept_for_a_peer() -> None:
+    box = inbox()
+    for part in chunks(NET, src="peer"):
+        await box.accept(part, lowest=0, highest=5)
+    first, *_ = chunks(NET, src="peer", transfer="t2")
+    await box.accept(first, lowest=0, highest=5)  # a transfer under way
+    box.reject("peer", "stale round: 1 < 3")
+    for part in chunks(NET, src="other"):
+        await box.accept(part, lowest=0, highest=5)
+    box.reject("other", "stale round: 1 < 3")
+    assert box._reassembler.pending_bytes("peer") > 0
+    box.forget("peer")
+    assert box._reassembler.pending_bytes("peer") == 0
+    assert [m.src for m in box.take_newest()] == ["other"]
+    assert box._logged == {("other", "stale")}
+    for part in chunks(NET, src="kept"):
+        await box.accept(part, lowest=0, highest=5)
+    box.forget("kept", models=False)  # e.g. a peer that finished: its models still count
+    assert [m.src for m in box.take_newest()] == ["kept"]
+
+
+def test_log_once_entries_are_bounded_whatever_ids_peers_make_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    box = inbox()
+    with caplog.at_level(logging.WARNING, logger="p2pfl.node"):
+        for i in range(5000):
+            box.reject(f"sybil{i}", "unknown sender: not a live peer of this node")
+    assert box.counters.rejected == {"unknown-sender": 5000}
+    assert len(box._logged) <= 4097
+    assert len(caplog.records) <= 4097
+    assert "counted, not logged" in caplog.records[-1].getMessage()
+    box.forget("sybil0")  # a peer that leaves makes room: the next new one is logged again
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="p2pfl.node"):
+        box.reject("newcomer", "stale round: 1 < 3")
+    assert [r.getMessage() for r in caplog.records] == [
+        "message rejected peer=newcomer reason=stale round: 1 < 3"
+    ]

@@ -173,3 +173,78 @@ async def test_without_presence_discovered_peers_join_at_their_working_address(
         await wait_until(lambda: h.view.get("m4") is not None, within=10)
         info = h.view.get("m4")
         assert info is not None and info.broker == good
+
+
+# -- only peers of the view: pending dials, byes, and the brokers we announce to -------------
+
+
+async def bye(h: Harness, peer_id: str, round: int) -> None:
+    payload = encode_presence(
+        NET, peer_id, 2, online=False, role="trainer", broker=f"mqtt://{peer_id}:1883", round=round
+    )
+    await h.membership.on_message(Message(topics.presence(NET, peer_id), payload, True))
+
+
+async def test_a_peer_whose_addresses_are_being_probed_counts_as_pending(
+    wait_until: WaitUntil,
+) -> None:
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    good = f"mqtt://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    h = Harness(discovery=("static", "presence"))
+    async with server:
+        await h.presence("m5", ["mqtt://10.77.0.9:1883", good])  # queued for the probe
+        assert h.membership.pending("m5") and "m5" not in h.view
+        async with started(h):
+            await wait_until(lambda: "m5" in h.view, within=10)
+            await wait_until(lambda: not h.membership.pending("m5"))
+
+
+async def test_only_a_bounded_number_of_records_wait_for_a_probe() -> None:
+    h = Harness(discovery=("static", "presence"))
+    for i in range(200):
+        await h.presence(f"s{i}", [f"mqtt://10.77.1.{i}:1883", f"mqtt://10.77.2.{i}:1883"])
+    pending = [i for i in range(200) if h.membership.pending(f"s{i}")]
+    assert pending == list(range(64))
+
+
+async def test_a_bye_is_remembered_only_for_peers_of_the_view_and_boundedly() -> None:
+    h = Harness(discovery=("static", "presence"), max_peers=2)
+    async with started(h):
+        await bye(h, "stranger", 5)
+        assert h.membership.finished == {}  # it never shaped our rounds
+        for peer_id in ("a", "b", "c"):
+            await h.presence(peer_id, [f"mqtt://{peer_id}:1883"])
+            await bye(h, peer_id, 5)
+        assert h.membership.finished == {"b": 5, "c": 5}
+
+
+async def test_brokers_of_peers_that_left_are_no_longer_announced_to() -> None:
+    h = Harness(
+        peers=[{"id": "cfg", "broker": "mqtt://10.77.0.5:1883"}], discovery=("static", "presence")
+    )
+    h.view.on_leave = h.membership.forget
+    async with started(h):
+        await h.membership.start()
+        await h.presence("a", ["mqtt://10.77.0.6:1883"])
+        await h.presence("b", ["mqtt://10.77.0.7:1883"])
+        await h.presence("c", ["mqtt://10.77.0.7:1883"])  # shares b's broker
+        await h.presence("cfg", ["mqtt://10.77.0.5:1883"])
+        announced = set(h.membership._announced)
+        assert {"mqtt://10.77.0.5:1883", "mqtt://10.77.0.6:1883", "mqtt://10.77.0.7:1883"} <= (
+            announced
+        )
+        for peer_id in ("a", "b", "cfg"):
+            await bye(h, peer_id, 1)
+        # a's broker goes; c still lives at b's; a configured peer's broker always stays
+        assert h.membership._announced == announced - {"mqtt://10.77.0.6:1883"}
+
+
+async def test_a_peer_the_view_refuses_is_not_announced_to() -> None:
+    h = Harness(discovery=("static", "presence"))
+    h.view.max_peers = 1
+    h.view.on_refuse = lambda src, reason: h.rejected.update([reason_label(reason)])
+    async with started(h):
+        await h.presence("a", ["mqtt://10.77.0.6:1883"])
+        await h.presence("b", ["mqtt://10.77.0.8:1883"])
+    assert "b" not in h.view and h.rejected == {"max-peers": 1}
+    assert "mqtt://10.77.0.8:1883" not in h.membership._announced

@@ -281,3 +281,14 @@ def test_snapshot_is_plain_json_with_the_documented_keys() -> None:
     assert [line["msg"] for line in snap["logs"]] == [f"m{i} [2J" for i in range(25, 30)]
     # Class 0: F1 = 6/7; class 1 is predicted once, never true: F1 = 0.
     assert snap["global"]["accuracy"] == 0.75 and math.isclose(snap["global"]["macro_f1"], 3 / 7)
+
+
+def test_a_confusion_matrix_counting_more_than_a_node_can_evaluate_is_refused() -> None:
+    from p2pfl.monitor.records import MAX_EVAL_SAMPLES, parse_telemetry
+    from p2pfl.protocol.errors import ProtocolError
+
+    ghost = [[10**9 if r == c else 0 for c in range(10)] for r in range(10)]  # "perfect"
+    with pytest.raises(ProtocolError, match="exceed what a node can evaluate"):
+        parse_telemetry("ghost", body("ghost", confusion=ghost))
+    fits = [[MAX_EVAL_SAMPLES // 2, 0], [0, MAX_EVAL_SAMPLES // 2]]
+    assert parse_telemetry("n1", body("n1", confusion=fits)).confusion is not None

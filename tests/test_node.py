@@ -266,10 +266,10 @@ def hostile_messages(good: bytes, weights: Weights) -> list[list[bytes]]:
     next(iter(inf.values())).flat[0] = -np.inf
     corrupted = bytearray(good)
     corrupted[len(corrupted) // 2] ^= 0xFF  # inside the tensor bytes: the signature catches it
-    # Chunks sent by "mallory" whose reassembled model says it comes from "ghost".
+    # Chunks sent by "ghost" (a peer) whose reassembled model says it comes from "mallory".
     spoofed = chunking.split(
-        model_message(weights, "ghost", 1), max_chunk=1024, transfer_id="t1", net=NET,
-        src="mallory", seq=next(_SEQ), signer=KEYS["mallory"],
+        model_message(weights, "mallory", 1), max_chunk=1024, transfer_id="t1", net=NET,
+        src="ghost", seq=next(_SEQ), signer=KEYS["ghost"],
     )  # fmt: skip
     assert len(spoofed) > 1
     bad_chunk = {"id": "t2", "index": 5, "count": 2, "total": 10, "digest": b"0" * 16, "data": b""}
@@ -412,8 +412,11 @@ async def test_model_far_behind_is_rejected_as_stale(
     dataset: Dataset, wait_until: WaitUntil
 ) -> None:
     bus = MemoryBus()
-    # Alone, in sync mode, the node runs rounds as fast as it trains.
-    node = make_node(dataset, MemoryTransport(bus, "s0"), "s0", 0, max_round_lag=2)
+    # In async mode without a pause, the node runs rounds as fast as it trains; s1 is a peer.
+    node = make_node(
+        dataset, MemoryTransport(bus, "s0"), "s0", 0, max_round_lag=2, mode="async",
+        peers={"s1": BUS},
+    )  # fmt: skip
     peer = await bus_client(bus, "s1")
     weights = node.learner.get_weights()
     inbox = topics.inbox(NET, "s0")

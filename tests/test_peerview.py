@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from p2pfl.discovery.peerview import PeerInfo, PeerView
+from p2pfl.discovery.peerview import (
+    NEW_PEER_BURST,
+    NEW_PEER_RATE,
+    NewPeerBucket,
+    PeerInfo,
+    PeerView,
+)
+from p2pfl.inbox import reason_label
 
 
 class FakeClock:
@@ -172,3 +179,106 @@ def test_records_about_self_are_ignored(view: PeerView) -> None:
 def test_ttl_must_be_positive() -> None:
     with pytest.raises(ValueError, match="ttl"):
         PeerView("me", ttl=0)
+
+
+# -- bounded joining: a cap, a rate limit for new ids, and who bypasses them -----------------
+
+
+class Refusals:
+    """What a view refused, by label (as a node counts them)."""
+
+    def __init__(self) -> None:
+        self.by_label: dict[str, list[str]] = {}
+
+    def __call__(self, peer_id: str, reason: str) -> None:
+        self.by_label.setdefault(reason_label(reason), []).append(peer_id)
+
+
+def test_no_more_than_max_peers_join_and_the_rest_are_counted(clock: FakeClock) -> None:
+    view = PeerView("me", ttl=10.0, clock=clock, max_peers=3, configured=["mine"])
+    view.on_refuse = refused = Refusals()
+    joined = [view.upsert(peer(f"p{i}")) for i in range(5)]
+    assert joined == [True, True, True, False, False]
+    assert view.live() == ["p0", "p1", "p2"]
+    assert refused.by_label == {"max-peers": ["p3", "p4"]}
+    assert view.upsert(peer("p1", round=4)) is False and view.get("p1") is not None  # refresh
+    # The user's own peers join whatever the cap (by id, or as a static record).
+    assert view.upsert(peer("mine")) is True
+    assert view.upsert(peer("listed", source="static")) is True
+    view.remove("p0", "bye")
+    view.remove("mine", "bye")
+    view.remove("listed", "bye")
+    assert view.upsert(peer("p3")) is True  # room again
+    assert refused.by_label == {"max-peers": ["p3", "p4"]}
+
+
+def test_new_peers_join_at_the_buckets_pace_and_later_heartbeats_get_in(
+    clock: FakeClock,
+) -> None:
+    bucket = NewPeerBucket(burst=4, rate=0.5, clock=clock)
+    view = PeerView("me", ttl=60.0, clock=clock, new_peers=bucket, configured=["mine"])
+    view.on_refuse = refused = Refusals()
+    for i in range(10):
+        view.upsert(peer(f"p{i}"))
+    assert view.live() == ["p0", "p1", "p2", "p3"]
+    assert refused.by_label == {"new-peer-rate": [f"p{i}" for i in range(4, 10)]}
+    assert not view.has_room("p4") and view.has_room("p0") and view.has_room("mine")
+    # Known peers refresh without a token; configured and static ones need none.
+    assert view.upsert(peer("p0", round=3)) is False
+    assert view.upsert(peer("mine")) is True
+    assert view.upsert(peer("listed", source="static")) is True
+    clock.now += 2.0  # one token
+    assert view.has_room("p4")
+    for i in range(4, 10):  # the refused ones' next heartbeats
+        view.upsert(peer(f"p{i}"))
+    assert "p4" in view and "p5" not in view
+    clock.now += 1000.0  # the bucket holds at most `burst`
+    for i in range(5, 10):
+        view.upsert(peer(f"p{i}"))
+    assert [f"p{i}" in view for i in range(5, 10)] == [True] * 4 + [False]
+
+
+def test_a_flood_of_a_hundred_new_ids_takes_the_view_only_at_the_default_pace(
+    clock: FakeClock,
+) -> None:
+    view = PeerView(
+        "me", ttl=60.0, clock=clock, max_peers=256, new_peers=NewPeerBucket(clock=clock)
+    )
+    for second in range(61):  # a record from each of 100 Sybils every second, for a minute
+        for i in range(100):
+            view.upsert(peer(f"sybil{i}"))
+        if second == 0:
+            assert len(view) == NEW_PEER_BURST == 32
+        clock.now += 1.0
+    assert len(view) == NEW_PEER_BURST + int(60 * NEW_PEER_RATE) == 62
+
+
+def test_established_peers_are_those_in_the_view_for_a_while(
+    view: PeerView, clock: FakeClock
+) -> None:
+    view.upsert(peer("old"))
+    clock.now += 4
+    view.upsert(peer("new"))
+    view.upsert(peer("watcher", role="monitor"))
+    clock.now += 1
+    assert view.established(5.0) == ["old"]
+    view.upsert(peer("old"))  # a refresh keeps when it joined
+    assert view.established(5.0) == ["old"]
+    assert view.established(1.0, role=None) == ["new", "old", "watcher"]
+    view.remove("old", "bye")
+    view.upsert(peer("old"))  # rejoining starts over
+    assert view.established(5.0) == []
+
+
+def test_leaving_peers_are_told_to_on_leave(view: PeerView, clock: FakeClock) -> None:
+    left: list[PeerInfo] = []
+    view.on_leave = left.append
+    view.upsert(peer("a"))
+    view.upsert(peer("b"))
+    view.upsert(peer("c", source="static"))
+    assert view.remove("a", "bye")
+    assert not view.remove("a", "bye")  # not twice, nor for unknown ids
+    clock.now += 11
+    assert view.expire() == ["b"]
+    assert [(p.id, p.broker) for p in left] == [("a", "mqtt://a:1883"), ("b", "mqtt://b:1883")]
+    assert "b" not in view  # the hook runs once the view dropped it

@@ -1,16 +1,21 @@
-"""Trust: who may speak for an id (tofu, allowlist, open), signatures, replays; attack by attack."""
+"""Trust: who may speak for an id (tofu, allowlist, ca, open), signatures, replays; attack by
+attack."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from p2pfl.identity import Identity, TrustedKeys
+from p2pfl.certs import issue
+from p2pfl.discovery.presence import presence_certificate
+from p2pfl.identity import Identity, TrustedKeys, public_bytes
 from p2pfl.protocol.envelope import Envelope, pack_envelope
 from p2pfl.protocol.errors import ProtocolError
-from p2pfl.trust import REPLAY_WINDOW, Trust
+from p2pfl.trust import KEYS_PER_PEER, REPLAY_WINDOW, Trust, trust_label
 
 NOW = 1_000_000.0
 
@@ -109,13 +114,165 @@ def test_chunks_of_one_transfer_share_a_seq_and_wills_are_exempt() -> None:
     t.check(message(me, seq=19, kind="model"), replay=False)
 
 
-def test_the_number_of_ids_is_bounded() -> None:
-    t = trust(max_peers=3)
-    for i in range(3):
-        t.check(message(Identity.generate(), src=f"n{i}"))
-    assert refused(t, message(Identity.generate(), src="n9")).startswith("untrusted")
+def test_the_number_of_keys_is_bounded_and_old_replay_windows_make_room() -> None:
+    t = trust(max_peers=1)  # room for KEYS_PER_PEER keys and replay windows
+    senders = [Identity.generate() for _ in range(KEYS_PER_PEER)]
+    for i, key in enumerate(senders):
+        t.check(message(key, src=f"n{i}", seq=100))
+    assert refused(t, message(Identity.generate(), src="late")).startswith("untrusted")
+    # a known sender is still heard; its window stays, so a replay of it is still refused
+    t.check(message(senders[0], src="n0", seq=101))
+    assert refused(t, message(senders[0], src="n0", seq=101)).startswith("replay")
 
 
-def test_ca_policy_is_not_offered_yet() -> None:
-    with pytest.raises(ValueError, match="not available yet"):
+# ---- ca: membership certificates ----------------------------------------------------------
+
+NETWORK = Ed25519PrivateKey.generate()
+
+
+def ca_trust(**kw: object) -> Trust:
+    return trust("ca", ca_key=NETWORK.public_key(), **kw)
+
+
+def presence(signer: Identity, cert: bytes | None, *, src: str = "n1", seq: int = 1) -> bytes:
+    """A presence-like message whose body carries ``cert``."""
+    return message(signer, src=src, seq=seq, body={} if cert is None else {"cert": cert})
+
+
+def body_cert(data: bytes, calls: list[int] | None = None) -> Callable[[], bytes | None]:
+    """The ``cert`` callback a node passes: reads the certificate from the body."""
+
+    def read() -> bytes | None:
+        if calls is not None:
+            calls.append(1)
+        return presence_certificate(data)
+
+    return read
+
+
+def ca_refused(t: Trust, data: bytes) -> str:
+    with pytest.raises(ProtocolError) as info:
+        t.check(data, cert=body_cert(data))
+    return info.value.reason
+
+
+def test_ca_needs_the_network_key() -> None:
+    with pytest.raises(ValueError, match="ca_key"):
         Trust("ca")
+    with pytest.raises(ValueError, match="32 bytes"):
+        Trust("ca", ca_key="p2pfl-ed25519 AAAA")
+    assert Trust("ca", ca_key=public_bytes(NETWORK.public_key())).policy == "ca"
+
+
+def test_ca_admits_a_certified_key_and_then_its_messages_without_certificate() -> None:
+    node = Identity.generate()
+    t = ca_trust()
+    data = presence(node, issue(NETWORK, "n1", node.public))
+    assert t.check(data, cert=body_cert(data)).src == "n1"
+    assert t.knows("n1")
+    assert t.check(message(node, seq=2, kind="model")).src == "n1"  # no certificate needed now
+    assert refused(t, message(node, seq=2, kind="model")).startswith("replay")  # still checked
+
+
+def test_ca_refuses_keys_without_a_certificate_from_the_network_key() -> None:
+    node, mallory = Identity.generate(), Identity.generate()
+    t = ca_trust()
+    assert "no certificate" in refused(t, message(node))  # no callback at all
+    assert "no certificate" in ca_refused(t, presence(node, None))
+    other_network = Ed25519PrivateKey.generate()
+    assert "not signed by the network key" in ca_refused(
+        t, presence(node, issue(other_network, "n1", node.public), seq=2)
+    )
+    # someone else's certificate, shown with another key: for its id and for another id
+    stolen = issue(NETWORK, "n1", node.public)
+    assert "another key" in ca_refused(t, presence(mallory, stolen, seq=3))
+    assert "issued to 'n1'" in ca_refused(t, presence(mallory, stolen, src="n2"))
+    assert "malformed" in ca_refused(t, presence(node, b"garbage", seq=4))
+    expired = issue(NETWORK, "n1", node.public, valid_days=1, now=NOW - 2 * 86400)
+    assert "expired" in ca_refused(t, presence(node, expired, seq=5))
+    assert not t.knows("n1") and not t.knows("n2")
+    for reason in ("no certificate", "not signed", "another key", "malformed", "expired"):
+        assert trust_label(f"untrusted certificate for 'x': {reason}") == "untrusted"
+
+
+def test_ca_reads_the_certificate_only_after_the_signature_verified() -> None:
+    node, mallory = Identity.generate(), Identity.generate()
+    t = ca_trust()
+    data = presence(node, issue(NETWORK, "n1", node.public))
+    forged = data.replace(node.public_raw, mallory.public_raw)
+    calls: list[int] = []
+    with pytest.raises(ProtocolError, match="bad signature"):
+        t.check(forged, cert=body_cert(forged, calls))
+    assert calls == []  # nothing of the body was decoded
+    t.check(data, cert=body_cert(data, calls))
+    assert calls == [1]
+    t.check(message(node, seq=2), cert=body_cert(data, calls))
+    assert calls == [1]  # once admitted, not read again
+
+
+def test_ca_a_newer_certificate_replaces_a_lost_key_and_an_older_one_does_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    old, new = Identity.generate(), Identity.generate()
+    t = ca_trust()
+    old_cert = issue(NETWORK, "n1", old.public, now=NOW - 100)
+    new_cert = issue(NETWORK, "n1", new.public, now=NOW - 10)
+    t.check(presence(old, old_cert), cert=body_cert(presence(old, old_cert)))
+    # re-admitted after losing its key: the newer certificate wins
+    data = presence(new, new_cert, seq=2)
+    assert t.check(data, cert=body_cert(data)).pk == new.public_raw
+    assert refused(t, message(old, seq=3)).startswith("untrusted")
+    # the old key, with its old certificate, cannot take the id back
+    with caplog.at_level(logging.ERROR, logger="p2pfl.trust"):
+        assert "certificate as new" in ca_refused(t, presence(old, old_cert, seq=4))
+        ca_refused(t, presence(old, old_cert, seq=5))
+    assert len([r for r in caplog.records if "KEY CHANGED" in r.getMessage()]) == 1
+    assert t.check(message(new, seq=6)).pk == new.public_raw
+
+
+def test_ca_an_expired_certificate_must_be_renewed() -> None:
+    node = Identity.generate()
+    now = [NOW]
+    t = Trust("ca", ca_key=NETWORK.public_key(), clock=lambda: now[0], max_skew=1e9)
+    short = issue(NETWORK, "n1", node.public, valid_days=1, now=NOW)
+    t.check(presence(node, short), cert=body_cert(presence(node, short)))
+    now[0] = NOW + 2 * 86400
+    assert "no certificate" in refused(t, message(node, seq=2))
+    assert "expired" in ca_refused(t, presence(node, short, seq=3))
+    renewed = issue(NETWORK, "n1", node.public, valid_days=30, now=NOW + 86400)
+    t.check(presence(node, renewed, seq=4), cert=body_cert(presence(node, renewed, seq=4)))
+    assert t.check(message(node, seq=5)).src == "n1"
+
+
+def test_ca_admit_key_takes_the_certificate_of_a_login() -> None:
+    node, mallory = Identity.generate(), Identity.generate()
+    t = ca_trust()
+    with pytest.raises(ProtocolError, match="no certificate"):
+        t.admit_key("n1", node.public_raw)
+    with pytest.raises(ProtocolError, match="another key"):
+        t.admit_key("n1", mallory.public_raw, issue(NETWORK, "n1", node.public))
+    t.admit_key("n1", node.public_raw, issue(NETWORK, "n1", node.public))
+    t.admit_key("n1", node.public_raw)  # known now
+    assert t.check(message(node)).src == "n1"
+
+
+def test_ca_the_number_of_ids_is_bounded() -> None:
+    t = ca_trust(max_peers=2)
+    for i in range(2):
+        node = Identity.generate()
+        t.admit_key(f"n{i}", node.public_raw, issue(NETWORK, f"n{i}", node.public))
+    late = Identity.generate()
+    for i in range(2, 2 * KEYS_PER_PEER):
+        node = Identity.generate()
+        t.admit_key(f"n{i}", node.public_raw, issue(NETWORK, f"n{i}", node.public))
+    with pytest.raises(ProtocolError, match=f"already {2 * KEYS_PER_PEER} keys"):
+        t.admit_key("late", late.public_raw, issue(NETWORK, "late", late.public))
+
+
+def test_ca_our_own_id_is_never_handed_to_another_key() -> None:
+    me, other = Identity.generate(), Identity.generate()
+    t = ca_trust()
+    t.own("me", me.public_raw)
+    assert t.check(message(me, src="me")).src == "me"  # no certificate needed for ourselves
+    data = presence(other, issue(NETWORK, "me", other.public), src="me", seq=2)
+    assert "certificate as new" in ca_refused(t, data)

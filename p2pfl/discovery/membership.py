@@ -25,7 +25,7 @@ from p2pfl.config import NodeConfig
 from p2pfl.discovery.addresses import is_loopback
 from p2pfl.discovery.dial import first_reachable, probe
 from p2pfl.discovery.peerview import PeerInfo, PeerView
-from p2pfl.discovery.presence import encode_presence, parse_presence
+from p2pfl.discovery.presence import encode_presence, parse_presence, presence_certificate
 from p2pfl.identity import Identity, fingerprint
 from p2pfl.protocol import topics
 from p2pfl.protocol.envelope import unpack_envelope
@@ -38,6 +38,9 @@ log = logging.getLogger("p2pfl.node")
 
 # Per-peer notes kept for diagnosis; a bound, whatever the network sends.
 _MAX_NOTES = 256
+# Presence records waiting for a probe of their addresses: each probe takes up to seconds, so a
+# burst of records beyond this waits for its peer's next heartbeat rather than in a long queue.
+_MAX_DIALLING = 64
 _MAX_PRESENCE = 64 * 1024
 
 
@@ -72,6 +75,7 @@ class Membership:
         own_broker: Container[str] | None = None,
         signer: Identity | None = None,
         trust: Trust | None = None,
+        certificate: bytes | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -82,6 +86,7 @@ class Membership:
         self.signer = signer
         self.fingerprint = None if signer is None else fingerprint(signer.public)
         self.trust = trust
+        self.certificate = certificate  # ours (--trust ca), sent in every presence record
         self.net = config.network
         self.presence_on = "presence" in config.discovery
         self._own: Container[str] = own_broker if own_broker is not None else ()
@@ -90,14 +95,20 @@ class Membership:
         self._round = current_round
         self._reject = reject
         self._clock = clock
+        # Brokers our presence goes to every heartbeat: those of the configured peers, and of
+        # peers in the view (dropped when they leave), at most one per peer the view may hold.
         self._announced: set[str] = set()
+        self._configured_brokers: set[str] = set()
+        self._max_announced = config.max_peers + len(config.peers)
         self._discovered: asyncio.Queue[PeerInfo] = asyncio.Queue()
         self._routes: dict[tuple[str, ...], str] = {}  # a peer's addresses -> the one that works
         self._dialling: set[tuple[str, ...]] = set()
+        self._pending: set[str] = set()  # ids of verified presence records being dialled
         self._introduced: dict[str, tuple[str, ...]] = {}  # every peer heard of, its addresses
         self._own_named: dict[str, str] = {}  # peers that announced our own broker as theirs
         self.unreachable: dict[str, str] = {}  # broker URI -> why a probe failed
-        # peers that said bye after finishing a round (sync rounds up to it keep their shape)
+        # Peers of the view that said bye after finishing a round (sync rounds up to it keep
+        # their shape); the oldest go first beyond max_peers.
         self.finished: dict[str, int] = {}
 
     def route(self, broker: str) -> str | None:
@@ -137,7 +148,12 @@ class Membership:
             if len(message.payload) > _MAX_PRESENCE:
                 raise ProtocolError(f"oversize presence record: {len(message.payload)} bytes")
             if self.trust is not None:
-                self.trust.check(message.payload)  # before anything is decoded
+                # Before anything is decoded; under --trust ca the body is read for the
+                # sender's certificate only once the signature checked.
+                payload = message.payload
+                self.trust.check(
+                    payload, cert=lambda: presence_certificate(payload, max_size=_MAX_PRESENCE)
+                )
             # a presence record is a flat map of a few fields: no long containers in it
             env = unpack_envelope(message.payload, max_size=_MAX_PRESENCE, max_container_len=64)
             record = parse_presence(env)
@@ -147,8 +163,12 @@ class Membership:
             self._reject(peer_id, exc.reason)
             return
         if not record.online:
-            if record.graceful and record.round is not None:
+            # Only a peer of the view shaped our rounds: a bye from anyone else changes none.
+            if record.graceful and record.round is not None and peer_id in self.view:
+                self.finished.pop(peer_id, None)
                 self.finished[peer_id] = record.round
+                while len(self.finished) > self.config.max_peers:
+                    del self.finished[next(iter(self.finished))]
             if self.view.remove(peer_id, "offline"):
                 log.info("peer left id=%s", peer_id)
             return
@@ -166,12 +186,34 @@ class Membership:
             route = self._routes.get(usable)
             if route is None:
                 # Probing takes up to seconds: the discovery loop does it, not the receiver.
-                if usable not in self._dialling:
+                # Until it is done, the peer's models count as a peer's (`pending`): its first
+                # one would otherwise race its admission. Only as many as the view would take.
+                if (
+                    usable not in self._dialling
+                    and len(self._dialling) < _MAX_DIALLING
+                    and self.view.has_room(peer_id)
+                ):
                     self._dialling.add(usable)
+                    self._pending.add(peer_id)
                     self._discovered.put_nowait(info)
                 return
             info = replace(info, broker=route)
         await self._admit(info)
+
+    def pending(self, peer_id: str) -> bool:
+        """Whether a verified presence record of ``peer_id`` waits for a probe of its
+        addresses before the peer joins the view."""
+        return peer_id in self._pending
+
+    def forget(self, info: PeerInfo) -> None:
+        """A peer left the view: stop announcing to its broker, unless a configured peer or
+        another peer of the view is reached there."""
+        broker = info.broker
+        if broker in self._configured_brokers or broker == self.home_broker:
+            return
+        if any(p.broker == broker for p in self.view.peers()):
+            return
+        self._announced.discard(broker)
 
     def discovered(self, info: PeerInfo) -> None:
         """A discovery source (mDNS) found a peer; call it on the node's loop."""
@@ -195,6 +237,7 @@ class Membership:
             self._dialling.discard(info.candidates)
             if route is not None:
                 await self._admit(replace(info, broker=route))
+            self._pending.discard(info.id)  # in the view now, or refused
 
     async def heartbeat_loop(self) -> None:
         """Repeat our presence every third of the TTL; forget peers silent for the TTL."""
@@ -261,20 +304,26 @@ class Membership:
         route = await self._dial(info.id, usable)
         if route is None:
             return
+        if info.source == "static":
+            self._configured_brokers.add(route)
         if self.presence_on:
             # It joins the view when its presence is heard.
             if route not in self._announced:
                 await self._announce_to(route)
             return
-        if info.id not in self.view:
-            log.info("peer joined id=%s broker=%s source=%s", info.id, route, info.source)
+        known = info.id in self.view
         self.view.upsert(replace(info, broker=route, brokers=usable))
+        if not known and info.id in self.view:
+            log.info("peer joined id=%s broker=%s source=%s", info.id, route, info.source)
 
     async def _admit(self, info: PeerInfo) -> None:
         """A peer whose presence was heard joins the view; make sure it hears ours too."""
-        if info.id not in self.view:
-            log.info("peer joined id=%s broker=%s", info.id, info.broker)
+        known = info.id in self.view
         self.view.upsert(info)
+        if info.id not in self.view:
+            return  # refused (view full, or too many new peers at once): no announcing to it
+        if not known:
+            log.info("peer joined id=%s broker=%s", info.id, info.broker)
         if info.broker and info.broker not in self._announced:
             # The peer learned of us before we knew it: make sure it hears our presence too.
             await self._announce_to(info.broker)
@@ -339,10 +388,17 @@ class Membership:
             round=self._round(),
             pk=self.fingerprint,
             signer=self.signer,
+            cert=self.certificate,
         )
         return Message(topics.presence(self.net, self.node_id), payload, retain=True)
 
     async def _announce_to(self, broker: str) -> None:
+        full = len(self._announced) >= self._max_announced
+        if full and broker not in self._configured_brokers:
+            log.debug(
+                "not announcing to broker=%s: %d brokers already", broker, len(self._announced)
+            )
+            return
         self._announced.add(broker)
         if broker == self.home_broker:
             return

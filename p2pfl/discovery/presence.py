@@ -5,6 +5,9 @@ A node publishes ``presence`` (online, with its role, home broker and round) on
 peer it knows, and repeats it every third of the presence TTL as a heartbeat. Each of those
 connections carries a will with the ``offline`` record, so a crash is seen at once by every
 broker the node was connected to; a graceful stop publishes ``bye``.
+
+Under ``--trust ca`` every record carries the node's membership certificate (``cert``), which
+is how peers admit its key; :func:`presence_certificate` reads it once the signature checked.
 """
 
 from __future__ import annotations
@@ -14,13 +17,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from p2pfl.protocol.envelope import PROTOCOL_VERSION, Envelope, Signer, pack_envelope
+from p2pfl.certs import MAX_CERT
+from p2pfl.protocol.envelope import (
+    PROTOCOL_VERSION,
+    BytesLike,
+    Envelope,
+    Signer,
+    pack_envelope,
+    unpack_envelope,
+)
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.transport.address import parse_broker_uri
 
 ROLES = ("trainer", "monitor")
 MAX_PK = 128  # a key fingerprint, as in the mDNS TXT record
 MAX_BROKERS = 16  # addresses a record may list: a host's interfaces, not a network
+MAX_PRESENCE = 64 * 1024
+MAX_FIELDS = 64  # a presence record is a flat map of a few fields: no long containers in it
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,7 @@ class PresenceRecord:
     graceful: bool = False  # a `bye`: the node stopped on purpose (not its will after a crash)
     brokers: tuple[str, ...] = ()  # every address of the node's broker, in its order
     pk: str = ""  # the fingerprint of the node's public key
+    cert: bytes | None = None  # the node's membership certificate (--trust ca)
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -55,13 +69,15 @@ def encode_presence(
     round: int | None = None,
     pk: str | None = None,
     signer: Signer | None = None,
+    cert: bytes | None = None,
 ) -> bytes:
     """The presence envelope of `node_id`: online, a graceful `bye`, or (``graceful=False``)
     the offline record a will carries, which says the node died rather than stopped.
 
-    ``brokers`` lists every address of the node's broker (``broker`` is the first of them).
+    ``brokers`` lists every address of the node's broker (``broker`` is the first of them);
+    ``cert`` is the node's membership certificate.
     """
-    body: dict[str, str | int | list[str]] = {
+    body: dict[str, str | int | list[str] | bytes] = {
         "state": "online" if online else "offline",
         "role": role,
         "broker": broker,
@@ -72,6 +88,8 @@ def encode_presence(
         body["round"] = round
     if pk:
         body["pk"] = pk
+    if cert is not None:
+        body["cert"] = cert
     env = Envelope(
         v=PROTOCOL_VERSION,
         kind="presence" if online else "bye" if graceful else "will",
@@ -110,6 +128,9 @@ def parse_presence(env: Envelope) -> PresenceRecord:
     pk = body.get("pk", "")
     if not isinstance(pk, str) or len(pk) > MAX_PK or not pk.isascii() or not pk.isprintable():
         raise ProtocolError("presence pk must be a short printable ASCII string")
+    cert = body.get("cert")
+    if cert is not None and (not isinstance(cert, bytes) or len(cert) > MAX_CERT):
+        raise ProtocolError(f"presence cert must be at most {MAX_CERT} bytes")
     online = env.kind == "presence" and state == "online"
     return PresenceRecord(
         node_id=env.src,
@@ -120,7 +141,18 @@ def parse_presence(env: Envelope) -> PresenceRecord:
         graceful=env.kind == "bye",
         brokers=tuple(b for b in brokers if b),
         pk=pk,
+        cert=cert,
     )
+
+
+def presence_certificate(data: BytesLike, *, max_size: int = MAX_PRESENCE) -> bytes | None:
+    """The certificate a presence message carries (None: none); ProtocolError when the message
+    cannot be decoded. For ``Trust.check(cert=...)``: call it only once the signature checked."""
+    env = unpack_envelope(data, max_size=max_size, max_container_len=MAX_FIELDS)
+    cert = env.body.get("cert")
+    if cert is not None and (not isinstance(cert, bytes) or len(cert) > MAX_CERT):
+        raise ProtocolError(f"presence cert must be at most {MAX_CERT} bytes")
+    return cert
 
 
 def _check_broker(uri: object) -> None:

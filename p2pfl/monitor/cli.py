@@ -22,8 +22,9 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
+from p2pfl.certs import load_certificate
 from p2pfl.config import StaticPeer, default_state_dir
-from p2pfl.identity import load_identity
+from p2pfl.identity import load_identity, read_key_argument
 from p2pfl.monitor.dashboard import render_dashboard, render_report
 from p2pfl.monitor.monitor import Monitor
 from p2pfl.monitor.plot import write_plot
@@ -61,6 +62,7 @@ def run_monitor(
     forget_after: float = 60.0,
     trust: str = "tofu",
     state_dir: Path | None = None,
+    ca_key: str | None = None,
 ) -> int:
     """Run the monitor until done (`once`) or signalled; the process exit code.
 
@@ -78,7 +80,14 @@ def run_monitor(
         # Keys pinned on first use persist only in a state dir the user chose: a default one
         # would refuse every node of a network restarted with fresh keys, run after run.
         keep = state_dir is not None or trust == "allowlist"
-        policy = Trust(trust, state_dir=where if keep else None)  # type: ignore[arg-type]
+        if trust == "ca" and ca_key is None:
+            raise ValueError("--trust ca needs --ca-key, the network's public key")
+        policy = Trust(
+            trust,  # type: ignore[arg-type]
+            state_dir=where if keep else None,
+            ca_key=None if ca_key is None else read_key_argument(ca_key),
+            certificate=load_certificate(where) if trust == "ca" else None,
+        )
         monitor = Monitor(
             network,
             brokers=brokers,

@@ -52,7 +52,10 @@ def monitor(
     forget_after: float = typer.Option(60.0, help="Seconds of silence before a node is dropped."),
     log_level: str = typer.Option("warning", help="debug | info | warning | error."),
     trust: str = typer.Option(
-        "tofu", help="Which nodes' records to believe: tofu | allowlist | open (as p2pfl run)."
+        "tofu", help="Which nodes' records to believe: tofu | allowlist | ca | open (as p2pfl run)."
+    ),
+    ca_key: str | None = typer.Option(
+        None, "--ca-key", help="With --trust ca: the network's public key, or a file holding it."
     ),
     state_dir: Path | None = typer.Option(
         None,
@@ -82,6 +85,7 @@ def monitor(
             stale_after=stale_after,
             forget_after=forget_after,
             trust=trust,
+            ca_key=ca_key,
             state_dir=state_dir,
         )
     except MonitorConfigError as exc:

@@ -16,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from p2pfl.broker_auth import login_password
 from p2pfl.config import StaticPeer
 from p2pfl.discovery.dial import first_reachable
 from p2pfl.discovery.mdns import Mdns
 from p2pfl.discovery.peerview import PeerInfo
-from p2pfl.discovery.presence import encode_presence, parse_presence
+from p2pfl.discovery.presence import encode_presence, parse_presence, presence_certificate
 from p2pfl.identity import Identity
 from p2pfl.monitor.state import NetworkState
 from p2pfl.protocol import topics
@@ -102,6 +104,8 @@ class Monitor:
         self.clock = clock
         self.interfaces = list(interfaces)
         self.use_mdns = use_mdns
+        if options.login is None:  # nodes' brokers let in only clients with a key login
+            options = replace(options, login=self._login)
         self.options = options
         self._pinned: set[str] = set()
         for broker in [*brokers, *(p.broker for p in peers)]:
@@ -121,6 +125,11 @@ class Monitor:
         self._routes: dict[str, str] = {}  # a node's first address -> the one that answered
 
     # ---- public -----------------------------------------------------------------------------
+
+    def _login(self, uri: str) -> tuple[str, str]:
+        return self.monitor_id, login_password(
+            self.identity, self.monitor_id, uri, certificate=self.trust.certificate
+        )
 
     @property
     def brokers(self) -> list[str]:
@@ -236,7 +245,8 @@ class Monitor:
         if failed is not None and self.clock() - failed < retry_after:
             return
         self._clients += 1
-        transport = MqttTransport(uri, f"{self.monitor_id}-{self._clients}", self.options)
+        client_id = f"{self.monitor_id}-{self._clients}-{secrets.token_hex(8)}"
+        transport = MqttTransport(uri, client_id, self.options)
         watch = self._watches[uri] = _Watch(uri, transport, since=self.clock())
         watch.task = self._tg.create_task(self._follow(watch), name=f"monitor:{uri}")
 
@@ -289,7 +299,14 @@ class Monitor:
         try:
             if len(message.payload) > MAX_RECORD:
                 raise ProtocolError(f"oversize: {len(message.payload)} bytes")
-            self.trust.check(message.payload, replay=False)
+            payload = message.payload
+            cert = None
+            if kind == "presence":  # under ca, a presence record carries its certificate
+
+                def cert() -> bytes | None:
+                    return presence_certificate(payload, max_size=MAX_RECORD)
+
+            self.trust.check(payload, replay=False, cert=cert)
             env = unpack_envelope(message.payload, max_size=MAX_RECORD)
             if env.src != node_id or env.net != net:
                 raise ProtocolError("record does not match its topic")
@@ -327,7 +344,7 @@ class Monitor:
         self._seq += 1
         return encode_presence(
             self.network, self.monitor_id, self._seq, online=online, role="monitor", broker="",
-            signer=self.identity,
+            signer=self.identity, cert=self.trust.certificate,
         )  # fmt: skip
 
     async def _announce(self, transport: MqttTransport) -> None:

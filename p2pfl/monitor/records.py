@@ -18,6 +18,8 @@ from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.topics import validate_name
 
 MAX_CLASSES = 1000
+MAX_EVAL_SAMPLES = 10_000_000
+"""Samples one node's confusion matrix may count: a test set far larger than a node holds."""
 MAX_PROJECTION = 1024
 MAX_IDS = 10_000
 MAX_TEXT = 2000
@@ -196,6 +198,8 @@ def _confusion(value: Any) -> np.ndarray | None:
         if len(cells) != n:
             raise ProtocolError("confusion matrix must be square")
         matrix[i] = [_int(c, "confusion cell") for c in cells]
+    if int(matrix.sum()) > MAX_EVAL_SAMPLES:
+        raise ProtocolError("confusion counts exceed what a node can evaluate")
     return matrix
 
 

@@ -227,6 +227,9 @@ class Simulation:
                     state=member.state,
                     on_round=functools.partial(on_round, member),
                     identity=member.identity,
+                    # Every simulated peer is the user's own and all start together: rationing
+                    # new peers would only delay a large run's start by minutes.
+                    limit_new_peers=False,
                 )
 
             def on_round(member: _Member, report: RoundReport) -> None:

@@ -23,10 +23,14 @@ import asyncio
 import contextlib
 import logging
 import threading
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from p2pfl.transport.base import TransportError
+
+if TYPE_CHECKING:
+    from p2pfl.broker_auth import BrokerGate
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +40,29 @@ for _name in ("amqtt", "transitions"):
 
 
 class EmbeddedBroker:
-    """An amqtt broker on `host:port` (port 0 = a free port, kept across `stop`/`start`)."""
+    """An amqtt broker on `host:port` (port 0 = a free port, kept across `stop`/`start`).
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, start_timeout: float = 10.0):
+    With a ``gate`` (p2pfl.broker_auth) clients must log in with a node key, topics follow its
+    ACL and packets and retained messages its limits; without one anyone may do anything (tests
+    and the in-process simulator). ``tls=(certfile, keyfile)`` makes the listener TLS-only
+    (``mqtts://``).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        start_timeout: float = 10.0,
+        gate: BrokerGate | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ):
         if ":" in host:
             raise ValueError("EmbeddedBroker binds IPv4 hosts only (amqtt limitation)")
         self.host = host
         self._port = port
+        self.gate = gate
+        self.tls = tls
         self._start_timeout = start_timeout
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -59,8 +79,8 @@ class EmbeddedBroker:
 
     @property
     def uri(self) -> str:
-        """`mqtt://host:port` of this broker."""
-        return f"mqtt://{self.host}:{self.port}"
+        """`mqtt://host:port` (`mqtts://` with TLS) of this broker."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -68,14 +88,20 @@ class EmbeddedBroker:
         return self._thread is not None and self._thread.is_alive() and self._ready.is_set()
 
     def config(self) -> dict[str, Any]:
-        """The amqtt configuration: one TCP listener, anonymous clients, no plugins besides."""
-        return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self._port}"}},
-            # Only anonymous auth: no $SYS publisher and no per-packet logging plugins.
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
-            },
+        """The amqtt configuration: one TCP listener, and the gate's plugins or anonymous
+        access (either way no $SYS publisher and no per-packet logging plugins)."""
+        listener: dict[str, Any] = {"type": "tcp", "bind": f"{self.host}:{self._port}"}
+        if self.tls is not None:
+            listener.update(ssl=True, certfile=str(self.tls[0]), keyfile=str(self.tls[1]))
+        plugins: dict[str, Any] = {
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
         }
+        if self.gate is not None:
+            plugins = {
+                "p2pfl.transport.amqtt_gate.GateAuthPlugin": {"gate": self.gate},
+                "p2pfl.transport.amqtt_gate.GateTopicPlugin": {"gate": self.gate},
+            }
+        return {"listeners": {"default": listener}, "plugins": plugins}
 
     def start(self) -> None:
         """Start the broker thread and block until the broker accepts connections."""
@@ -137,7 +163,12 @@ class EmbeddedBroker:
 
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
-        broker = Broker(self.config())
+        if self.gate is not None:
+            from p2pfl.transport.amqtt_gate import GatedBroker
+
+            broker: Broker = GatedBroker(self.config(), self.gate)
+        else:
+            broker = Broker(self.config())
         await broker.start()
         try:
             server = broker._servers["default"].instance  # amqtt has no API for the bound port

@@ -256,7 +256,10 @@ class Link:
             self.client = None
             self._requeue_inflight(opts.max_attempts)
         if error is not None and not self.owner.aborting:
-            level = logging.WARNING if was_up or self.last_error is None else logging.DEBUG
+            # Each new kind of failure is worth a warning (refused, then not authorised...);
+            # the same one again, while the link retries, is not.
+            new = self.last_error is None or str(error) != str(self.last_error)
+            level = logging.WARNING if was_up or new else logging.DEBUG
             log.log(
                 level,
                 "broker connection %s client=%s broker=%s error=%s",
@@ -270,13 +273,18 @@ class Link:
 
     def _client(self) -> aiomqtt.Client:
         opts = self.owner.options
+        # The user's credentials go to the broker they were configured for, and nowhere else.
+        home = self.home
+        username, password = (opts.username, opts.password) if home else (None, None)
+        if username is None and opts.login is not None:
+            username, password = opts.login(self.address.uri)  # fresh: tokens expire
         tls = None
         if self.address.tls:
             t = opts.tls
             tls = aiomqtt.TLSParameters(
                 ca_certs=t.ca if t else None,
-                certfile=t.cert if t else None,
-                keyfile=t.key if t else None,
+                certfile=t.cert if t and home else None,
+                keyfile=t.key if t and home else None,
             )
         will = None
         if self.will is not None:
@@ -285,8 +293,8 @@ class Link:
             self.address.host,
             self.address.port,
             identifier=self.identifier,
-            username=opts.username,
-            password=opts.password,
+            username=username,
+            password=password,
             will=will,
             clean_session=True,
             timeout=opts.timeout,

@@ -90,10 +90,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def mqtt_ping(host: str, port: int, timeout: float = 0.5, *, tls: bool = False) -> bool:
+def mqtt_ping(
+    host: str, port: int, timeout: float = 0.5, *, tls: bool = False, refused_ok: bool = False
+) -> bool:
     """Whether an MQTT broker answers a CONNECT on `host:port` (not just any listener).
 
     With `tls`, the certificate is not checked: this asks "is it up?", not "is it trusted?".
+    ``refused_ok``: a CONNACK that refuses the anonymous probe counts as an answer too.
     """
     client_id = b"p2pfl-probe"
     body = b"\x00\x04MQTT\x04\x02\x00\x0a" + len(client_id).to_bytes(2, "big") + client_id
@@ -115,6 +118,8 @@ def mqtt_ping(host: str, port: int, timeout: float = 0.5, *, tls: bool = False) 
             sock.sendall(b"\xe0\x00")  # DISCONNECT, so no will and no warning in the log
     except OSError:
         return False
+    if refused_ok:
+        return reply[:2] == b"\x20\x02"  # a CONNACK, whatever its verdict
     return reply == b"\x20\x02\x00\x00"  # CONNACK, accepted
 
 
@@ -132,6 +137,8 @@ class MosquittoBroker:
         max_packet_size: int = 16 * 1024 * 1024,
         max_queued_messages: int = 10_000,
         tls: tuple[str, str] | None = None,
+        password_file: str | None = None,
+        network: str | None = None,
         binary: str | None = None,
         start_timeout: float = 5.0,
     ) -> None:
@@ -140,6 +147,8 @@ class MosquittoBroker:
         self.max_packet_size = max_packet_size
         self.max_queued_messages = max_queued_messages
         self.tls = tls
+        self.password_file = password_file
+        self.network = network
         self._binary = binary
         self._start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -188,7 +197,9 @@ class MosquittoBroker:
             self._dir = tempfile.TemporaryDirectory(prefix="p2pfl-mosquitto-")
         folder = Path(self._dir.name)
         conf = folder / "mosquitto.conf"
-        conf.write_text(self._config())
+        if self.password_file is not None and self.network is not None:
+            (folder / "acl").write_text(self._acl(self.network))
+        conf.write_text(self._config(folder))
         with (folder / "mosquitto.log").open("ab") as err:
             try:
                 self._proc = subprocess.Popen(
@@ -210,7 +221,9 @@ class MosquittoBroker:
         # Poll with a real MQTT handshake: a bare TCP connect could reach another program
         # that took the port, while mosquitto is failing to bind it.
         deadline = time.monotonic() + self._start_timeout
-        while not mqtt_ping(self.host, self._port, timeout=0.2, tls=self.tls is not None):
+        secured = self.password_file is not None
+        tls = self.tls is not None
+        while not mqtt_ping(self.host, self._port, timeout=0.2, tls=tls, refused_ok=secured):
             if proc.poll() is not None:
                 text = self.log_text().strip()
                 self._proc = None
@@ -252,8 +265,28 @@ class MosquittoBroker:
         path = Path(self._dir.name) / "mosquitto.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def _config(self) -> str:
+    @staticmethod
+    def _acl(net: str) -> str:
+        """The embedded broker's topic rules as far as Mosquitto patterns go (a user may also
+        publish to its own inbox; retained messages are not budgeted)."""
+        base = f"p2pfl/v1/{net}"
+        return "\n".join(
+            [
+                f"pattern read {base}/node/%u/inbox",
+                f"topic write {base}/node/+/inbox",
+                *(f"pattern write {base}/{kind}/%u" for kind in ("presence", "telemetry", "log")),
+                *(f"topic read {base}/{kind}/+" for kind in ("presence", "telemetry", "log")),
+                "",
+            ]
+        )
+
+    def _config(self, folder: Path | None = None) -> str:
         tls = [f"certfile {self.tls[0]}", f"keyfile {self.tls[1]}"] if self.tls else []
+        access = ["allow_anonymous true"]
+        if self.password_file is not None:
+            access = ["allow_anonymous false", f"password_file {self.password_file}"]
+            if folder is not None and self.network is not None:
+                access.append(f"acl_file {folder / 'acl'}")
         # Started as root, mosquitto switches to the `mosquitto` user and then cannot read
         # files in our private folders; a private broker runs as whoever runs the node.
         user = ["user root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
@@ -262,7 +295,7 @@ class MosquittoBroker:
                 f"listener {self._port} {self.host}",
                 *user,
                 *tls,
-                "allow_anonymous true",
+                *access,
                 "persistence false",
                 f"max_packet_size {self.max_packet_size}",
                 f"max_queued_messages {self.max_queued_messages}",

@@ -20,7 +20,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -46,11 +46,19 @@ _CLOSED: Final = object()
 
 @dataclass(frozen=True, slots=True)
 class MqttOptions:
-    """Settings of an `MqttTransport`; the defaults suit a LAN with 1 MiB model chunks."""
+    """Settings of an `MqttTransport`; the defaults suit a LAN with 1 MiB model chunks.
+
+    ``username``/``password`` and a TLS client certificate are the user's credentials for
+    the home broker they configured, and are presented to it only. Every other broker (a
+    peer's) is dialled with ``login(uri)`` (user name, password): the node's key-based login
+    (p2pfl.broker_auth), or anonymously when None. The home broker gets that login too when
+    the user gave no user name.
+    """
 
     username: str | None = None
     password: str | None = None
     tls: TlsOptions | None = None
+    login: Callable[[str], tuple[str, str]] | None = None
     timeout: float = 30.0
     """Base timeout of one broker operation (connect, subscribe, publish acknowledgement)."""
     min_rate: float = 1e6
