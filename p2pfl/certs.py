@@ -182,27 +182,25 @@ def read_cert_argument(value: str) -> bytes:
     """A certificate given on the command line: its text itself, or a file holding it."""
     path = Path(value)
     if not value.startswith(CERT_TYPE) and path.is_file():
-        try:
-            return parse_cert_text(first_line(path))
-        except KeyFileError as exc:
-            if str(exc).startswith(str(path)):
-                raise
-            raise KeyFileError(f"{path}: {exc}") from None
+        return _cert_file(path)
     return parse_cert_text(value)
 
 
-def load_certificate(state_dir: Path) -> bytes | None:
-    """The node's certificate from ``state_dir/membership.cert``; None when there is none.
-    KeyFileError naming the file when it is not a certificate."""
-    path = state_dir / CERT_FILE
-    if not path.exists():
-        return None
+def _cert_file(path: Path) -> bytes:
+    """The certificate in a file; KeyFileError naming the file."""
     try:
         return parse_cert_text(first_line(path))
     except KeyFileError as exc:
         if str(exc).startswith(str(path)):
             raise
         raise KeyFileError(f"{path}: {exc}") from None
+
+
+def load_certificate(state_dir: Path) -> bytes | None:
+    """The node's certificate from ``state_dir/membership.cert``; None when there is none.
+    KeyFileError naming the file when it is not a certificate."""
+    path = state_dir / CERT_FILE
+    return _cert_file(path) if path.exists() else None
 
 
 def own_certificate(

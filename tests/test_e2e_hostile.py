@@ -78,12 +78,12 @@ def hostile_payloads(net: str) -> list[bytes]:
     other_net = bytes(encode_model(weights, net="other", seq=seq + 3, **sign))  # type: ignore[arg-type]
     nan = nan_model(weights, net=net)
     payloads: list[bytes] = []
-    payloads += [rng.bytes(int(rng.integers(1, 2000))) for _ in range(400)]
+    payloads += [rng.bytes(int(rng.integers(1, 2000))) for _ in range(415)]
     payloads += [valid[: int(rng.integers(1, len(valid) - 1))] for _ in range(300)]
     payloads += [wrong] * 100
     payloads += [nan] * 100
     payloads += [other_net] * 80
-    payloads += [os.urandom(MAX_MESSAGE + 100_000)] * 20
+    payloads += [os.urandom(MAX_MESSAGE + 100_000)] * 5  # each costs the sender its connection
     assert len(payloads) == 1000
     return payloads
 
@@ -120,7 +120,9 @@ async def evil_publish_all(port: int, net: str, payloads: list[bytes]) -> None:
             with contextlib.suppress(aiomqtt.MqttError):
                 async with evil_client(port) as client:
                     await client.publish(topic, payload, qos=0)
-                    await asyncio.sleep(0.3)
+                    async with asyncio.timeout(30):  # until the broker hangs up
+                        async for _ in client.messages:
+                            pass
 
 
 def presence_of(net: str, peer_id: str, key: Identity, broker: str, round: int = 1) -> bytes:
