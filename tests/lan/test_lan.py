@@ -150,7 +150,8 @@ def test_ring_across_namespaces(lan: Lan, tmp_path: Path, schedule: str) -> None
 
     for node in nodes:
         numbers = [r["round"] for r in node.rounds()]
-        assert numbers == list(range(1, len(numbers) + 1)), node.tail()
+        # async: a node that fell behind may catch up to a peer's round, never go back
+        assert numbers[0] == 1 and numbers == sorted(set(numbers)), node.tail()
         # the round under way when SIGTERM came may miss a neighbour that stopped first
         rounds_seen = node.rounds()[:-1]
         assert max(r["peers"] for r in rounds_seen) == 2, node.tail()
