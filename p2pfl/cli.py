@@ -179,7 +179,10 @@ def run(
         None, help="logreg | mlp | cnn1d | package.module:factory. [default: cnn1d]"
     ),
     merge: str | None = typer.Option(
-        None, help="average | weighted | median | trimmed-mean:F | krum:F. [default: average]"
+        None,
+        help="clipped[:F] (bounds any peer's pull, every schedule) | average (no defence) | "
+        "weighted[:C] | median | trimmed-mean:F | krum:F (several models per merge: "
+        "partial-mesh only). [default: clipped]",
     ),
     optimizer: str | None = typer.Option(None, help="sgd | adam. [default: sgd]"),
     lr: float | None = typer.Option(None, help="Learning rate. [default: 0.05]"),
@@ -329,6 +332,7 @@ Examples:
   p2pfl sim sim/byzantine.toml --merge trimmed-mean:0.2
   p2pfl sim sim/default.toml --schedule ring --rounds 50 --seed 1 --out results/ring
   p2pfl sim sim/default.toml --seed 0 --json > summary.json
+  p2pfl sim sim/attacks.toml --matrix         # attack x merge rule x schedule, one table
 
 Scenario files are TOML (see sim/README.md); flags override them.
 """
@@ -346,7 +350,9 @@ def sim(
     rounds: int | None = typer.Option(None, help="Rounds per node."),
     seed: int | None = typer.Option(None, help="Seed: data split, init, schedule, faults."),
     merge: str | None = typer.Option(
-        None, help="Merge rule: average | weighted | median | trimmed-mean:F | krum:F."
+        None,
+        help="Merge rule: clipped[:F] | average | weighted[:C] | median | trimmed-mean:F | "
+        "krum:F (see `p2pfl run --help`).",
     ),
     out: Path = typer.Option(
         Path("p2pfl-sim"), help="Where metrics.jsonl, summary.json and the plots go."
@@ -358,6 +364,13 @@ def sim(
     ),
     processes: int = typer.Option(
         1, min=1, help="Spread the nodes over this many OS processes (needs --broker)."
+    ),
+    matrix: bool = typer.Option(
+        False,
+        "--matrix",
+        help="Run every attack x merge rule x schedule (the scenario's attacks and "
+        "compare_merges) and print one table of mean honest accuracy, clean run included. "
+        "On by itself when the scenario lists attacks or compare_merges.",
     ),
 ) -> None:
     """Simulate a whole network on this machine and compare schedules (no broker needed)."""
@@ -375,12 +388,20 @@ def sim(
             parse_broker_uri(broker)
         elif processes > 1:
             raise ValueError("--processes needs --broker: processes share no memory bus")
+        matrix = matrix or bool(loaded.attacks or loaded.compare_merges)
+        if matrix and broker is not None:
+            raise ValueError("--matrix runs on the in-memory bus only; drop --broker")
     except (ConfigError, ValueError) as exc:
         message = str(exc)
         if not message.startswith("config error"):
             message = f"config error: {message}"
         typer.echo(message, err=True)
         raise typer.Exit(code=2) from None
+    if matrix:
+        from p2pfl.simulation.cli import run_matrix
+
+        run_matrix(loaded, out=out, json_out=json_out)
+        return
     run_sim(
         loaded, out=out, json_out=json_out, plots=not no_plots, broker=broker, processes=processes
     )

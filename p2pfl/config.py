@@ -108,7 +108,7 @@ class NodeConfig(BaseModel):
     num_partitions: int = Field(1, ge=1)
     partition_index: int = Field(0, ge=0)
     model: str = "cnn1d"
-    merge: str = "average"
+    merge: str = "clipped"  # learning/merge.py: which rule defends against what
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)

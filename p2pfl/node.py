@@ -279,16 +279,18 @@ class Node:
                 await self._sleep(self.config.period)
 
     async def _adopt_tokens(self) -> int:
-        """Walkers: the token's model replaces ours (several tokens met here: their average)."""
+        """Walkers: continue from the token that reached us, as the merge rule adopts it."""
         tokens = self.tokens.take()
         if not tokens:
             return 0
-        if len(tokens) == 1:
-            merged = tokens[0].weights
-        else:
-            merged = await asyncio.to_thread(
-                self._merge, [t.weights for t in tokens], [t.age for t in tokens]
-            )
+        # Plain rules let the token's model replace ours (several tokens met here: the rule
+        # merges them). Clipped gossip moves ours towards the token by at most its radius
+        # instead: a token is just another peer's model, and a Byzantine one must not
+        # overwrite every node it reaches.
+        own = await asyncio.to_thread(self.learner.get_weights)
+        merged = await asyncio.to_thread(
+            self._merge.adopt, own, [t.weights for t in tokens], [t.age for t in tokens]
+        )
         await asyncio.to_thread(self.learner.set_weights, merged)
         self.round = max(self.round, min(max(t.round for t in tokens), self._round_ceiling()))
         return len(tokens)
@@ -326,7 +328,9 @@ class Node:
             merged = adopted
             self.tokens.passed_on(bool(sent))  # our copy stays, for evaluation
         else:
-            merged = await self._merge_received(weights, r, float(self.learner.num_samples))
+            # Our age in the unit peers claim theirs (samples this step), which `weighted`
+            # caps theirs against.
+            merged = await self._merge_received(weights, r, float(fit.samples))
         eval_started = self.clock()
         result = await asyncio.to_thread(self.learner.evaluate)
         eval_seconds = self.clock() - eval_started

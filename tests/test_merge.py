@@ -1,4 +1,9 @@
-"""Merge rules: algebraic properties (hypothesis), robustness to outliers, dtypes and errors."""
+"""Merge rules: algebraic properties (hypothesis), robustness to outliers, dtypes and errors.
+
+Clipped gossip's bound, tested below: with radius tau and n neighbours, any one neighbour moves
+the node by at most tau/(n+1) from where the others put it, so replacing one neighbour's model
+by anything changes the result by at most 2*tau/(n+1); the whole merge moves at most tau.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from p2pfl.learning.merge import (
-    MergeRule,
+    WEIGHTED_CAP,
+    ClippedGossip,
+    Merge,
     Weights,
+    _distance,
     _krum_scores,
     average,
+    clipped_step,
     krum,
     median,
     multi_krum,
@@ -21,8 +30,18 @@ from p2pfl.learning.merge import (
     weighted,
 )
 
-SPECS = ["average", "weighted", "median", "trimmed-mean:0.2", "krum:1", "multi-krum:1:2"]
+SPECS = [
+    "clipped",
+    "average",
+    "weighted",
+    "median",
+    "trimmed-mean:0.2",
+    "krum:1",
+    "multi-krum:1:2",
+]
 RULES = [parse_merge(spec) for spec in SPECS]
+# Rules for which no model is the node's own: any order of the inputs gives the same result.
+SYMMETRIC = [spec for spec in SPECS if spec != "clipped"]
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -50,22 +69,23 @@ def assert_models_close(a: Weights, b: Weights, rtol: float = 1e-5, atol: float 
         np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
 
 
-@pytest.mark.parametrize("rule", RULES, ids=SPECS)
+@pytest.mark.parametrize("spec", SPECS)
 @settings(max_examples=40, deadline=None)
 @given(models=model_sets(max_models=1), copies=st.integers(1, 7))
 def test_merging_copies_of_one_model_gives_that_model(
-    rule: MergeRule, models: list[Weights], copies: int
+    spec: str, models: list[Weights], copies: int
 ) -> None:
     model = models[0]
-    assert_models_close(rule([model] * copies), model)
+    assert_models_close(parse_merge(spec)([model] * copies), model)
 
 
-@pytest.mark.parametrize("rule", RULES, ids=SPECS)
+@pytest.mark.parametrize("spec", SYMMETRIC)
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), models=model_sets())
 def test_order_of_models_does_not_matter(
-    rule: MergeRule, data: st.DataObject, models: list[Weights]
+    spec: str, data: st.DataObject, models: list[Weights]
 ) -> None:
+    rule = parse_merge(spec)
     shuffled = data.draw(st.permutations(models))
     assert_models_close(rule(shuffled), rule(models))
 
@@ -78,10 +98,33 @@ def test_weighted_with_equal_weights_is_the_average(models: list[Weights], weigh
 
 @settings(max_examples=40, deadline=None)
 @given(models=model_sets(min_models=2))
-def test_weighted_with_one_nonzero_weight_is_that_model(models: list[Weights]) -> None:
+def test_weighted_with_only_the_own_weight_nonzero_is_the_own_model(models: list[Weights]) -> None:
     weights = [0.0] * len(models)
-    weights[-1] = 3.0
-    assert_models_close(weighted(models, weights), models[-1])
+    weights[0] = 3.0
+    assert_models_close(weighted(models, weights), models[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(models=model_sets(min_models=2), own=st.floats(1.0, 1e4), claim=st.floats(1.0, 1e12))
+def test_weighted_caps_a_claimed_age_at_cap_times_the_own(
+    models: list[Weights], own: float, claim: float
+) -> None:
+    honest = [own] * (len(models) - 1)
+    claimed = weighted(models, [own, *honest[:-1], claim])
+    capped = weighted(models, [own, *honest[:-1], min(claim, WEIGHTED_CAP * own)])
+    assert_models_close(claimed, capped)
+
+
+def test_weighted_gives_a_huge_claim_no_more_than_the_cap() -> None:
+    models = [{"w": np.array([0.0])}, {"w": np.array([1.0])}]
+    # own age 100, the sender claims 10**12: it counts as 4 * 100, so its share is 4/5.
+    np.testing.assert_allclose(weighted(models, [100.0, 1e12])["w"], [WEIGHTED_CAP / 5])
+    np.testing.assert_allclose(parse_merge("weighted:1")(models, [100.0, 1e12])["w"], [0.5])
+
+
+def test_weighted_with_no_own_age_takes_the_plain_mean() -> None:
+    models = [{"w": np.array([0.0])}, {"w": np.array([3.0])}, {"w": np.array([6.0])}]
+    np.testing.assert_allclose(weighted(models, [0.0, 1e12, 5.0])["w"], [3.0])
 
 
 def test_weighted_by_samples() -> None:
@@ -168,7 +211,7 @@ def test_plain_average_is_dragged_by_outliers() -> None:
 
 
 @pytest.mark.parametrize("rule", RULES, ids=SPECS)
-def test_dtypes_are_preserved_and_counters_rounded(rule: MergeRule) -> None:
+def test_dtypes_are_preserved_and_counters_rounded(rule: Merge) -> None:
     models: list[Weights] = [
         {
             "half": np.full(3, v, np.float16),
@@ -183,13 +226,14 @@ def test_dtypes_are_preserved_and_counters_rounded(rule: MergeRule) -> None:
     for name, tensor in models[0].items():
         assert merged[name].dtype == tensor.dtype, name
         assert merged[name].shape == tensor.shape, name
-    # The middle model is central for every rule here, so the counter is 12 everywhere.
+    # The middle model is central for every rule here, so the counter is 12 everywhere (clipped:
+    # the first merge's radius, 2 x the median distance, reaches every model: the mean).
     assert int(merged["bn.num_batches_tracked"]) == 12
     assert merged["mask"].tolist() == [True, False]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=SPECS)
-def test_inputs_are_not_modified(rule: MergeRule) -> None:
+def test_inputs_are_not_modified(rule: Merge) -> None:
     models = [{"w": np.array([float(i), 1.0])} for i in range(5)]
     before = [m["w"].copy() for m in models]
     merged = rule(models)
@@ -199,7 +243,7 @@ def test_inputs_are_not_modified(rule: MergeRule) -> None:
 
 
 @pytest.mark.parametrize("rule", RULES, ids=SPECS)
-def test_an_empty_model_list_is_refused(rule: MergeRule) -> None:
+def test_an_empty_model_list_is_refused(rule: Merge) -> None:
     with pytest.raises(ValueError, match="empty"):
         rule([])
 
@@ -232,8 +276,12 @@ def test_a_weight_per_model_is_required() -> None:
 @pytest.mark.parametrize(
     ("spec", "name"),
     [
+        ("clipped", "clipped"),
+        ("clipped:2", "clipped"),
+        ("Clipped:3.5", "clipped:3.5"),
         ("average", "average"),
         (" Weighted ", "weighted"),
+        ("weighted:2", "weighted:2"),
         ("median", "median"),
         ("trimmed-mean:0.2", "trimmed-mean:0.2"),
         ("krum:2", "krum:2"),
@@ -247,7 +295,7 @@ def test_parse_merge_names_the_rule(spec: str, name: str) -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("mean", r"unknown merge rule 'mean'; choose one of: average, weighted, median, trimmed"),
+        ("mean", r"unknown merge rule 'mean'; choose one of: clipped \(default\)"),
         ("", "unknown merge rule"),
         ("trimmed-mean", "needs a fraction"),
         ("trimmed-mean:0.5", "0 <= F < 0.5"),
@@ -259,8 +307,214 @@ def test_parse_merge_names_the_rule(spec: str, name: str) -> None:
         ("multi-krum:1", "multi-krum:1:3"),
         ("multi-krum:1:0", "M >= 1"),
         ("average:2", "takes no parameter"),
+        ("clipped:0.5", "F >= 1"),
+        ("clipped:abc", "factor F >= 1"),
+        ("clipped:inf", "factor F >= 1"),
+        ("weighted:0", "C >= 1"),
+        ("weighted:nan", "cap C >= 1"),
     ],
 )
 def test_parse_merge_explains_bad_specs(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_merge(spec)
+
+
+# ---- clipped gossip -------------------------------------------------------------------------
+
+
+def as_float64(models: list[Weights]) -> list[Weights]:
+    """Float64 copies: bounds are then checked without float32 rounding in the way."""
+    return [{k: v.astype(np.float64) for k, v in m.items()} for m in models]
+
+
+def norm(a: Weights, b: Weights) -> float:
+    return float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a)))
+
+
+def scaled(model: Weights, factor: float) -> Weights:
+    return {k: v * factor for k, v in model.items()}
+
+
+def vector(*values: float) -> Weights:
+    return {"w": np.array(values, dtype=np.float64)}
+
+
+@settings(max_examples=60, deadline=None)
+@given(models=model_sets(min_models=2))
+def test_clipped_with_every_neighbour_within_tau_is_the_average(models: list[Weights]) -> None:
+    own, others = models[0], models[1:]
+    tau = max(_distance(own, m) for m in others)
+    merged = clipped_step(own, others, tau=tau, share=1 / len(models))
+    assert_models_close(merged, average(models))
+
+
+def test_clipped_adaptive_radius_reaching_everyone_is_the_average() -> None:
+    # Distances 1, 2, 3 from the own model: tau = 2 x lower median 2 = 4 reaches all three.
+    models = [vector(0.0, 0.0), vector(1.0, 0.0), vector(0.0, 2.0), vector(-3.0, 0.0)]
+    rule = ClippedGossip()
+    assert_models_close(rule(models), average(models))
+    assert rule.tau == 4.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    models=model_sets(min_models=2),
+    tau=st.floats(1e-3, 1e3),
+    which=st.integers(0, 10),
+    factor=st.sampled_from([1e6, -1e6, 1e12]),
+)
+def test_one_neighbour_scaled_by_a_huge_factor_moves_the_result_at_most_the_bound(
+    models: list[Weights], tau: float, which: int, factor: float
+) -> None:
+    own, *others = as_float64(models)
+    n = len(others)
+    k = which % n
+    before = clipped_step(own, others, tau=tau, share=1 / (n + 1))
+    poisoned = [*others[:k], scaled(others[k], factor), *others[k + 1 :]]
+    after = clipped_step(own, poisoned, tau=tau, share=1 / (n + 1))
+    # Each neighbour's term is at most tau/(n+1) long: replacing one moves at most twice that.
+    assert norm(before, after) <= 2 * tau / (n + 1) * (1 + 1e-9)
+    # ... and compared with that neighbour sending our own model, at most tau/(n+1).
+    silent = [*others[:k], own, *others[k + 1 :]]
+    without = clipped_step(own, silent, tau=tau, share=1 / (n + 1))
+    assert norm(without, after) <= tau / (n + 1) * (1 + 1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(models=model_sets(min_models=1, max_models=1), tau=st.floats(1e-3, 10.0))
+def test_a_single_far_neighbour_moves_a_ring_node_by_exactly_tau_over_two(
+    models: list[Weights], tau: float
+) -> None:
+    (own,) = as_float64(models)
+    far = {k: v + 1e6 for k, v in own.items()}  # D = 1e6 * sqrt(size) >> tau
+    merged = clipped_step(own, [far], tau=tau, share=1 / 2)
+    np.testing.assert_allclose(norm(merged, own), tau / 2, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), models=model_sets(min_models=2))
+def test_clipped_does_not_depend_on_the_order_of_the_neighbours(
+    data: st.DataObject, models: list[Weights]
+) -> None:
+    own, others = models[0], models[1:]
+    shuffled = data.draw(st.permutations(others))
+    assert_models_close(ClippedGossip()([own, *shuffled]), ClippedGossip()(models))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    models=model_sets(min_models=2),
+    bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+    warm=st.booleans(),
+)
+def test_a_non_finite_neighbour_never_propagates(
+    models: list[Weights], bad: float, warm: bool
+) -> None:
+    own, *others = models
+    broken = {k: v.copy() for k, v in others[-1].items()}
+    broken["layer0.weight"][0] = bad
+    rule, twin = ClippedGossip(), ClippedGossip()
+    if warm:  # the same past for both
+        for r in (rule, twin):
+            r([own, *others])
+    merged = rule([own, *others[:-1], broken])
+    # It counts as a neighbour that sent our own model, and leaves no trace in the radius.
+    assert all(np.isfinite(t).all() for t in merged.values())
+    assert_models_close(merged, twin([own, *others[:-1], own]))
+    assert rule.tau == twin.tau
+
+
+def test_clipped_takes_its_radius_from_past_distances_on_a_ring() -> None:
+    rule = ClippedGossip()
+    own = vector(0.0, 0.0)
+    # The first merge has no past: the lower median of its own distances (one, on a ring).
+    np.testing.assert_allclose(rule([own, vector(1.0, 0.0)])["w"], [0.5, 0.0])
+    assert rule.tau == 2.0
+    for _ in range(5):
+        rule([own, vector(0.0, 1.0)])
+    assert rule.tau == 2.0  # 2 x the median of distances of 1
+    # A neighbour 1000 away moves the node by tau/2 = 1, not 500.
+    merged = rule([own, vector(1000.0, 0.0)])
+    np.testing.assert_allclose(merged["w"], [1.0, 0.0])
+
+
+def test_the_radius_of_a_merge_does_not_depend_on_its_models_once_there_is_a_past() -> None:
+    rule = ClippedGossip()
+    own = vector(0.0)
+    rule([own, vector(1.0), vector(-1.0)])
+    tau = rule.radius([])
+    rule([own, vector(1e9), vector(1e9)])
+    assert rule.tau == tau
+
+
+def test_a_far_neighbour_is_remembered_as_tau_at_most() -> None:
+    # A node whose only neighbour is always far: tau grows, by at most F per merge.
+    rule = ClippedGossip()
+    own = vector(0.0)
+    rule([own, vector(1.0)])
+    taus = []
+    for _ in range(40):
+        rule([own, vector(1e6)])
+        assert rule.tau is not None
+        taus.append(rule.tau)
+    assert all(b <= 2.0 * max(taus[: i + 1]) for i, b in enumerate(taus[1:]))
+    assert taus[-1] < 1e6
+
+
+def test_clipped_warmed_up_bound_holds_for_a_scaled_neighbour() -> None:
+    rng = np.random.default_rng(1)
+    honest = [{"w": rng.normal(0, 1, 50), "b": rng.normal(0, 1, 5)} for _ in range(5)]
+    rule = ClippedGossip()
+    for _ in range(4):
+        rule(honest)
+    tau = rule.radius([])
+    twin = ClippedGossip()
+    for _ in range(4):
+        twin(honest)
+    clean = twin(honest)
+    poisoned = rule([*honest[:-1], scaled(honest[-1], 1e6)])
+    assert norm(clean, poisoned) <= 2 * tau / 5 * (1 + 1e-9)
+
+
+def test_clipped_moves_integer_tensors_by_the_same_fraction_and_rounds_them() -> None:
+    own: Weights = {"w": np.zeros(1), "steps": np.array(100, np.int64)}
+    far: Weights = {"w": np.array([10.0]), "steps": np.array(300, np.int64)}
+    # The counter is no part of the distance (10); tau = 2.5 keeps a quarter of every term.
+    merged = clipped_step(own, [far], tau=2.5, share=1.0)
+    np.testing.assert_allclose(merged["w"], [2.5])
+    assert merged["steps"].dtype == np.int64 and int(merged["steps"]) == 150
+
+
+def test_clipped_adopts_a_near_token_and_moves_at_most_tau_towards_a_far_one() -> None:
+    rule = ClippedGossip()
+    own = vector(0.0, 0.0)
+    token = vector(3.0, 4.0)
+    # A token within tau replaces the node's model, as with every rule.
+    np.testing.assert_allclose(rule.adopt(own, [token])["w"], [3.0, 4.0])
+    assert rule.tau == 10.0
+    far = vector(3000.0, 4000.0)
+    np.testing.assert_allclose(rule.adopt(own, [far], [1.0])["w"], [6.0, 8.0])  # tau = 10
+    # Several tokens met here: the mean of their clipped differences.
+    np.testing.assert_allclose(rule.adopt(own, [token, far])["w"], [4.5, 6.0])
+
+
+def test_plain_rules_let_a_token_replace_the_model() -> None:
+    own, a, b = vector(0.0), vector(1000.0), vector(2000.0)
+    for spec in ("average", "weighted", "median"):
+        rule = parse_merge(spec)
+        np.testing.assert_allclose(rule.adopt(own, [a])["w"], [1000.0])
+        np.testing.assert_allclose(rule.adopt(own, [a, b], [1.0, 1.0])["w"], [1500.0])
+
+
+def test_every_parse_builds_its_own_clipped_state() -> None:
+    one, two = parse_merge("clipped"), parse_merge("clipped")
+    assert isinstance(one, ClippedGossip) and isinstance(two, ClippedGossip)
+    one([vector(0.0), vector(1.0)])
+    assert one.tau == 2.0 and two.tau is None
+
+
+def test_clipped_refuses_a_bad_radius() -> None:
+    with pytest.raises(ValueError, match="radius"):
+        clipped_step(vector(0.0), [vector(1.0)], tau=-1.0, share=0.5)
+    with pytest.raises(ValueError, match="F >= 1"):
+        ClippedGossip(0.5)

@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from p2pfl.simulation.engine import Simulation
+from p2pfl.simulation.faults import BEHAVIOURS
 from p2pfl.simulation.scenario import load_scenario
 
 pytestmark = pytest.mark.timeout(300)
@@ -131,6 +133,103 @@ def test_byzantine_nodes_are_marked_and_excluded(tmp_path: Path) -> None:
     (run,) = asyncio.run(Simulation(scenario).run())
     dishonest = {r["node"] for r in run.records if not r["honest"]}
     assert len(dishonest) == 1
+
+
+@pytest.mark.parametrize("behaviour", BEHAVIOURS)
+def test_every_byzantine_behaviour_runs_and_repeats_exactly(tmp_path: Path, behaviour: str) -> None:
+    text = TINY.replace('compare = ["ring", "random-walk", "partial-mesh"]', 'compare = ["ring"]')
+    text = text.replace("rounds = 3", "rounds = 2")
+    text += f'\n[faults.byzantine]\ncount = 1\nbehaviour = "{behaviour}"\n'
+    first = _accuracies(tmp_path, text)
+    assert len(first) == 4 * 2
+    # sync mode, same seed: even attackers reading the honest models give the same run
+    assert _accuracies(tmp_path, text) == first
+
+
+def test_label_flip_nodes_train_on_flipped_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pfl.simulation import engine
+
+    seen: dict[int, np.ndarray] = {}
+    build = engine.learner_from_config
+
+    def spy(config, dataset, indices):  # type: ignore[no-untyped-def]
+        seen[config.partition_index] = dataset.y_train
+        return build(config, dataset, indices)
+
+    monkeypatch.setattr(engine, "learner_from_config", spy)
+    text = TINY.replace('compare = ["ring", "random-walk", "partial-mesh"]', 'compare = ["ring"]')
+    text = text.replace("rounds = 3", "rounds = 1")
+    text += '\n[faults.byzantine]\ncount = 1\nbehaviour = "label-flip"\n'
+    scenario = load_scenario(write(tmp_path, text), {})
+    (run,) = asyncio.run(Simulation(scenario).run())
+    (bad,) = {r["node"] for r in run.records if not r["honest"]}
+    index = scenario.node_ids.index(bad)
+    truth = seen[(index + 1) % 4]
+    np.testing.assert_array_equal(seen[index], 9 - truth)
+    assert all(np.array_equal(y, truth) for i, y in seen.items() if i != index)
+
+
+MATRIX = """
+name = "tiny-bench"
+nodes = 4
+compare = ["ring"]
+attacks = ["sign-flip", "alie"]
+compare_merges = ["average", "median"]
+
+[node]
+mode = "sync"
+rounds = 2
+model = "logreg"
+local_epochs = 1
+seed = 0
+
+[faults.byzantine]
+count = 1
+"""
+
+
+def test_matrix_prints_every_cell_next_to_the_clean_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(write(tmp_path, MATRIX)), "--matrix",
+         "--json", "--out", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["scenario"] == "tiny-bench"
+    cells = {(r["attack"], r["merge"], r["schedule"]): r for r in data["rows"]}
+    expected = {(a, m, "ring") for a in ("clean", "sign-flip", "alie")
+                for m in ("average", "median")}  # fmt: skip
+    assert set(cells) == expected and len(data["rows"]) == 6
+    for (attack, merge, _), row in cells.items():
+        assert 0.0 < row["honest_accuracy"] <= 1.0
+        clean = cells[("clean", merge, "ring")]["honest_accuracy"]
+        assert row["vs_clean"] == pytest.approx(row["honest_accuracy"] - clean, abs=1e-6)
+        if attack == "clean":
+            assert row["vs_clean"] == 0.0
+    assert json.loads((out / "matrix.json").read_text()) == data
+    assert (out / "matrix.csv").read_text().count("\n") == 7
+    assert "| ring | average |" in (out / "matrix.md").read_text()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 * 4 * 2  # every cell, node and round
+    for attack, merge, _ in expected:
+        mine = [r for r in records if (r["attack"], r["merge"]) == (attack, merge)]
+        assert sum(not r["honest"] for r in mine) == (0 if attack == "clean" else 2)
+
+
+def test_matrix_table_in_text_mode(tmp_path: Path) -> None:
+    text = MATRIX.replace('attacks = ["sign-flip", "alie"]', 'attacks = ["ipm"]')
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(write(tmp_path, text)), "--merge", "average",
+         "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "mean honest accuracy" in result.stdout
+    assert "clean" in result.stdout and "ipm" in result.stdout and "median" not in result.stdout
 
 
 def test_same_scenario_on_a_real_broker_over_two_processes(tmp_path: Path, mosquitto) -> None:  # type: ignore[no-untyped-def]

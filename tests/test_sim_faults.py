@@ -11,15 +11,14 @@ import pytest
 
 from p2pfl.learning.learner import EvalResult, FitResult, Learner
 from p2pfl.protocol.model import decode_model, encode_model, layout
+from p2pfl.simulation.attacks import ByzantineLearner, poison
 from p2pfl.simulation.faults import (
     Byzantine,
-    ByzantineLearner,
     Crash,
     FaultPlan,
     StragglerLearner,
     choose_nodes,
     churn_events,
-    poison,
 )
 
 IDS = [f"node-{i:03d}" for i in range(100)]

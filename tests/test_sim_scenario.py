@@ -23,7 +23,7 @@ def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
 
 def test_the_required_scenarios_are_shipped() -> None:
     names = {p.stem for p in SHIPPED}
-    assert {"default", "churn", "byzantine", "partition", "large", "mesh16"} <= names
+    assert {"default", "churn", "byzantine", "partition", "large", "mesh16", "attacks"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -52,6 +52,20 @@ def test_shipped_scenarios_show_what_they_promise() -> None:
         200,
         "sync",
     )
+
+
+def test_the_attack_bench_is_the_acceptance_setting() -> None:
+    bench = load_scenario(SIM_DIR / "attacks.toml", {})
+    assert (bench.nodes, bench.node.partition, bench.node.mode) == (16, "dirichlet:0.5", "sync")
+    assert len(bench.faults.byzantine_ids(bench.node_ids, bench.seed)) == 4  # 25%
+    assert bench.attacks == ("clean", "scaled", "sign-flip", "random", "alie", "ipm",
+                             "label-flip", "free-rider")  # fmt: skip
+    assert bench.compare == ("ring", "random-walk", "partial-mesh")
+    assert {"average", "clipped"} <= set(bench.compare_merges)
+    # --merge picks one rule, as --schedule picks one schedule
+    one = load_scenario(SIM_DIR / "attacks.toml", {"merge": "median", "schedule": "ring"})
+    assert (one.compare_merges, one.node.merge, one.compare) == ((), "median", ("ring",))
+    assert one.attacks == bench.attacks
 
 
 def test_the_embedded_default_is_sim_default_toml() -> None:
@@ -149,6 +163,19 @@ def test_name_defaults_to_the_file_name(tmp_path: Path) -> None:
             "faults.byzantine.behaviour",
         ),
         ("[node]\nrounds = 3\n[faults.byzantine]\ncount = 17", "faults.byzantine.count"),
+        ("[node]\nrounds = 3\n[faults.byzantine]\nepsilon = 0", "faults.byzantine.epsilon"),
+        ("[node]\nrounds = 3\n[faults.byzantine]\nz = -1", "faults.byzantine.z"),
+        (
+            'attacks = ["alie", "evil"]\n[node]\nrounds = 3\n[faults.byzantine]\ncount = 2',
+            "attacks.1: Input should be 'clean', 'scaled'",
+        ),
+        (
+            'attacks = ["ipm", "ipm"]\n[node]\nrounds = 3\n[faults.byzantine]\ncount = 2',
+            "attacks: an attack is listed twice",
+        ),
+        ('attacks = ["alie"]\n[node]\nrounds = 3', "attacks: no node is Byzantine"),
+        ('compare_merges = ["average", "mode"]\n[node]\nrounds = 3', "compare_merges: unknown"),
+        ('compare_merges = ["median", "median"]\n[node]\nrounds = 3', "compare_merges: a merge"),
         ("[node]\nrounds = 3\n[faults.stragglers]\nslowdown = 0.5", "faults.stragglers.slowdown"),
     ],
 )

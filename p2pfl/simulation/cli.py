@@ -1,4 +1,8 @@
-"""What `p2pfl sim` shows: a progress bar while it runs, a comparison table and files after."""
+"""What `p2pfl sim` shows: a progress bar while it runs, a comparison table and files after.
+
+`run_sim` runs a scenario once per schedule; `run_matrix` runs the attack bench (every attack
+with every merge rule and schedule, see `p2pfl.simulation.matrix`) with the same engine.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +18,23 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
+from p2pfl.learning.datasets import load_dataset
 from p2pfl.logs import setup_logging
 from p2pfl.simulation.engine import Record, Simulation
+from p2pfl.simulation.matrix import (
+    axes,
+    cell_scenario,
+    matrix_json,
+    matrix_rows,
+    matrix_table,
+    write_matrix,
+)
 from p2pfl.simulation.procs import run_in_processes
 from p2pfl.simulation.report import (
     MetricsWriter,
@@ -109,3 +123,84 @@ def run_sim(
         stdout.print(f"[dim]wrote {files} in {out}[/dim]")
     logging.getLogger(__name__).debug("sim done scenario=%s", scenario.name)
     return summary
+
+
+class _CellRecorder:
+    """Writes one bench cell's records, tagged with its attack and merge rule, and shows the
+    honest nodes' mean accuracy on its progress bar."""
+
+    def __init__(
+        self, writer: MetricsWriter, progress: Progress, task: TaskID, *, attack: str, merge: str
+    ) -> None:
+        self.writer = writer
+        self.progress = progress
+        self.task = task
+        self.tag = {"attack": attack, "merge": merge}
+        self.latest: dict[str, float] = {}
+
+    def __call__(self, record: Record) -> None:
+        self.writer.write([{**self.tag, **record}])
+        if record["honest"]:
+            self.latest[record["node"]] = record["accuracy"]
+        mean = sum(self.latest.values()) / len(self.latest) if self.latest else 0.0
+        self.progress.update(self.task, advance=1, acc=f"acc {mean:.3f}")
+
+
+def run_matrix(scenario: Scenario, *, out: Path, json_out: bool) -> list[dict[str, Any]]:
+    """Run every (attack, merge rule, schedule) of `scenario` with a progress bar over the runs;
+    print one table (or, with `json_out`, its rows as JSON) and write it into `out`.
+
+    Every cell is a single-schedule run of the same engine with the same seed and rounds; the
+    dataset is loaded once. `metrics.jsonl` holds every cell's records, tagged with `attack`
+    and `merge`.
+    """
+    console = Console(stderr=True)
+    setup_logging("text", "warning")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    attacks, merges = axes(scenario)
+    cells = [(a, m, s) for s in scenario.compare for m in merges for a in attacks]
+    config = scenario.node_config(scenario.compare[0], 0, "n01")
+    dataset = load_dataset(config.dataset, seed=config.seed)
+    per_run = scenario.nodes * config.rounds if config.rounds else None
+    accuracies: dict[tuple[str, str, str], float | None] = {}
+
+    with (
+        MetricsWriter(out) as writer,
+        Progress(
+            TextColumn("{task.description:<40}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[acc]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal and json_out,
+        ) as progress,
+    ):
+        runs = progress.add_task(f"{scenario.name}: runs", total=len(cells), acc="")
+        rounds = progress.add_task("", total=per_run, acc="")
+        for attack, merge, schedule in cells:
+            progress.reset(rounds, description=f"  {attack} · {merge} · {schedule}", acc="")
+            recorder = _CellRecorder(writer, progress, rounds, attack=attack, merge=merge)
+            cell = cell_scenario(scenario, attack, merge, schedule)
+            simulation = Simulation(cell, on_record=recorder, dataset=dataset)
+            (run,) = asyncio.run(simulation.run())
+            result = summarize(run.records, wall_seconds={schedule: run.wall_seconds})
+            reached = result["schedules"].get(schedule, {})  # nothing if no node reported
+            accuracies[(attack, merge, schedule)] = reached.get("final_mean_accuracy")
+            progress.advance(runs)
+
+    rows = matrix_rows(accuracies)
+    written = write_matrix(rows, scenario.name, out)
+    if json_out:
+        sys.stdout.write(matrix_json(rows, scenario.name))
+    else:
+        stdout = Console()
+        if not stdout.is_terminal:
+            stdout = Console(width=160)  # piped: no terminal width to follow
+        stdout.print(matrix_table(rows, scenario.name))
+        files = ", ".join(p.name for p in [out / "metrics.jsonl", *written])
+        stdout.print(f"[dim]wrote {files} in {out}[/dim]")
+    return [row.model_dump() for row in rows]

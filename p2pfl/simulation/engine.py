@@ -32,13 +32,14 @@ from p2pfl.learning.learner import Learner
 from p2pfl.learning.partition import partition
 from p2pfl.learning.torch_learner import learner_from_config
 from p2pfl.node import Node, RoundReport
-from p2pfl.simulation.faults import (
+from p2pfl.simulation.attacks import (
     ByzantineLearner,
-    Crash,
-    StragglerLearner,
-    choose_nodes,
-    churn_events,
+    HonestModels,
+    WatchedLearner,
+    alie_z,
+    flip_labels,
 )
+from p2pfl.simulation.faults import Crash, StragglerLearner, choose_nodes, churn_events
 from p2pfl.simulation.network import LinkDelay
 from p2pfl.simulation.scenario import Scenario
 from p2pfl.store import StateDir
@@ -105,10 +106,12 @@ class Simulation:
         workers: int | None = None,
         broker: str | None = None,
         only: set[int] | None = None,
+        dataset: Dataset | None = None,
     ) -> None:
         """`broker`: run every node on this real MQTT broker instead of the in-memory bus (the
         network model then does not apply). `only`: run just these node indices (the others
-        run in other processes on the same broker)."""
+        run in other processes on the same broker). `dataset`: the scenario's dataset, already
+        loaded (several runs of one scenario share it)."""
         if only is not None and broker is None:
             raise ValueError("a subset of nodes needs a shared real broker")
         self.scenario = scenario
@@ -116,7 +119,7 @@ class Simulation:
         self.workers = workers or os.cpu_count() or 1
         self.broker = broker
         self.only = only
-        self._dataset: Dataset | None = None
+        self._dataset = dataset
 
     async def load(self) -> None:
         """Load the dataset once for every schedule (and set up threads for training)."""
@@ -125,22 +128,24 @@ class Simulation:
         # One thread per torch op: parallelism comes from nodes training side by side.
         torch.set_num_threads(1)
         loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="p2pfl-sim")
+        # Attackers reading the honest models may wait in a thread for them: one more thread
+        # each, so they never hold up the honest nodes' training.
+        waiting = len(
+            self.scenario.faults.byzantine_ids(self.scenario.node_ids, self.scenario.seed)
+        )
+        executor = ThreadPoolExecutor(
+            max_workers=self.workers + waiting, thread_name_prefix="p2pfl-sim"
+        )
         loop.set_default_executor(executor)
-        settings = self.scenario.node_config(self.scenario.compare[0], 0, "n01")
-        self._dataset = await asyncio.to_thread(load_dataset, settings.dataset, seed=settings.seed)
+        if self._dataset is None:
+            settings = self.scenario.node_config(self.scenario.compare[0], 0, "n01")
+            self._dataset = await asyncio.to_thread(
+                load_dataset, settings.dataset, seed=settings.seed
+            )
 
     async def run(self) -> list[ScheduleRun]:
         """Every schedule of the scenario, one after the other."""
-        import torch
-
-        # One thread per torch op: parallelism comes from nodes training side by side.
-        torch.set_num_threads(1)
-        loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="p2pfl-sim")
-        loop.set_default_executor(executor)
-        settings = self.scenario.node_config(self.scenario.compare[0], 0, "n01")
-        self._dataset = await asyncio.to_thread(load_dataset, settings.dataset, seed=settings.seed)
+        await self.load()
         runs = []
         for schedule in self.scenario.compare:
             runs.append(await self.run_schedule(schedule))
@@ -157,6 +162,15 @@ class Simulation:
         seed = base.seed
         parts = partition(dataset.y_train, n, base.partition, seed=seed)
         byz = set(choose_nodes(ids, scenario.faults.byzantine, seed=seed, salt="byzantine"))
+        attack = scenario.faults.byzantine
+        board: HonestModels | None = None
+        if byz and attack.behaviour in ("alie", "ipm"):
+            # Sync rounds: attackers wait for every honest model of their step (deterministic);
+            # walkers train one holder at a time and async nodes never wait: the latest ones.
+            wait = base.mode == "sync" and not base.walkers
+            board = HonestModels(wait=wait, timeout=base.round_timeout)
+        z = attack.z if attack.z is not None else alie_z(n, len(byz))
+        poisoned_data = flip_labels(dataset) if byz and attack.behaviour == "label-flip" else None
         slow = set(choose_nodes(ids, scenario.faults.stragglers, seed=seed, salt="stragglers"))
         crashes = [*scenario.faults.crashes]
         if scenario.faults.churn > 0:
@@ -206,12 +220,23 @@ class Simulation:
                     min_peers=n - 1 if member.restarts == 0 else 0,
                     telemetry_interval=0.0,  # nobody watches; the engine records every round
                 )
-                learner: Learner = learner_from_config(config, dataset, parts[member.index])
+                data = dataset if member.honest or poisoned_data is None else poisoned_data
+                learner: Learner = learner_from_config(config, data, parts[member.index])
                 if member.node_id in slow:
                     learner = StragglerLearner(learner, scenario.faults.stragglers.slowdown)
                 if not member.honest:
-                    b = scenario.faults.byzantine
-                    learner = ByzantineLearner(learner, b.behaviour, b.scale, seed + member.index)
+                    learner = ByzantineLearner(
+                        learner,
+                        attack.behaviour,
+                        attack.scale,
+                        seed + member.index,
+                        z=z,
+                        epsilon=attack.epsilon,
+                        honest=board,
+                        node_id=member.node_id,
+                    )
+                elif board is not None:
+                    learner = WatchedLearner(learner, board, member.node_id)
                 graph = None
                 if schedule == "partial-mesh" and config.topology_file is not None:
                     graph = load_graph(config.topology_file)
@@ -278,7 +303,9 @@ class Simulation:
             def start(member: _Member, tg: asyncio.TaskGroup) -> None:
                 member.state.open()
                 member.node = build(member)
-                member.task = tg.create_task(_run_member(member))
+                if board is not None:
+                    board.join(member.node_id, attacker=not member.honest)
+                member.task = tg.create_task(_run_member(member, board))
 
             async with asyncio.TaskGroup() as tg:
                 for member in members:
@@ -289,7 +316,7 @@ class Simulation:
         return run
 
 
-async def _run_member(member: _Member) -> None:
+async def _run_member(member: _Member, board: HonestModels | None) -> None:
     assert member.node is not None
     try:
         await member.node.run()
@@ -298,6 +325,8 @@ async def _run_member(member: _Member) -> None:
         pass  # a simulated crash
     finally:
         member.state.close()
+        if board is not None:
+            board.leave(member.node_id)  # finished or crashed: attackers stop waiting for it
 
 
 async def _crash(member: _Member) -> None:

@@ -3,7 +3,7 @@
 Faults are placed by rounds, not seconds, so a sync run with a fixed seed stays deterministic.
 Which nodes are stragglers or Byzantine, and when churn strikes, are pure functions of the seed.
 The learner wrappers implement the `Learner` protocol by delegation, so the real `Node` runs
-them unchanged.
+them unchanged; what a Byzantine node sends is `p2pfl.simulation.attacks`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,21 +22,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from p2pfl.learning.learner import EvalResult, FitResult, Learner
 
 __all__ = [
+    "BEHAVIOURS",
+    "Behaviour",
     "Byzantine",
-    "ByzantineLearner",
     "Crash",
+    "DelegatingLearner",
     "FaultPlan",
     "StragglerLearner",
     "Stragglers",
     "choose_nodes",
     "churn_events",
-    "poison",
     "resolve_node",
 ]
 
-Behaviour = Literal["random", "scaled", "sign-flip"]
-
-_FP16_MAX = float(np.finfo(np.float16).max)
+Behaviour = Literal["scaled", "sign-flip", "random", "alie", "ipm", "label-flip", "free-rider"]
+"""What a Byzantine node does; `p2pfl.simulation.attacks` implements each."""
+BEHAVIOURS: tuple[Behaviour, ...] = get_args(Behaviour)
 
 
 class Crash(BaseModel):
@@ -65,7 +66,7 @@ class Stragglers(BaseModel):
 
 
 class Byzantine(BaseModel):
-    """Some nodes send poisoned models (see `poison`) while training honestly underneath."""
+    """Some nodes send Byzantine models (see `p2pfl.simulation.attacks`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -73,7 +74,11 @@ class Byzantine(BaseModel):
     # An exact number of Byzantine nodes; overrides `fraction`.
     count: int | None = Field(default=None, ge=0)
     behaviour: Behaviour = "scaled"
-    scale: float = Field(default=10.0, gt=0)
+    scale: float = Field(default=10.0, gt=0)  # scaled: scale * w
+    # alie: how many honest standard deviations to shift; None: Baruch et al.'s z_max for the
+    # scenario's numbers of nodes and attackers.
+    z: float | None = Field(default=None, ge=0)
+    epsilon: float = Field(default=0.1, gt=0)  # ipm: send -epsilon * the honest mean
 
 
 class FaultPlan(BaseModel):
@@ -187,18 +192,11 @@ def churn_events(
     return sorted(events, key=lambda c: (c.at_round, str(c.node)))
 
 
-class StragglerLearner:
-    """Wraps a learner so that fit takes `slowdown` times as long (it sleeps the difference).
+class DelegatingLearner:
+    """A learner that hands everything to `inner`; the fault wrappers change what they need."""
 
-    Sleeping rather than burning CPU keeps other simulated nodes running at full speed; fit runs
-    in a worker thread, so the sleep blocks no event loop.
-    """
-
-    def __init__(self, inner: Learner, slowdown: float) -> None:
-        if slowdown < 1:
-            raise ValueError(f"slowdown must be >= 1, got {slowdown}")
+    def __init__(self, inner: Learner) -> None:
         self.inner = inner
-        self.slowdown = slowdown
 
     @property
     def num_samples(self) -> int:
@@ -214,96 +212,7 @@ class StragglerLearner:
         self.inner.set_weights(weights)
 
     def fit(self) -> FitResult:
-        """Train, then wait (slowdown - 1) times the training time."""
-        started = time.perf_counter()
-        result = self.inner.fit()
-        took = time.perf_counter() - started
-        time.sleep((self.slowdown - 1.0) * took)
-        return replace(result, seconds=time.perf_counter() - started)
-
-    def evaluate(self) -> EvalResult:
-        """Evaluate the inner learner."""
-        return self.inner.evaluate()
-
-    def __getattr__(self, name: str) -> Any:
-        # Anything beyond the protocol (e.g. TorchLearner.reset_optimizer) is the inner one's.
-        return _delegate(self, name)
-
-
-def poison(
-    weights: Mapping[str, np.ndarray],
-    behaviour: Behaviour,
-    *,
-    scale: float = 10.0,
-    rng: np.random.Generator,
-) -> dict[str, np.ndarray]:
-    """The poisoned copy of `weights` a Byzantine node sends; same names, shapes and dtypes.
-
-    `sign-flip`: -w. `scaled`: scale * w. `random`: gaussian noise with each tensor's standard
-    deviation (1 where it has none). Only floating-point tensors are poisoned (integer ones,
-    e.g. counters, pass unchanged), and every value is finite, clipped to +-65504 (fp16's
-    range), so the model passes a receiver's validation and reaches its merge rule.
-    """
-    out: dict[str, np.ndarray] = {}
-    for name, w in weights.items():
-        if not np.issubdtype(w.dtype, np.floating):
-            out[name] = w.copy()
-            continue
-        honest = w.astype(np.float64)
-        if behaviour == "sign-flip":
-            bad = -honest
-        elif behaviour == "scaled":
-            bad = scale * honest
-        elif behaviour == "random":
-            finite = honest[np.isfinite(honest)]
-            std = float(finite.std()) if finite.size else 0.0
-            bad = rng.normal(0.0, std if std > 0 and math.isfinite(std) else 1.0, w.shape)
-        else:
-            raise ValueError(f"unknown Byzantine behaviour {behaviour!r}")
-        # Within fp16's range too, so the model also survives the fp16 codec on the way out.
-        top = min(float(np.finfo(w.dtype).max), _FP16_MAX)
-        bad = np.clip(np.nan_to_num(bad, nan=0.0, posinf=top, neginf=-top), -top, top)
-        out[name] = bad.astype(w.dtype)
-    return out
-
-
-class ByzantineLearner:
-    """Wraps a learner so that the model it hands out (and so sends) is poisoned.
-
-    Training, evaluation and `set_weights` stay honest; `get_weights` poisons the inner
-    learner's current weights (see `poison`), and `honest_weights` returns them unpoisoned.
-    The node also merges the poisoned copy into its own model, as a real attacker's code would.
-    """
-
-    def __init__(
-        self, inner: Learner, behaviour: Behaviour, scale: float = 10.0, seed: int = 0
-    ) -> None:
-        if behaviour not in ("random", "scaled", "sign-flip"):
-            raise ValueError(f"unknown Byzantine behaviour {behaviour!r}")
-        self.inner = inner
-        self.behaviour: Behaviour = behaviour
-        self.scale = scale
-        self._rng = np.random.default_rng(seed)
-
-    @property
-    def num_samples(self) -> int:
-        """Number of local training samples."""
-        return self.inner.num_samples
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        """The poisoned copy of the inner learner's weights."""
-        return poison(self.inner.get_weights(), self.behaviour, scale=self.scale, rng=self._rng)
-
-    def honest_weights(self) -> dict[str, np.ndarray]:
-        """The inner learner's weights, unpoisoned."""
-        return self.inner.get_weights()
-
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Set the inner learner's weights."""
-        self.inner.set_weights(weights)
-
-    def fit(self) -> FitResult:
-        """Train the inner learner honestly."""
+        """Train the inner learner."""
         return self.inner.fit()
 
     def evaluate(self) -> EvalResult:
@@ -311,11 +220,30 @@ class ByzantineLearner:
         return self.inner.evaluate()
 
     def __getattr__(self, name: str) -> Any:
-        return _delegate(self, name)
+        # Anything beyond the protocol (e.g. TorchLearner.reset_optimizer) is the inner one's.
+        # Only called for missing attributes; before __init__ sets `inner`, there is nothing.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
-def _delegate(wrapper: object, name: str) -> Any:
-    # Only called for missing attributes; before __init__ sets `inner`, there is nothing to ask.
-    if name == "inner":
-        raise AttributeError(name)
-    return getattr(wrapper.inner, name)  # type: ignore[attr-defined]
+class StragglerLearner(DelegatingLearner):
+    """Wraps a learner so that fit takes `slowdown` times as long (it sleeps the difference).
+
+    Sleeping rather than burning CPU keeps other simulated nodes running at full speed; fit runs
+    in a worker thread, so the sleep blocks no event loop.
+    """
+
+    def __init__(self, inner: Learner, slowdown: float) -> None:
+        if slowdown < 1:
+            raise ValueError(f"slowdown must be >= 1, got {slowdown}")
+        super().__init__(inner)
+        self.slowdown = slowdown
+
+    def fit(self) -> FitResult:
+        """Train, then wait (slowdown - 1) times the training time."""
+        started = time.perf_counter()
+        result = self.inner.fit()
+        took = time.perf_counter() - started
+        time.sleep((self.slowdown - 1.0) * took)
+        return replace(result, seconds=time.perf_counter() - started)

@@ -1,10 +1,11 @@
 """Scenarios: what a simulation runs, as one validated, immutable pydantic model from TOML.
 
 A scenario file has top-level `name`, `description`, `nodes` and `compare` (the schedules to
-run it with, one run each), a `[node]` table with the knobs of `p2pfl run` (validated by
-`NodeConfig` itself, so defaults and messages are the same), a `[network]` table
-(`NetworkModel`) and a `[faults]` table (`FaultPlan`). The built-in default is embedded below
-and shipped as `sim/default.toml` too.
+run it with, one run each), optionally `attacks` and `compare_merges` (the attack bench: every
+Byzantine behaviour with every merge rule, see `p2pfl.simulation.matrix`), a `[node]` table
+with the knobs of `p2pfl run` (validated by `NodeConfig` itself, so defaults and messages are
+the same), a `[network]` table (`NetworkModel`) and a `[faults]` table (`FaultPlan`). The
+built-in default is embedded below and shipped as `sim/default.toml` too.
 """
 
 from __future__ import annotations
@@ -12,16 +13,22 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from p2pfl.config import ConfigError, NodeConfig, Schedule, format_error
-from p2pfl.simulation.faults import FaultPlan, resolve_node
+from p2pfl.simulation.faults import BEHAVIOURS, FaultPlan, resolve_node
 from p2pfl.simulation.network import NetworkModel, resolve_groups
 
-__all__ = ["DEFAULT_SCENARIO_TOML", "SIM_EXCLUDED_KEYS", "Scenario", "load_scenario"]
+__all__ = ["DEFAULT_SCENARIO_TOML", "SIM_EXCLUDED_KEYS", "Attack", "Scenario", "load_scenario"]
+
+Attack = Literal[
+    "clean", "scaled", "sign-flip", "random", "alie", "ipm", "label-flip", "free-rider"
+]
+"""A row of the attack bench: a Byzantine behaviour, or `clean` (no Byzantine node at all)."""
+assert get_args(Attack) == ("clean", *BEHAVIOURS), "Attack is clean plus every Behaviour"
 
 _BUS = "every simulated node is on the simulator's in-memory bus"
 _PEERS = "the simulator introduces the nodes to each other"
@@ -103,6 +110,10 @@ class Scenario(BaseModel):
     description: str = ""
     nodes: int = Field(default=16, ge=2)
     compare: tuple[Schedule, ...] = ("ring", "random-walk", "partial-mesh")
+    # The attack bench (`p2pfl sim --matrix`): each behaviour with each merge rule and each
+    # schedule, same seed and rounds; empty: the [faults.byzantine] behaviour, the node's merge.
+    attacks: tuple[Attack, ...] = ()
+    compare_merges: tuple[str, ...] = ()
     node: NodeConfig = Field(default_factory=lambda: NodeConfig.model_validate({}))
     network: NetworkModel = Field(default_factory=NetworkModel)
     faults: FaultPlan = Field(default_factory=FaultPlan)
@@ -114,6 +125,23 @@ class Scenario(BaseModel):
             raise ValueError("list at least one schedule")
         if len(set(value)) != len(value):
             raise ValueError("a schedule is listed twice")
+        return value
+
+    @field_validator("attacks")
+    @classmethod
+    def _check_attacks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("an attack is listed twice")
+        return value
+
+    @field_validator("compare_merges")
+    @classmethod
+    def _check_merges(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from p2pfl.learning.merge import parse_merge
+
+        names = [parse_merge(spec).name for spec in value]  # ValueError names the bad rule
+        if len(set(names)) != len(names):
+            raise ValueError("a merge rule is listed twice")
         return value
 
     @field_validator("node", mode="before")
@@ -176,6 +204,13 @@ class Scenario(BaseModel):
             count = getattr(self.faults, table).count
             if count is not None and count > self.nodes:
                 problem(("faults", table, "count"), f"more than the {self.nodes} nodes", count)
+        attacked = [a for a in self.attacks if a != "clean"]
+        if attacked and not self.faults.byzantine_ids(ids, self.seed):
+            problem(
+                ("attacks",),
+                "no node is Byzantine: set [faults.byzantine] count (or fraction)",
+                list(self.attacks),
+            )
         if not errors:
             # Schedule-dependent rules (e.g. walkers) are NodeConfig's; check each schedule now.
             for schedule in self.compare:
@@ -243,7 +278,8 @@ def load_scenario(path: Path | None, overrides: Mapping[str, Any] | None = None)
     """Read a scenario file (None: the built-in default), apply CLI overrides, validate.
 
     Overrides (None = not given): `nodes`; `schedule` (a name or a list; replaces `compare`);
-    `name`, `description`; any other key (`rounds`, `seed`, `merge`, ...) goes to `[node]`.
+    `merge` (replaces `compare_merges` too); `name`, `description`; any other key (`rounds`,
+    `seed`, ...) goes to `[node]`.
     Raises ConfigError with one line per problem, naming the key.
     """
     if path is None:
@@ -262,6 +298,9 @@ def load_scenario(path: Path | None, overrides: Mapping[str, Any] | None = None)
     for key, value in (overrides or {}).items():
         if value is None or value == ():
             continue
+        if key == "merge":
+            # As --schedule replaces compare: one merge rule replaces the list to compare.
+            data.pop("compare_merges", None)
         if key == "schedule":
             data["compare"] = [value] if isinstance(value, str) else list(value)
         elif key in ("nodes", "name", "description", "compare"):

@@ -1,0 +1,66 @@
+"""How a node hands models to its merge rule: walker tokens and the ages `weighted` caps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from p2pfl.inbox import ReceivedModel
+from p2pfl.learning.datasets import Dataset, load_dataset
+from p2pfl.learning.merge import ClippedGossip
+from p2pfl.node import Node
+from p2pfl.transport.memory import MemoryBus, MemoryTransport
+from tests.test_node import make_node
+
+Weights = dict[str, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def dataset() -> Dataset:
+    return load_dataset("mnist1d", seed=0)
+
+
+def walker(dataset: Dataset, merge: str) -> Node:
+    overrides: dict[str, Any] = {"mode": "async", "walkers": 1, "merge": merge}
+    return make_node(dataset, MemoryTransport(MemoryBus(), "w0"), "w0", 0, **overrides)
+
+
+def token(weights: Weights, round: int) -> ReceivedModel:
+    return ReceivedModel(src="w1", round=round, age=100.0, weights=weights)
+
+
+def shifted(weights: Weights, by: float) -> Weights:
+    return {k: v + np.asarray(by, v.dtype) for k, v in weights.items()}
+
+
+def distance(a: Weights, b: Weights) -> float:
+    return float(np.sqrt(sum(np.sum((a[k] - b[k]).astype(np.float64) ** 2) for k in a)))
+
+
+async def adopt(node: Node, model: ReceivedModel) -> Weights:
+    node.tokens.take = lambda: [model]  # type: ignore[method-assign]
+    assert await node._adopt_tokens() == 1
+    return node.learner.get_weights()
+
+
+async def test_with_clipped_a_far_token_moves_the_node_by_at_most_tau(dataset: Dataset) -> None:
+    node = walker(dataset, "clipped")
+    own = node.learner.get_weights()
+    near = shifted(own, 0.01)
+    # The first token is within the radius it sets: it replaces the model, as it always did.
+    assert distance(await adopt(node, token(near, 1)), near) < 1e-5
+    rule = node._merge
+    assert isinstance(rule, ClippedGossip) and rule.tau is not None
+    tau = rule.tau
+    # A Byzantine token a thousand times farther moves the node by tau, and does not replace it.
+    after = await adopt(node, token(shifted(near, 10.0), 2))
+    assert distance(after, near) == pytest.approx(tau, rel=1e-3)
+    assert node.round == 2
+
+
+async def test_with_average_a_token_still_replaces_the_model(dataset: Dataset) -> None:
+    node = walker(dataset, "average")
+    far = shifted(node.learner.get_weights(), 10.0)
+    assert distance(await adopt(node, token(far, 1)), far) < 1e-5
