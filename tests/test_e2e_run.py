@@ -72,8 +72,9 @@ def test_four_nodes_sync_rounds_on_embedded_brokers(tmp_path: Path, schedule: li
         done = node.done()
         assert done is not None, node.tail()
         assert done["round"] == rounds
-        # every round merged at least one neighbour's model: the gossip really happened
-        assert all(r["merged"] >= 1 for r in node.rounds()[1:]), node.tail()
+        # every round merged at least one neighbour's model: the gossip really happened (the
+        # last may miss a neighbour that finished first; see the closing note of stop 10)
+        assert all(r["merged"] >= 1 for r in node.rounds()[1:-1]), node.tail()
         assert done["models_received"] >= rounds - 1
         assert done["rejected"] == 0
 
