@@ -67,17 +67,7 @@ def run_sim(
 
     with (
         MetricsWriter(out) as writer,
-        Progress(
-            TextColumn("{task.description:<14}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("acc {task.fields[acc]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-            disable=not console.is_terminal and json_out,
-        ) as progress,
+        _progress(console, json_out, width=14, acc="acc ") as progress,
     ):
         tasks = {
             name: progress.add_task(name, total=per_schedule, acc="  -  ", start=False)
@@ -167,17 +157,7 @@ def run_matrix(scenario: Scenario, *, out: Path, json_out: bool) -> list[dict[st
 
     with (
         MetricsWriter(out) as writer,
-        Progress(
-            TextColumn("{task.description:<40}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[acc]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-            disable=not console.is_terminal and json_out,
-        ) as progress,
+        _progress(console, json_out, width=40) as progress,
     ):
         runs = progress.add_task(f"{scenario.name}: runs", total=len(cells), acc="")
         rounds = progress.add_task("", total=per_run, acc="")
@@ -204,3 +184,18 @@ def run_matrix(scenario: Scenario, *, out: Path, json_out: bool) -> list[dict[st
         files = ", ".join(p.name for p in [out / "metrics.jsonl", *written])
         stdout.print(f"[dim]wrote {files} in {out}[/dim]")
     return [row.model_dump() for row in rows]
+
+
+def _progress(console: Console, json_out: bool, *, width: int, acc: str = "") -> Progress:
+    """The progress display of a run or a matrix of runs (quiet when JSON goes to a pipe)."""
+    return Progress(
+        TextColumn(f"{{task.description:<{width}}}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(acc + "{task.fields[acc]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal and json_out,
+    )
