@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -289,7 +290,10 @@ class Node:
         # overwrite every node it reaches.
         own = await asyncio.to_thread(self.learner.get_weights)
         merged = await asyncio.to_thread(
-            self._merge.adopt, own, [t.weights for t in tokens], [t.age for t in tokens]
+            partial(self._merge.adopt, senders=[t.src for t in tokens]),
+            own,
+            [t.weights for t in tokens],
+            [t.age for t in tokens],
         )
         await asyncio.to_thread(self.learner.set_weights, merged)
         self.round = max(self.round, min(max(t.round for t in tokens), self._round_ceiling()))
@@ -426,7 +430,8 @@ class Node:
             return 0
         models = [own, *(m.weights for m in fresh)]
         ages = [own_age, *(m.age for m in fresh)]
-        merged = await asyncio.to_thread(self._merge, models, ages)
+        senders = [m.src for m in fresh]
+        merged = await asyncio.to_thread(partial(self._merge, senders=senders), models, ages)
         await asyncio.to_thread(self.learner.set_weights, merged)
         # Rounds are adopted from the furthest peer, so a restarted node catches up; never
         # beyond the ceiling (the inbox took no model above it, but the view may have changed).

@@ -518,3 +518,65 @@ def test_clipped_refuses_a_bad_radius() -> None:
         clipped_step(vector(0.0), [vector(1.0)], tau=-1.0, share=0.5)
     with pytest.raises(ValueError, match="F >= 1"):
         ClippedGossip(0.5)
+
+
+def test_a_sender_always_beyond_tau_moves_a_node_by_at_most_two_terms_over_a_run() -> None:
+    # A ring node whose predecessor always sends a far model: with standing, the far sender's
+    # pulls shrink by half each merge, so the whole run moves the node by at most 2 x tau/2.
+    rule = ClippedGossip()
+    own = vector(0.0, 0.0)
+    rule([own, vector(1.0, 0.0)], senders=["honest"])
+    tau = rule.tau
+    assert tau == 2.0
+    total = 0.0
+    for _ in range(60):
+        merged = rule([own, vector(0.0, 1e6)], senders=["evil"])
+        total += norm(merged, own)
+    assert rule.standing("evil") < 1e-15
+    # tau itself grows while every recent distance is far (by F per half window); bounded by
+    # the largest radius seen, the sum stays within two first-merge terms of it.
+    assert total <= 2 * (rule.tau or 0.0) / 2
+    assert rule.standing("honest") == 1.0
+
+
+def test_an_unlucky_honest_sender_regains_full_standing_in_two_merges() -> None:
+    rule = ClippedGossip()
+    own = vector(0.0)
+    rule([own, vector(1.0), vector(-1.0)], senders=["a", "b"])  # tau = 2
+    rule([own, vector(3.0), vector(-1.0)], senders=["a", "b"])  # a is far once
+    assert rule.standing("a") == 0.5 and rule.standing("b") == 1.0
+    rule([own, vector(1.0), vector(-1.0)], senders=["a", "b"])
+    assert rule.standing("a") == 0.75
+    rule([own, vector(1.0), vector(-1.0)], senders=["a", "b"])
+    assert rule.standing("a") == 1.0
+
+
+def test_standing_cuts_a_sender_radius_and_anonymous_models_keep_full_radius() -> None:
+    rule = ClippedGossip()
+    own = vector(0.0)
+    rule([own, vector(1.0)], senders=["x"])  # tau = 2
+    rule([own, vector(100.0)], senders=["x"])  # far: standing 1/2
+    assert rule.standing("x") == 0.5
+    tau = rule.radius([])
+    # Its next model, 100 away, moves the node by tau x 1/2 x 1/2 (one of two in the merge).
+    merged = rule([own, vector(100.0)], senders=["x"])
+    np.testing.assert_allclose(merged["w"], [tau * 0.5 / 2])
+    twin = ClippedGossip()
+    twin._recent.extend(rule._recent)  # the same past, no sender named
+    merged = twin([own, vector(100.0)])
+    np.testing.assert_allclose(merged["w"], [twin.tau / 2 if twin.tau else 0.0])
+
+
+def test_standing_memory_is_bounded() -> None:
+    rule = ClippedGossip(memory=8)
+    own = vector(0.0)
+    rule([own, vector(1.0)])
+    for i in range(100):
+        rule([own, vector(1e3)], senders=[f"sybil-{i}"])
+    assert len(rule._standing) == 8
+    assert rule.standing("sybil-99") == 0.5 and rule.standing("sybil-0") == 1.0
+
+
+def test_senders_must_match_the_models() -> None:
+    with pytest.raises(ValueError, match="senders"):
+        ClippedGossip()([vector(0.0), vector(1.0)], senders=["a", "b"])

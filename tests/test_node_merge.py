@@ -64,3 +64,15 @@ async def test_with_average_a_token_still_replaces_the_model(dataset: Dataset) -
     node = walker(dataset, "average")
     far = shifted(node.learner.get_weights(), 10.0)
     assert distance(await adopt(node, token(far, 1)), far) < 1e-5
+
+
+async def test_a_node_names_each_token_sender_to_clipped_gossip(dataset: Dataset) -> None:
+    # Standing is per sender: a far token costs the one who sent it, not everyone.
+    node = walker(dataset, "clipped")
+    own = node.learner.get_weights()
+    rule = node._merge
+    assert isinstance(rule, ClippedGossip)
+    await adopt(node, token(shifted(own, 0.01), 1))
+    await adopt(node, token(shifted(own, 10.0), 2))
+    assert rule.standing("w1") == 0.5
+    assert rule.standing("w2") == 1.0

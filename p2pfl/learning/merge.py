@@ -27,7 +27,7 @@ Which rule defends against what (a Byzantine peer holds a valid key and sends wh
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -46,6 +46,10 @@ CLIPPED_FACTOR = 2.0
 """tau is this many times the median recent distance to honest-looking neighbours."""
 CLIPPED_WINDOW = 32
 """How many recent neighbour distances a clipped-gossip node remembers."""
+STANDING_MEMORY = 4096
+"""How many senders' standing a clipped-gossip node remembers (least recently merged forgotten)."""
+STANDING_RECOVERY = 0.25
+"""What a sender's standing regains with each model within the radius (halved for each beyond)."""
 WEIGHTED_CAP = 4.0
 """``weighted`` counts a sender's age as at most this many times the node's own."""
 
@@ -67,11 +71,22 @@ class Merge(Protocol):
     def name(self) -> str: ...
 
     def __call__(
-        self, models: Sequence[Weights], weights: Sequence[float] | None = None
-    ) -> Weights: ...
+        self,
+        models: Sequence[Weights],
+        weights: Sequence[float] | None = None,
+        *,
+        senders: Sequence[str] | None = None,
+    ) -> Weights:
+        """Merge; ``senders`` name who sent ``models[1:]`` (rules with a memory use them)."""
+        ...
 
     def adopt(
-        self, own: Weights, tokens: Sequence[Weights], weights: Sequence[float] | None = None
+        self,
+        own: Weights,
+        tokens: Sequence[Weights],
+        weights: Sequence[float] | None = None,
+        *,
+        senders: Sequence[str] | None = None,
     ) -> Weights:
         """The model a walker node continues from once ``tokens`` reached it."""
         ...
@@ -85,12 +100,21 @@ class MergeRule:
     function: RuleFunction
 
     def __call__(
-        self, models: Sequence[Weights], weights: Sequence[float] | None = None
+        self,
+        models: Sequence[Weights],
+        weights: Sequence[float] | None = None,
+        *,
+        senders: Sequence[str] | None = None,
     ) -> Weights:
         return self.function(models, weights)
 
     def adopt(
-        self, own: Weights, tokens: Sequence[Weights], weights: Sequence[float] | None = None
+        self,
+        own: Weights,
+        tokens: Sequence[Weights],
+        weights: Sequence[float] | None = None,
+        *,
+        senders: Sequence[str] | None = None,
     ) -> Weights:
         """Walkers: the token replaces ``own`` (several tokens met here: the rule merges them).
 
@@ -110,16 +134,18 @@ class ClippedGossip:
     ClippedGossip", arXiv:2202.01545. A merge of the node's model x with n
     neighbours' models x_j is::
 
-        x_new = x + 1/(n+1) * sum_j clip_tau(x_j - x),  clip_tau(v) = v * min(1, tau / ||v||)
+        x_new = x + 1/(n+1) * sum_j clip_{tau_j}(x_j - x),  clip_t(v) = v * min(1, t / ||v||)
 
     with ||.|| the L2 norm over all floating-point tensors together (a step counter says
     nothing about how far apart two models are; integer and bool tensors move by the same
-    fraction as the rest of their model). The bound: whatever neighbour j sends, its term moves
-    the node by at most tau/(n+1), and the whole merge by at most n*tau/(n+1) < tau; changing
-    one neighbour's model arbitrarily changes the result by at most 2*tau/(n+1). With every
-    neighbour within tau it is exactly ``average``. A non-finite or overflowing difference
-    counts as a neighbour that sent x itself. It needs no majority within one merge, so it
-    works with one neighbour per round (ring, random walk) and for walker tokens (:meth:`adopt`).
+    fraction as the rest of their model) and tau_j = tau * s_j <= tau, s_j in (0, 1] the
+    sender's standing (below). The bound: whatever neighbour j sends, its term moves the node
+    by at most tau/(n+1), and the whole merge by at most n*tau/(n+1) < tau; changing one
+    neighbour's model arbitrarily changes the result by at most 2*tau/(n+1). With every
+    neighbour within its radius it is exactly ``average``. A non-finite or overflowing
+    difference counts as a neighbour that sent x itself. It needs no majority within one
+    merge, so it works with one neighbour per round (ring, random walk) and for walker tokens
+    (:meth:`adopt`).
 
     The radius. The paper's adaptive rule picks each node's tau from the current distances
     to its neighbours: the distance beyond which the farthest neighbours, holding the assumed
@@ -135,24 +161,44 @@ class ClippedGossip:
       and the radius of a merge does not depend on that merge's models once there is a past,
       so a single neighbour on a ring cannot raise the radius it is clipped with;
     - F = 2 leaves the spread of honest distances (label-skewed neighbours are farther)
-      unclipped, so the clean network learns as with ``average`` (0.930 both, default
-      scenario on the mesh), and a scaled model, some 40 median distances away in
-      ``sim/byzantine.toml``, is cut to 2;
+      unclipped (3% of them are clipped in the default scenario on the mesh), so the clean
+      network learns as with ``average``, and a scaled model, some 40 median distances away
+      in ``sim/byzantine.toml``, is cut to 2;
     - remembering distances as ``min(d, tau)`` keeps the median unbiased while fewer than half
       the recent distances exceed tau, and when more do (honest models drifting apart, or a
       node whose every neighbour is Byzantine) tau grows geometrically instead of jumping, by
-      F each time half the window has been replaced (2x per 16 merges on a ring): the
-      influence per merge stays bounded, though not for ever.
+      F each time half the window has been replaced (2x per 16 merges on a ring).
     Zero distances (a copy of the node's own model) carry no scale and are not remembered.
+
+    Standing (our addition; the paper's bound holds per merge, this bounds the sum over a
+    run). Clipping alone still lets an attacker pull every merge by tau/(n+1) in the same
+    direction (sign-flip, scaled, ipm pull towards or through the origin), while honest
+    neighbours' pulls point every which way and cancel; in ``sim/attacks.toml`` that drift
+    cost the mesh 30 to 50 points. So each sender has a standing s_j, 1 at first: halved by
+    every model beyond tau, raised by ``STANDING_RECOVERY`` (0.25, at most to 1) by every
+    model within. A sender that is always far moves a node by at most
+    tau/(n+1) * (1 + 1/2 + 1/4 + ...) = 2*tau/(n+1) over the whole run; an honest neighbour
+    clipped once by chance is back at full weight after two merges, and at s = 1/2 it is
+    still within its radius at the median honest distance (tau/2). Standing is kept for the
+    last ``STANDING_MEMORY`` (4096) senders; models with no sender named (``senders=None``)
+    have standing 1.
     """
 
-    def __init__(self, factor: float = CLIPPED_FACTOR, *, window: int = CLIPPED_WINDOW) -> None:
+    def __init__(
+        self,
+        factor: float = CLIPPED_FACTOR,
+        *,
+        window: int = CLIPPED_WINDOW,
+        memory: int = STANDING_MEMORY,
+    ) -> None:
         _check_clipped_factor(factor)
         if window < 1:
             raise ValueError(f"clipped gossip needs a window of at least 1 distance, got {window}")
         self.factor = factor
         self.name = "clipped" if factor == CLIPPED_FACTOR else f"clipped:{factor:g}"
         self._recent: deque[float] = deque(maxlen=window)
+        self._standing: OrderedDict[str, float] = OrderedDict()
+        self._memory = memory
         self.tau: float | None = None
         """The radius of the last merge or adoption (None before the first)."""
 
@@ -163,19 +209,32 @@ class ClippedGossip:
             return 0.0
         return self.factor * sorted(pool)[(len(pool) - 1) // 2]
 
+    def standing(self, sender: str) -> float:
+        """The share of tau that ``sender``'s next model may move this node by, in (0, 1]."""
+        return self._standing.get(sender, 1.0)
+
     def __call__(
-        self, models: Sequence[Weights], weights: Sequence[float] | None = None
+        self,
+        models: Sequence[Weights],
+        weights: Sequence[float] | None = None,
+        *,
+        senders: Sequence[str] | None = None,
     ) -> Weights:
         """``models[0]`` is the node's own; ``weights`` are checked and ignored."""
         _check(models, weights)
-        return self._step(models[0], models[1:], share=1.0 / len(models))
+        return self._step(models[0], models[1:], share=1.0 / len(models), senders=senders)
 
     def adopt(
-        self, own: Weights, tokens: Sequence[Weights], weights: Sequence[float] | None = None
+        self,
+        own: Weights,
+        tokens: Sequence[Weights],
+        weights: Sequence[float] | None = None,
+        *,
+        senders: Sequence[str] | None = None,
     ) -> Weights:
-        """Walkers: ``own + mean_j clip_tau(token_j - own)`` instead of the token outright.
+        """Walkers: ``own + mean_j clip_{tau_j}(token_j - own)`` instead of the token outright.
 
-        A token within tau replaces the node's model as with every rule (several: their
+        A token within its radius replaces the node's model as with every rule (several: their
         mean); a far one moves it by at most tau, so a Byzantine token overwrites no one.
         """
         _check([own, *tokens], None)
@@ -183,36 +242,64 @@ class ClippedGossip:
             raise ValueError(f"got {len(weights)} weights for {len(tokens)} tokens")
         if not tokens:
             raise ValueError("cannot adopt an empty list of tokens")
-        return self._step(own, tokens, share=1.0 / len(tokens))
+        return self._step(own, tokens, share=1.0 / len(tokens), senders=senders)
 
-    def _step(self, own: Weights, others: Sequence[Weights], share: float) -> Weights:
+    def _step(
+        self,
+        own: Weights,
+        others: Sequence[Weights],
+        share: float,
+        senders: Sequence[str] | None,
+    ) -> Weights:
+        if senders is not None and len(senders) != len(others):
+            raise ValueError(f"got {len(senders)} senders for {len(others)} models")
         distances = [_distance(own, other) for other in others]
         tau = self.radius(distances)
-        merged = clipped_step(own, others, tau=tau, share=share, distances=distances)
+        names = senders if senders is not None else [None] * len(others)
+        radii = [tau if name is None else tau * self.standing(name) for name in names]
+        merged = clipped_step(own, others, tau=radii, share=share, distances=distances)
         self.tau = tau
         self._recent.extend(min(d, tau) for d in distances if math.isfinite(d) and d > 0)
+        for name, d in zip(names, distances, strict=True):
+            if name is not None and d > 0:
+                self._judge(name, far=not d <= tau)  # NaN counts as far
         return merged
+
+    def _judge(self, sender: str, *, far: bool) -> None:
+        s = self._standing.pop(sender, 1.0)
+        s = s / 2 if far else min(1.0, s + STANDING_RECOVERY)
+        if s < 1.0:  # full standing is the default: only the doubted are remembered
+            self._standing[sender] = s
+            while len(self._standing) > self._memory:
+                self._standing.popitem(last=False)
 
 
 def clipped_step(
     own: Weights,
     others: Sequence[Weights],
     *,
-    tau: float,
+    tau: float | Sequence[float],
     share: float,
     distances: Sequence[float] | None = None,
 ) -> Weights:
     """``own + share * sum_j clip_tau(others_j - own)``: the arithmetic of :class:`ClippedGossip`.
 
-    ``distances`` (``_distance(own, other)`` for each) are computed when not given. A difference
-    whose norm is not finite adds nothing.
+    ``tau`` is one radius for all, or one per model. ``distances`` (``_distance(own, other)``
+    for each) are computed when not given. A difference whose norm is not finite adds nothing.
     """
     _check([own, *others], None)
-    if tau < 0 or not math.isfinite(tau):
-        raise ValueError(f"clipping radius must be finite and >= 0, got {tau}")
+    radii = [float(tau)] * len(others) if isinstance(tau, int | float) else list(tau)
+    if len(radii) != len(others):
+        raise ValueError(f"got {len(radii)} clipping radii for {len(others)} models")
+    for t in radii:
+        if t < 0 or not math.isfinite(t):
+            raise ValueError(f"clipping radius must be finite and >= 0, got {t}")
     if distances is None:
         distances = [_distance(own, other) for other in others]
-    scales = [0.0 if not math.isfinite(d) else 1.0 if d <= tau else tau / d for d in distances]
+    scales = [
+        0.0 if not math.isfinite(d) else 1.0 if d <= t else t / d
+        for d, t in zip(distances, radii, strict=True)
+    ]
     out: Weights = {}
     for name, first in own.items():
         base = np.asarray(first, dtype=np.float64)
