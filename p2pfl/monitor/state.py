@@ -39,8 +39,8 @@ _MAX_ENDED = 10_000
 
 EXCLUDED_REASONS = {
     "stale": "not heard from lately, or crashed",
-    "no-telemetry": "known from presence only: telemetry off, or no record yet",
-    "metrics-only": "telemetry detail metrics: no confusion matrix, no weight projection",
+    "no-telemetry": "known from presence only (telemetry off, or none yet)",
+    "metrics-only": "telemetry detail metrics: no confusion matrix",
     "not-evaluated": "no evaluation yet",
 }
 """Why a known node is not in the global metrics, by the reason's name in the snapshot."""
