@@ -16,12 +16,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 
 from p2pfl.config import NodeConfig
 from p2pfl.discovery.presence import PresenceRecord
 from p2pfl.learning.learner import EvalResult, FitResult
 from p2pfl.monitor.dashboard import render_dashboard, render_report
+from p2pfl.monitor.prometheus import monitor_metrics
 from p2pfl.monitor.records import parse_telemetry
 from p2pfl.monitor.state import NetworkState
 from p2pfl.node import Node
@@ -275,6 +278,52 @@ def test_a_record_whose_detail_contradicts_it_is_refused(fields: dict[str, Any])
     state = NetworkState("net")
     assert not state.on_telemetry("x", {"id": "x", **fields}, sent_at=1.0)
     assert state.snapshot()["rejected"] == {"telemetry": 1} and "x" not in state
+
+
+KINDS = ("full", "unevaluated", "legacy", "metrics", "presence", "stale")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(KINDS), max_size=10), st.integers(1, 50))
+def test_every_known_node_is_either_in_the_global_metrics_or_named_as_left_out(
+    kinds: list[str], count: int
+) -> None:
+    now = [0.0]
+    state = NetworkState("net", clock=lambda: now[0], wall=lambda: WALL + now[0], stale_after=5)
+    confusion = [[count, 1], [2, count]]
+    for i, kind in enumerate(sorted(kinds, key=lambda k: k != "stale")):  # stale ones first
+        node_id = f"n{i}"
+        if kind == "stale":
+            now[0] = 0.0
+        elif now[0] == 0.0:
+            now[0] = 10.0
+        if kind == "presence":
+            state.on_presence(PresenceRecord(node_id, online=True), sent_at=WALL + now[0])
+            continue
+        body: dict[str, Any] = {"id": node_id, "accuracy": 0.5}
+        if kind != "legacy":
+            body["detail"] = "metrics" if kind == "metrics" else "full"
+        if kind in ("full", "legacy", "stale"):
+            body.update(confusion=confusion, projection=[float(i)] * 32)
+        assert state.on_telemetry(node_id, body, sent_at=WALL + now[0])
+    now[0] = 10.0
+    snap = state.snapshot()
+    inside = {n["id"] for n in snap["nodes"] if n["in_global"]}
+    left_out = {e["id"]: e["reason"] for e in snap["excluded_from_global"]}
+    assert inside.isdisjoint(left_out) and inside | set(left_out) == {
+        n["id"] for n in snap["nodes"]
+    }
+    assert len(snap["nodes"]) == len(kinds)
+    expected = {"unevaluated": "not-evaluated", "metrics": "metrics-only",
+                "presence": "no-telemetry", "stale": "stale"}  # fmt: skip
+    assert sorted(left_out.values()) == sorted(expected[k] for k in kinds if k in expected)
+    assert snap["global"]["included"] == len(inside)
+    assert snap["global"]["samples"] == len(inside) * (2 * count + 3)
+    # Prometheus says the same, node by node.
+    family = next(m for m in monitor_metrics(snap) if m.name == "p2pfl_in_global")
+    assert {s.labels["node"]: s.value for s in family.samples} == {
+        n["id"]: float(n["id"] in inside) for n in snap["nodes"]
+    }
 
 
 def render(snap: dict[str, Any], width: int = 80, height: int = 24) -> list[str]:

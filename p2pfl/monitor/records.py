@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
+from p2pfl.config import TelemetryDetail
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.topics import validate_name
 
@@ -28,7 +29,7 @@ MAX_PROJECTION = 1024
 MAX_IDS = 10_000
 MAX_TEXT = 2000
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-DETAILS = ("full", "metrics")
+DETAILS = tuple(d for d in get_args(TelemetryDetail) if d != "off")
 """The `detail` a telemetry record may say: a node on `off` publishes none."""
 
 
