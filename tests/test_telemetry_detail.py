@@ -12,6 +12,7 @@ import asyncio
 import logging
 import struct
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from p2pfl.config import NodeConfig
+from p2pfl.config import ConfigError, NodeConfig, load_config
 from p2pfl.discovery.presence import PresenceRecord
 from p2pfl.learning.learner import EvalResult, FitResult
 from p2pfl.monitor.dashboard import render_dashboard, render_report
@@ -93,6 +94,16 @@ def evaluated(detail: str) -> Node:
 
 def msgpack_uint16(value: int) -> bytes:
     return b"\xcd" + struct.pack(">H", value)
+
+
+def test_the_config_file_key_and_the_flag_set_the_level(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('telemetry_detail = "off"\n')
+    assert load_config(cfg, {}).telemetry_detail == "off"
+    assert load_config(cfg, {"telemetry_detail": "metrics"}).telemetry_detail == "metrics"
+    assert load_config(None, {}).telemetry_detail == "full"
+    with pytest.raises(ConfigError, match=r"^config error: telemetry_detail: .*'some'"):
+        load_config(None, {"telemetry_detail": "some"})
 
 
 # ---- what the bytes of a record hold, per level ---------------------------------------------
