@@ -208,6 +208,12 @@ def run(
     telemetry_interval: float | None = typer.Option(
         None, help="Publish status for monitors every N seconds; 0 = off. [default: 5]"
     ),
+    telemetry_detail: str | None = typer.Option(
+        None,
+        help="What telemetry reveals: full | metrics (no confusion matrix, no weight "
+        "projection: monitors leave the node out of global metrics) | off (no telemetry "
+        "records; warnings are still forwarded). [default: full]",
+    ),
     run_name: str | None = typer.Option(None, help="A name for this run, shown by monitors."),
     tag: list[str] | None = typer.Option(None, "--tag", help="A tag for this run (repeatable)."),
     state_dir: Path | None = typer.Option(
@@ -287,6 +293,7 @@ def run(
         "max_peers": max_peers,
         "max_clock_skew": max_clock_skew,
         "telemetry_interval": telemetry_interval,
+        "telemetry_detail": telemetry_detail,
         "metrics_port": metrics_port,
         "metrics_host": metrics_host,
         "run_name": run_name,

@@ -19,6 +19,9 @@ from p2pfl.protocol.topics import validate_name
 
 Schedule = Literal["ring", "random-walk", "partial-mesh"]
 DiscoverySource = Literal["static", "presence", "mdns"]
+TelemetryDetail = Literal["full", "metrics", "off"]
+"""What a node's telemetry reveals: everything, metrics without the confusion matrix and the
+weight projection (they reveal the label distribution and something of the weights), or none."""
 
 
 class ConfigError(ValueError):
@@ -131,6 +134,7 @@ class NodeConfig(BaseModel):
     checkpoints_keep: int = Field(3, ge=1)
     # telemetry for monitors: every N seconds (0 = off); a run name and tags to group runs
     telemetry_interval: float = Field(5.0, ge=0)
+    telemetry_detail: TelemetryDetail = "full"
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     run_name: str = ""

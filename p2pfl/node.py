@@ -546,11 +546,16 @@ class Node:
     # ---- telemetry --------------------------------------------------------------------------
 
     async def _telemetry_loop(self) -> None:
+        topic = topics.telemetry(self.net, self.node_id)
         interval = self.config.telemetry_interval
+        if self.config.telemetry_detail == "off":
+            # No status records; warnings are still forwarded (they carry no labels or weights).
+            # An empty retained record deletes one an earlier run left on a shared broker.
+            interval = 0.0
+            await self._publish_home(topic, b"", True)
         if interval <= 0 and self._logs is None:
             return
         stats = ProcessStats()
-        topic = topics.telemetry(self.net, self.node_id)
         next_at = self.clock()
         while True:
             if self._logs is not None:

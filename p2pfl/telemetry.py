@@ -1,9 +1,12 @@
 """Telemetry: the periodic status a node publishes (retained) for monitors, and its log topic.
 
-A record says what the node is doing (round, accuracy, traffic, CPU, memory, peers), carries
-the confusion matrix of its last evaluation (a monitor sums them into the network's global
-evaluation) and a 32-float random projection of its weights, seeded by the network name, so a
-monitor estimates how far peers' models diverge without downloading any model.
+A record says what the node is doing (round, accuracy, traffic, CPU, memory, peers) and at
+which `detail` (`telemetry_detail`). At `full` it also carries the confusion matrix of its last
+evaluation (a monitor sums them into the network's global evaluation) and a 32-float random
+projection of its weights, seeded by the network name, so a monitor estimates how far peers'
+models diverge without downloading any model. Both reveal something private (the node's label
+distribution; a sketch of its weights), so `metrics` leaves them out and `off` publishes no
+record at all. Forwarded warnings (the log topic) are the same at every level.
 """
 
 from __future__ import annotations
@@ -115,12 +118,17 @@ class LogForwarder(logging.Handler):
 
 
 def node_status(node: Node, stats: ProcessStats) -> dict[str, Any]:
-    """A node's telemetry body; computes the weight projection, so run it in a worker thread."""
+    """A node's telemetry body at its `telemetry_detail` (`full` or `metrics`; a node on `off`
+    publishes none). At `full` it computes the weight projection: run it in a worker thread."""
+    detail = node.config.telemetry_detail
+    if detail == "off":
+        raise ValueError("telemetry_detail is off: this node publishes no telemetry")
     ev = node.last_eval
     cpu, rss = stats.sample()
     c = node.counters
-    return {
+    body: dict[str, Any] = {
         "id": node.node_id,
+        "detail": detail,
         "role": node.config.role,
         "run": node.config.run_name,
         "tags": list(node.config.tags),
@@ -131,7 +139,6 @@ def node_status(node: Node, stats: ProcessStats) -> dict[str, Any]:
         "loss": node.last_loss,
         "accuracy": None if ev is None else ev.accuracy,
         "test_loss": None if ev is None else ev.loss,
-        "confusion": None if ev is None else ev.confusion.tolist(),
         "samples": node.learner.num_samples,
         "models_sent": c.models_sent,
         "models_received": c.models_received,
@@ -143,5 +150,8 @@ def node_status(node: Node, stats: ProcessStats) -> dict[str, Any]:
         "uptime": node.clock() - node.started,
         "peers": node.view.live(),
         "sent_to": list(node.sent_to),
-        "projection": projection(node.learner.get_weights(), node.net),
     }
+    if detail == "full":
+        body["confusion"] = None if ev is None else ev.confusion.tolist()
+        body["projection"] = projection(node.learner.get_weights(), node.net)
+    return body

@@ -50,6 +50,7 @@ def test_run_help_teaches_the_flags() -> None:
         (["--max-peers", "0"], "max_peers"),
         (["--advertise", "mqtt://h:1"], "advertise"),
         (["--interface", "eth0"], "interfaces"),
+        (["--telemetry-detail", "some"], "telemetry_detail"),
     ],
 )
 def test_bad_flag_prints_one_line_naming_the_key_and_exits_2(args: list[str], key: str) -> None:

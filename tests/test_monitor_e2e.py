@@ -5,6 +5,9 @@
    SIGKILLed node turns stale, then disappears.
 2. `p2pfl monitor --once --json` as a subprocess, nodes on their own embedded brokers, found
    over mDNS bound to 127.0.0.1 (tests never multicast on a real network).
+3. `--telemetry-detail`: a node on `metrics` next to one on `full`; `p2pfl monitor --once`
+   names it as left out of the global metrics, in its table and in its JSON export. (`off` is
+   checked in process, in tests/test_telemetry_detail.py: one process fewer here.)
 """
 
 from __future__ import annotations
@@ -126,3 +129,45 @@ def test_monitor_once_json_finds_nodes_on_embedded_brokers_over_mdns(tmp_path: P
     for key in ("accuracy", "macro_f1", "divergence"):
         assert isinstance(snap["global"][key], float), snap["global"]
     assert len(snap["monitor"]["brokers"]) == 3  # one client per node's embedded broker
+
+
+def test_the_monitor_names_a_node_on_metrics_as_left_out_of_global_metrics(
+    mosquitto: LocalBroker, tmp_path: Path
+) -> None:
+    net = f"mon-{uuid.uuid4().hex[:6]}"
+    where = ["--broker", mosquitto.uri, "--discovery", "presence,static"]
+    nodes = [
+        trainer(f"d{i}", i, net, tmp_path, *where, "--telemetry-detail", detail)
+        for i, detail in enumerate(["full", "metrics"])
+    ]
+    logs = lambda: "\n".join(n.tail() for n in nodes)  # noqa: E731
+    export = tmp_path / "snap.jsonl"
+    try:
+        # One evaluation each is all the monitor needs; gossip is not what this is about.
+        wait_until(lambda: all(n.rounds() for n in nodes), 150, "every node to train", logs)
+        out = subprocess.run(
+            [sys.executable, "-m", "p2pfl", "monitor", "--network", net, "--broker",
+             mosquitto.uri, "--no-mdns", "--once", "--wait", "5", "--export", str(export),
+             "--state-dir", str(tmp_path / "monitor")],
+            capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    finally:
+        stop_all(nodes)
+    snap = json.loads(export.read_text().splitlines()[-1])
+    seen = by_id(snap)
+    assert sorted(seen) == ["d0", "d1"], (snap, logs())
+    assert snap["excluded_from_global"] == [{"id": "d1", "reason": "metrics-only"}], snap
+    assert (seen["d0"]["detail"], seen["d1"]["detail"]) == ("full", "metrics")
+    assert (seen["d0"]["in_global"], seen["d1"]["in_global"]) == (True, False)
+    assert seen["d1"]["accuracy"] is not None and seen["d1"]["confusion"] is None
+    assert seen["d1"]["projection"] is None
+    # The global accuracy is d0's alone.
+    own = np.array(seen["d0"]["confusion"])
+    assert snap["global"]["included"] == 1
+    assert snap["global"]["accuracy"] == pytest.approx(np.trace(own) / own.sum())
+    # The table says the same to a person.
+    report = out.stdout.splitlines()
+    start = report.index("not in global metrics") + 1
+    assert report[start].startswith("d1  metrics-only: telemetry detail metrics"), out.stdout
+    assert not report[start + 1].startswith("d0"), out.stdout

@@ -119,6 +119,12 @@ def test_node_config_is_the_per_node_config() -> None:
     assert (config.lr, config.rounds, config.mode) == (0.05, 25, "sync")
 
 
+def test_the_node_table_sets_the_telemetry_detail_of_every_node(tmp_path: Path) -> None:
+    path = write(tmp_path, '[node]\nrounds = 3\ntelemetry_detail = "metrics"\n', "quiet.toml")
+    assert load_scenario(path, {}).node_config("ring", 0, "n01").telemetry_detail == "metrics"
+    assert load_scenario(None, {}).node_config("ring", 0, "n01").telemetry_detail == "full"
+
+
 def test_node_ids_sort_in_index_order() -> None:
     ids = load_scenario(SIM_DIR / "large.toml", {}).node_ids
     assert ids == sorted(ids) and ids[0] == "n001" and ids[-1] == "n256" and len(set(ids)) == 256
@@ -139,6 +145,7 @@ def test_name_defaults_to_the_file_name(tmp_path: Path) -> None:
         ("colour = 1\n[node]\nrounds = 3", "colour: unknown key"),
         ("[node]\nrounds = 3\nlr = -1", "node.lr"),
         ('[node]\nrounds = 3\nmerge = "mode"', "node.merge"),
+        ('[node]\nrounds = 3\ntelemetry_detail = "some"', "node.telemetry_detail"),
         ('[node]\nrounds = 3\nbroker = "mqtt://x:1883"', "node.broker: not used in simulation"),
         ('[node]\nrounds = 3\nschedule = "ring"', "node.schedule: not used in simulation"),
         ("[node]\nrounds = 3\nstate-dir = '/tmp'", "node.state_dir: not used in simulation"),

@@ -1,10 +1,12 @@
 """Terminal views of a monitor snapshot (rich): the live full-screen dashboard and a printed report.
 
 The dashboard is built for the smallest usual terminal, 80x24, and grows with it: a two-line
-header with the global metrics; the nodes table (a stale node in yellow with "!" after its age,
-a crashed one in red, "down"); below it the overlay as an adjacency list and the latest log
-lines. Every line is cut with an ellipsis rather than wrapped, and surplus rows collapse into
-"... N more", so nothing ever spills into the next region."""
+header with the global metrics (and the live nodes they leave out, with the reason); the nodes
+table (a stale node in yellow with "!" after its age, a crashed one in red, "down"; `glob`
+says whether the node's evaluation is in the global metrics); below it the overlay as an
+adjacency list and the latest log lines. Every line is cut with an ellipsis rather than
+wrapped, and surplus rows collapse into "... N more", so nothing ever spills into the next
+region."""
 
 from __future__ import annotations
 
@@ -18,15 +20,18 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from p2pfl.monitor.state import EXCLUDED_REASONS
+
 Snapshot = Mapping[str, Any]
 
 HEADER_LINES = 2
 _LEVEL_STYLES = {"warning": "yellow", "error": "red", "critical": "bold red"}
 _COLUMNS: tuple[tuple[str, JustifyMethod, int], ...] = (
     # title, justify, max width: with one space between columns they fill 80 columns
-    ("node", "left", 14),
+    ("node", "left", 13),
     ("round", "right", 6),
     ("acc", "right", 5),
+    ("glob", "left", 4),
     ("loss", "right", 5),
     ("peers", "right", 5),
     ("sent/recv", "right", 9),
@@ -88,6 +93,11 @@ def header(snap: Snapshot) -> Group:
         f"divergence {fmt_num(glob.get('divergence'))}  ",
         f"samples {glob.get('samples', 0)}",
     )
+    # Stale nodes are counted (and coloured) already; these are the live ones left out.
+    left_out = [e for e in snap.get("excluded_from_global", []) if e.get("reason") != "stale"]
+    if left_out:
+        names = ", ".join(f"{e.get('id')} ({e.get('reason')})" for e in left_out)
+        bottom.append(f"  not in global: {names}", style="yellow")
     return Group(_line(top), _line(bottom))
 
 
@@ -117,6 +127,7 @@ def nodes_table(nodes: Sequence[Mapping[str, Any]], max_rows: int | None = None)
             str(n.get("id")),
             "-" if n.get("round") is None else str(n["round"]),
             fmt_num(n.get("accuracy")),
+            "yes" if n.get("in_global") else "no",
             fmt_num(n.get("loss")),
             "-" if n.get("peers") is None else str(n["peers"]),
             models,
@@ -214,6 +225,12 @@ def render_report(snap: Snapshot) -> RenderableType:
     edges = overlay_lines(snap.get("overlay", []))
     logs = log_lines(snap.get("logs", []))
     parts: list[RenderableType] = [header(snap), nodes_table(snap.get("nodes", []))]
+    excluded = snap.get("excluded_from_global", [])
+    if excluded:
+        parts.append(Text("not in global metrics", style="bold"))
+        for entry in excluded:
+            why = EXCLUDED_REASONS.get(str(entry.get("reason")), "")
+            parts.append(_line(f"{entry.get('id')}  {entry.get('reason')}: {why}"))
     if edges:
         parts += [Text("overlay", style="bold"), *(_line(e) for e in edges)]
     if logs:

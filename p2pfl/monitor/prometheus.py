@@ -174,6 +174,7 @@ _GAUGE_DOCS = {
     "rss_bytes": "Resident memory of the node's process.",
     "last_seen_seconds": "Seconds since the monitor last heard from the node.",
     "stale": "1 when the monitor has not heard from the node in time.",
+    "in_global": "1 when the node's evaluation is in the global metrics.",
 }
 
 
@@ -225,6 +226,7 @@ def monitor_metrics(snap: Mapping[str, Any]) -> Iterator[Metric]:
         "rss_bytes": "rss",
         "last_seen_seconds": "last_seen_s",
         "stale": "stale",
+        "in_global": "in_global",
     }
     for name, key in gauges.items():
         gauge = GaugeMetricFamily(f"p2pfl_{name}", _GAUGE_DOCS[name], labels=["node"])

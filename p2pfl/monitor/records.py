@@ -3,6 +3,10 @@
 Telemetry comes from any process that can publish on a broker, so a body is validated before it
 is shown or summed: numbers finite, lists bounded, the confusion matrix square and non-negative.
 A body that fails is rejected as a whole (ProtocolError); a missing optional field is None.
+
+`detail` says what the node chose to reveal (`telemetry_detail`): `full` (the default, and what a
+record without the field means) or `metrics`, which carries no confusion matrix and no weight
+projection; a `metrics` record that carries either contradicts itself and is rejected.
 """
 
 from __future__ import annotations
@@ -10,10 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
+from p2pfl.config import TelemetryDetail
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.topics import validate_name
 
@@ -24,6 +29,8 @@ MAX_PROJECTION = 1024
 MAX_IDS = 10_000
 MAX_TEXT = 2000
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DETAILS = tuple(d for d in get_args(TelemetryDetail) if d != "off")
+"""The `detail` a telemetry record may say: a node on `off` publishes none."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class Telemetry:
     """One node's status report (see `p2pfl.telemetry`)."""
 
     id: str
+    detail: str = "full"
     role: str = "trainer"
     run: str | None = None
     schedule: str | None = None
@@ -85,8 +93,14 @@ def parse_telemetry(node_id: str, body: Mapping[str, Any]) -> Telemetry:
     rejected = body.get("rejected") or {}
     if not isinstance(rejected, Mapping) or len(rejected) > 100:
         raise ProtocolError("telemetry rejected must be a small map")
+    detail = body.get("detail", "full")
+    if detail not in DETAILS:
+        raise ProtocolError(f"unknown telemetry detail {str(detail)[:20]!r}")
+    if detail != "full" and (body.get("confusion") is not None or body.get("projection")):
+        raise ProtocolError(f"telemetry detail {detail} carries no confusion or projection")
     return Telemetry(
         id=node_id,
+        detail=detail,
         role=_text(body, "role") or "trainer",
         run=_text(body, "run"),
         schedule=_text(body, "schedule"),

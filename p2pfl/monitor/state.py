@@ -13,6 +13,11 @@ Ordering. The same record may arrive through several brokers, and retained recor
 news on every (re)connection, so records are ordered by the sender's own timestamp: an older
 report never replaces a newer one, a report older than the node's last offline/bye is ignored,
 and a retained record counts as heard `now - (wall clock - its timestamp)`.
+
+Exclusion. The global metrics sum the confusion matrices of the nodes that report one; every
+other known node is listed in `excluded_from_global` with the reason (`EXCLUDED_REASONS`), so
+a reader knows whose data the global accuracy leaves out: a node on `telemetry_detail =
+metrics` publishes no confusion matrix, and one on `off` is known from presence only.
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ from p2pfl.protocol.errors import ProtocolError
 DEFAULT_STALE = 15.0
 MIN_STALE = 5.0
 _MAX_ENDED = 10_000
+
+EXCLUDED_REASONS = {
+    "stale": "not heard from lately, or crashed",
+    "no-telemetry": "known from presence only (telemetry off, or none yet)",
+    "metrics-only": "telemetry detail metrics: no confusion matrix",
+    "not-evaluated": "no evaluation yet",
+}
+"""Why a known node is not in the global metrics, by the reason's name in the snapshot."""
 
 
 @dataclass
@@ -61,6 +74,8 @@ class GlobalMetrics:
     nodes: int
     stale: int
     samples: int
+    included: int
+    """Nodes whose confusion matrix is in the sum."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +85,7 @@ class GlobalMetrics:
             "nodes": self.nodes,
             "stale": self.stale,
             "samples": self.samples,
+            "included": self.included,
         }
 
 
@@ -221,6 +237,23 @@ class NetworkState:
         lines = list(self._logs)
         return lines if n is None else lines[-n:] if n > 0 else []
 
+    def exclusion(self, node: NodeStatus) -> str | None:
+        """Why `node` is not in the global metrics (a key of `EXCLUDED_REASONS`); None if it is."""
+        if self.is_stale(node):
+            return "stale"
+        if node.telemetry is None:
+            return "no-telemetry"
+        if node.telemetry.detail == "metrics":
+            return "metrics-only"
+        if node.telemetry.confusion is None:
+            return "not-evaluated"
+        return None
+
+    def excluded_from_global(self) -> list[dict[str, str]]:
+        """`{id, reason}` for every known node the global metrics leave out, sorted by id."""
+        reasons = ((n.id, self.exclusion(n)) for n in self.nodes())
+        return [{"id": node_id, "reason": why} for node_id, why in reasons if why is not None]
+
     def global_metrics(self) -> GlobalMetrics:
         """Accuracy and macro-F1 of the summed confusion matrices, and the divergence, over the
         nodes that are not stale."""
@@ -240,6 +273,7 @@ class NetworkState:
             nodes=len(fresh),
             stale=len(self._nodes) - len(fresh),
             samples=0 if total is None else int(total.sum()),
+            included=len(confusions),
         )
 
     def overlay(self) -> list[list[str]]:
@@ -261,6 +295,7 @@ class NetworkState:
             "network": self.network,
             "nodes": [self._node_dict(n, now) for n in self.nodes()],
             "global": self.global_metrics().as_dict(),
+            "excluded_from_global": self.excluded_from_global(),
             "overlay": self.overlay(),
             "logs": [line.as_dict() for line in self.logs(log_lines)],
             "rejected": dict(sorted(self.rejected.items())),
@@ -293,6 +328,8 @@ class NetworkState:
         t = node.telemetry
         out: dict[str, Any] = {
             "id": node.id,
+            "detail": None if t is None else t.detail,
+            "in_global": self.exclusion(node) is None,
             "round": node.presence_round if t is None else t.round,
             "accuracy": None,
             "loss": None,
