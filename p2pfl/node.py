@@ -289,6 +289,8 @@ class Node:
             await self._one_round()
             if self.config.mode == "async" and self.config.period > 0:
                 await self._sleep(self.config.period)
+        if self.secure is not None and not self.stopping:
+            await self._answer_last_asks()
 
     async def _adopt_tokens(self) -> int:
         """Walkers: continue from the token that reached us, as the merge rule adopts it."""
@@ -496,6 +498,24 @@ class Node:
             ),
             self._seq,
         )  # fmt: skip
+
+    async def _answer_last_asks(self) -> None:
+        """After the last round, stay (at most a round timeout) until every receiver of our
+        last masked models has finished that round: one missing a sender asks us for seeds."""
+        if self._outgoing is None:
+            return
+        r = self._outgoing[0]
+        await self.membership.announce()  # our own round, so peers waiting on us stop too
+        deadline = self.clock() + self.config.round_timeout
+        while not self.stopping and self.clock() < deadline:
+            waiting = [
+                t
+                for t in self._masked_sets
+                if (info := self.view.get(t)) is not None and (info.round or 0) < r
+            ]
+            if not waiting:
+                return
+            await self._sleep(0.1)
 
     def _agreement_key(self, peer: str) -> bytes | None:
         info = self.view.get(peer)

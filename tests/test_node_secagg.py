@@ -290,3 +290,37 @@ async def test_hostile_secagg_messages_to_a_running_node_are_counted(
     assert rejected["untrusted"] == 1
     assert [r.merged for r in nodes[0][2]] == [3] * 8  # and s0 kept merging all along
     await evil.close()
+
+
+async def test_a_model_lost_on_the_way_is_replaced_by_the_survivors_seeds(
+    dataset: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    """s3 stays live, but its models never reach s0. Round 1: at the deadline s0 asks s1 and
+    s2 for their seeds with s3 (one ask each) and merges the plain average of what came.
+    Round 2, the last: s3 announced it finished the round (it delivered, as far as anyone
+    can tell), so s1 and s2 refuse to reveal and s0 keeps its own model."""
+
+    def lossy(src: str, dst: str, size: int) -> float | None:
+        return None if (src, dst) == ("s3", "s0") and size > 10_000 else 0.0
+
+    bus = MemoryBus(delay=lossy)
+    # Heartbeats rarely: in round 1 nobody has heard that s3 finished it.
+    nodes = [
+        node(dataset, MemoryTransport(bus, i), i, rounds=2, round_timeout=2.0, presence_ttl=60.0)
+        for i in IDS
+    ]
+    caplog.set_level("INFO", logger="p2pfl.node")
+    async with asyncio.timeout(60):
+        await asyncio.gather(*(n.run() for n, _, _ in nodes))
+    recs = {n.node_id: rec for n, rec, _ in nodes}
+    s0, rec0, reports0 = nodes[0]
+    assert [r.merged for r in reports0] == [2, 0]
+    want = plain_average([rec0.fitted[0], recs["s1"].fitted[0], recs["s2"].fitted[0]])
+    assert relative_error(rec0.merged[0], want) < 1e-5
+    assert len(rec0.merged) == 1  # round 2: nothing merged
+    revealed = [m for m in caplog.messages if m.startswith("secagg: revealed seeds receiver=s0")]
+    assert revealed == ["secagg: revealed seeds receiver=s0 round=1 dropped=s3"] * 2
+    for n, _, reports in nodes[1:]:
+        assert [r.merged for r in reports] == [3, 3], n.node_id
+    assert [n.counters.rejected["secagg-reveal"] for n, _, _ in nodes] == [0, 1, 1, 0]
+    assert s0.counters.rejected_total == 0

@@ -134,6 +134,10 @@ class Membership:
                 await self._introduce(info)
         await self._publish(online=True)
 
+    async def announce(self) -> None:
+        """Publish our presence now (our round changed and peers wait on it)."""
+        await self._publish(online=True)
+
     async def say_bye(self) -> None:
         """Tell every broker we announced on that we stop on purpose."""
         await self._publish(online=False)
