@@ -7,15 +7,18 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from p2pfl.config import ConfigError, load_config
 from tests.nodeproc import NodeProcess, free_ports
 
 pytestmark = pytest.mark.timeout(240)
 
 FAST = ["--model", "mlp", "--local-epochs", "1", "--dataset", "mnist1d", "--seed", "0"]
 SYNC_MESH = ["--mode", "sync", "--merge", "average", "--schedule", "partial-mesh"]
+SYNC_MESH_KEYS = {"mode": "sync", "merge": "average", "schedule": "partial-mesh"}
 
 
 def p2pfl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -28,21 +31,30 @@ def p2pfl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[st
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        ([], "mode = sync"),
-        (["--mode", "sync"], "merge = average"),
-        (["--mode", "sync", "--merge", "median"], "merge = average"),
-        (["--mode", "sync", "--merge", "average"], "schedule = partial-mesh"),
-        ([*SYNC_MESH, "--degree", "1"], "degree >= 2"),
-        ([*SYNC_MESH, "--discovery", "static"], "presence"),
+        ({}, "mode = sync"),
+        ({"mode": "sync"}, "merge = average"),
+        ({"mode": "sync", "merge": "median"}, "merge = average"),
+        ({"mode": "sync", "merge": "average"}, "schedule = partial-mesh"),
+        ({**SYNC_MESH_KEYS, "degree": 1}, "degree >= 2"),
+        ({**SYNC_MESH_KEYS, "discovery": ["static"]}, "presence"),
     ],
 )
-def test_settings_it_cannot_work_with_are_refused_in_one_line(args: list[str], says: str) -> None:
-    out = p2pfl("run", "--secure-aggregation", *args)
+def test_settings_it_cannot_work_with_are_refused(args: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"secure_aggregation": True, **args})
+    lines = str(err.value).splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("config error: ") and "secure_aggregation: needs" in lines[0]
+    assert says in lines[0]
+    assert load_config(None, {**args, "secure_aggregation": False})  # only the flag is wrong
+
+
+def test_the_flag_refused_at_start_in_one_line_exit_2() -> None:
+    out = p2pfl("run", "--secure-aggregation", "--mode", "sync")
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("config error: secure_aggregation: needs"), lines[0]
-    assert says in lines[0]
+    assert "secure_aggregation: needs merge = average" in lines[0]
     assert "Traceback" not in out.stderr
 
 
@@ -72,6 +84,7 @@ def test_sim_scenario_refuses_other_schedules(tmp_path: Path) -> None:
     assert "schedule = partial-mesh" in out.stderr and "(schedule ring)" in out.stderr
 
 
+@pytest.mark.slow  # about 30 s on 2 cores: three processes importing torch
 def test_three_processes_merge_masked_models_every_round(tmp_path: Path) -> None:
     ports = free_ports(3)
     ids = ["a0", "a1", "a2"]
