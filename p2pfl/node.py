@@ -21,19 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from p2pfl import secagg
 from p2pfl.config import NodeConfig
 from p2pfl.discovery.membership import Membership
 from p2pfl.discovery.peerview import NewPeerBucket, PeerInfo, PeerView
 from p2pfl.identity import Identity
-from p2pfl.inbox import Inbox, NodeCounters, ReceivedModel
+from p2pfl.inbox import Inbox, NodeCounters
 from p2pfl.learning.learner import EvalResult, FitResult, Learner
 from p2pfl.learning.merge import parse_merge
 from p2pfl.protocol import chunking, topics
-from p2pfl.protocol.envelope import Envelope
 from p2pfl.protocol.model import encode_model, layout
-from p2pfl.protocol.reveal import Ask, encode_ask, encode_seeds
-from p2pfl.secure_round import Group, SecureRound
+from p2pfl.secure_round import SecureAggregation
 from p2pfl.store import StateDir
 from p2pfl.telemetry import LogForwarder, ProcessStats, encode_log, encode_telemetry, node_status
 from p2pfl.tokens import Tokens
@@ -139,11 +136,6 @@ class Node:
             ca_key=config.ca_key,
         )
         self.trust.own(node_id, self.identity.public_raw)  # nobody else speaks as us
-        self.secure = SecureRound(self.net, node_id) if config.secure_aggregation else None
-        # secure aggregation: this round's quantized model and age, masked per receiver
-        self._outgoing: tuple[int, secagg.Masked, float] | None = None
-        self._seeds_in = asyncio.Event()
-        self._masked_sets: dict[str, tuple[str, ...]] = {}  # target -> senders masked for
         self._inbox_topic = topics.inbox(self.net, node_id)
         self.inbox = Inbox(config, self.counters, clock=clock)
         self.inbox.trust = self.trust
@@ -164,15 +156,22 @@ class Node:
             signer=self.signer,
             trust=self.trust,
             certificate=self.trust.certificate,
-            agreement_key=None if self.secure is None else self.secure.key.public_raw,
         )
         # Only peers of the view steer this node: they alone get models merged, and what is
         # kept for a peer goes when it leaves.
         self.view.on_refuse = self.inbox.reject
         self.view.on_leave = self._peer_left
         self.inbox.admitted = self._admitted
-        if self.secure is not None:
-            self.inbox.on_secagg = self._on_secagg
+        self.secure: SecureAggregation | None = None
+        if config.secure_aggregation:
+            self.secure = SecureAggregation(
+                config, node_id=node_id, view=self.view, membership=self.membership,
+                schedule=schedule, reject=self.inbox.reject, next_seq=self._next_seq,
+                signer=self.signer, send=self._send_control, round_view=self._round_view,
+                stopping=lambda: self.stopping, clock=clock,
+            )  # fmt: skip
+            self.membership.agreement_key = self.secure.public_key
+            self.inbox.on_secagg = self.secure.on_message
         self._last_good: dict[str, np.ndarray] | None = None
         self._logs = logs
         self.last_loss: float | None = None
@@ -290,7 +289,7 @@ class Node:
             if self.config.mode == "async" and self.config.period > 0:
                 await self._sleep(self.config.period)
         if self.secure is not None and not self.stopping:
-            await self._answer_last_asks()
+            await self.secure.linger()  # a receiver of our last round may need our seeds
 
     async def _adopt_tokens(self) -> int:
         """Walkers: continue from the token that reached us, as the merge rule adopts it."""
@@ -322,10 +321,6 @@ class Node:
         try:
             payload = await asyncio.to_thread(self._encode, weights, r, fit.samples)
             self._last_good = weights
-            if self.secure is not None:
-                quantized = await asyncio.to_thread(secagg.quantize, weights)
-                self._outgoing = (r, quantized, float(fit.samples))
-                self._masked_sets.clear()
         except ValueError as exc:
             # Training diverged (NaN/inf): peers would refuse it. Fall back to the last good
             # model, so neighbours waiting for us in sync mode are not left to time out.
@@ -335,6 +330,12 @@ class Node:
                 weights = self._last_good
                 await asyncio.to_thread(self.learner.set_weights, weights)
                 payload = await asyncio.to_thread(self._encode, weights, r, fit.samples)
+        if self.secure is not None and payload is not None:
+            try:
+                await self.secure.start_round(r, weights, float(fit.samples))
+            except ValueError as exc:  # values too large for fixed point: nothing to send
+                log.error("cannot mask the model round=%d reason=%s", r, exc)
+                payload = None
         self.last_loss = fit.loss
         sent: set[str] = set()
         if payload is not None:
@@ -408,15 +409,10 @@ class Node:
             if info is None:  # gone, or finished (it has no use for our model any more)
                 continue
             if self.secure is not None:
-                # Masked for the target's senders as our view has them: when a sender comes
-                # or goes mid-round, the target gets our model again, masked for the new set.
-                senders = self._senders_of(target, r)
-                if target in sent and self._masked_sets.get(target) == senders:
-                    continue
-                masked = await self._masked_payload(target, r, senders)
+                # Masked per target; None: it has ours already, or not yet possible
+                masked = await self.secure.payload_for(target, r, sent)
                 if masked is None:
-                    continue  # tried again when the view changes
-                self._masked_sets[target] = senders
+                    continue
                 payload = masked
             elif target in sent:
                 continue
@@ -456,7 +452,11 @@ class Node:
         finished = self.membership.finished
         fresh = [m for m in self.inbox.take(r) if m.src in live or m.src in finished]
         if self.secure is not None:
-            return await self._merge_masked(own, r, fresh)
+            merged_masked, count = await self.secure.merge(own, r, fresh)
+            if merged_masked is not None:
+                await asyncio.to_thread(self.learner.set_weights, merged_masked)
+                self.round = max(self.round, r - 1)
+            return count
         if not fresh:
             return 0
         models = [own, *(m.weights for m in fresh)]
@@ -469,115 +469,8 @@ class Node:
         self.round = max(self.round, top - 1)
         return len(fresh)
 
-    # ---- secure aggregation (p2pfl.secure_round) ----------------------------------------------
-
-    def _senders_of(self, target: str, r: int) -> tuple[str, ...]:
-        """Who sends to ``target`` in round ``r``, by the schedule, in our view."""
-        members = sorted({self.node_id, *self._round_view(r)} - {target})
-        return tuple(sorted(self.schedule.plan(target, members, r).expect_from))
-
-    async def _masked_payload(
-        self, target: str, r: int, senders: tuple[str, ...]
-    ) -> Payload | None:
-        """Our round-r model masked for ``target`` and its ``senders``; None when it cannot
-        be sent (see `SecureRound.mask_for`)."""
-        assert self.secure is not None
-        if self._outgoing is None or self._outgoing[0] != r or self.node_id not in senders:
-            return None
-        _, quantized, age = self._outgoing
-        keys = {p: self._agreement_key(p) for p in senders}
-        made = await asyncio.to_thread(self.secure.mask_for, target, r, senders, keys, quantized)
-        if made is None:
-            return None
-        masked, group = made
-        self._seq += 1
-        return await asyncio.to_thread(
-            lambda seq: encode_model(
-                masked, net=self.net, src=self.node_id, seq=seq, round=r, age=age,
-                meta={"secagg": list(group)}, signer=self.signer,
-            ),
-            self._seq,
-        )  # fmt: skip
-
-    async def _answer_last_asks(self) -> None:
-        """After the last round, stay (at most a round timeout) until every receiver of our
-        last masked models has finished that round: one missing a sender asks us for seeds."""
-        if self._outgoing is None:
-            return
-        r = self._outgoing[0]
-        await self.membership.announce()  # our own round, so peers waiting on us stop too
-        deadline = self.clock() + self.config.round_timeout
-        while not self.stopping and self.clock() < deadline:
-            waiting = [
-                t
-                for t in self._masked_sets
-                if (info := self.view.get(t)) is not None and (info.round or 0) < r
-            ]
-            if not waiting:
-                return
-            await self._sleep(0.1)
-
-    def _agreement_key(self, peer: str) -> bytes | None:
-        info = self.view.get(peer)
-        key = None if info is None else info.meta.get("xk")
-        return key if isinstance(key, bytes) else None
-
-    async def _merge_masked(
-        self, own: dict[str, np.ndarray], r: int, fresh: list[ReceivedModel]
-    ) -> int:
-        """Sum the round's masked models, asking the survivors for seeds when some sender did
-        not deliver, and average the sum with our model."""
-        assert self.secure is not None
-        group, left_out = self.secure.group(fresh, r)
-        for m in left_out:
-            self.inbox.reject(m.src, f"secagg round: round {m.round} or another senders set")
-        if group is None:
-            return 0
-        reveals: list[secagg.Reveal] | None = []
-        if group.dropped:
-            log.info(
-                "secagg round=%d: no model from %s, asking %s for their seeds",
-                r,
-                ",".join(group.dropped),
-                ",".join(group.survivors),
-            )
-            reveals = await self._collect_seeds(r, group)
-        if reveals is None:
-            log.warning("secagg round=%d not merged: the survivors' seeds did not all come", r)
-            return 0
-        merged = await asyncio.to_thread(self.secure.merge, own, group, reveals)
-        await asyncio.to_thread(self.learner.set_weights, merged)
-        self.round = max(self.round, r - 1)
-        return len(group.models)
-
-    async def _collect_seeds(self, r: int, group: Group) -> list[secagg.Reveal] | None:
-        """One ask to each survivor, then wait (at most a round timeout) for every seed."""
-        assert self.secure is not None
-        if len(group.survivors) < 2:
-            return None  # one survivor's seeds would reveal its model: it refuses
-        for survivor in self.secure.open(r, group):
-            self._seq += 1
-            ask = Ask(r, group.dropped)
-            payload = encode_ask(ask, net=self.net, src=self.node_id, seq=self._seq,
-                                 signer=self.signer)  # fmt: skip
-            if not await self._send_control(survivor, payload):
-                self.secure.close()
-                return None
-        deadline = self.clock() + self.config.round_timeout
-        c = self.secure.collecting
-        while c is not None and not c.complete and not self.stopping:
-            remaining = deadline - self.clock()
-            if remaining <= 0:
-                break
-            self._seeds_in.clear()
-            try:
-                async with asyncio.timeout(min(remaining, 1.0)):
-                    await self._seeds_in.wait()
-            except TimeoutError:
-                pass
-        return self.secure.close()
-
     async def _send_control(self, target: str, payload: bytes) -> bool:
+        """A small message (not a model) to a peer's inbox; False when it was not sent."""
         info = self.view.get(target)
         if info is None:
             return False
@@ -591,33 +484,6 @@ class Node:
             return False
         self.counters.bytes_sent += len(payload)
         return True
-
-    async def _on_secagg(self, env: Envelope) -> None:
-        """An ask for our seeds, or a survivor's seeds (ProtocolError: refused, counted)."""
-        assert self.secure is not None
-        message = self.secure.handle(env)
-        if isinstance(message, Ask):
-            seeds = self.secure.answer(env.src, message, self._delivered)
-            self._seq += 1
-            payload = encode_seeds(seeds, net=self.net, src=self.node_id, seq=self._seq,
-                                   signer=self.signer)  # fmt: skip
-            if await self._send_control(env.src, payload):
-                log.info(
-                    "secagg: revealed seeds receiver=%s round=%d dropped=%s",
-                    env.src,
-                    message.round,
-                    ",".join(message.dropped),
-                )
-            return
-        self.secure.take_seeds(env.src, message)
-        self._seeds_in.set()
-
-    def _delivered(self, peer: str, r: int) -> bool:
-        """Whether ``peer`` is known to have finished round ``r`` (so it sent its model)."""
-        info = self.view.get(peer)
-        if info is not None and info.round is not None and info.round >= r:
-            return True
-        return self.membership.finished.get(peer, -1) >= r
 
     def _encode(self, weights: Mapping[str, np.ndarray], r: int, age: float) -> Payload:
         self._seq += 1

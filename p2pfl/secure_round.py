@@ -1,5 +1,6 @@
 """A node's side of secure aggregation (``--secure-aggregation``): what it masks, what it
-reveals, and how it unmasks a round's sum. The arithmetic is in ``p2pfl.secagg``.
+reveals, and how it unmasks a round's sum. The arithmetic is in ``p2pfl.secagg``;
+`SecureRound` keeps the state and decisions, `SecureAggregation` drives them for a `Node`.
 
 Who sends to receiver i in round r is the partial-mesh schedule's answer for i, computed by
 each sender from its own view (the pure functions of ``p2pfl.topology``), and written in the
@@ -19,18 +20,24 @@ receiver. A receiver that lies about who dropped is refused only as far as the c
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from p2pfl import secagg
+from p2pfl.config import NodeConfig
+from p2pfl.discovery.membership import Membership
+from p2pfl.discovery.peerview import PeerView
 from p2pfl.inbox import ReceivedModel
-from p2pfl.protocol.envelope import Envelope
+from p2pfl.protocol.envelope import Envelope, Signer
 from p2pfl.protocol.errors import ProtocolError
-from p2pfl.protocol.reveal import Ask, Seeds, parse_reveal
+from p2pfl.protocol.model import encode_model
+from p2pfl.protocol.reveal import Ask, Seeds, encode_ask, encode_seeds, parse_reveal
 from p2pfl.secagg import AgreementKey, Masked, Reveal
+from p2pfl.topology import Schedule
 
 log = logging.getLogger("p2pfl.node")
 
@@ -204,6 +211,186 @@ class SecureRound:
         summed = secagg.unmask(secagg.total(m.weights for m in group.models), reveals)
         return secagg.merged_average(own, summed, len(group.models))
 
-    def handle(self, env: Envelope) -> Ask | Seeds:
-        """A ``secagg`` message parsed (ProtocolError if malformed)."""
-        return parse_reveal(env)
+
+class SecureAggregation:
+    """Secure aggregation for one node: masks its model per receiver, sums and unmasks what it
+    receives, asks for and answers seed reveals. The node calls it at four points of a sync
+    round: `start_round`, `payload_for` (each target), `merge`, and `linger` after the last.
+
+    ``send(peer, payload)`` delivers a small message to a peer's inbox (False: not sent);
+    ``round_view(r)`` is the node's live view for round ``r`` (the schedule's input).
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        node_id: str,
+        view: PeerView,
+        membership: Membership,
+        schedule: Schedule,
+        reject: Callable[[str, str], None],
+        next_seq: Callable[[], int],
+        signer: Signer | None,
+        send: Callable[[str, bytes], Awaitable[bool]],
+        round_view: Callable[[int], list[str]],
+        stopping: Callable[[], bool],
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.net = config.network
+        self.node_id = node_id
+        self.view = view
+        self.membership = membership
+        self.schedule = schedule
+        self.state = SecureRound(self.net, node_id)
+        self._reject = reject
+        self._next_seq = next_seq
+        self._signer = signer
+        self._send = send
+        self._round_view = round_view
+        self._stopping = stopping
+        self._clock = clock
+        self._outgoing: tuple[int, Masked, float] | None = None  # round, quantized model, age
+        self._masked_for: dict[str, tuple[str, ...]] = {}  # this round: target -> its senders
+        self._seeds_in = asyncio.Event()
+
+    @property
+    def public_key(self) -> bytes:
+        """Our X25519 key, for our presence record."""
+        return self.state.key.public_raw
+
+    async def start_round(self, r: int, weights: Mapping[str, np.ndarray], age: float) -> None:
+        """Our round-r model, in fixed point, ready to be masked per receiver (ValueError for
+        values that cannot be: see `secagg.quantize`)."""
+        quantized = await asyncio.to_thread(secagg.quantize, weights)
+        self._outgoing = (r, quantized, age)
+        self._masked_for.clear()
+
+    async def payload_for(self, target: str, r: int, sent: Container[str]) -> bytes | None:
+        """Our round-r model masked for ``target``; None when there is nothing to send: it
+        cannot be masked (see `SecureRound.mask_for`), or ``target`` has it (in ``sent``),
+        masked for the senders our view still gives it. When a sender comes or goes
+        mid-round, the target gets our model again, masked for the new set."""
+        if self._outgoing is None or self._outgoing[0] != r:
+            return None
+        members = sorted({self.node_id, *self._round_view(r)} - {target})
+        senders = tuple(sorted(self.schedule.plan(target, members, r).expect_from))
+        if self.node_id not in senders:
+            return None
+        if target in sent and self._masked_for.get(target) == senders:
+            return None
+        _, quantized, age = self._outgoing
+        keys = {p: self._agreement_key(p) for p in senders}
+        made = await asyncio.to_thread(self.state.mask_for, target, r, senders, keys, quantized)
+        if made is None:
+            return None
+        masked, group = made
+        self._masked_for[target] = senders
+        seq = self._next_seq()
+        return bytes(
+            await asyncio.to_thread(
+                lambda: encode_model(
+                    masked, net=self.net, src=self.node_id, seq=seq, round=r, age=age,
+                    meta={"secagg": list(group)}, signer=self._signer,
+                )
+            )
+        )  # fmt: skip
+
+    async def merge(
+        self, own: dict[str, np.ndarray], r: int, fresh: list[ReceivedModel]
+    ) -> tuple[dict[str, np.ndarray] | None, int]:
+        """The plain average of our model and the round's masked models, asking the
+        survivors for seeds when some sender did not deliver; (None, 0) when nothing can be
+        merged. Models of another round or senders set are refused (`secagg-round`)."""
+        group, left_out = self.state.group(fresh, r)
+        for m in left_out:
+            self._reject(m.src, f"secagg round: round {m.round} or another senders set")
+        if group is None:
+            return None, 0
+        reveals: list[Reveal] | None = []
+        if group.dropped:
+            log.info(
+                "secagg round=%d: no model from %s, asking %s for their seeds",
+                r,
+                ",".join(group.dropped),
+                ",".join(group.survivors),
+            )
+            reveals = await self._collect_seeds(r, group)
+        if reveals is None:
+            log.warning("secagg round=%d not merged: the survivors' seeds did not all come", r)
+            return None, 0
+        merged = await asyncio.to_thread(self.state.merge, own, group, reveals)
+        return merged, len(group.models)
+
+    async def on_message(self, env: Envelope) -> None:
+        """An ask for our seeds, or a survivor's seeds (ProtocolError: refused, counted)."""
+        message = parse_reveal(env)
+        if isinstance(message, Seeds):
+            self.state.take_seeds(env.src, message)
+            self._seeds_in.set()
+            return
+        seeds = self.state.answer(env.src, message, self._delivered)
+        payload = encode_seeds(seeds, net=self.net, src=self.node_id, seq=self._next_seq(),
+                               signer=self._signer)  # fmt: skip
+        if await self._send(env.src, payload):
+            log.info(
+                "secagg: revealed seeds receiver=%s round=%d dropped=%s",
+                env.src,
+                message.round,
+                ",".join(message.dropped),
+            )
+
+    async def linger(self) -> None:
+        """After the last round, stay (at most a round timeout) until every receiver of our
+        last masked models has finished that round: one missing a sender asks us for seeds."""
+        if self._outgoing is None:
+            return
+        r = self._outgoing[0]
+        await self.membership.announce()  # our own round, so peers lingering for us stop too
+        deadline = self._clock() + self.config.round_timeout
+        while not self._stopping() and self._clock() < deadline:
+            rounds = [self._peer_round(t) for t in self._masked_for]
+            if all(rr is None or rr >= r for rr in rounds):  # finished, or gone
+                return
+            await asyncio.sleep(0.1)
+
+    async def _collect_seeds(self, r: int, group: Group) -> list[Reveal] | None:
+        """One ask to each survivor, then wait (at most a round timeout) for every seed."""
+        if len(group.survivors) < 2:
+            return None  # one survivor's seeds would reveal its model: it refuses
+        for survivor in self.state.open(r, group):
+            payload = encode_ask(Ask(r, group.dropped), net=self.net, src=self.node_id,
+                                 seq=self._next_seq(), signer=self._signer)  # fmt: skip
+            if not await self._send(survivor, payload):
+                self.state.close()
+                return None
+        deadline = self._clock() + self.config.round_timeout
+        c = self.state.collecting
+        while c is not None and not c.complete and not self._stopping():
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                break
+            self._seeds_in.clear()
+            try:
+                async with asyncio.timeout(min(remaining, 1.0)):
+                    await self._seeds_in.wait()
+            except TimeoutError:
+                pass
+        return self.state.close()
+
+    def _agreement_key(self, peer: str) -> bytes | None:
+        info = self.view.get(peer)
+        key = None if info is None else info.meta.get("xk")
+        return key if isinstance(key, bytes) else None
+
+    def _peer_round(self, peer: str) -> int | None:
+        """The round a live peer announced (0: none yet); None when it is not in the view."""
+        info = self.view.get(peer)
+        return None if info is None else info.round or 0
+
+    def _delivered(self, peer: str, r: int) -> bool:
+        """Whether ``peer`` is known to have finished round ``r`` (so it sent its model)."""
+        if (self._peer_round(peer) or 0) >= r:
+            return True
+        return self.membership.finished.get(peer, -1) >= r
