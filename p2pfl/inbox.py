@@ -293,6 +293,10 @@ class Inbox:
         """The newest round buffered from `src` (0 if none)."""
         return max(self._models.get(src, ()), default=0)
 
+    def model(self, src: str, r: int) -> ReceivedModel | None:
+        """The round-r model buffered from `src`, if any."""
+        return self._models.get(src, {}).get(r)
+
     def take(self, r: int) -> list[ReceivedModel]:
         """The models to merge at round r: the newest per sender, within the allowed lag.
 

@@ -425,7 +425,10 @@ class Node:
         view_version = self.view.version
         while not self.stopping:
             _, expect = self._plan_targets(r)
-            missing = [p for p in expect if self.inbox.newest_round(p) < r]
+            if self.secure is None:
+                missing = [p for p in expect if self.inbox.newest_round(p) < r]
+            else:  # masked for the senders we expect now: a sender that left, re-planned
+                missing = self.secure.missing(expect, r, self.inbox.model)
             if not missing:
                 return
             remaining = deadline - self.clock()

@@ -323,6 +323,16 @@ class SecureAggregation:
         merged = await asyncio.to_thread(self.state.merge, own, group, reveals)
         return merged, len(group.models)
 
+    @staticmethod
+    def missing(
+        expect: Iterable[str], r: int, model: Callable[[str, int], ReceivedModel | None]
+    ) -> list[str]:
+        """The expected senders whose round-r model has not come masked for exactly the
+        senders expected now (``model(src, r)``: what is buffered). When a sender leaves
+        mid-round the others mask again for the rest: wait for those, not sum the old ones."""
+        senders = tuple(sorted(expect))
+        return [p for p in senders if (m := model(p, r)) is None or m.senders != senders]
+
     async def on_message(self, env: Envelope) -> None:
         """An ask for our seeds, or a survivor's seeds (ProtocolError: refused, counted)."""
         message = parse_reveal(env)
