@@ -303,11 +303,13 @@ async def test_a_model_lost_on_the_way_is_replaced_by_the_survivors_seeds(
         return None if (src, dst) == ("s3", "s0") and size > 10_000 else 0.0
 
     bus = MemoryBus(delay=lossy)
-    # Heartbeats rarely: in round 1 nobody has heard that s3 finished it.
+    # Heartbeats rarely: in round 1 nobody has heard that s3 finished it. s0 gives up on s3
+    # after 2 s; the others wait longer for s0, which is that much behind them in round 2.
     nodes = [
-        node(dataset, MemoryTransport(bus, i), i, rounds=2, round_timeout=2.0, presence_ttl=60.0)
+        node(dataset, MemoryTransport(bus, i), i, rounds=2, presence_ttl=60.0,
+             round_timeout=2.0 if i == "s0" else 15.0)
         for i in IDS
-    ]
+    ]  # fmt: skip
     caplog.set_level("INFO", logger="p2pfl.node")
     async with asyncio.timeout(60):
         await asyncio.gather(*(n.run() for n, _, _ in nodes))
