@@ -5,8 +5,11 @@ reveals, and how it unmasks a round's sum. The arithmetic is in ``p2pfl.secagg``
 Who sends to receiver i in round r is the partial-mesh schedule's answer for i, computed by
 each sender from its own view (the pure functions of ``p2pfl.topology``), and written in the
 masked model (``meta.secagg``: the sorted senders), so the receiver sums only models masked for
-the same set. The receiver asks for seeds only for senders of that set whose model did not come
-(one ``ask`` per surviving sender, one ``seeds`` answer each). A sender answers an ask only
+the same set. When a sender leaves mid-round (its will arrives), the others mask again for the
+senders left and send again, and the receiver waits for models masked for the senders it
+expects now (`SecureAggregation.missing`). The receiver asks for seeds only for senders of
+that set whose model did not come (one ``ask`` per surviving sender, one ``seeds`` answer
+each). A sender answers an ask only
 for a receiver and round it sent a masked model to, only for senders of that round's set other
 than itself, only when at least one other sender survives (else the sum would be its own model),
 never for a sender it knows delivered (its presence or bye says it finished round r), and only
@@ -125,17 +128,16 @@ class SecureRound:
                 ",".join(missing),
             )
             return None
-        seeds = {
-            p: secagg.pair_seed(
-                self.key,
-                keys[p] or b"",
-                net=self.net,
-                receiver=receiver,
-                round=round,
-                pair=(self.node_id, p),
-            )
-            for p in partners
-        }
+        seeds: dict[str, bytes] = {}
+        for p in partners:
+            try:
+                seeds[p] = secagg.pair_seed(
+                    self.key, keys[p] or b"", net=self.net, receiver=receiver, round=round,
+                    pair=(self.node_id, p),
+                )  # fmt: skip
+            except ValueError as exc:  # a peer announced a key no agreement can use
+                log.warning("secagg: not sending to %s: the key of %s: %s", receiver, p, exc)
+                return None
         self._sent[(receiver, round)] = _Sent(group, seeds)
         for old in [k for k in self._sent if k[1] <= round - KEPT_ROUNDS]:
             del self._sent[old]

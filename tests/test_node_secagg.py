@@ -220,6 +220,10 @@ def test_hostile_secagg_messages_are_refused_by_reason() -> None:
     a, b, c = (SecureRound(NET, i) for i in ("a", "b", "c"))
     keys = {"a": a.key.public_raw, "b": b.key.public_raw, "c": c.key.public_raw}
     q = {"t": np.arange(6, dtype=np.int64)}
+    # a partner announced a low-order point, or no key yet: nothing is sent to that receiver
+    assert a.mask_for("rx", 5, ["a", "b"], {**keys, "b": bytes(32)}, q) is None
+    assert a.mask_for("rx", 5, ["a", "b"], {**keys, "b": None}, q) is None
+    assert a.mask_for("rx", 5, ["a"], keys, q) is None  # a would be rx's only sender
     assert a.mask_for("rx", 5, ["a", "b", "c"], keys, q) is not None
     never = lambda p, r: False  # noqa: E731
     with pytest.raises(ProtocolError, match="secagg round"):
