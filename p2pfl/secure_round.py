@@ -9,12 +9,12 @@ the same set. When a sender leaves mid-round (its will arrives), the others mask
 senders left and send again, and the receiver waits for models masked for the senders it
 expects now (`SecureAggregation.missing`). The receiver asks for seeds only for senders of
 that set whose model did not come (one ``ask`` per surviving sender, one ``seeds`` answer
-each). A sender answers an ask only
-for a receiver and round it sent a masked model to, only for senders of that round's set other
-than itself, only when at least one other sender survives (else the sum would be its own model),
-never for a sender it knows delivered (its presence or bye says it finished round r), and only
-one set of dropped senders per receiver and round. Seeds are kept from the time of masking, so
-a crashed sender's key is not needed any more.
+each). A sender answers an ask only for a receiver and round it sent a masked model to, only
+for senders of that round's set other than itself, only when at least one other sender
+survives (else the sum would be its own model), never for a sender it knows delivered (its
+presence or bye says it finished round r), and only one set of dropped senders per receiver
+and round. Seeds are kept from the time of masking, so a crashed sender's key is not needed
+any more.
 
 What it does not do (Bonawitz et al. double masking): a sender that is late rather than gone,
 whose seeds were revealed, and whose model then reaches the receiver anyway, is exposed to that
