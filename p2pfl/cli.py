@@ -184,6 +184,13 @@ def run(
         "weighted[:C] | median | trimmed-mean:F | krum:F (several models per merge: "
         "partial-mesh only). [default: clipped]",
     ),
+    secure_aggregation: bool | None = typer.Option(
+        None,
+        "--secure-aggregation",
+        help="Sync partial-mesh with --merge average: mask the models sent each round so a "
+        "receiver learns only their sum (pairwise X25519 masks; one extra message when a "
+        "sender drops out). Does not combine with robust merges.",
+    ),
     optimizer: str | None = typer.Option(None, help="sgd | adam. [default: sgd]"),
     lr: float | None = typer.Option(None, help="Learning rate. [default: 0.05]"),
     local_epochs: int | None = typer.Option(None, help="Local epochs per round. [default: 3]"),
@@ -280,6 +287,7 @@ def run(
         "partition_index": partition_index,
         "model": model,
         "merge": merge,
+        "secure_aggregation": secure_aggregation,
         "optimizer": optimizer,
         "lr": lr,
         "local_epochs": local_epochs,

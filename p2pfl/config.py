@@ -112,6 +112,8 @@ class NodeConfig(BaseModel):
     partition_index: int = Field(0, ge=0)
     model: str = "cnn1d"
     merge: str = "clipped"  # learning/merge.py: which rule defends against what
+    # pairwise-masked secure aggregation (p2pfl/secagg.py): sync partial-mesh with average only
+    secure_aggregation: bool = False
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -269,7 +271,43 @@ class NodeConfig(BaseModel):
                 raise ValueError(f"{name}: no such file {path}")
         if self.topology_file is not None and not self.topology_file.is_file():
             raise ValueError(f"topology_file: no such file {self.topology_file}")
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
         return self
+
+    def _check_secure_aggregation(self) -> None:
+        """Masked models only add up: the receiver must merge by their plain sum, in rounds
+        that all senders agree on, from at least two senders (one alone would be revealed)."""
+        need = "secure_aggregation: needs"
+        if self.mode != "sync":
+            raise ValueError(f"{need} mode = sync (got {self.mode})")
+        if self.merge.strip().lower() != "average":
+            raise ValueError(
+                f"{need} merge = average (got {self.merge}): a receiver cannot clip or rank "
+                "models it cannot see"
+            )
+        if "presence" not in self.discovery:
+            raise ValueError(
+                f"{need} presence in discovery: peers' agreement keys travel in their presence"
+            )
+        if self.schedule != "partial-mesh":
+            raise ValueError(
+                f"{need} schedule = partial-mesh (got {self.schedule}): at least two senders "
+                "per round"
+            )
+        if self.topology_file is None:
+            if self.degree < 2:
+                raise ValueError(f"{need} degree >= 2 (got {self.degree}): two senders per round")
+            return
+        from p2pfl.topology import load_graph
+
+        graph = load_graph(self.topology_file)
+        lonely = sorted(str(n) for n, d in graph.degree() if d < 2)
+        if lonely:
+            raise ValueError(
+                f"{need} every node of topology_file to have two neighbours or more "
+                f"({', '.join(lonely[:5])} has fewer)"
+            )
 
 
 def state_root() -> Path:

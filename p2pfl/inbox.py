@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from p2pfl.protocol import chunking
 from p2pfl.protocol.envelope import Envelope, peek, unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.model import ModelMessage, container_limit, model_from_envelope
+from p2pfl.secagg import MAX_SENDERS, masked_layout
 from p2pfl.transport.base import Payload
 from p2pfl.trust import TRUST_REASONS, Trust
 
@@ -43,6 +44,10 @@ _MAX_LOGGED = 4096
 # Rejection counters use a fixed set of labels, whatever text a peer's message provokes.
 _REASONS = (
     *TRUST_REASONS,
+    # secure aggregation (p2pfl.secure_round): first, whatever else their text says
+    ("secagg payload", "secagg-payload"),
+    ("secagg reveal", "secagg-reveal"),
+    ("secagg round", "secagg-round"),
     # before "sender", which would capture "unknown sender"
     ("unknown sender", "unknown-sender"),
     ("max-peers", "max-peers"),
@@ -119,6 +124,9 @@ class ReceivedModel:
     round: int
     age: float
     weights: dict[str, np.ndarray]
+    senders: tuple[str, ...] = ()
+    """Secure aggregation: who the sender masked with (the round's senders); () for a plain
+    model."""
 
 
 class Inbox:
@@ -129,6 +137,9 @@ class Inbox:
     admitted: Callable[[str], bool] | None = None
     """Whether a sender whose signature verified is a peer of this node, whose models may be
     taken at all (set by the node; None: every sender)."""
+    on_secagg: Callable[[Envelope], Awaitable[None]] | None = None
+    """Takes a verified ``secagg`` message (secure aggregation's seed requests and reveals);
+    None: such messages are refused."""
 
     def __init__(self, config: NodeConfig, counters: NodeCounters, *, clock: Any) -> None:
         self.config = config
@@ -219,6 +230,9 @@ class Inbox:
                 # The model inside must still name the same sender (checked below).
                 big = len(data) > _INLINE_DECODE_BYTES
                 env = await _off_loop_if(big, self._unpack, data)
+            elif env.kind == "secagg" and self.on_secagg is not None:
+                await self.on_secagg(env)
+                return
             elif env.kind != "model":
                 raise ProtocolError(f"unexpected kind in inbox: {env.kind}")
             # A model message is parsed once: validated from the envelope already unpacked.
@@ -234,7 +248,8 @@ class Inbox:
             return
         self.counters.models_received += 1
         by_round = self._models.setdefault(src, {})
-        by_round[model.round] = ReceivedModel(src, model.round, model.age, model.weights)
+        senders = tuple(model.meta.get("secagg", ()))
+        by_round[model.round] = ReceivedModel(src, model.round, model.age, model.weights, senders)
         while len(by_round) > _ROUNDS_PER_SENDER:
             del by_round[min(by_round)]
         self.arrived.set()
@@ -249,7 +264,27 @@ class Inbox:
     def _validate(self, env: Envelope) -> ModelMessage:
         if env.net != self.net:  # again: a reassembled payload carries its own envelope
             raise ProtocolError(f"wrong network: {env.net!r}")
-        return model_from_envelope(env, expected=self.layout)
+        meta = env.body.get("meta")
+        masked = isinstance(meta, dict) and "secagg" in meta
+        if not self.config.secure_aggregation:
+            if masked:
+                raise ProtocolError("secagg payload: masked model, secure aggregation is off")
+            return model_from_envelope(env, expected=self.layout)
+        if not masked:
+            raise ProtocolError("secagg payload: plain model, secure aggregation is on")
+        model = model_from_envelope(env, expected=masked_layout(self.layout))
+        senders = model.meta["secagg"]
+        if (
+            not isinstance(senders, list)
+            or not 2 <= len(senders) <= MAX_SENDERS
+            or env.src not in senders
+            or not all(isinstance(p, str) for p in senders)
+            or sorted(set(senders)) != senders
+        ):
+            raise ProtocolError("secagg payload: the senders list is not a sorted list of ids")
+        if model.codec != "raw":
+            raise ProtocolError("secagg payload: a masked model travels raw")
+        return model
 
     def __bool__(self) -> bool:
         return any(self._models.values())
@@ -257,6 +292,10 @@ class Inbox:
     def newest_round(self, src: str) -> int:
         """The newest round buffered from `src` (0 if none)."""
         return max(self._models.get(src, ()), default=0)
+
+    def model(self, src: str, r: int) -> ReceivedModel | None:
+        """The round-r model buffered from `src`, if any."""
+        return self._models.get(src, {}).get(r)
 
     def take(self, r: int) -> list[ReceivedModel]:
         """The models to merge at round r: the newest per sender, within the allowed lag.

@@ -31,6 +31,7 @@ from p2pfl.learning.learner import EvalResult, FitResult, Learner
 from p2pfl.learning.merge import parse_merge
 from p2pfl.protocol import chunking, topics
 from p2pfl.protocol.model import encode_model, layout
+from p2pfl.secure_round import SecureAggregation
 from p2pfl.store import StateDir
 from p2pfl.telemetry import LogForwarder, ProcessStats, encode_log, encode_telemetry, node_status
 from p2pfl.tokens import Tokens
@@ -162,6 +163,16 @@ class Node:
         self.view.on_refuse = self.inbox.reject
         self.view.on_leave = self._peer_left
         self.inbox.admitted = self._admitted
+        self.secure: SecureAggregation | None = None
+        if config.secure_aggregation:
+            self.secure = SecureAggregation(
+                config, node_id=node_id, view=self.view, membership=self.membership,
+                schedule=schedule, reject=self.inbox.reject, next_seq=self._next_seq,
+                signer=self.signer, send=self._send_control, round_view=self._round_view,
+                stopping=lambda: self.stopping, clock=clock,
+            )  # fmt: skip
+            self.membership.agreement_key = self.secure.public_key
+            self.inbox.on_secagg = self.secure.on_message
         self._last_good: dict[str, np.ndarray] | None = None
         self._logs = logs
         self.last_loss: float | None = None
@@ -278,6 +289,8 @@ class Node:
             await self._one_round()
             if self.config.mode == "async" and self.config.period > 0:
                 await self._sleep(self.config.period)
+        if self.secure is not None and not self.stopping:
+            await self.secure.linger()  # a receiver of our last round may need our seeds
 
     async def _adopt_tokens(self) -> int:
         """Walkers: continue from the token that reached us, as the merge rule adopts it."""
@@ -321,6 +334,12 @@ class Node:
                 weights = self._last_good
                 await asyncio.to_thread(self.learner.set_weights, weights)
                 payload = await asyncio.to_thread(self._encode, weights, r, fit.samples)
+        if self.secure is not None and payload is not None:
+            try:
+                await self.secure.start_round(r, weights, float(fit.samples))
+            except ValueError as exc:  # values too large for fixed point: nothing to send
+                log.error("cannot mask the model round=%d reason=%s", r, exc)
+                payload = None
         self.last_loss = fit.loss
         sent: set[str] = set()
         if payload is not None:
@@ -364,7 +383,7 @@ class Node:
         if self.on_round is not None:
             self.on_round(report)
 
-    def _plan_targets(self, r: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def _round_view(self, r: int) -> list[str]:
         live = self.view.live()
         finished = self.membership.finished
         if self.config.mode == "sync" and finished:
@@ -372,6 +391,10 @@ class Node:
             # in round r's plan so its departure does not reshuffle who merges what.
             done = [p for p, last in finished.items() if last >= r and p not in live]
             live = sorted([*live, *done])
+        return live
+
+    def _plan_targets(self, r: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        live = self._round_view(r)
         plan = self.schedule.plan(self.node_id, live, r)
         expect = plan.expect_from
         if self.config.mode == "sync" and self.schedule.name == "random-walk":
@@ -386,10 +409,16 @@ class Node:
     async def _send_planned(self, r: int, payload: Payload, sent: set[str]) -> None:
         send_to, _ = self._plan_targets(r)
         for target in send_to:
-            if target in sent:
-                continue
             info = self.view.get(target)
             if info is None:  # gone, or finished (it has no use for our model any more)
+                continue
+            if self.secure is not None:
+                # Masked per target; None: it has ours already, or not yet possible
+                masked = await self.secure.payload_for(target, r, sent)
+                if masked is None:
+                    continue
+                payload = masked
+            elif target in sent:
                 continue
             sent.add(target)
             await self._send(target, info.broker, payload)
@@ -400,7 +429,10 @@ class Node:
         view_version = self.view.version
         while not self.stopping:
             _, expect = self._plan_targets(r)
-            missing = [p for p in expect if self.inbox.newest_round(p) < r]
+            if self.secure is None:
+                missing = [p for p in expect if self.inbox.newest_round(p) < r]
+            else:  # masked for the senders we expect now: a sender that left, re-planned
+                missing = self.secure.missing(expect, r, self.inbox.model)
             if not missing:
                 return
             remaining = deadline - self.clock()
@@ -426,6 +458,12 @@ class Node:
         live = set(self.view.live())
         finished = self.membership.finished
         fresh = [m for m in self.inbox.take(r) if m.src in live or m.src in finished]
+        if self.secure is not None:
+            merged_masked, count = await self.secure.merge(own, r, fresh)
+            if merged_masked is not None:
+                await asyncio.to_thread(self.learner.set_weights, merged_masked)
+                self.round = max(self.round, r - 1)
+            return count
         if not fresh:
             return 0
         models = [own, *(m.weights for m in fresh)]
@@ -438,6 +476,22 @@ class Node:
         top = min(max(m.round for m in fresh), self._round_ceiling())
         self.round = max(self.round, top - 1)
         return len(fresh)
+
+    async def _send_control(self, target: str, payload: bytes) -> bool:
+        """A small message (not a model) to a peer's inbox; False when it was not sent."""
+        info = self.view.get(target)
+        if info is None:
+            return False
+        try:
+            await self.transport.publish(
+                topics.inbox(self.net, target), payload, qos=1,
+                broker=self.membership.route(info.broker),
+            )  # fmt: skip
+        except (ValueError, TransportError) as exc:
+            log.warning("cannot send to peer=%s error=%s", target, exc)
+            return False
+        self.counters.bytes_sent += len(payload)
+        return True
 
     def _encode(self, weights: Mapping[str, np.ndarray], r: int, age: float) -> Payload:
         self._seq += 1

@@ -76,6 +76,7 @@ class Membership:
         signer: Identity | None = None,
         trust: Trust | None = None,
         certificate: bytes | None = None,
+        agreement_key: bytes | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -87,6 +88,7 @@ class Membership:
         self.fingerprint = None if signer is None else fingerprint(signer.public)
         self.trust = trust
         self.certificate = certificate  # ours (--trust ca), sent in every presence record
+        self.agreement_key = agreement_key  # ours (--secure-aggregation), likewise
         self.net = config.network
         self.presence_on = "presence" in config.discovery
         self._own: Container[str] = own_broker if own_broker is not None else ()
@@ -130,6 +132,10 @@ class Membership:
                     last_seen=self._clock(),
                 )  # fmt: skip
                 await self._introduce(info)
+        await self._publish(online=True)
+
+    async def announce(self) -> None:
+        """Publish our presence now (our round changed and peers wait on it)."""
         await self._publish(online=True)
 
     async def say_bye(self) -> None:
@@ -179,7 +185,10 @@ class Membership:
         info = PeerInfo(
             id=peer_id, role=record.role, broker=usable[0] if usable else "", brokers=usable,
             source="presence", last_seen=self._clock(), round=record.round,
-            meta={"pk": record.pk} if record.pk else {},
+            meta={
+                **({"pk": record.pk} if record.pk else {}),
+                **({"xk": record.xk} if record.xk else {}),
+            },
         )  # fmt: skip
         self._note(peer_id, usable)
         if len(usable) > 1:
@@ -389,6 +398,7 @@ class Membership:
             pk=self.fingerprint,
             signer=self.signer,
             cert=self.certificate,
+            xk=self.agreement_key,
         )
         return Message(topics.presence(self.net, self.node_id), payload, retain=True)
 

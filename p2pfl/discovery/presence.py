@@ -8,6 +8,8 @@ broker the node was connected to; a graceful stop publishes ``bye``.
 
 Under ``--trust ca`` every record carries the node's membership certificate (``cert``), which
 is how peers admit its key; :func:`presence_certificate` reads it once the signature checked.
+Under ``--secure-aggregation`` it carries ``xk``, the node's X25519 key for mask agreement
+(``p2pfl.secagg``): signed with the identity key like the rest of the record.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ MAX_PK = 128  # a key fingerprint, as in the mDNS TXT record
 MAX_BROKERS = 16  # addresses a record may list: a host's interfaces, not a network
 MAX_PRESENCE = 64 * 1024
 MAX_FIELDS = 64  # a presence record is a flat map of a few fields: no long containers in it
+XK_SIZE = 32  # an X25519 public key, raw
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class PresenceRecord:
     brokers: tuple[str, ...] = ()  # every address of the node's broker, in its order
     pk: str = ""  # the fingerprint of the node's public key
     cert: bytes | None = None  # the node's membership certificate (--trust ca)
+    xk: bytes | None = None  # the node's X25519 key for secure aggregation masks
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -70,12 +74,14 @@ def encode_presence(
     pk: str | None = None,
     signer: Signer | None = None,
     cert: bytes | None = None,
+    xk: bytes | None = None,
 ) -> bytes:
     """The presence envelope of `node_id`: online, a graceful `bye`, or (``graceful=False``)
     the offline record a will carries, which says the node died rather than stopped.
 
     ``brokers`` lists every address of the node's broker (``broker`` is the first of them);
-    ``cert`` is the node's membership certificate.
+    ``cert`` is the node's membership certificate; ``xk`` its X25519 key for secure
+    aggregation.
     """
     body: dict[str, str | int | list[str] | bytes] = {
         "state": "online" if online else "offline",
@@ -90,6 +96,8 @@ def encode_presence(
         body["pk"] = pk
     if cert is not None:
         body["cert"] = cert
+    if xk is not None:
+        body["xk"] = xk
     env = Envelope(
         v=PROTOCOL_VERSION,
         kind="presence" if online else "bye" if graceful else "will",
@@ -131,6 +139,9 @@ def parse_presence(env: Envelope) -> PresenceRecord:
     cert = body.get("cert")
     if cert is not None and (not isinstance(cert, bytes) or len(cert) > MAX_CERT):
         raise ProtocolError(f"presence cert must be at most {MAX_CERT} bytes")
+    xk = body.get("xk")
+    if xk is not None and (not isinstance(xk, bytes) or len(xk) != XK_SIZE):
+        raise ProtocolError(f"presence xk must be {XK_SIZE} bytes")
     online = env.kind == "presence" and state == "online"
     return PresenceRecord(
         node_id=env.src,
@@ -142,6 +153,7 @@ def parse_presence(env: Envelope) -> PresenceRecord:
         brokers=tuple(b for b in brokers if b),
         pk=pk,
         cert=cert,
+        xk=xk,
     )
 
 

@@ -26,7 +26,10 @@ from p2pfl.protocol.topics import validate_name
 
 PROTOCOL_VERSION = 1
 # "will": the offline presence record a broker publishes when a node dies (signed at connect).
-KINDS = frozenset({"model", "chunk", "presence", "bye", "will", "telemetry", "log", "control"})
+# "secagg": secure aggregation's seed requests and reveals (p2pfl.protocol.reveal).
+KINDS = frozenset(
+    {"model", "chunk", "presence", "bye", "will", "telemetry", "log", "control", "secagg"}
+)
 FIELDS = ("v", "kind", "net", "src", "seq", "ts", "pk", "sig", "body")
 SIG_DOMAIN = b"p2pfl/v1/envelope\x00"
 KEY_SIZE = 32
