@@ -189,6 +189,19 @@ def run(
     local_epochs: int | None = typer.Option(None, help="Local epochs per round. [default: 3]"),
     batch_size: int | None = typer.Option(None, help="Batch size. [default: 32]"),
     mu: float | None = typer.Option(None, help="FedProx proximal term; 0 = off. [default: 0]"),
+    dp_epsilon: float | None = typer.Option(
+        None,
+        "--dp-epsilon",
+        help="Differential privacy: train with DP-SGD (Opacus) so that this node's whole "
+        "planned run (--rounds) spends at most this epsilon on its own samples. "
+        "[default: off]",
+    ),
+    dp_delta: float | None = typer.Option(
+        None, "--dp-delta", help="Delta of the DP budget. [default: 1e-5]"
+    ),
+    dp_max_grad_norm: float | None = typer.Option(
+        None, "--dp-max-grad-norm", help="DP-SGD per-sample gradient clipping norm. [default: 1.0]"
+    ),
     codec: str | None = typer.Option(None, help="raw | fp16 | int8 | topk:F. [default: raw]"),
     seed: int | None = typer.Option(
         None, help="Seed for data split, model init and schedule. [default: 0]"
@@ -279,6 +292,9 @@ def run(
         "local_epochs": local_epochs,
         "batch_size": batch_size,
         "mu": mu,
+        "dp_epsilon": dp_epsilon,
+        "dp_delta": dp_delta,
+        "dp_max_grad_norm": dp_max_grad_norm,
         "codec": codec,
         "seed": seed,
         "state_dir": state_dir,
@@ -313,12 +329,16 @@ def run(
     setup_logging(cfg.log_format, cfg.log_level)
     from p2pfl.daemon import serve
     from p2pfl.identity import KeyFileError
+    from p2pfl.learning.privacy import PrivacyError
     from p2pfl.store import StateDirError
 
     try:
         asyncio.run(serve(cfg))
     except KeyFileError as exc:  # a key, trust list or certificate file that cannot be used
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    except PrivacyError as exc:  # a model or data DP-SGD cannot train (found at start)
+        typer.echo(f"config error: {exc}", err=True)
         raise typer.Exit(code=2) from None
     except StateDirError as exc:
         typer.echo(f"error: {exc}", err=True)

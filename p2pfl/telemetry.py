@@ -1,6 +1,7 @@
 """Telemetry: the periodic status a node publishes (retained) for monitors, and its log topic.
 
-A record says what the node is doing (round, accuracy, traffic, CPU, memory, peers), carries
+A record says what the node is doing (round, accuracy, traffic, CPU, memory, peers, and with
+differential privacy the epsilon it has spent), carries
 the confusion matrix of its last evaluation (a monitor sums them into the network's global
 evaluation) and a 32-float random projection of its weights, seeded by the network name, so a
 monitor estimates how far peers' models diverge without downloading any model.
@@ -143,5 +144,6 @@ def node_status(node: Node, stats: ProcessStats) -> dict[str, Any]:
         "uptime": node.clock() - node.started,
         "peers": node.view.live(),
         "sent_to": list(node.sent_to),
+        "epsilon": node.epsilon,  # DP: spent on this node's samples; None without DP
         "projection": projection(node.learner.get_weights(), node.net),
     }
