@@ -353,6 +353,8 @@ Examples:
   p2pfl sim sim/default.toml --schedule ring --rounds 50 --seed 1 --out results/ring
   p2pfl sim sim/default.toml --seed 0 --json > summary.json
   p2pfl sim sim/attacks.toml --matrix         # attack x merge rule x schedule, one table
+  p2pfl sim sim/dp.toml                       # accuracy against the DP budget epsilon
+  p2pfl sim --schedule partial-mesh --dp-epsilon 8 --dp-delta 1e-5
 
 Scenario files are TOML (see sim/README.md); flags override them.
 """
@@ -374,6 +376,16 @@ def sim(
         help="Merge rule: clipped[:F] | average | weighted[:C] | median | trimmed-mean:F | "
         "krum:F (see `p2pfl run --help`).",
     ),
+    dp_epsilon: float | None = typer.Option(
+        None,
+        "--dp-epsilon",
+        help="Every node trains with DP-SGD within this epsilon for its whole run "
+        "(see `p2pfl run --help`); replaces the scenario's compare_dp.",
+    ),
+    dp_delta: float | None = typer.Option(None, "--dp-delta", help="Delta of the DP budget."),
+    dp_max_grad_norm: float | None = typer.Option(
+        None, "--dp-max-grad-norm", help="DP-SGD per-sample gradient clipping norm."
+    ),
     out: Path = typer.Option(
         Path("p2pfl-sim"), help="Where metrics.jsonl, summary.json and the plots go."
     ),
@@ -388,18 +400,20 @@ def sim(
     matrix: bool = typer.Option(
         False,
         "--matrix",
-        help="Run every attack x merge rule x schedule (the scenario's attacks and "
-        "compare_merges) and print one table of mean honest accuracy, clean run included. "
-        "On by itself when the scenario lists attacks or compare_merges.",
+        help="Run every attack x merge rule x schedule (x DP budget) (the scenario's attacks, "
+        "compare_merges and compare_dp) and print one table of mean honest accuracy, clean "
+        "run included. On by itself when the scenario lists any of them.",
     ),
 ) -> None:
     """Simulate a whole network on this machine and compare schedules (no broker needed)."""
     from p2pfl.config import ConfigError
+    from p2pfl.learning.privacy import PrivacyError
     from p2pfl.simulation.cli import run_sim
     from p2pfl.simulation.scenario import load_scenario
 
     overrides = {"nodes": nodes, "schedule": schedule, "rounds": rounds, "seed": seed,
-                 "merge": merge}  # fmt: skip
+                 "merge": merge, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
+                 "dp_max_grad_norm": dp_max_grad_norm}  # fmt: skip
     try:
         loaded = load_scenario(scenario, overrides)
         if broker is not None:
@@ -408,7 +422,7 @@ def sim(
             parse_broker_uri(broker)
         elif processes > 1:
             raise ValueError("--processes needs --broker: processes share no memory bus")
-        matrix = matrix or bool(loaded.attacks or loaded.compare_merges)
+        matrix = matrix or bool(loaded.attacks or loaded.compare_merges or loaded.compare_dp)
         if matrix and broker is not None:
             raise ValueError("--matrix runs on the in-memory bus only; drop --broker")
     except (ConfigError, ValueError) as exc:
@@ -417,14 +431,23 @@ def sim(
             message = f"config error: {message}"
         typer.echo(message, err=True)
         raise typer.Exit(code=2) from None
-    if matrix:
-        from p2pfl.simulation.cli import run_matrix
+    try:
+        if matrix:
+            from p2pfl.simulation.cli import run_matrix
 
-        run_matrix(loaded, out=out, json_out=json_out)
-        return
-    run_sim(
-        loaded, out=out, json_out=json_out, plots=not no_plots, broker=broker, processes=processes
-    )
+            run_matrix(loaded, out=out, json_out=json_out, plots=not no_plots)
+            return
+        run_sim(
+            loaded,
+            out=out,
+            json_out=json_out,
+            plots=not no_plots,
+            broker=broker,
+            processes=processes,
+        )
+    except PrivacyError as exc:  # a model DP-SGD cannot train, found before any node starts
+        typer.echo(f"config error: node.{exc}", err=True)
+        raise typer.Exit(code=2) from None
 
 
 @app.command()

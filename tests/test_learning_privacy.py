@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -43,7 +44,9 @@ def _dp(epsilon: float = 4.0, fits: int = 3, **kw: float) -> DPSettings:
     )
 
 
-def _private(blobs: Dataset, dp: DPSettings, *, model: str = "mlp", epochs: int = 2) -> TorchLearner:
+def _private(
+    blobs: Dataset, dp: DPSettings, *, model: str = "mlp", epochs: int = 2
+) -> TorchLearner:
     return build_learner(
         model, blobs, None, batch_size=16, local_epochs=epochs, dp=dp, dp_noise_seed=1
     )
@@ -80,7 +83,7 @@ def test_epsilon_grows_and_stays_within_budget_over_the_planned_run(blobs: Datas
         fit = learner.fit()
         assert fit.samples > 0 and math.isfinite(fit.loss)
         spent.append(budget.spent)
-    assert all(a < b for a, b in zip(spent, spent[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(spent))
     assert spent[-1] <= 4.0
     # Opacus counted every optimizer step: 3 fits x 2 epochs x 8 batches of 120 samples.
     assert budget.accountant.history == [(budget.noise_multiplier, 1 / 8, 48)]
@@ -183,7 +186,7 @@ def test_bad_dp_settings_name_their_key(kw: dict[str, float], key: str) -> None:
 
 
 def test_too_small_a_budget_is_a_clear_error(blobs: Dataset) -> None:
-    with pytest.raises(PrivacyError, match="^dp_epsilon: .* too small"):
+    with pytest.raises(PrivacyError, match=r"^dp_epsilon: .* too small"):
         _private(blobs, _dp(1e-9, fits=50))
 
 
