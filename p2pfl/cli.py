@@ -425,29 +425,26 @@ def sim(
         matrix = matrix or bool(loaded.attacks or loaded.compare_merges or loaded.compare_dp)
         if matrix and broker is not None:
             raise ValueError("--matrix runs on the in-memory bus only; drop --broker")
+        from p2pfl.simulation.engine import check_privacy
+
+        check_privacy(loaded)
+    except PrivacyError as exc:  # a model DP-SGD cannot train: said before anything runs
+        typer.echo(f"config error: node.{exc}", err=True)
+        raise typer.Exit(code=2) from None
     except (ConfigError, ValueError) as exc:
         message = str(exc)
         if not message.startswith("config error"):
             message = f"config error: {message}"
         typer.echo(message, err=True)
         raise typer.Exit(code=2) from None
-    try:
-        if matrix:
-            from p2pfl.simulation.cli import run_matrix
+    if matrix:
+        from p2pfl.simulation.cli import run_matrix
 
-            run_matrix(loaded, out=out, json_out=json_out, plots=not no_plots)
-            return
-        run_sim(
-            loaded,
-            out=out,
-            json_out=json_out,
-            plots=not no_plots,
-            broker=broker,
-            processes=processes,
-        )
-    except PrivacyError as exc:  # a model DP-SGD cannot train, found before any node starts
-        typer.echo(f"config error: node.{exc}", err=True)
-        raise typer.Exit(code=2) from None
+        run_matrix(loaded, out=out, json_out=json_out, plots=not no_plots)
+        return
+    run_sim(
+        loaded, out=out, json_out=json_out, plots=not no_plots, broker=broker, processes=processes
+    )
 
 
 @app.command()

@@ -221,10 +221,8 @@ def check_private_model(model: nn.Module) -> None:
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         first = str(errors[0]).split(". ")[0]
-        raise PrivacyError(
-            f"dp_epsilon: this model cannot be trained with DP-SGD: {first} "
-            "(use GroupNorm or LayerNorm instead of BatchNorm)"
-        )
+        hint = " (use GroupNorm or LayerNorm instead)" if "BatchNorm" in first else ""
+        raise PrivacyError(f"dp_epsilon: this model cannot be trained with DP-SGD: {first}{hint}")
 
 
 def make_private(

@@ -144,10 +144,7 @@ class Simulation:
             self._dataset = await asyncio.to_thread(
                 load_dataset, settings.dataset, seed=settings.seed
             )
-        if settings.dp_epsilon is not None:
-            # A model DP-SGD cannot train (BatchNorm) is a config error: said before any start.
-            data = self._dataset
-            check_private_model(build_model(settings.model, data.in_shape, data.n_classes))
+        check_privacy(self.scenario, self._dataset)
 
     async def run(self) -> list[ScheduleRun]:
         """Every schedule of the scenario, one after the other."""
@@ -324,6 +321,18 @@ class Simulation:
         run.wall_seconds = time.monotonic() - started
         run.dropped = dict(delay.stats)
         return run
+
+
+def check_privacy(scenario: Scenario, dataset: Dataset | None = None) -> None:
+    """PrivacyError when some run of `scenario` trains with DP and DP-SGD cannot train its
+    model (BatchNorm): a config error, to say before any node starts. Loads the dataset
+    (for the model's shapes) unless given."""
+    node = scenario.node
+    if node.dp_epsilon is None and all(v == "none" for v in scenario.compare_dp):
+        return
+    if dataset is None:
+        dataset = load_dataset(node.dataset, seed=node.seed)
+    check_private_model(build_model(node.model, dataset.in_shape, dataset.n_classes))
 
 
 async def _run_member(member: _Member, board: HonestModels | None) -> None:
