@@ -169,3 +169,22 @@ def test_a_model_dp_sgd_cannot_train_is_refused_at_start(tmp_path: Path) -> None
     assert sim.returncode == 2, sim.stderr
     assert sim.stderr.startswith("config error: node.dp_epsilon:") and "BatchNorm" in sim.stderr
     assert sim.stderr.count("\n") == 1
+
+
+def test_the_text_round_line_ends_with_the_epsilon_spent(caplog: pytest.LogCaptureFixture) -> None:
+    from p2pfl.daemon import report_round
+    from p2pfl.inbox import NodeCounters
+    from p2pfl.node import RoundReport
+
+    def line(epsilon: float | None) -> str:
+        report = RoundReport("n1", 3, 0.5, 0.6, 0.8, 2, 2, 1.0, NodeCounters().as_dict(),
+                             epsilon=epsilon)  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("INFO", logger="p2pfl.progress"):
+            report_round(report)
+        (record,) = caplog.records
+        assert record.fields["epsilon"] == epsilon  # type: ignore[attr-defined]
+        return record.getMessage()
+
+    assert line(2.5).endswith(" epsilon=2.500")
+    assert "epsilon" not in line(None)
