@@ -196,6 +196,19 @@ def run(
     local_epochs: int | None = typer.Option(None, help="Local epochs per round. [default: 3]"),
     batch_size: int | None = typer.Option(None, help="Batch size. [default: 32]"),
     mu: float | None = typer.Option(None, help="FedProx proximal term; 0 = off. [default: 0]"),
+    dp_epsilon: float | None = typer.Option(
+        None,
+        "--dp-epsilon",
+        help="Differential privacy: train with DP-SGD (Opacus) so that this node's whole "
+        "planned run (--rounds) spends at most this epsilon on its own samples. "
+        "[default: off]",
+    ),
+    dp_delta: float | None = typer.Option(
+        None, "--dp-delta", help="Delta of the DP budget. [default: 1e-5]"
+    ),
+    dp_max_grad_norm: float | None = typer.Option(
+        None, "--dp-max-grad-norm", help="DP-SGD per-sample gradient clipping norm. [default: 1.0]"
+    ),
     codec: str | None = typer.Option(None, help="raw | fp16 | int8 | topk:F. [default: raw]"),
     seed: int | None = typer.Option(
         None, help="Seed for data split, model init and schedule. [default: 0]"
@@ -293,6 +306,9 @@ def run(
         "local_epochs": local_epochs,
         "batch_size": batch_size,
         "mu": mu,
+        "dp_epsilon": dp_epsilon,
+        "dp_delta": dp_delta,
+        "dp_max_grad_norm": dp_max_grad_norm,
         "codec": codec,
         "seed": seed,
         "state_dir": state_dir,
@@ -328,12 +344,16 @@ def run(
     setup_logging(cfg.log_format, cfg.log_level)
     from p2pfl.daemon import serve
     from p2pfl.identity import KeyFileError
+    from p2pfl.learning.privacy import PrivacyError
     from p2pfl.store import StateDirError
 
     try:
         asyncio.run(serve(cfg))
     except KeyFileError as exc:  # a key, trust list or certificate file that cannot be used
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    except PrivacyError as exc:  # a model or data DP-SGD cannot train (found at start)
+        typer.echo(f"config error: {exc}", err=True)
         raise typer.Exit(code=2) from None
     except StateDirError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -348,6 +368,8 @@ Examples:
   p2pfl sim sim/default.toml --schedule ring --rounds 50 --seed 1 --out results/ring
   p2pfl sim sim/default.toml --seed 0 --json > summary.json
   p2pfl sim sim/attacks.toml --matrix         # attack x merge rule x schedule, one table
+  p2pfl sim sim/dp.toml                       # accuracy against the DP budget epsilon
+  p2pfl sim --schedule partial-mesh --dp-epsilon 8 --dp-delta 1e-5
 
 Scenario files are TOML (see sim/README.md); flags override them.
 """
@@ -369,6 +391,16 @@ def sim(
         help="Merge rule: clipped[:F] | average | weighted[:C] | median | trimmed-mean:F | "
         "krum:F (see `p2pfl run --help`).",
     ),
+    dp_epsilon: float | None = typer.Option(
+        None,
+        "--dp-epsilon",
+        help="Every node trains with DP-SGD within this epsilon for its whole run "
+        "(see `p2pfl run --help`); replaces the scenario's compare_dp.",
+    ),
+    dp_delta: float | None = typer.Option(None, "--dp-delta", help="Delta of the DP budget."),
+    dp_max_grad_norm: float | None = typer.Option(
+        None, "--dp-max-grad-norm", help="DP-SGD per-sample gradient clipping norm."
+    ),
     out: Path = typer.Option(
         Path("p2pfl-sim"), help="Where metrics.jsonl, summary.json and the plots go."
     ),
@@ -383,18 +415,20 @@ def sim(
     matrix: bool = typer.Option(
         False,
         "--matrix",
-        help="Run every attack x merge rule x schedule (the scenario's attacks and "
-        "compare_merges) and print one table of mean honest accuracy, clean run included. "
-        "On by itself when the scenario lists attacks or compare_merges.",
+        help="Run every attack x merge rule x schedule (x DP budget) (the scenario's attacks, "
+        "compare_merges and compare_dp) and print one table of mean honest accuracy, clean "
+        "run included. On by itself when the scenario lists any of them.",
     ),
 ) -> None:
     """Simulate a whole network on this machine and compare schedules (no broker needed)."""
     from p2pfl.config import ConfigError
+    from p2pfl.learning.privacy import PrivacyError
     from p2pfl.simulation.cli import run_sim
     from p2pfl.simulation.scenario import load_scenario
 
     overrides = {"nodes": nodes, "schedule": schedule, "rounds": rounds, "seed": seed,
-                 "merge": merge}  # fmt: skip
+                 "merge": merge, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
+                 "dp_max_grad_norm": dp_max_grad_norm}  # fmt: skip
     try:
         loaded = load_scenario(scenario, overrides)
         if broker is not None:
@@ -403,9 +437,15 @@ def sim(
             parse_broker_uri(broker)
         elif processes > 1:
             raise ValueError("--processes needs --broker: processes share no memory bus")
-        matrix = matrix or bool(loaded.attacks or loaded.compare_merges)
+        matrix = matrix or bool(loaded.attacks or loaded.compare_merges or loaded.compare_dp)
         if matrix and broker is not None:
             raise ValueError("--matrix runs on the in-memory bus only; drop --broker")
+        from p2pfl.simulation.engine import check_privacy
+
+        check_privacy(loaded)
+    except PrivacyError as exc:  # a model DP-SGD cannot train: said before anything runs
+        typer.echo(f"config error: node.{exc}", err=True)
+        raise typer.Exit(code=2) from None
     except (ConfigError, ValueError) as exc:
         message = str(exc)
         if not message.startswith("config error"):
@@ -415,7 +455,7 @@ def sim(
     if matrix:
         from p2pfl.simulation.cli import run_matrix
 
-        run_matrix(loaded, out=out, json_out=json_out)
+        run_matrix(loaded, out=out, json_out=json_out, plots=not no_plots)
         return
     run_sim(
         loaded, out=out, json_out=json_out, plots=not no_plots, broker=broker, processes=processes

@@ -120,6 +120,10 @@ class NodeConfig(BaseModel):
     local_epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     mu: float = Field(0.0, ge=0)
+    # differential privacy (learning/privacy.py): DP-SGD, off unless dp_epsilon is given
+    dp_epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)
+    dp_delta: float = Field(1e-5, gt=0, lt=1)
+    dp_max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
     seed: int = 0
     codec: str = "raw"
     max_round_lag: int = Field(10, ge=0)
@@ -251,6 +255,17 @@ class NodeConfig(BaseModel):
             raise ValueError("walkers: token mode runs in async mode only (use --mode async)")
         if self.walkers and self.schedule == "partial-mesh":
             raise ValueError("walkers: token mode applies to ring and random-walk only")
+        if self.dp_epsilon is not None:
+            if self.rounds == 0:
+                raise ValueError(
+                    "dp_epsilon: a privacy budget needs a planned run: set rounds (the noise "
+                    "is calibrated so that rounds x local_epochs epochs spend at most epsilon)"
+                )
+            if self.mu > 0:
+                raise ValueError(
+                    "dp_epsilon: FedProx (mu > 0) cannot be trained with DP-SGD: its proximal "
+                    "term is not a per-sample gradient; set mu = 0"
+                )
         if self.trust == "ca" and self.ca_key is None:
             raise ValueError(
                 "ca_key: trust = ca needs the network's public key (p2pfl keys ca show prints "

@@ -48,7 +48,9 @@ progress = logging.getLogger("p2pfl.progress")
 
 
 def build_torch_learner(config: NodeConfig) -> TorchLearner:
-    """Load the dataset, take this node's partition, build the model. Blocking."""
+    """Load the dataset, take this node's partition, build the model. Blocking.
+
+    PrivacyError when DP is on and the model or data cannot be trained with DP-SGD."""
     dataset = load_dataset(config.dataset, seed=config.seed)
     parts = partition(dataset.y_train, config.num_partitions, config.partition, seed=config.seed)
     return learner_from_config(config, dataset, parts[config.partition_index])
@@ -229,8 +231,10 @@ def on_signal(node: Node, state: StateDir, sig: int) -> None:
 def report_round(report: RoundReport) -> None:
     """The per-round progress line (text) or JSON object (json)."""
     fields = report.as_dict()
+    # With DP, the epsilon spent so far on this node's samples closes the line.
+    privacy = "" if report.epsilon is None else f" epsilon={report.epsilon:.3f}"
     progress.info(
-        "round %d loss=%.4f acc=%.4f peers=%d merged=%d sent=%d recv=%d rejected=%d",
+        "round %d loss=%.4f acc=%.4f peers=%d merged=%d sent=%d recv=%d rejected=%d%s",
         report.round,
         report.train_loss,
         report.accuracy,
@@ -239,6 +243,7 @@ def report_round(report: RoundReport) -> None:
         fields["models_sent"],
         fields["models_received"],
         fields["rejected"],
+        privacy,
         extra={"fields": fields, "text_fields": False},
     )
 

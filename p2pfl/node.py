@@ -27,12 +27,12 @@ from p2pfl.discovery.membership import Membership
 from p2pfl.discovery.peerview import NewPeerBucket, PeerInfo, PeerView
 from p2pfl.identity import Identity
 from p2pfl.inbox import Inbox, NodeCounters
-from p2pfl.learning.learner import EvalResult, FitResult, Learner
+from p2pfl.learning.learner import EvalResult, FitResult, Learner, privacy_of
 from p2pfl.learning.merge import parse_merge
 from p2pfl.protocol import chunking, topics
 from p2pfl.protocol.model import encode_model, layout
 from p2pfl.secure_round import SecureAggregation
-from p2pfl.store import StateDir
+from p2pfl.store import StateDir, StateDirError
 from p2pfl.telemetry import LogForwarder, ProcessStats, encode_log, encode_telemetry, node_status
 from p2pfl.tokens import Tokens
 from p2pfl.topology import Schedule
@@ -60,6 +60,7 @@ class RoundReport:
     counters: dict[str, Any]
     fit_seconds: float = 0.0
     eval_seconds: float = 0.0
+    epsilon: float | None = None  # DP: epsilon spent so far on this node's samples
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +75,7 @@ class RoundReport:
             "seconds": round(self.seconds, 4),
             "fit_seconds": round(self.fit_seconds, 4),
             "eval_seconds": round(self.eval_seconds, 4),
+            "epsilon": None if self.epsilon is None else round(self.epsilon, 6),
             **self.counters,
         }
 
@@ -180,6 +182,9 @@ class Node:
         self.tokens = Tokens(config, self.inbox, self.view, node_id=node_id, clock=clock)
         self._ceiling: tuple[tuple[int, int, int], int] | None = None
         self._alone_rounds = 0  # consecutive rounds without a live peer
+        # DP: the learner's budget; `epsilon` is what it spent, as of the last fit.
+        self.privacy = privacy_of(learner)
+        self.epsilon: float | None = None
 
     # ---- public control -------------------------------------------------------------------
 
@@ -202,6 +207,8 @@ class Node:
         self.inbox.layout = layout(weights)
         if await self._resume():
             weights = await asyncio.to_thread(self.learner.get_weights)
+        if self.privacy is not None:
+            self.epsilon = await asyncio.to_thread(self._restore_privacy)
         self._last_good = weights
         await self.transport.connect(will=self.membership.will())
         await self.transport.subscribe(self._inbox_topic)
@@ -317,7 +324,7 @@ class Node:
         walkers = self.config.walkers > 0
         adopted = await self._adopt_tokens() if walkers else 0
         r = self.round + 1
-        fit: FitResult = await asyncio.to_thread(self.learner.fit)
+        fit: FitResult = await asyncio.to_thread(self._fit)
         if self.stopping:
             return
         weights = await asyncio.to_thread(self.learner.get_weights)
@@ -376,12 +383,43 @@ class Node:
             counters=self.counters.as_dict(),
             fit_seconds=fit.seconds,
             eval_seconds=eval_seconds,
+            epsilon=self.epsilon,
         )
         await self._check_alone(report.peers)
         if self.state is not None:
             await asyncio.to_thread(self.state.append_metrics, report.as_dict())
         if self.on_round is not None:
             self.on_round(report)
+
+    def _fit(self) -> FitResult:
+        """Train once (in a worker thread). With DP, what the fit will spend is written down
+        first: a node killed after sending this fit's model must not forget it on restart."""
+        privacy = self.privacy
+        if privacy is None:
+            return self.learner.fit()
+        if self.state is not None and privacy.allows_fit():
+            self.state.save_privacy(privacy.record(fits_ahead=1))
+        fit = self.learner.fit()
+        self.epsilon = privacy.spent
+        return fit
+
+    def _restore_privacy(self) -> float:
+        """Take over what an earlier run of this node spent (its state dir's record)."""
+        assert self.privacy is not None
+        if self.state is None:
+            return self.privacy.spent
+        record = self.state.load_privacy()
+        if record is not None:
+            try:
+                self.privacy.restore(record)
+            except (ValueError, TypeError) as exc:
+                raise StateDirError(f"cannot use {self.state.privacy_path}: {exc}") from None
+            log.info(
+                "privacy budget resumed epsilon=%.3f of %g",
+                self.privacy.spent,
+                self.privacy.epsilon,
+            )
+        return self.privacy.spent
 
     def _round_view(self, r: int) -> list[str]:
         live = self.view.live()

@@ -5,6 +5,7 @@ Layout of ``--state-dir``::
     identity.json            the node id (stable across restarts)
     lock                     held (flock) while a node runs, so two nodes never share a directory
     checkpoints/ckpt-000042.npz    weights + round metadata, last N kept
+    privacy.json             with DP: the privacy accountant's history (what was spent)
     metrics.jsonl            one JSON object per round
 
 Checkpoints are ``.npz`` files loaded with ``allow_pickle=False`` (no code runs from a
@@ -14,6 +15,10 @@ read, does not fit the model's layout or holds NaN/Inf is refused and the next o
 Temp files orphaned by a killed writer are removed when the directory is opened. Everything is
 private to the user: directories 0700, files 0600. Optimizer state is not checkpointed: a resumed
 node restarts its momentum.
+
+``privacy.json`` is written (atomically) *before* each DP fit, counting that fit: a node killed
+between a fit and its checkpoint has sent a model its accountant must not forget, so a restart
+may over-count one fit, never under-count.
 """
 
 from __future__ import annotations
@@ -225,6 +230,27 @@ class StateDir:
                 len(paths),
             )
         return None
+
+    @property
+    def privacy_path(self) -> Path:
+        return self.path / "privacy.json"
+
+    def save_privacy(self, record: Mapping[str, Any]) -> None:
+        """Write the privacy accountant's record atomically. Blocking: call it off the loop."""
+        atomic_write_bytes(self.privacy_path, json.dumps(dict(record), indent=2).encode())
+
+    def load_privacy(self) -> dict[str, Any] | None:
+        """The saved privacy record; None when there is none. StateDirError when unreadable:
+        a node that cannot tell what it spent must not train on."""
+        try:
+            data = json.loads(self.privacy_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StateDirError(f"cannot read {self.privacy_path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise StateDirError(f"cannot read {self.privacy_path}: not a JSON object")
+        return data
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line to the metrics log."""

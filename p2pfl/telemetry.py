@@ -1,12 +1,13 @@
 """Telemetry: the periodic status a node publishes (retained) for monitors, and its log topic.
 
-A record says what the node is doing (round, accuracy, traffic, CPU, memory, peers) and at
-which `detail` (`telemetry_detail`). At `full` it also carries the confusion matrix of its last
-evaluation (a monitor sums them into the network's global evaluation) and a 32-float random
-projection of its weights, seeded by the network name, so a monitor estimates how far peers'
-models diverge without downloading any model. Both reveal something private (the node's label
-distribution; a sketch of its weights), so `metrics` leaves them out and `off` publishes no
-record at all. Forwarded warnings (the log topic) are the same at every level.
+A record says what the node is doing (round, accuracy, traffic, CPU, memory, peers, and with
+differential privacy the epsilon it has spent) and at which `detail` (`telemetry_detail`). At
+`full` it also carries the confusion matrix of its last evaluation (a monitor sums them into the
+network's global evaluation) and a 32-float random projection of its weights, seeded by the
+network name, so a monitor estimates how far peers' models diverge without downloading any
+model. Both reveal something private (the node's label distribution; a sketch of its weights),
+so `metrics` leaves them out and `off` publishes no record at all. Forwarded warnings (the log
+topic) are the same at every level.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def node_status(node: Node, stats: ProcessStats) -> dict[str, Any]:
         "uptime": node.clock() - node.started,
         "peers": node.view.live(),
         "sent_to": list(node.sent_to),
+        "epsilon": node.epsilon,  # DP: spent on this node's samples; None without DP
     }
     if detail == "full":
         body["confusion"] = None if ev is None else ev.confusion.tolist()

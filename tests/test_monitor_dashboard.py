@@ -15,7 +15,9 @@ from p2pfl.monitor.state import NetworkState
 WALL = 1_800_000_000.0
 
 
-def network(n: int, *, long_ids: bool = False, logs: int = 10) -> dict[str, Any]:
+def network(
+    n: int, *, long_ids: bool = False, logs: int = 10, epsilon: float | None = None
+) -> dict[str, Any]:
     now = [0.0]
     state = NetworkState("demo", stale_after=3.0, clock=lambda: now[0], wall=lambda: WALL + now[0])
     for i in range(n):
@@ -25,7 +27,7 @@ def network(n: int, *, long_ids: bool = False, logs: int = 10) -> dict[str, Any]
             "confusion": [[9, 1], [1, 9]], "models_sent": 123456, "models_received": 654321,
             "bytes_out": 98_765_432_100, "bytes_in": 12_345_678_900, "cpu": 187.0,
             "rss": 3 << 30, "peers": ["x"] * 40, "sent_to": [f"n{(i + 1) % n}", f"n{(i + 2) % n}"],
-            "projection": [float(i)] * 32,
+            "projection": [float(i)] * 32, "epsilon": epsilon,
         }  # fmt: skip
         # The first node reported long ago: it is stale by now.
         state.on_telemetry(node_id, body, sent_at=WALL - (10 if i == 0 else 0), retained=True)
@@ -65,6 +67,16 @@ def test_the_dashboard_shows_nodes_metrics_staleness_overlay_and_logs() -> None:
     assert "123k/654k" in row and "99G/12G" in row and "187%" in row and row.rstrip().endswith("0s")
     assert "n0 -> n1, n2" in text
     assert "problem 2" in text and "…" in text  # the newest log line, cut with an ellipsis
+
+
+def test_nodes_with_dp_show_the_epsilon_they_spent_within_80_columns() -> None:
+    lines = render(network(3, logs=1, epsilon=7.25))
+    assert max(len(line) for line in lines) <= 80
+    assert "eps" in next(line for line in lines if "node" in line and "round" in line)
+    row = next(line for line in lines if line.startswith("n1 "))
+    assert "7.25" in row and "3.2G" not in row  # epsilon in place of memory
+    plain = render(network(3, logs=1))
+    assert "3.2G" in next(line for line in plain if line.startswith("n1 "))
 
 
 def test_many_nodes_collapse_into_a_count_and_stale_ones_stay_visible() -> None:

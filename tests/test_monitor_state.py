@@ -233,6 +233,8 @@ def test_presence_alone_makes_a_node_known_and_monitors_are_not_nodes() -> None:
         {"rejected": {"x": -1}},
         {"id": "someone-else"},
         {"accuracy": True},
+        {"epsilon": -0.5},
+        {"epsilon": "8"},
     ],
 )
 def test_a_bad_telemetry_body_is_rejected_and_counted(bad: dict[str, Any]) -> None:
@@ -261,6 +263,7 @@ def test_snapshot_is_plain_json_with_the_documented_keys() -> None:
             sent_to=["b"],
             projection=[0.5] * 32,
             rejected={"stale": 2, "digest": 1},
+            epsilon=2.5,
         ),
         sent_at=clock.wall(),
     )
@@ -275,8 +278,9 @@ def test_snapshot_is_plain_json_with_the_documented_keys() -> None:
     expected = {"id": "a", "round": 1, "accuracy": 0.75, "loss": None, "peers": 2,
                 "models_sent": 4, "models_received": 3, "bytes_in": 900, "bytes_out": 1000,
                 "cpu": 12.5, "rss": 1 << 20, "stale": False, "sent_to": ["b"], "rejected": 3,
-                "confusion": [[3, 1], [0, 0]]}  # fmt: skip
+                "confusion": [[3, 1], [0, 0]], "epsilon": 2.5}  # fmt: skip
     assert {k: a[k] for k in expected} == expected
+    assert snap["nodes"][1]["epsilon"] is None  # a node without DP
     assert snap["overlay"] == [["a", "b"], ["b", "a"], ["b", "c"]]
     assert [line["msg"] for line in snap["logs"]] == [f"m{i} [2J" for i in range(25, 30)]
     # Class 0: F1 = 6/7; class 1 is predicted once, never true: F1 = 0.

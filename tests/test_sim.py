@@ -154,9 +154,9 @@ def test_label_flip_nodes_train_on_flipped_labels(
     seen: dict[int, np.ndarray] = {}
     build = engine.learner_from_config
 
-    def spy(config, dataset, indices):  # type: ignore[no-untyped-def]
+    def spy(config, dataset, indices, **kw):  # type: ignore[no-untyped-def]
         seen[config.partition_index] = dataset.y_train
-        return build(config, dataset, indices)
+        return build(config, dataset, indices, **kw)
 
     monkeypatch.setattr(engine, "learner_from_config", spy)
     text = TINY.replace('compare = ["ring", "random-walk", "partial-mesh"]', 'compare = ["ring"]')

@@ -6,14 +6,18 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
+from p2pfl.config import ConfigError
 from p2pfl.simulation.matrix import (
     axes,
     cell_scenario,
     matrix_markdown,
     matrix_rows,
     matrix_table,
+    plot_privacy,
+    privacy_axis,
     write_matrix,
 )
 from p2pfl.simulation.scenario import load_scenario
@@ -92,3 +96,61 @@ def test_the_matrix_files(tmp_path: Path) -> None:
         "attack": "clean", "merge": "average", "schedule": "ring",
         "honest_accuracy": 0.9, "vs_clean": 0.0,
     }  # fmt: skip
+
+
+def test_compare_dp_adds_a_privacy_axis_of_single_runs() -> None:
+    bench = load_scenario(SIM_DIR / "dp.toml", {})
+    assert privacy_axis(bench) == ("1", "4", "16", "none")
+    assert axes(bench) == (("clean",), ("average",))
+    cell = cell_scenario(bench, "clean", "average", "partial-mesh", "4")
+    assert cell.node.dp_epsilon == 4.0 and cell.compare_dp == ()
+    assert cell.node.model_dump(exclude={"dp_epsilon"}) == bench.node.model_dump(
+        exclude={"dp_epsilon"}
+    )
+    assert cell_scenario(bench, "clean", "average", "partial-mesh", "none").node.dp_epsilon is None
+    # --dp-epsilon narrows the axis to one budget, as --merge does compare_merges.
+    one = load_scenario(SIM_DIR / "dp.toml", {"dp_epsilon": 8.0})
+    assert privacy_axis(one) == () and one.node.dp_epsilon == 8.0
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("compare_dp = [0]", "compare_dp"),
+        ('compare_dp = ["lots"]', "compare_dp"),
+        ("compare_dp = [4, 4]", "listed twice"),
+        ("compare_dp = [4]\n[node]\nduration = 10.0", "planned number of rounds"),
+    ],
+)
+def test_bad_compare_dp_is_one_line(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(f'name = "s"\n{text}\n')
+    with pytest.raises(ConfigError, match=needle):
+        load_scenario(path, {})
+
+
+PRIVATE = {
+    ("clean", "average", "partial-mesh", "1"): 0.5,
+    ("clean", "average", "partial-mesh", "16"): 0.8,
+    ("clean", "average", "partial-mesh", "none"): 0.9,
+}
+
+
+def test_the_privacy_table_files_and_plot(tmp_path: Path) -> None:
+    rows = matrix_rows(PRIVATE, {("clean", "average", "partial-mesh", "1"): 0.99,
+                                 ("clean", "average", "partial-mesh", "16"): 15.9})  # fmt: skip
+    markdown = matrix_markdown(rows).splitlines()
+    assert markdown[0] == "| schedule | merge | dp epsilon | clean | epsilon spent (max) |"
+    assert markdown[2] == "| partial-mesh | average | 1 | 0.500 | 0.99 |"
+    assert markdown[4] == "| partial-mesh | average | none | 0.900 | — |"
+    console = Console(record=True, width=120)
+    console.print(matrix_table(rows, "dp"))
+    assert "15.90" in console.export_text() and "worst" not in console.export_text()
+    write_matrix(rows, "dp", tmp_path)
+    data = json.loads((tmp_path / "matrix.json").read_text())
+    assert data["rows"][0]["dp_epsilon"] == "1" and data["rows"][0]["max_epsilon"] == 0.99
+    assert "dp_epsilon" in (tmp_path / "matrix.csv").read_text().splitlines()[0]
+    # Without a privacy axis the files keep their columns (see test_the_matrix_files).
+    plot = plot_privacy(rows, tmp_path)
+    assert plot is not None and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_privacy(matrix_rows(ACCURACIES), tmp_path / "none") is None

@@ -46,6 +46,7 @@ def record(schedule: str, node: str, rnd: int, accuracy: float, **kw: Any) -> di
         "eval_seconds": 0.1,
         "honest": True,
         "restarts": 0,
+        "epsilon": None,
     }
     r.update(kw)
     return r
@@ -70,6 +71,20 @@ def synthetic() -> list[dict[str, Any]]:
 
 def test_record_keys_match_the_engine_contract() -> None:
     assert set(synthetic()[0]) == set(RECORD_KEYS)
+
+
+def test_max_epsilon_is_the_most_any_node_spent() -> None:
+    records = synthetic()
+    assert summarize(records, wall_seconds={})["schedules"]["ring"]["max_epsilon"] is None
+    private = [
+        {**r, "epsilon": 0.1 * r["round"] + (0.5 if r["node"] == "byz" else 0.0)} for r in records
+    ]
+    summary = summarize(private, wall_seconds={})
+    assert summary["schedules"]["ring"]["max_epsilon"] == 1.5  # a Byzantine node counts too
+    assert summary["schedules"]["mesh"]["max_epsilon"] == 1.0
+    text = Console(width=160, record=True)
+    text.print(summary_table(summary, "dp"))
+    assert "epsilon" in text.export_text()
 
 
 def test_summarize_gives_hand_computed_values() -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["EvalResult", "FitResult", "Learner"]
+__all__ = ["EvalResult", "FitResult", "Learner", "PrivacyAccount", "privacy_of"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +66,32 @@ class Learner(Protocol):
     def evaluate(self) -> EvalResult:
         """Evaluate on the local test data."""
         ...
+
+
+class PrivacyAccount(Protocol):
+    """A learner's differential-privacy budget (`p2pfl.learning.privacy.PrivacyBudget`)."""
+
+    epsilon: float
+
+    @property
+    def spent(self) -> float:
+        """Epsilon spent so far on the learner's own samples."""
+        ...
+
+    def allows_fit(self) -> bool:
+        """Whether one more fit stays within the budget."""
+        ...
+
+    def record(self, *, fits_ahead: int = 0) -> dict[str, Any]:
+        """What was spent (counting `fits_ahead` fits not run yet), as JSON-able data."""
+        ...
+
+    def restore(self, record: Mapping[str, Any]) -> None:
+        """Continue from a saved record."""
+        ...
+
+
+def privacy_of(learner: Learner) -> PrivacyAccount | None:
+    """The learner's privacy budget when it trains with DP (its `privacy` attribute), else None."""
+    account: PrivacyAccount | None = getattr(learner, "privacy", None)
+    return account

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -16,9 +17,12 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from p2pfl.learning.datasets import Dataset
 from p2pfl.learning.learner import EvalResult, FitResult
 from p2pfl.learning.models import build_model
+from p2pfl.learning.privacy import DPSettings, PrivacyBudget, make_private
 
 if TYPE_CHECKING:
     from p2pfl.config import NodeConfig
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LearnerOptions", "TorchLearner", "build_learner", "make_loaders"]
 
@@ -37,6 +41,13 @@ class TorchLearner:
     With `mu > 0`, fit adds FedProx's proximal term mu/2 * ||w - w0||^2, where w0 are the
     weights at the start of that fit (Li et al. 2020, "Federated optimization in
     heterogeneous networks").
+
+    With `dp` set, fit runs DP-SGD through Opacus (`p2pfl.learning.privacy`): per-sample
+    clipping, calibrated noise, Poisson-sampled batches; `privacy` is then the node's budget
+    and its accountant, and a fit that would spend past the budget is refused (logged, and
+    nothing trains: the model stays as it is). The model itself is not wrapped, so weights
+    keep their names and layout. FedProx's proximal term is not per-sample, so DP-SGD cannot
+    take it: `mu` must then be 0.
 
     The learner never changes torch's global thread settings; the caller decides them.
     Methods are serialized by an internal lock; call them from a worker thread
@@ -58,6 +69,8 @@ class TorchLearner:
         n_classes: int,
         device: str | torch.device = "cpu",
         seed: int | None = None,
+        dp: DPSettings | None = None,
+        dp_noise_seed: int | None = None,
     ) -> None:
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -80,6 +93,19 @@ class TorchLearner:
             _seed_sampler(train, seed)
         self._lock = threading.Lock()
         self._optimizer = self._new_optimizer()
+        self.privacy: PrivacyBudget | None = None
+        self._refused = False  # the budget is spent: said once, nothing trains any more
+        if dp is not None:
+            if mu > 0:
+                raise ValueError("mu: FedProx's proximal term cannot be trained with DP-SGD")
+            self._optimizer, self.train_loader, self.privacy, self._dp_hooks = make_private(
+                self.model,
+                self._optimizer,
+                train,
+                dp,
+                local_epochs=local_epochs,
+                noise_seed=dp_noise_seed,
+            )
 
     @property
     def num_samples(self) -> int:
@@ -118,12 +144,33 @@ class TorchLearner:
     def reset_optimizer(self) -> None:
         """Drop optimizer state (momentum buffers, Adam moments and step counts)."""
         with self._lock:
+            if self.privacy is not None:
+                # The DP optimizer wraps this one (and feeds the accountant): keep it, drop
+                # only its state, which is all a new optimizer would differ in.
+                self._optimizer.state.clear()
+                return
             self._optimizer = self._new_optimizer()
 
     def fit(self) -> FitResult:
-        """Train `local_epochs` epochs over the local training data."""
+        """Train `local_epochs` epochs over the local training data.
+
+        With DP, a fit that would spend past the budget is refused: the model stays as it is
+        and the result counts no samples (the first refusal is logged as a warning).
+        """
         with self._lock:
             start = time.perf_counter()
+            if self.privacy is not None and not self.privacy.allows_fit():
+                if not self._refused:
+                    self._refused = True
+                    log.warning(
+                        "privacy budget spent: epsilon=%.3f of %g (delta=%g); one more fit "
+                        "would take it to %.3f, so this node trains no more",
+                        self.privacy.spent,
+                        self.privacy.epsilon,
+                        self.privacy.delta,
+                        self.privacy.spent_after(1),
+                    )
+                return FitResult(float("nan"), 0, time.perf_counter() - start)
             self.model.train()
             params = [p for p in self.model.parameters() if p.requires_grad]
             anchor = [p.detach().clone() for p in params] if self.mu > 0 else []
@@ -134,6 +181,8 @@ class TorchLearner:
                 for xb, yb in self.train_loader:
                     x, y = xb.to(self.device), yb.to(self.device)
                     self._optimizer.zero_grad(set_to_none=True)
+                    # Poisson sampling (DP) may draw an empty batch: its step is still taken
+                    # (the noise and the accountant count it), its loss is not averaged in.
                     data_loss = F.cross_entropy(self.model(x), y)
                     loss = data_loss
                     if anchor:
@@ -143,8 +192,9 @@ class TorchLearner:
                         loss = loss + 0.5 * self.mu * prox
                     loss.backward()
                     self._optimizer.step()
-                    epoch_loss += data_loss.item() * len(y)
-                    epoch_samples += len(y)
+                    if len(y):
+                        epoch_loss += data_loss.item() * len(y)
+                        epoch_samples += len(y)
                 samples += epoch_samples
             mean = epoch_loss / epoch_samples if epoch_samples else float("nan")
             return FitResult(mean, samples, time.perf_counter() - start)
@@ -236,6 +286,8 @@ class LearnerOptions(TypedDict, total=False):
     local_epochs: int
     mu: float
     device: str | torch.device
+    dp: DPSettings | None
+    dp_noise_seed: int | None
 
 
 def build_learner(
@@ -267,9 +319,25 @@ def build_learner(
 
 
 def learner_from_config(
-    config: NodeConfig, dataset: Dataset, indices: np.ndarray | None
+    config: NodeConfig,
+    dataset: Dataset,
+    indices: np.ndarray | None,
+    *,
+    dp_noise_seed: int | None = None,
 ) -> TorchLearner:
-    """The learner a node config describes, on `indices` of `dataset` (daemon and simulator)."""
+    """The learner a node config describes, on `indices` of `dataset` (daemon and simulator).
+
+    With `dp_epsilon` set, DP-SGD budgeted for `rounds` fits; `dp_noise_seed` None draws the
+    noise from the OS (the daemon), the simulator passes one to be reproducible.
+    """
+    dp = None
+    if config.dp_epsilon is not None:
+        dp = DPSettings(
+            epsilon=config.dp_epsilon,
+            delta=config.dp_delta,
+            max_grad_norm=config.dp_max_grad_norm,
+            planned_fits=config.rounds,
+        )
     return build_learner(
         config.model,
         dataset,
@@ -283,4 +351,6 @@ def learner_from_config(
         momentum=config.momentum,
         local_epochs=config.local_epochs,
         mu=config.mu,
+        dp=dp,
+        dp_noise_seed=dp_noise_seed,
     )

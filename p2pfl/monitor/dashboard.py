@@ -40,6 +40,8 @@ _COLUMNS: tuple[tuple[str, JustifyMethod, int], ...] = (
     ("mem", "right", 5),
     ("seen", "right", 5),
 )
+_EPSILON_COLUMN: tuple[str, JustifyMethod, int] = ("eps", "right", 5)
+"""With differential privacy on some node: epsilon spent, shown in place of memory (80 columns)."""
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -106,7 +108,9 @@ def nodes_table(nodes: Sequence[Mapping[str, Any]], max_rows: int | None = None)
     table = Table(
         box=None, padding=(0, 1, 0, 0), pad_edge=False, header_style="bold reverse", expand=True
     )
-    for title, justify, width in _COLUMNS:
+    private = any(n.get("epsilon") is not None for n in nodes)
+    columns = [_EPSILON_COLUMN if private and c[0] == "mem" else c for c in _COLUMNS]
+    for title, justify, width in columns:
         table.add_column(title, justify=justify, max_width=width, no_wrap=True, overflow="ellipsis")
     shown = list(nodes)
     hidden = 0
@@ -133,7 +137,7 @@ def nodes_table(nodes: Sequence[Mapping[str, Any]], max_rows: int | None = None)
             models,
             traffic,
             "-" if n.get("cpu") is None else f"{n['cpu']:.0f}%",
-            fmt_bytes(n.get("rss")),
+            fmt_num(n.get("epsilon"), 2) if private else fmt_bytes(n.get("rss")),
             _seen(n),
             style=style,
         )

@@ -82,6 +82,7 @@ class NodeSample:
     accuracy: float | None
     loss: float | None
     rejected: dict[str, int] = field(default_factory=dict)
+    epsilon: float | None = None
 
 
 def sample_node(node: Node) -> NodeSample:
@@ -100,6 +101,7 @@ def sample_node(node: Node) -> NodeSample:
         accuracy=None if ev is None else ev.accuracy,
         loss=None if ev is None else ev.loss,
         rejected=dict(c.rejected),
+        epsilon=node.epsilon,
     )
 
 
@@ -161,7 +163,13 @@ def node_metrics(s: NodeSample) -> Iterator[Metric]:
     yield rejected
     yield from _gauges(
         s.node_id,
-        {"round": s.round, "accuracy": s.accuracy, "loss": s.loss, "peers": s.peers},
+        {
+            "round": s.round,
+            "accuracy": s.accuracy,
+            "loss": s.loss,
+            "peers": s.peers,
+            "epsilon": s.epsilon,
+        },
     )
 
 
@@ -170,6 +178,7 @@ _GAUGE_DOCS = {
     "accuracy": "Accuracy of the last local evaluation.",
     "loss": "Test loss of the last local evaluation.",
     "peers": "Live trainer peers in the node's view.",
+    "epsilon": "Differential privacy: epsilon spent on the node's own samples.",
     "cpu_percent": "CPU use of the node's process, percent of one core.",
     "rss_bytes": "Resident memory of the node's process.",
     "last_seen_seconds": "Seconds since the monitor last heard from the node.",
@@ -222,6 +231,7 @@ def monitor_metrics(snap: Mapping[str, Any]) -> Iterator[Metric]:
         "accuracy": "accuracy",
         "loss": "test_loss",
         "peers": "peers",
+        "epsilon": "epsilon",
         "cpu_percent": "cpu",
         "rss_bytes": "rss",
         "last_seen_seconds": "last_seen_s",

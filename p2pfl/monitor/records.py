@@ -62,6 +62,7 @@ class Telemetry:
     sent_to: tuple[str, ...] = ()
     projection: tuple[float, ...] | None = None
     tags: tuple[str, ...] = ()
+    epsilon: float | None = None  # DP: spent on the node's own samples; None without DP
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ def parse_telemetry(node_id: str, body: Mapping[str, Any]) -> Telemetry:
         sent_to=_ids(body.get("sent_to"), "sent_to"),
         projection=_projection(body.get("projection")),
         tags=tuple(_label(t) for t in _list(body.get("tags"), "tags", 100)),
+        epsilon=_epsilon(body),
     )
 
 
@@ -162,6 +164,13 @@ def _number(body: Mapping[str, Any], key: str) -> float | None:
         raise ProtocolError(f"{key} must be a number")
     value = float(value)
     return value if math.isfinite(value) else None  # a diverged loss is shown as unknown
+
+
+def _epsilon(body: Mapping[str, Any]) -> float | None:
+    value = _number(body, "epsilon")
+    if value is not None and value < 0:
+        raise ProtocolError("epsilon must not be negative")
+    return value
 
 
 def _int(value: Any, key: str) -> int:

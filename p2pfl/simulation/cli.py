@@ -1,7 +1,8 @@
 """What `p2pfl sim` shows: a progress bar while it runs, a comparison table and files after.
 
 `run_sim` runs a scenario once per schedule; `run_matrix` runs the attack bench (every attack
-with every merge rule and schedule, see `p2pfl.simulation.matrix`) with the same engine.
+with every merge rule and schedule, and DP budget, see `p2pfl.simulation.matrix`) with the same
+engine.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from p2pfl.learning.datasets import load_dataset
 from p2pfl.logs import setup_logging
 from p2pfl.simulation.engine import Record, Simulation
 from p2pfl.simulation.matrix import (
+    Cell,
     axes,
     cell_scenario,
     matrix_json,
     matrix_rows,
     matrix_table,
+    plot_privacy,
+    privacy_axis,
     write_matrix,
 )
 from p2pfl.simulation.procs import run_in_processes
@@ -120,12 +124,21 @@ class _CellRecorder:
     honest nodes' mean accuracy on its progress bar."""
 
     def __init__(
-        self, writer: MetricsWriter, progress: Progress, task: TaskID, *, attack: str, merge: str
+        self,
+        writer: MetricsWriter,
+        progress: Progress,
+        task: TaskID,
+        *,
+        attack: str,
+        merge: str,
+        dp: str | None = None,
     ) -> None:
         self.writer = writer
         self.progress = progress
         self.task = task
-        self.tag = {"attack": attack, "merge": merge}
+        self.tag: dict[str, str] = {"attack": attack, "merge": merge}
+        if dp is not None:
+            self.tag["dp"] = dp
         self.latest: dict[str, float] = {}
 
     def __call__(self, record: Record) -> None:
@@ -136,24 +149,30 @@ class _CellRecorder:
         self.progress.update(self.task, advance=1, acc=f"acc {mean:.3f}")
 
 
-def run_matrix(scenario: Scenario, *, out: Path, json_out: bool) -> list[dict[str, Any]]:
-    """Run every (attack, merge rule, schedule) of `scenario` with a progress bar over the runs;
-    print one table (or, with `json_out`, its rows as JSON) and write it into `out`.
+def run_matrix(
+    scenario: Scenario, *, out: Path, json_out: bool, plots: bool = True
+) -> list[dict[str, Any]]:
+    """Run every (attack, merge rule, schedule[, DP budget]) of `scenario` with a progress bar
+    over the runs; print one table (or, with `json_out`, its rows as JSON) and write it into
+    `out`, with the plot of accuracy against epsilon when there is a privacy axis.
 
     Every cell is a single-schedule run of the same engine with the same seed and rounds; the
     dataset is loaded once. `metrics.jsonl` holds every cell's records, tagged with `attack`
-    and `merge`.
+    and `merge` (and `dp`).
     """
     console = Console(stderr=True)
     setup_logging("text", "warning")
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     attacks, merges = axes(scenario)
-    cells = [(a, m, s) for s in scenario.compare for m in merges for a in attacks]
+    budgets: tuple[str | None, ...] = privacy_axis(scenario) or (None,)
+    cells = [(a, m, s, dp) for s in scenario.compare for m in merges for dp in budgets
+             for a in attacks]  # fmt: skip
     config = scenario.node_config(scenario.compare[0], 0, "n01")
     dataset = load_dataset(config.dataset, seed=config.seed)
     per_run = scenario.nodes * config.rounds if config.rounds else None
-    accuracies: dict[tuple[str, str, str], float | None] = {}
+    accuracies: dict[Cell, float | None] = {}
+    spent: dict[Cell, float | None] = {}
 
     with (
         MetricsWriter(out) as writer,
@@ -161,19 +180,25 @@ def run_matrix(scenario: Scenario, *, out: Path, json_out: bool) -> list[dict[st
     ):
         runs = progress.add_task(f"{scenario.name}: runs", total=len(cells), acc="")
         rounds = progress.add_task("", total=per_run, acc="")
-        for attack, merge, schedule in cells:
-            progress.reset(rounds, description=f"  {attack} · {merge} · {schedule}", acc="")
-            recorder = _CellRecorder(writer, progress, rounds, attack=attack, merge=merge)
-            cell = cell_scenario(scenario, attack, merge, schedule)
+        for attack, merge, schedule, dp in cells:
+            what = " · ".join(x for x in (attack, merge, schedule) if x)
+            what += "" if dp is None else f" · dp {dp}"
+            progress.reset(rounds, description=f"  {what}", acc="")
+            recorder = _CellRecorder(writer, progress, rounds, attack=attack, merge=merge, dp=dp)
+            cell = cell_scenario(scenario, attack, merge, schedule, dp)
             simulation = Simulation(cell, on_record=recorder, dataset=dataset)
             (run,) = asyncio.run(simulation.run())
             result = summarize(run.records, wall_seconds={schedule: run.wall_seconds})
             reached = result["schedules"].get(schedule, {})  # nothing if no node reported
-            accuracies[(attack, merge, schedule)] = reached.get("final_mean_accuracy")
+            key: Cell = (attack, merge, schedule) if dp is None else (attack, merge, schedule, dp)
+            accuracies[key] = reached.get("final_mean_accuracy")
+            spent[key] = reached.get("max_epsilon")
             progress.advance(runs)
 
-    rows = matrix_rows(accuracies)
+    rows = matrix_rows(accuracies, spent)
     written = write_matrix(rows, scenario.name, out)
+    if plots and (drawn := plot_privacy(rows, out)) is not None:
+        written.append(drawn)
     if json_out:
         sys.stdout.write(matrix_json(rows, scenario.name))
     else:

@@ -29,7 +29,9 @@ from typing import Any
 from p2pfl.identity import Identity
 from p2pfl.learning.datasets import Dataset, load_dataset
 from p2pfl.learning.learner import Learner
+from p2pfl.learning.models import build_model
 from p2pfl.learning.partition import partition
+from p2pfl.learning.privacy import check_private_model
 from p2pfl.learning.torch_learner import learner_from_config
 from p2pfl.node import Node, RoundReport
 from p2pfl.simulation.attacks import (
@@ -137,11 +139,12 @@ class Simulation:
             max_workers=self.workers + waiting, thread_name_prefix="p2pfl-sim"
         )
         loop.set_default_executor(executor)
+        settings = self.scenario.node_config(self.scenario.compare[0], 0, "n01")
         if self._dataset is None:
-            settings = self.scenario.node_config(self.scenario.compare[0], 0, "n01")
             self._dataset = await asyncio.to_thread(
                 load_dataset, settings.dataset, seed=settings.seed
             )
+        check_privacy(self.scenario, self._dataset)
 
     async def run(self) -> list[ScheduleRun]:
         """Every schedule of the scenario, one after the other."""
@@ -221,7 +224,11 @@ class Simulation:
                     telemetry_interval=0.0,  # nobody watches; the engine records every round
                 )
                 data = dataset if member.honest or poisoned_data is None else poisoned_data
-                learner: Learner = learner_from_config(config, data, parts[member.index])
+                # DP noise seeded from the scenario (a reproducible run), per node and restart.
+                noise_seed = (seed * 1000 + member.index) * 1000 + member.restarts
+                learner: Learner = learner_from_config(
+                    config, data, parts[member.index], dp_noise_seed=noise_seed
+                )
                 if member.node_id in slow:
                     learner = StragglerLearner(learner, scenario.faults.stragglers.slowdown)
                 if not member.honest:
@@ -316,6 +323,18 @@ class Simulation:
         return run
 
 
+def check_privacy(scenario: Scenario, dataset: Dataset | None = None) -> None:
+    """PrivacyError when some run of `scenario` trains with DP and DP-SGD cannot train its
+    model (BatchNorm): a config error, to say before any node starts. Loads the dataset
+    (for the model's shapes) unless given."""
+    node = scenario.node
+    if node.dp_epsilon is None and all(v == "none" for v in scenario.compare_dp):
+        return
+    if dataset is None:
+        dataset = load_dataset(node.dataset, seed=node.seed)
+    check_private_model(build_model(node.model, dataset.in_shape, dataset.n_classes))
+
+
 async def _run_member(member: _Member, board: HonestModels | None) -> None:
     assert member.node is not None
     try:
@@ -365,4 +384,5 @@ def _record(schedule: str, report: RoundReport, t: float, member: _Member) -> Re
         "eval_seconds": report.eval_seconds,
         "honest": member.honest,
         "restarts": member.restarts,  # how many times this node has crashed and come back
+        "epsilon": report.epsilon,  # DP: spent on the node's own samples; None without DP
     }

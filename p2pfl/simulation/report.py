@@ -2,9 +2,10 @@
 
 Everything is a pure function of the records the engine emits, one per node per round (keys in
 `RECORD_KEYS`; `models_sent`, `bytes_sent`, `rejected`, ... are cumulative per node, across
-its restarts too, while `fit_seconds` and `eval_seconds` are that round's durations, and
-`restarts` counts the node's crashes so far), so a report can be rebuilt from `metrics.jsonl`
-alone. Byzantine records (`honest` false) count for traffic, never for accuracy.
+its restarts too, while `fit_seconds` and `eval_seconds` are that round's durations,
+`restarts` counts the node's crashes so far, and `epsilon` is the DP budget the node has spent,
+null without DP), so a report can be rebuilt from `metrics.jsonl` alone. Byzantine records
+(`honest` false) count for traffic, never for accuracy.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ SUMMARY_FILE = "summary.json"
 RECORD_KEYS = (
     "schedule", "node", "round", "t", "accuracy", "test_loss", "train_loss", "merged",
     "models_sent", "models_received", "bytes_sent", "rejected", "fit_seconds", "eval_seconds",
-    "honest", "restarts",
+    "honest", "restarts", "epsilon",
 )  # fmt: skip
 TARGET_FRACTION = 0.8  # "time to 80%": of the schedule's own final mean accuracy
 
@@ -174,6 +175,9 @@ def _summarize_schedule(
             for r in recs
         )
     overhead = wall / compute if wall is not None and compute > 0 else None
+    # DP: the most any node (Byzantine ones too) reports having spent; None without DP.
+    spent = [float(r["epsilon"]) for recs in nodes.values() for r in recs
+             if r.get("epsilon") is not None]  # fmt: skip
     return {
         "nodes": len(nodes),
         "rounds": max(int(r["round"]) for r in finals),
@@ -188,6 +192,7 @@ def _summarize_schedule(
         "wall_seconds": _round(wall, 4),
         "compute_seconds": round(compute, 4),
         "overhead": _round(overhead, 4),
+        "max_epsilon": _round(max(spent), 4) if spent else None,
     }
 
 
@@ -253,7 +258,11 @@ def summary_table(summary: Mapping[str, Any], scenario: str) -> Table:
         "bytes\nsent", "rejected", "wall\ntime", "overhead",
     ):  # fmt: skip
         table.add_column(header, justify="right", no_wrap=True)
+    private = any(s.get("max_epsilon") is not None for s in summary["schedules"].values())
+    if private:
+        table.add_column("max\nepsilon", justify="right", no_wrap=True)
     for name, s in summary["schedules"].items():
+        dp = [_fmt(s.get("max_epsilon"), ".3f")] if private else []
         table.add_row(
             name,
             _fmt(s["final_mean_accuracy"], ".4f"),
@@ -265,10 +274,13 @@ def summary_table(summary: Mapping[str, Any], scenario: str) -> Table:
             _fmt(s["rejected"], ","),
             _fmt(s["wall_seconds"], ".1f", " s"),
             _fmt(s["overhead"], ".2f", "×"),
+            *dp,
             style="bold" if name == summary.get("best") else None,
         )
     if summary.get("best") is not None:
         table.caption = f"best: {summary['best']} (accuracy of honest nodes at their last round)"
+        if private:
+            table.caption += "; max epsilon: the most DP budget any node spent"
     return table
 
 

@@ -2,7 +2,8 @@
 
 A scenario file has top-level `name`, `description`, `nodes` and `compare` (the schedules to
 run it with, one run each), optionally `attacks` and `compare_merges` (the attack bench: every
-Byzantine behaviour with every merge rule, see `p2pfl.simulation.matrix`), a `[node]` table
+Byzantine behaviour with every merge rule, see `p2pfl.simulation.matrix`) and `compare_dp` (DP
+budgets to compare, e.g. `[1, 4, 16, "none"]`, in the same table), a `[node]` table
 with the knobs of `p2pfl run` (validated by `NodeConfig` itself, so defaults and messages are
 the same), a `[network]` table (`NetworkModel`) and a `[faults]` table (`FaultPlan`). The
 built-in default is embedded below and shipped as `sim/default.toml` too.
@@ -114,6 +115,8 @@ class Scenario(BaseModel):
     # schedule, same seed and rounds; empty: the [faults.byzantine] behaviour, the node's merge.
     attacks: tuple[Attack, ...] = ()
     compare_merges: tuple[str, ...] = ()
+    # DP budgets (dp_epsilon) to compare in the bench's table; "none": without DP.
+    compare_dp: tuple[float | Literal["none"], ...] = ()
     node: NodeConfig = Field(default_factory=lambda: NodeConfig.model_validate({}))
     network: NetworkModel = Field(default_factory=NetworkModel)
     faults: FaultPlan = Field(default_factory=FaultPlan)
@@ -142,6 +145,16 @@ class Scenario(BaseModel):
         names = [parse_merge(spec).name for spec in value]  # ValueError names the bad rule
         if len(set(names)) != len(names):
             raise ValueError("a merge rule is listed twice")
+        return value
+
+    @field_validator("compare_dp")
+    @classmethod
+    def _check_dp(cls, value: tuple[float | str, ...]) -> tuple[float | str, ...]:
+        for v in value:
+            if v != "none" and not (isinstance(v, float | int) and 0 < v < float("inf")):
+                raise ValueError(f'each budget is an epsilon > 0 or "none", got {v!r}')
+        if len(set(value)) != len(value):
+            raise ValueError("a budget is listed twice")
         return value
 
     @field_validator("node", mode="before")
@@ -187,6 +200,12 @@ class Scenario(BaseModel):
 
         if self.node.rounds == 0 and self.node.duration is None:
             problem(("node", "rounds"), "set rounds (or duration): a simulation must end", 0)
+        if self.node.rounds == 0 and any(v != "none" for v in self.compare_dp):
+            problem(
+                ("node", "rounds"),
+                "compare_dp: a privacy budget needs a planned number of rounds; set rounds",
+                0,
+            )
         if self.node.topology_file is not None and set(self.compare) != {"partial-mesh"}:
             problem(
                 ("node", "topology_file"),
@@ -282,8 +301,8 @@ def load_scenario(path: Path | None, overrides: Mapping[str, Any] | None = None)
     """Read a scenario file (None: the built-in default), apply CLI overrides, validate.
 
     Overrides (None = not given): `nodes`; `schedule` (a name or a list; replaces `compare`);
-    `merge` (replaces `compare_merges` too); `name`, `description`; any other key (`rounds`,
-    `seed`, ...) goes to `[node]`.
+    `merge` (replaces `compare_merges` too); `dp_epsilon` (replaces `compare_dp`); `name`,
+    `description`; any other key (`rounds`, `seed`, ...) goes to `[node]`.
     Raises ConfigError with one line per problem, naming the key.
     """
     if path is None:
@@ -305,6 +324,8 @@ def load_scenario(path: Path | None, overrides: Mapping[str, Any] | None = None)
         if key == "merge":
             # As --schedule replaces compare: one merge rule replaces the list to compare.
             data.pop("compare_merges", None)
+        if key == "dp_epsilon":
+            data.pop("compare_dp", None)  # likewise, one DP budget
         if key == "schedule":
             data["compare"] = [value] if isinstance(value, str) else list(value)
         elif key in ("nodes", "name", "description", "compare"):
