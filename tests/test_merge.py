@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from p2pfl.learning.merge import (
+    STANDING_START,
     WEIGHTED_CAP,
     ClippedGossip,
     Merge,
@@ -438,13 +439,29 @@ def test_clipped_takes_its_radius_from_past_distances_on_a_ring() -> None:
     np.testing.assert_allclose(merged["w"], [1.0, 0.0])
 
 
-def test_the_radius_of_a_merge_does_not_depend_on_its_models_once_there_is_a_past() -> None:
+def test_a_minority_of_far_models_does_not_move_the_radius_once_there_is_a_past() -> None:
     rule = ClippedGossip()
     own = vector(0.0)
-    rule([own, vector(1.0), vector(-1.0)])
+    rule([own, vector(1.0), vector(-1.0), vector(1.0)])
     tau = rule.radius([])
-    rule([own, vector(1e9), vector(1e9)])
+    rule([own, vector(1e9), vector(1.0), vector(-1.0)])  # the lower median is near
     assert rule.tau == tau
+
+
+def test_a_node_whose_every_neighbour_is_far_trusts_the_majority() -> None:
+    # Its own training diverged: the lower median of this merge's distances becomes the
+    # radius, as on a first merge, and no sender's standing suffers for it.
+    rule = ClippedGossip()
+    own = vector(0.0)
+    rule([own, vector(1.0), vector(-1.0), vector(1.0)], senders=["a", "b", "c"])
+    before = [rule.standing(x) for x in "abc"]
+    merged = rule([own, vector(50.0), vector(-60.0), vector(1e9)], senders=["a", "b", "c"])
+    assert rule.tau == 60.0
+    assert [rule.standing(x) for x in "abc"] == before
+    # Within their radii a and b count in full, the third is clipped to 60 x its standing.
+    radii = [60.0 * s for s in before]
+    terms = [min(50.0, radii[0]), -min(60.0, radii[1]), radii[2]]
+    np.testing.assert_allclose(merged["w"], [sum(terms) / 4])
 
 
 def test_a_far_neighbour_is_remembered_as_tau_at_most() -> None:
@@ -520,30 +537,32 @@ def test_clipped_refuses_a_bad_radius() -> None:
         ClippedGossip(0.5)
 
 
-def test_a_sender_always_beyond_tau_moves_a_node_by_at_most_two_terms_over_a_run() -> None:
-    # A ring node whose predecessor always sends a far model: with standing, the far sender's
-    # pulls shrink by half each merge, so the whole run moves the node by at most 2 x tau/2.
+def test_a_sender_always_beyond_tau_moves_a_node_by_at_most_one_term_over_a_run() -> None:
+    # A ring node whose predecessor always sends a far model: its standing starts at 1/2 and
+    # halves with each far model, so the whole run moves the node by at most one full term.
     rule = ClippedGossip()
     own = vector(0.0, 0.0)
     rule([own, vector(1.0, 0.0)], senders=["honest"])
-    tau = rule.tau
-    assert tau == 2.0
+    assert rule.tau == 2.0
     total = 0.0
     for _ in range(60):
         merged = rule([own, vector(0.0, 1e6)], senders=["evil"])
         total += norm(merged, own)
     assert rule.standing("evil") < 1e-15
     # tau itself grows while every recent distance is far (by F per half window); bounded by
-    # the largest radius seen, the sum stays within two first-merge terms of it.
-    assert total <= 2 * (rule.tau or 0.0) / 2
-    assert rule.standing("honest") == 1.0
+    # the largest radius seen: tau/2 x (1/2 + 1/4 + ...) <= tau/2.
+    assert total <= (rule.tau or 0.0) / 2
+    assert rule.standing("honest") == 0.75
 
 
-def test_an_unlucky_honest_sender_regains_full_standing_in_two_merges() -> None:
+def test_trust_is_earned_and_an_unlucky_honest_sender_regains_it() -> None:
     rule = ClippedGossip()
     own = vector(0.0)
-    rule([own, vector(1.0), vector(-1.0)], senders=["a", "b"])  # tau = 2
-    rule([own, vector(3.0), vector(-1.0)], senders=["a", "b"])  # a is far once
+    assert rule.standing("a") == STANDING_START == 0.5
+    for _ in range(2):
+        rule([own, vector(1.0), vector(-1.0)], senders=["a", "b"])  # tau = 2, both near
+    assert rule.standing("a") == rule.standing("b") == 1.0
+    rule([own, vector(1.6), vector(-1.0)], senders=["a", "b"])  # a beyond 0.75 tau once
     assert rule.standing("a") == 0.5 and rule.standing("b") == 1.0
     rule([own, vector(1.0), vector(-1.0)], senders=["a", "b"])
     assert rule.standing("a") == 0.75
@@ -554,17 +573,17 @@ def test_an_unlucky_honest_sender_regains_full_standing_in_two_merges() -> None:
 def test_standing_cuts_a_sender_radius_and_anonymous_models_keep_full_radius() -> None:
     rule = ClippedGossip()
     own = vector(0.0)
-    rule([own, vector(1.0)], senders=["x"])  # tau = 2
-    rule([own, vector(100.0)], senders=["x"])  # far: standing 1/2
-    assert rule.standing("x") == 0.5
+    rule([own, vector(1.0)], senders=["x"])  # tau = 2; near: standing 3/4
+    rule([own, vector(100.0)], senders=["x"])  # far: standing 3/8 from the next model on
+    assert rule.standing("x") == 0.375
     tau = rule.radius([])
-    # Its next model, 100 away, moves the node by tau x 1/2 x 1/2 (one of two in the merge).
+    # Its next model, 100 away, moves the node by tau x 3/8 x 1/2 (one of two in the merge).
     merged = rule([own, vector(100.0)], senders=["x"])
-    np.testing.assert_allclose(merged["w"], [tau * 0.5 / 2])
+    np.testing.assert_allclose(merged["w"], [tau * 0.375 / 2])
     twin = ClippedGossip()
     twin._recent.extend(rule._recent)  # the same past, no sender named
-    merged = twin([own, vector(100.0)])
-    np.testing.assert_allclose(merged["w"], [twin.tau / 2 if twin.tau else 0.0])
+    tau = twin.radius([])
+    np.testing.assert_allclose(twin([own, vector(100.0)])["w"], [tau / 2])
 
 
 def test_standing_memory_is_bounded() -> None:
@@ -574,7 +593,7 @@ def test_standing_memory_is_bounded() -> None:
     for i in range(100):
         rule([own, vector(1e3)], senders=[f"sybil-{i}"])
     assert len(rule._standing) == 8
-    assert rule.standing("sybil-99") == 0.5 and rule.standing("sybil-0") == 1.0
+    assert rule.standing("sybil-99") == 0.25 and rule.standing("sybil-0") == STANDING_START
 
 
 def test_senders_must_match_the_models() -> None:

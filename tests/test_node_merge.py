@@ -27,8 +27,8 @@ def walker(dataset: Dataset, merge: str) -> Node:
     return make_node(dataset, MemoryTransport(MemoryBus(), "w0"), "w0", 0, **overrides)
 
 
-def token(weights: Weights, round: int) -> ReceivedModel:
-    return ReceivedModel(src="w1", round=round, age=100.0, weights=weights)
+def token(weights: Weights, round: int, src: str = "w1") -> ReceivedModel:
+    return ReceivedModel(src=src, round=round, age=100.0, weights=weights)
 
 
 def shifted(weights: Weights, by: float) -> Weights:
@@ -53,10 +53,12 @@ async def test_with_clipped_a_far_token_moves_the_node_by_at_most_tau(dataset: D
     assert distance(await adopt(node, token(near, 1)), near) < 1e-5
     rule = node._merge
     assert isinstance(rule, ClippedGossip) and rule.tau is not None
-    tau = rule.tau
-    # A Byzantine token a thousand times farther moves the node by tau, and does not replace it.
+    tau, standing = rule.tau, rule.standing("w1")
+    assert standing < 1.0  # trust is earned: one near token is not enough for a full radius
+    # A Byzantine token a thousand times farther moves the node by tau x the sender's standing
+    # at most, and does not replace it.
     after = await adopt(node, token(shifted(near, 10.0), 2))
-    assert distance(after, near) == pytest.approx(tau, rel=1e-3)
+    assert distance(after, near) == pytest.approx(tau * standing, rel=1e-3)
     assert node.round == 2
 
 
@@ -72,7 +74,7 @@ async def test_a_node_names_each_token_sender_to_clipped_gossip(dataset: Dataset
     own = node.learner.get_weights()
     rule = node._merge
     assert isinstance(rule, ClippedGossip)
-    await adopt(node, token(shifted(own, 0.01), 1))
-    await adopt(node, token(shifted(own, 10.0), 2))
-    assert rule.standing("w1") == 0.5
-    assert rule.standing("w2") == 1.0
+    await adopt(node, token(shifted(own, 0.01), 1, src="w1"))
+    await adopt(node, token(shifted(own, 10.0), 2, src="w2"))
+    assert rule.standing("w1") == 0.75  # near: raised from the start of 1/2
+    assert rule.standing("w2") == 0.25  # far: halved

@@ -50,6 +50,10 @@ STANDING_MEMORY = 4096
 """How many senders' standing a clipped-gossip node remembers (least recently merged forgotten)."""
 STANDING_RECOVERY = 0.25
 """What a sender's standing regains with each model within the radius (halved for each beyond)."""
+STANDING_START = 0.5
+"""A sender's standing before its first model: trust is earned (full after two near models)."""
+STANDING_FAR = 0.75
+"""A model farther than this many times tau counts against its sender's standing."""
 WEIGHTED_CAP = 4.0
 """``weighted`` counts a sender's age as at most this many times the node's own."""
 
@@ -158,8 +162,9 @@ class ClippedGossip:
     are Byzantine. Why so:
 
     - the lower median of clipped distances cannot be moved by a minority of far neighbours,
-      and the radius of a merge does not depend on that merge's models once there is a past,
-      so a single neighbour on a ring cannot raise the radius it is clipped with;
+      and the radius of a merge does not depend on that merge's models once there is a past
+      (unless most of them are far: see below), so a single neighbour on a ring cannot raise
+      the radius it is clipped with;
     - F = 2 leaves the spread of honest distances (label-skewed neighbours are farther)
       unclipped (3% of them are clipped in the default scenario on the mesh), so the clean
       network learns as with ``average``, and a scaled model, some 40 median distances away
@@ -172,16 +177,25 @@ class ClippedGossip:
 
     Standing (our addition; the paper's bound holds per merge, this bounds the sum over a
     run). Clipping alone still lets an attacker pull every merge by tau/(n+1) in the same
-    direction (sign-flip, scaled, ipm pull towards or through the origin), while honest
+    direction (sign-flip, scaled and ipm pull towards or through the origin), while honest
     neighbours' pulls point every which way and cancel; in ``sim/attacks.toml`` that drift
-    cost the mesh 30 to 50 points. So each sender has a standing s_j, 1 at first: halved by
-    every model beyond tau, raised by ``STANDING_RECOVERY`` (0.25, at most to 1) by every
-    model within. A sender that is always far moves a node by at most
-    tau/(n+1) * (1 + 1/2 + 1/4 + ...) = 2*tau/(n+1) over the whole run; an honest neighbour
-    clipped once by chance is back at full weight after two merges, and at s = 1/2 it is
-    still within its radius at the median honest distance (tau/2). Standing is kept for the
-    last ``STANDING_MEMORY`` (4096) senders; models with no sender named (``senders=None``)
-    have standing 1.
+    cost the mesh 30 to 50 points. So each sender has a standing s_j: ``STANDING_START`` (1/2)
+    before its first model (trust is earned), halved by every model farther than
+    ``STANDING_FAR`` x tau (3/4: 1.5 median distances), raised by ``STANDING_RECOVERY``
+    (1/4, at most to 1) by every nearer one, and used from the sender's next model on. A
+    sender that is always far moves a node by at most tau/(n+1) * (1/2 + 1/4 + ...) =
+    tau/(n+1) over the whole run; an honest neighbour judged far by chance is back at full
+    weight after two merges, and at s = 1/2 it is still unclipped at the median honest
+    distance (tau/2). Standing is kept for the last ``STANDING_MEMORY`` (4096) senders judged;
+    models with no sender named (``senders=None``) always have standing 1.
+
+    The node as the outlier. When most of one merge's neighbours (the lower median of its
+    distances, two or more neighbours) are beyond tau, the node itself is the odd one out:
+    its own training diverged, or the honest models moved on together. It then trusts the
+    majority, as on a first merge (tau = that lower median, which holds while fewer than half
+    of its neighbours are Byzantine), and holds no far model against its sender. Without this
+    a node whose local training blew up would distrust every honest neighbour and never come
+    back (seen in ``sim/attacks.toml``).
     """
 
     def __init__(
@@ -211,7 +225,7 @@ class ClippedGossip:
 
     def standing(self, sender: str) -> float:
         """The share of tau that ``sender``'s next model may move this node by, in (0, 1]."""
-        return self._standing.get(sender, 1.0)
+        return self._standing.get(sender, STANDING_START)
 
     def __call__(
         self,
@@ -255,23 +269,37 @@ class ClippedGossip:
             raise ValueError(f"got {len(senders)} senders for {len(others)} models")
         distances = [_distance(own, other) for other in others]
         tau = self.radius(distances)
-        names = senders if senders is not None else [None] * len(others)
-        radii = [tau if name is None else tau * self.standing(name) for name in names]
+        present = sorted(d for d in distances if math.isfinite(d) and d > 0)
+        middle = present[(len(present) - 1) // 2] if present else 0.0
+        # Most of this merge's neighbours beyond tau: this node is the outlier (its own
+        # training diverged, or honest models drifted). Trust the majority, as on the first
+        # merge, and hold no far model against its sender.
+        outlier = len(others) >= 2 and len(present) == len(others) and middle > tau
+        if outlier:
+            tau = middle
+        radii: list[float] = []
+        names: Sequence[str | None] = senders if senders is not None else [None] * len(others)
+        for name, d in zip(names, distances, strict=True):
+            if math.isfinite(d) and d > 0:
+                self._recent.append(min(d, tau))
+            if name is None:
+                radii.append(tau)
+                continue
+            radii.append(tau * self.standing(name))
+            far = not d <= STANDING_FAR * tau  # NaN counts as far
+            if d > 0 and not (outlier and far):
+                self._judge(name, far=far)
         merged = clipped_step(own, others, tau=radii, share=share, distances=distances)
         self.tau = tau
-        self._recent.extend(min(d, tau) for d in distances if math.isfinite(d) and d > 0)
-        for name, d in zip(names, distances, strict=True):
-            if name is not None and d > 0:
-                self._judge(name, far=not d <= tau)  # NaN counts as far
         return merged
 
     def _judge(self, sender: str, *, far: bool) -> None:
-        s = self._standing.pop(sender, 1.0)
+        """Update ``sender``'s standing for a model near or far (used from its next model on)."""
+        s = self._standing.pop(sender, STANDING_START)
         s = s / 2 if far else min(1.0, s + STANDING_RECOVERY)
-        if s < 1.0:  # full standing is the default: only the doubted are remembered
-            self._standing[sender] = s
-            while len(self._standing) > self._memory:
-                self._standing.popitem(last=False)
+        self._standing[sender] = s  # the most recently judged last, evicted last
+        while len(self._standing) > self._memory:
+            self._standing.popitem(last=False)
 
 
 def clipped_step(
