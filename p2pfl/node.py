@@ -210,6 +210,7 @@ class Node:
         if self.privacy is not None:
             self.epsilon = await asyncio.to_thread(self._restore_privacy)
         self._last_good = weights
+        self._merge.anchor(weights)
         await self.transport.connect(will=self.membership.will())
         await self.transport.subscribe(self._inbox_topic)
         await self.membership.start()

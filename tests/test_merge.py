@@ -599,3 +599,20 @@ def test_standing_memory_is_bounded() -> None:
 def test_senders_must_match_the_models() -> None:
     with pytest.raises(ValueError, match="senders"):
         ClippedGossip()([vector(0.0), vector(1.0)], senders=["a", "b"])
+
+
+def test_a_first_merge_takes_its_radius_from_how_far_the_node_trained() -> None:
+    # A ring node's first neighbour is Byzantine: with nothing to compare with but itself, it
+    # would set its own radius. The node's own training since its anchor sets it instead.
+    rule = ClippedGossip()
+    rule.anchor(vector(0.0, 0.0))
+    own = vector(1.0, 0.0)  # its first local training moved it by 1
+    merged = rule([own, vector(1.0, 1000.0)], senders=["evil"])
+    assert rule.tau == 2.0
+    # A new sender's standing is 1/2; one of two models in the merge: 2 x 1/2 x 1/2.
+    np.testing.assert_allclose(norm(merged, own), 0.5)
+    # Without an anchor (or one of another layout) the merge's own distances are all it has.
+    blind = ClippedGossip()
+    blind.anchor({"other": np.zeros(3)})
+    blind([own, vector(1.0, 1000.0)])
+    assert blind.tau == 2000.0

@@ -95,6 +95,10 @@ class Merge(Protocol):
         """The model a walker node continues from once ``tokens`` reached it."""
         ...
 
+    def anchor(self, weights: Weights) -> None:
+        """The model this node starts from (its initial or resumed one), before any merge."""
+        ...
+
 
 @dataclass(frozen=True)
 class MergeRule:
@@ -111,6 +115,9 @@ class MergeRule:
         senders: Sequence[str] | None = None,
     ) -> Weights:
         return self.function(models, weights)
+
+    def anchor(self, weights: Weights) -> None:
+        """Stateless rules need no starting point."""
 
     def adopt(
         self,
@@ -157,9 +164,12 @@ class ClippedGossip:
     nor, on a ring, has more than one distance per round, so here tau is taken from the past:
     ``tau = F * lower median of the last CLIPPED_WINDOW (32) neighbour distances``, F = 2
     unless ``clipped:F``, each distance remembered as ``min(d, tau)`` of its own merge (an
-    outlier is remembered as honest-looking at most). The first merge, with no past yet, uses
-    the lower median of its own distances, which holds while at most half of the neighbours
-    are Byzantine. Why so:
+    outlier is remembered as honest-looking at most). The first merge, with no past yet, takes
+    F x how far the node's own training moved it since its anchor (the model it started from,
+    :meth:`anchor`, or its last merge): a scale no neighbour can set, so a ring node's first
+    neighbour cannot have itself taken in full. Only when that is unknown (or zero: a walker
+    that never trained) does it use the lower median of the merge's own distances, which holds
+    while at most half of the neighbours are Byzantine. Why so:
 
     - the lower median of clipped distances cannot be moved by a minority of far neighbours,
       and the radius of a merge does not depend on that merge's models once there is a past
@@ -215,10 +225,17 @@ class ClippedGossip:
         self._memory = memory
         self.tau: float | None = None
         """The radius of the last merge or adoption (None before the first)."""
+        self._last: Weights | None = None  # what the node continued from after its last merge
 
-    def radius(self, distances: Sequence[float]) -> float:
-        """tau for the next merge; ``distances`` (this merge's) count only while no past is."""
-        pool = list(self._recent) or [d for d in distances if math.isfinite(d) and d > 0]
+    def anchor(self, weights: Weights) -> None:
+        """The model the node starts from: its first merge compares its training with it."""
+        self._last = weights
+
+    def radius(self, distances: Sequence[float], moved: float = 0.0) -> float:
+        """tau for the next merge: from the past, else from how far the node's own training
+        ``moved`` it since its anchor, else from ``distances`` (this merge's)."""
+        pool = list(self._recent) or ([moved] if math.isfinite(moved) and moved > 0 else [])
+        pool = pool or [d for d in distances if math.isfinite(d) and d > 0]
         if not pool:
             return 0.0
         return self.factor * sorted(pool)[(len(pool) - 1) // 2]
@@ -268,7 +285,11 @@ class ClippedGossip:
         if senders is not None and len(senders) != len(others):
             raise ValueError(f"got {len(senders)} senders for {len(others)} models")
         distances = [_distance(own, other) for other in others]
-        tau = self.radius(distances)
+        moved = 0.0
+        last = self._last
+        if not self._recent and last is not None and _same_layout(last, own):
+            moved = _distance(last, own)
+        tau = self.radius(distances, moved)
         present = sorted(d for d in distances if math.isfinite(d) and d > 0)
         middle = present[(len(present) - 1) // 2] if present else 0.0
         # Most of this merge's neighbours beyond tau: this node is the outlier (its own
@@ -291,6 +312,7 @@ class ClippedGossip:
                 self._judge(name, far=far)
         merged = clipped_step(own, others, tau=radii, share=share, distances=distances)
         self.tau = tau
+        self._last = merged
         return merged
 
     def _judge(self, sender: str, *, far: bool) -> None:
@@ -554,6 +576,10 @@ def _check(models: Sequence[Weights], weights: Sequence[float] | None) -> None:
     for w in weights:
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"merge weights must be finite and >= 0, got {w}")
+
+
+def _same_layout(a: Weights, b: Weights) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
 
 
 def _stack(models: Sequence[Weights], name: str) -> np.ndarray:
