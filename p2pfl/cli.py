@@ -180,9 +180,10 @@ def run(
     ),
     merge: str | None = typer.Option(
         None,
-        help="clipped[:F] (bounds any peer's pull, every schedule) | average (no defence) | "
-        "weighted[:C] | median | trimmed-mean:F | krum:F (several models per merge: "
-        "partial-mesh only). [default: clipped]",
+        help="clipped[:F] (bounds any peer's pull and distrusts peers whose models keep "
+        "landing far; best on partial-mesh) | average (no defence) | weighted[:C] | median | "
+        "trimmed-mean:F | krum:F (several models per merge: partial-mesh only). "
+        "[default: clipped]",
     ),
     secure_aggregation: bool | None = typer.Option(
         None,

@@ -85,7 +85,7 @@ momentum = 0.9
 local_epochs = 3
 batch_size = 32
 degree = 4
-merge = "average"
+merge = "clipped"
 seed = 0
 
 [network]
