@@ -44,7 +44,7 @@ def mlp_weights() -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def nan_model(weights: dict[str, np.ndarray], *, net: str) -> bytes:
+def nan_model(weights: dict[str, np.ndarray], *, net: str, seq: int) -> bytes:
     """A well-formed model message (right names, shapes, valid digest) carrying a NaN."""
     raw = parse_codec("raw")
     entries = []
@@ -60,7 +60,7 @@ def nan_model(weights: dict[str, np.ndarray], *, net: str) -> bytes:
         "tensors": [e.to_wire() for e in entries],
         "digest": model_digest(entries),
     }
-    env = Envelope.create("model", body, net=net, src="evil", seq=now_seq() + 4)
+    env = Envelope.create("model", body, net=net, src="evil", seq=seq)
     return bytes(pack_envelope(env, EVIL))
 
 
@@ -74,8 +74,10 @@ def hostile_payloads(net: str) -> list[bytes]:
     valid = bytes(encode_model(weights, net=net, seq=seq + 1, **sign))  # type: ignore[arg-type]
     wrong_shape = {k: np.zeros((3, 3), np.float32) for k in weights}
     wrong = bytes(encode_model(wrong_shape, net=net, seq=seq + 2, **sign))  # type: ignore[arg-type]
-    other_net = bytes(encode_model(weights, net="other", seq=seq + 3, **sign))  # type: ignore[arg-type]
-    nan = nan_model(weights, net=net)
+    # Sequence numbers rise in the order the payloads go out: each first copy is new to the
+    # victim's replay window (its checks behind it are reached), every repeat a replay.
+    nan = nan_model(weights, net=net, seq=seq + 3)
+    other_net = bytes(encode_model(weights, net="other", seq=seq + 4, **sign))  # type: ignore[arg-type]
     payloads: list[bytes] = []
     payloads += [rng.bytes(int(rng.integers(1, 2000))) for _ in range(415)]
     payloads += [valid[: int(rng.integers(1, len(valid) - 1))] for _ in range(300)]
