@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from statistics import NormalDist
 
 import numpy as np
@@ -116,17 +116,13 @@ def alie(
     `like` is the attacker's own model: it gives the names, shapes and dtypes, and the values
     of non-float tensors. With no honest model, `like` stands for them.
     """
-    models = list(honest) or [like]
-    out: Weights = {}
-    for name, w in like.items():
-        if not np.issubdtype(w.dtype, np.floating):
-            out[name] = np.array(w, copy=True)
-            continue
-        values = _stacked(models, name)
+
+    def shifted(values: np.ndarray) -> np.ndarray:
         # the sample standard deviation, as the papers' code computes it (torch.std)
-        std = values.std(axis=0, ddof=1) if len(models) > 1 else np.zeros(w.shape)
-        out[name] = _finite(values.mean(axis=0) - z * std, w.dtype)
-    return out
+        std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
+        return values.mean(axis=0) - z * std
+
+    return _from_honest(honest, like, shifted)
 
 
 def ipm(
@@ -142,13 +138,23 @@ def ipm(
     with the honest mean, so the merged model moves against it; a small epsilon (0.1 in the
     paper) keeps it close enough to pass distance-based rules. `like` as for `alie`.
     """
+    return _from_honest(honest, like, lambda values: -epsilon * values.mean(axis=0))
+
+
+def _from_honest(
+    honest: Sequence[Mapping[str, np.ndarray]],
+    like: Mapping[str, np.ndarray],
+    poisoned: Callable[[np.ndarray], np.ndarray],
+) -> Weights:
+    """`poisoned(stack of the honest models' values)` for each float tensor of `like`; its
+    other tensors copied. With no honest model, `like` stands for them."""
     models = list(honest) or [like]
     out: Weights = {}
     for name, w in like.items():
         if not np.issubdtype(w.dtype, np.floating):
             out[name] = np.array(w, copy=True)
             continue
-        out[name] = _finite(-epsilon * _stacked(models, name).mean(axis=0), w.dtype)
+        out[name] = _finite(poisoned(_stacked(models, name)), w.dtype)
     return out
 
 
