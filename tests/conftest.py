@@ -6,8 +6,10 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
+import numpy as np
 import pytest
 
+from p2pfl.learning.datasets import Dataset
 from p2pfl.transport.base import LocalBroker
 from p2pfl.transport.embedded import EmbeddedBroker
 from p2pfl.transport.mosquitto import MosquittoBroker, find_mosquitto
@@ -76,3 +78,18 @@ async def _wait_until(
 def wait_until() -> WaitUntil:
     """`await wait_until(lambda: cond, within=5)` polls; AssertionError if it stays false."""
     return _wait_until
+
+
+@pytest.fixture(scope="module")
+def blobs() -> Dataset:
+    """Three Gaussian blobs in 8 dimensions: learnable in a few steps."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(scale=3.0, size=(3, 8))
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 3, size=n)
+        return (centers[y] + rng.normal(size=(n, 8))).astype(np.float32), y.astype(np.int64)
+
+    x_train, y_train = draw(120)
+    x_test, y_test = draw(45)
+    return Dataset("blobs", x_train, y_train, x_test, y_test, 3)

@@ -20,21 +20,6 @@ from p2pfl.learning.privacy import DPSettings, PrivacyBudget, PrivacyError
 from p2pfl.learning.torch_learner import TorchLearner, build_learner, learner_from_config
 
 
-@pytest.fixture(scope="module")
-def blobs() -> Dataset:
-    """Three Gaussian blobs in 8 dimensions: learnable in a few steps."""
-    rng = np.random.default_rng(0)
-    centers = rng.normal(scale=3.0, size=(3, 8))
-
-    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = rng.integers(0, 3, size=n)
-        return (centers[y] + rng.normal(size=(n, 8))).astype(np.float32), y.astype(np.int64)
-
-    x_train, y_train = draw(120)
-    x_test, y_test = draw(45)
-    return Dataset("blobs", x_train, y_train, x_test, y_test, 3)
-
-
 def _dp(epsilon: float = 4.0, fits: int = 3, **kw: float) -> DPSettings:
     return DPSettings(
         epsilon=epsilon,
