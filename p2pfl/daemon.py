@@ -260,7 +260,11 @@ async def serve(config: NodeConfig) -> NodeCounters:
         learner = await asyncio.to_thread(build_torch_learner, config)
         graph = None if config.topology_file is None else load_graph(config.topology_file)
         schedule = make_schedule(
-            config.schedule, degree=config.degree, seed=config.seed, graph=graph
+            config.schedule,
+            degree=config.degree,
+            seed=config.seed,
+            graph=graph,
+            walkers=config.walkers,
         )
         certificate = None
         if config.trust == "ca":

@@ -464,6 +464,41 @@ def test_a_node_whose_every_neighbour_is_far_trusts_the_majority() -> None:
     np.testing.assert_allclose(merged["w"], [sum(terms) / 4])
 
 
+def test_a_ring_node_whose_training_diverged_trusts_its_last_trusted_senders() -> None:
+    # One model per merge (a ring whose hop changes each round): the node sees that most of its
+    # last distinct senders, all of them trusted, are far, so it is itself the odd one out.
+    rule = ClippedGossip()
+    own = vector(0.0)
+    for _ in range(3):  # every sender near: standing earned
+        for name in "abcd":
+            rule([own, vector(1.0)], senders=[name])
+    assert all(rule.standing(x) == 1.0 for x in "abcd")
+    diverged = vector(100.0)
+    merged, taus = [], []
+    for name in "abcd":
+        merged.append(rule([diverged, vector(0.0)], senders=[name])["w"][0])
+        taus.append(rule.tau)
+    assert taus[:2] == [2.0, 2.0]  # two far senders among four are not yet a majority
+    np.testing.assert_allclose(merged[:2], [99.0, 99.0])  # clipped to tau / 2
+    assert taus[2:] == [100.0, 100.0]  # three of four are: it trusts them, halfway each
+    np.testing.assert_allclose(merged[2:], [50.0, 50.0])
+    assert rule.standing("c") == rule.standing("d") == 1.0  # and holds nothing against them
+
+
+def test_fresh_identities_never_make_a_node_think_it_is_the_outlier() -> None:
+    # Sybils: each new name sends one far model; none has earned standing, so each merge has
+    # one counted distance and stays clipped to tau x the starting standing.
+    rule = ClippedGossip()
+    own = vector(0.0)
+    for _ in range(3):
+        rule([own, vector(1.0)], senders=["honest"])
+    for i in range(20):
+        tau = rule.radius([])
+        merged = rule([own, vector(1e6)], senders=[f"sybil-{i}"])
+        assert rule.tau == tau <= 8.0  # from the past only (it grows by F per half window)
+        np.testing.assert_allclose(merged["w"], [tau * STANDING_START / 2])
+
+
 def test_a_far_neighbour_is_remembered_as_tau_at_most() -> None:
     # A node whose only neighbour is always far: tau grows, by at most F per merge.
     rule = ClippedGossip()

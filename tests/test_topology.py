@@ -69,7 +69,36 @@ def test_ring_plan_does_not_depend_on_view_order_or_on_self_being_listed(
     own = view[0]
     shuffled = data.draw(st.permutations(view))
     without_self = [node for node in shuffled if node != own]
-    assert Ring().plan(own, view, 3) == Ring().plan(own, without_self, 7)
+    assert Ring().plan(own, view, 3) == Ring().plan(own, without_self, 3)
+    assert Ring(hops="one").plan(own, view, 3) == Ring(hops="one").plan(own, without_self, 7)
+
+
+@settings(max_examples=60)
+@given(view=views, r=st.integers(0, 10_000))
+def test_exponential_ring_every_round_is_one_send_and_one_receive_each(
+    view: list[str], r: int
+) -> None:
+    ring = Ring()
+    assert sends(ring, view, r) == expects(ring, view, r)
+    if len(view) > 1:
+        assert sorted(b for _, b in sends(ring, view, r)) == sorted(view)  # a permutation
+        assert all(a != b for a, b in sends(ring, view, r))
+
+
+@settings(max_examples=60)
+@given(view=views)
+def test_exponential_ring_reaches_everyone_in_log_n_rounds(view: list[str]) -> None:
+    # A model that every reached node passes on reaches the whole ring in ceil(log2 n) rounds
+    # (the classic ring needs n - 1), and a node hears that many different predecessors.
+    ring, n = Ring(), len(view)
+    levels = max(1, (n - 1).bit_length())
+    reached = {view[0]}
+    for r in range(levels):
+        reached |= {b for a, b in sends(ring, view, r) if a in reached}
+    assert reached == set(view)
+    heard = {p for r in range(levels) for p in ring.plan(view[0], view, r).expect_from}
+    assert len(heard) == min(levels, n - 1)
+    assert ring.plan(view[0], view, 5) == ring.plan(view[0], view, 5 + levels)
 
 
 def test_ring_order_and_tokens() -> None:

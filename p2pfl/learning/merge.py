@@ -54,6 +54,8 @@ STANDING_START = 0.5
 """A sender's standing before its first model: trust is earned (full after two near models)."""
 STANDING_FAR = 0.75
 """A model farther than this many times tau counts against its sender's standing."""
+OUTLIER_SENDERS = 4
+"""The node is the outlier when most of its last this many distinct senders sent far models."""
 WEIGHTED_CAP = 4.0
 """``weighted`` counts a sender's age as at most this many times the node's own."""
 
@@ -223,6 +225,9 @@ class ClippedGossip:
         self._recent: deque[float] = deque(maxlen=window)
         self._standing: OrderedDict[str, float] = OrderedDict()
         self._memory = memory
+        # The latest distance from each of the last senders, and whether it had earned standing
+        # then, most recent last (outlier rule).
+        self._latest: OrderedDict[str, tuple[float, bool]] = OrderedDict()
         self.tau: float | None = None
         """The radius of the last merge or adoption (None before the first)."""
         self._last: Weights | None = None  # what the node continued from after its last merge
@@ -290,12 +295,11 @@ class ClippedGossip:
         if not self._recent and last is not None and _same_layout(last, own):
             moved = _distance(last, own)
         tau = self.radius(distances, moved)
-        present = sorted(d for d in distances if math.isfinite(d) and d > 0)
-        middle = present[(len(present) - 1) // 2] if present else 0.0
-        # Most of this merge's neighbours beyond tau: this node is the outlier (its own
-        # training diverged, or honest models drifted). Trust the majority, as on the first
-        # merge, and hold no far model against its sender.
-        outlier = len(others) >= 2 and len(present) == len(others) and middle > tau
+        middle = self._majority(distances, senders)
+        # Most of the last neighbours beyond tau: this node is the outlier (its own training
+        # diverged, or honest models drifted). Trust the majority, as on the first merge, and
+        # hold no far model against its sender.
+        outlier = middle > tau
         if outlier:
             tau = middle
         radii: list[float] = []
@@ -314,6 +318,28 @@ class ClippedGossip:
         self.tau = tau
         self._last = merged
         return merged
+
+    def _majority(self, distances: Sequence[float], senders: Sequence[str] | None) -> float:
+        """The lower median of this merge's distances, filled up to ``OUTLIER_SENDERS`` with the
+        latest distances from the last other senders that had earned standing when they sent
+        them (so a stream of fresh identities is never a majority), or 0 with fewer than two
+        distances or a non-finite one.
+        """
+        if not all(math.isfinite(d) for d in distances):
+            return 0.0
+        pool = [d for d in distances if d > 0]
+        if senders is not None:
+            now = set(senders)
+            older = [
+                d for name, (d, ok) in reversed(self._latest.items()) if ok and name not in now
+            ]
+            pool += older[: max(0, OUTLIER_SENDERS - len(distances))]
+            for name, d in zip(senders, distances, strict=True):
+                self._latest.pop(name, None)
+                self._latest[name] = (d, self.standing(name) > STANDING_START and d > 0)
+            while len(self._latest) > OUTLIER_SENDERS:
+                self._latest.popitem(last=False)
+        return sorted(pool)[(len(pool) - 1) // 2] if len(pool) >= 2 else 0.0
 
     def _judge(self, sender: str, *, far: bool) -> None:
         """Update ``sender``'s standing for a model near or far (used from its next model on)."""

@@ -254,7 +254,11 @@ class Simulation:
                     node_id=member.node_id,
                     home_broker=home,
                     schedule=make_schedule(
-                        schedule, degree=config.degree, seed=config.seed, graph=graph
+                        schedule,
+                        degree=config.degree,
+                        seed=config.seed,
+                        graph=graph,
+                        walkers=config.walkers,
                     ),
                     state=member.state,
                     on_round=functools.partial(on_round, member),

@@ -36,16 +36,24 @@ __all__ = [
 
 
 def make_schedule(
-    name: str, *, degree: int = 4, seed: int = 0, graph: nx.Graph | None = None
+    name: str,
+    *,
+    degree: int = 4,
+    seed: int = 0,
+    graph: nx.Graph | None = None,
+    walkers: int = 0,
 ) -> Schedule:
     """The schedule called ``name``; ``degree`` and ``graph`` apply to partial-mesh only.
+
+    With ``walkers`` the ring keeps hop 1 (a token visits every node in turn); without, its
+    hop doubles each round (:class:`Ring`).
 
     Raises ValueError for an unknown name, or a graph given to a schedule that ignores it.
     """
     if graph is not None and name != "partial-mesh":
         raise ValueError(f"a topology graph applies to partial-mesh only, not to {name!r}")
     if name == "ring":
-        return Ring()
+        return Ring(hops="one" if walkers else "exponential")
     if name == "random-walk":
         return RandomWalk(seed=seed)
     if name == "partial-mesh":
