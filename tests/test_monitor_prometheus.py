@@ -83,7 +83,7 @@ async def test_a_running_nodes_counters_are_scraped_over_http() -> None:
                  schedule=make_schedule("ring"), on_round=lambda _: first_round.set())
         )  # fmt: skip
     n0 = nodes[0]
-    with serving(serve_node_metrics(n0, 0, host="127.0.0.1")) as server:
+    with serving(serve_node_metrics(n0.status, 0, host="127.0.0.1")) as server:
         before = await asyncio.to_thread(scrape, server.port)
         assert before[("p2pfl_rounds_total", node_labels("n0"))] == 0
         assert ("p2pfl_accuracy", node_labels("n0")) not in before  # nothing evaluated yet
