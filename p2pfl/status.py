@@ -158,7 +158,15 @@ class NodeStatus(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _absent_is_default(cls, data: Any) -> Any:
+    def _nil_is_absent(cls, data: Any) -> Any:
+        # A field sent as nil takes its default, except `detail`, which must say a level.
+        if not isinstance(data, Mapping):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k == "detail"}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _detail_holds(cls, data: Any) -> Any:
         if not isinstance(data, Mapping):
             return data
         detail = data.get("detail", "full")
@@ -166,8 +174,7 @@ class NodeStatus(BaseModel):
             raise ValueError(
                 f"telemetry detail {str(detail)[:20]} carries no confusion or projection"
             )
-        # A field sent as nil is absent (its default), except `detail`, which must say a level.
-        return {k: v for k, v in data.items() if v is not None or k == "detail"}
+        return data
 
     @field_validator("role")
     @classmethod
