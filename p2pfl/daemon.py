@@ -332,7 +332,9 @@ async def serve(config: NodeConfig) -> NodeCounters:
             if config.metrics_port is not None:
                 from p2pfl.monitor.prometheus import serve_node_metrics
 
-                metrics = serve_node_metrics(node, config.metrics_port, host=config.metrics_host)
+                metrics = serve_node_metrics(
+                    node.status, config.metrics_port, host=config.metrics_host
+                )
             loop = asyncio.get_running_loop()
 
             def refused(who: str, reason: str) -> None:  # on the broker's thread

@@ -32,8 +32,9 @@ from p2pfl.learning.merge import parse_merge
 from p2pfl.protocol import chunking, topics
 from p2pfl.protocol.model import encode_model, layout
 from p2pfl.secure_round import SecureAggregation
+from p2pfl.status import NodeStatus
 from p2pfl.store import StateDir, StateDirError
-from p2pfl.telemetry import LogForwarder, ProcessStats, encode_log, encode_telemetry, node_status
+from p2pfl.telemetry import LogForwarder, TelemetryPublisher
 from p2pfl.tokens import Tokens
 from p2pfl.topology import Schedule
 from p2pfl.transport.base import Payload, Transport, TransportError
@@ -176,7 +177,10 @@ class Node:
             self.membership.agreement_key = self.secure.public_key
             self.inbox.on_secagg = self.secure.on_message
         self._last_good: dict[str, np.ndarray] | None = None
-        self._logs = logs
+        self.telemetry = TelemetryPublisher(
+            config, transport, node_id=node_id, status=self.status, weights=learner.get_weights,
+            next_seq=self._next_seq, signer=self.signer, logs=logs, clock=clock,
+        )  # fmt: skip
         self.last_loss: float | None = None
         self.sent_to: tuple[str, ...] = ()
         self.tokens = Tokens(config, self.inbox, self.view, node_id=node_id, clock=clock)
@@ -228,7 +232,7 @@ class Node:
                 receiver = tg.create_task(self._receive_loop())
                 heartbeat = tg.create_task(self.membership.heartbeat_loop())
                 discovery = tg.create_task(self.membership.discovery_loop())
-                telemetry = tg.create_task(self._telemetry_loop())
+                telemetry = tg.create_task(self.telemetry.run())
                 sweeper = tg.create_task(self.inbox.sweep_loop())
                 await self._train_loop()
                 for task in (receiver, heartbeat, discovery, telemetry, sweeper):
@@ -636,39 +640,28 @@ class Node:
         """A discovery source saw a peer leave (e.g. an mDNS goodbye)."""
         self.membership.vanished(peer_id)
 
-    # ---- telemetry --------------------------------------------------------------------------
+    # ---- status -----------------------------------------------------------------------------
 
-    async def _telemetry_loop(self) -> None:
-        topic = topics.telemetry(self.net, self.node_id)
-        interval = self.config.telemetry_interval
-        if self.config.telemetry_detail == "off":
-            # No status records; warnings are still forwarded (they carry no labels or weights).
-            # An empty retained record deletes one an earlier run left on a shared broker.
-            interval = 0.0
-            await self._publish_home(topic, b"", True)
-        if interval <= 0 and self._logs is None:
-            return
-        stats = ProcessStats()
-        next_at = self.clock()
-        while True:
-            if self._logs is not None:
-                for record in self._logs.drain():
-                    self._seq += 1
-                    payload = encode_log(self.net, self.node_id, self._seq, record, self.signer)
-                    await self._publish_home(topics.log(self.net, self.node_id), payload, False)
-            if interval > 0 and self.clock() >= next_at:
-                next_at = self.clock() + interval
-                body = await asyncio.to_thread(node_status, self, stats)
-                self._seq += 1
-                payload = encode_telemetry(self.net, self.node_id, self._seq, body, self.signer)
-                await self._publish_home(topic, payload, True)
-            await asyncio.sleep(min(1.0, interval) if interval > 0 else 1.0)
-
-    async def _publish_home(self, topic: str, payload: bytes, retain: bool) -> None:
-        try:
-            await self.transport.publish(topic, payload, qos=0, retain=retain)
-        except TransportError as exc:
-            log.debug("telemetry not published error=%s", exc)
+    def status(self) -> NodeStatus:
+        """What this node is doing now, as a frozen record: its telemetry, less the process's
+        CPU and memory and the weight projection (`telemetry.measured`). Call it on the node's
+        event loop, which changes what it reads."""
+        ev, c, cfg = self.last_eval, self.counters, self.config
+        confusion = None
+        if ev is not None and cfg.telemetry_detail == "full":
+            confusion = tuple(tuple(row) for row in ev.confusion.tolist())
+        return NodeStatus.model_construct(
+            id=self.node_id, detail=cfg.telemetry_detail, role=cfg.role, run=cfg.run_name,
+            tags=tuple(cfg.tags), schedule=self.schedule.name, mode=cfg.mode,
+            broker=self.membership.advertised[0], round=self.round, rounds=c.rounds,
+            train_loss=self.last_loss, test_loss=None if ev is None else ev.loss,
+            accuracy=None if ev is None else ev.accuracy, confusion=confusion,
+            samples=self.learner.num_samples, models_sent=c.models_sent,
+            models_received=c.models_received, bytes_sent=c.bytes_sent,
+            bytes_received=c.bytes_received, rejected=dict(sorted(c.rejected.items())),
+            uptime=self.clock() - self.started, peers=tuple(self.view.live()),
+            sent_to=self.sent_to, epsilon=self.epsilon,
+        )  # fmt: skip
 
     async def _sleep(self, seconds: float) -> None:
         try:

@@ -1,6 +1,7 @@
 """Telemetry: the periodic status a node publishes (retained) for monitors, and its log topic.
 
-A record says what the node is doing (round, accuracy, traffic, CPU, memory, peers, and with
+A record is the node's status (`p2pfl.status.NodeStatus`, built by `Node.status()` on the
+node's loop): what the node is doing (round, accuracy, traffic, CPU, memory, peers, and with
 differential privacy the epsilon it has spent) and at which `detail` (`telemetry_detail`). At
 `full` it also carries the confusion matrix of its last evaluation (a monitor sums them into the
 network's global evaluation) and a 32-float random projection of its weights, seeded by the
@@ -12,19 +13,23 @@ topic) are the same at every level.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import psutil
 
+from p2pfl.config import NodeConfig
+from p2pfl.protocol import topics
 from p2pfl.protocol.envelope import PROTOCOL_VERSION, Envelope, Signer, pack_envelope
+from p2pfl.status import NodeStatus
+from p2pfl.transport.base import Transport, TransportError
 
-if TYPE_CHECKING:
-    from p2pfl.node import Node
+log = logging.getLogger(__name__)
 
 PROJECTION_DIM = 32
 _BLOCK = 1 << 15
@@ -62,12 +67,14 @@ class ProcessStats:
 
 
 def encode_telemetry(
-    net: str, node_id: str, seq: int, body: dict[str, Any], signer: Signer | None = None
+    net: str, node_id: str, seq: int, status: NodeStatus, signer: Signer | None = None
 ) -> bytes:
-    """The telemetry envelope of `node_id`, signed by `signer` when given."""
+    """The telemetry envelope of `node_id`, signed by `signer` when given.
+
+    ValueError when `status` is at detail `off`: such a node publishes none."""
     env = Envelope(
         v=PROTOCOL_VERSION, kind="telemetry", net=net, src=node_id, seq=seq, ts=time.time(),
-        body=body,
+        body=status.wire(),
     )  # fmt: skip
     return bytes(pack_envelope(env, signer))
 
@@ -118,42 +125,87 @@ class LogForwarder(logging.Handler):
         return records
 
 
-def node_status(node: Node, stats: ProcessStats) -> dict[str, Any]:
-    """A node's telemetry body at its `telemetry_detail` (`full` or `metrics`; a node on `off`
-    publishes none). At `full` it computes the weight projection: run it in a worker thread."""
-    detail = node.config.telemetry_detail
-    if detail == "off":
-        raise ValueError("telemetry_detail is off: this node publishes no telemetry")
-    ev = node.last_eval
+def measured(
+    status: NodeStatus,
+    stats: ProcessStats,
+    weights: Callable[[], Mapping[str, np.ndarray]],
+    network: str,
+) -> NodeStatus:
+    """`status` with this process's CPU and memory, and at `full` the projection of `weights()`.
+
+    Blocking (the projection reads the whole model): run it in a worker thread, on a status that
+    `Node.status()` built on the loop, so the thread reads nothing the loop changes.
+    """
     cpu, rss = stats.sample()
-    c = node.counters
-    body: dict[str, Any] = {
-        "id": node.node_id,
-        "detail": detail,
-        "role": node.config.role,
-        "run": node.config.run_name,
-        "tags": list(node.config.tags),
-        "schedule": node.schedule.name,
-        "mode": node.config.mode,
-        "broker": node.membership.advertised[0],
-        "round": node.round,
-        "loss": node.last_loss,
-        "accuracy": None if ev is None else ev.accuracy,
-        "test_loss": None if ev is None else ev.loss,
-        "samples": node.learner.num_samples,
-        "models_sent": c.models_sent,
-        "models_received": c.models_received,
-        "bytes_out": c.bytes_sent,
-        "bytes_in": c.bytes_received,
-        "rejected": dict(c.rejected),
-        "cpu": cpu,
-        "rss": rss,
-        "uptime": node.clock() - node.started,
-        "peers": node.view.live(),
-        "sent_to": list(node.sent_to),
-        "epsilon": node.epsilon,  # DP: spent on this node's samples; None without DP
-    }
-    if detail == "full":
-        body["confusion"] = None if ev is None else ev.confusion.tolist()
-        body["projection"] = projection(node.learner.get_weights(), node.net)
-    return body
+    more: dict[str, Any] = {"cpu": cpu, "rss": rss}
+    if status.detail == "full":
+        more["projection"] = tuple(projection(weights(), network))
+    return status.model_copy(update=more)
+
+
+class TelemetryPublisher:
+    """Publishes a node's status on its telemetry topic every `telemetry_interval` seconds
+    (retained, at its `telemetry_detail`) and forwards its warnings to its log topic."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        transport: Transport,
+        *,
+        node_id: str,
+        status: Callable[[], NodeStatus],
+        weights: Callable[[], Mapping[str, np.ndarray]],
+        next_seq: Callable[[], int],
+        signer: Signer | None,
+        logs: LogForwarder | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.net = config.network
+        self.node_id = node_id
+        self.interval = config.telemetry_interval
+        self.detail = config.telemetry_detail
+        self.transport = transport
+        self.status = status
+        self.weights = weights
+        self.next_seq = next_seq
+        self.signer = signer
+        self.logs = logs
+        self.clock = clock
+
+    async def run(self) -> None:
+        """Publish until cancelled."""
+        topic = topics.telemetry(self.net, self.node_id)
+        interval = self.interval
+        if self.detail == "off":
+            # No status records; warnings are still forwarded (they carry no labels or weights).
+            # An empty retained record deletes one an earlier run left on a shared broker.
+            interval = 0.0
+            await self._publish(topic, b"", True)
+        if interval <= 0 and self.logs is None:
+            return
+        stats = ProcessStats()
+        next_at = self.clock()
+        while True:
+            await self._forward_logs()
+            if interval > 0 and self.clock() >= next_at:
+                next_at = self.clock() + interval
+                status = self.status()  # on the loop: the thread reads nothing the loop changes
+                record = await asyncio.to_thread(measured, status, stats, self.weights, self.net)
+                payload = encode_telemetry(
+                    self.net, self.node_id, self.next_seq(), record, self.signer
+                )
+                await self._publish(topic, payload, True)
+            await asyncio.sleep(min(1.0, interval) if interval > 0 else 1.0)
+
+    async def _forward_logs(self) -> None:
+        if self.logs is None:
+            return
+        for record in self.logs.drain():
+            payload = encode_log(self.net, self.node_id, self.next_seq(), record, self.signer)
+            await self._publish(topics.log(self.net, self.node_id), payload, False)
+
+    async def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            await self.transport.publish(topic, payload, qos=0, retain=retain)
+        except TransportError as exc:
+            log.debug("telemetry not published error=%s", exc)

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,8 +21,7 @@ from p2pfl.identity import Identity
 from p2pfl.monitor.cli import MonitorConfigError, run_monitor
 from p2pfl.monitor.monitor import Monitor
 from p2pfl.protocol import topics
-from p2pfl.protocol.envelope import unpack_envelope
-from p2pfl.telemetry import encode_telemetry
+from p2pfl.protocol.envelope import Envelope, Signer, pack_envelope, unpack_envelope
 from p2pfl.transport.base import LocalBroker, Message
 from p2pfl.transport.mqtt import MqttOptions, MqttTransport
 
@@ -92,9 +92,15 @@ def presence(net: str, node_id: str, broker: str, *, online: bool = True) -> byt
     )  # fmt: skip
 
 
+def forged(net: str, node_id: str, seq: int, body: dict[str, Any], signer: Signer | None) -> bytes:
+    """A telemetry envelope around any body, well-formed or not."""
+    env = Envelope.create("telemetry", body, net=net, src=node_id, seq=seq)
+    return bytes(pack_envelope(env, signer))
+
+
 def telemetry(net: str, node_id: str, broker: str, **fields: object) -> bytes:
     body = {"id": node_id, "role": "trainer", "broker": broker, "round": 4, **fields}
-    return encode_telemetry(net, node_id, 1, body, KEYS[node_id])
+    return forged(net, node_id, 1, body, KEYS[node_id])
 
 
 async def test_the_monitor_follows_presence_records_to_other_brokers(
@@ -254,13 +260,11 @@ async def test_ghosts_do_not_enter_the_global_metrics(
                 body = {"id": f"ghost{i}", "role": "trainer", "round": 9, "confusion": perfect}
                 await attacker.publish(
                     topics.telemetry(net, f"ghost{i}"),
-                    encode_telemetry(net, f"ghost{i}", 1, body),  # unsigned
+                    forged(net, f"ghost{i}", 1, body, None),  # unsigned
                 )
             impostor = Identity.generate()
             body = {"id": "x", "role": "trainer", "round": 9, "confusion": perfect}
-            await attacker.publish(
-                topics.telemetry(net, "x"), encode_telemetry(net, "x", 2, body, impostor)
-            )
+            await attacker.publish(topics.telemetry(net, "x"), forged(net, "x", 2, body, impostor))
             await wait_until(lambda: sum(monitor.state.rejected.values()) >= 6)
             snap = monitor.snapshot()
             assert [n["id"] for n in snap["nodes"]] == ["x"]

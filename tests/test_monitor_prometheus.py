@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,8 @@ from p2pfl.node import Node
 from p2pfl.protocol import topics
 from p2pfl.topology import make_schedule
 from p2pfl.transport.memory import MemoryBus, MemoryTransport
+from tests.nodeproc import free_ports, stop_all, wait_until
+from tests.test_e2e_run import FAST, start_cluster
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,7 +86,7 @@ async def test_a_running_nodes_counters_are_scraped_over_http() -> None:
                  schedule=make_schedule("ring"), on_round=lambda _: first_round.set())
         )  # fmt: skip
     n0 = nodes[0]
-    with serving(serve_node_metrics(n0, 0, host="127.0.0.1")) as server:
+    with serving(serve_node_metrics(n0.status, 0, host="127.0.0.1")) as server:
         before = await asyncio.to_thread(scrape, server.port)
         assert before[("p2pfl_rounds_total", node_labels("n0"))] == 0
         assert ("p2pfl_accuracy", node_labels("n0")) not in before  # nothing evaluated yet
@@ -150,3 +153,27 @@ def test_a_monitors_per_node_and_global_metrics_are_scraped_over_http() -> None:
     }
     assert {key: got.get(key) for key in expected} == pytest.approx(expected)
     assert ("p2pfl_loss", node_labels("b")) not in got  # unknown values are left out, not 0
+
+
+def test_p2pfl_run_serves_its_status_on_the_metrics_port(tmp_path: Path) -> None:
+    """End to end: a `p2pfl run` process's `--metrics-port`, scraped while it trains."""
+    (port,) = free_ports(1)
+    (node,) = start_cluster(tmp_path, 1, [*FAST, "--rounds", "1000", "--metrics-port", str(port)])
+    got: Samples = {}
+
+    def trained() -> bool:
+        try:
+            got.update(scrape(port))
+        except OSError:  # not listening yet
+            return False
+        return got.get(("p2pfl_rounds_total", node_labels("n0")), 0) >= 2
+
+    try:
+        wait_until(trained, 120, "two rounds on the metrics port", node.tail)
+    finally:
+        stop_all([node])
+    n0 = node_labels("n0")
+    assert got[("p2pfl_round", n0)] >= 1
+    assert got[("p2pfl_loss", n0)] == got[("p2pfl_test_loss", n0)] > 0
+    assert got[("p2pfl_train_loss", n0)] > 0 and 0 <= got[("p2pfl_accuracy", n0)] <= 1
+    assert got[("p2pfl_peers", n0)] == 0  # alone: it has no peer

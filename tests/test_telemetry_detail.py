@@ -32,7 +32,7 @@ from p2pfl.node import Node
 from p2pfl.protocol import topics
 from p2pfl.protocol.envelope import unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
-from p2pfl.telemetry import LogForwarder, ProcessStats, encode_telemetry, node_status, projection
+from p2pfl.telemetry import LogForwarder, ProcessStats, encode_telemetry, measured, projection
 from p2pfl.topology import make_schedule
 from p2pfl.transport.memory import MemoryBus, MemoryTransport
 
@@ -111,8 +111,8 @@ def test_the_config_file_key_and_the_flag_set_the_level(tmp_path: Path) -> None:
 
 def test_full_telemetry_carries_the_confusion_matrix_and_the_projection() -> None:
     node = evaluated("full")
-    body = node_status(node, ProcessStats())
-    payload = encode_telemetry(NET, "n0", 1, body)
+    record = measured(node.status(), ProcessStats(), node.learner.get_weights, NET)
+    payload = encode_telemetry(NET, "n0", 1, record)
     sent = unpack_envelope(payload).body
     assert sent["detail"] == "full"
     assert sent["confusion"] == CONFUSION.tolist()
@@ -124,8 +124,8 @@ def test_full_telemetry_carries_the_confusion_matrix_and_the_projection() -> Non
 
 def test_metrics_telemetry_leaves_the_matrix_and_the_projection_out_of_the_bytes() -> None:
     node = evaluated("metrics")
-    body = node_status(node, ProcessStats())
-    payload = encode_telemetry(NET, "n0", 1, body)
+    record = measured(node.status(), ProcessStats(), node.learner.get_weights, NET)
+    payload = encode_telemetry(NET, "n0", 1, record)
     sent = unpack_envelope(payload).body
     assert sent["detail"] == "metrics"
     assert sent["accuracy"] == pytest.approx(np.trace(CONFUSION) / CONFUSION.sum())
@@ -142,7 +142,7 @@ def test_metrics_telemetry_leaves_the_matrix_and_the_projection_out_of_the_bytes
 def test_a_node_on_off_has_no_telemetry_body() -> None:
     node = evaluated("off")
     with pytest.raises(ValueError, match="publishes no telemetry"):
-        node_status(node, ProcessStats())
+        encode_telemetry(NET, "n0", 1, node.status())
 
 
 # ---- what a running node publishes, per level -----------------------------------------------

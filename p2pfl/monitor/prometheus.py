@@ -5,9 +5,10 @@ Every metric is named `p2pfl_*` and labelled `node`. Each server has its own
 `CollectorRegistry` with one custom collector, never the process-global registry, so several
 nodes in one process (tests, the simulator) do not clash.
 
-The HTTP server answers on its own threads; a node's state belongs to its event loop, so the
-node collector reads it *on the loop* (`call_soon_threadsafe`) and the monitor collector reads
-a snapshot (plain data) that the monitor's loop replaces as a whole.
+Both export the fields of a node's status (`p2pfl.status.NodeStatus`) under the names of one
+table. The HTTP server answers on its own threads; a node's state belongs to its event loop, so
+the node collector calls `Node.status()` *on the loop* (`call_soon_threadsafe`) and the monitor
+collector reads a snapshot (plain data) that the monitor's loop replaces as a whole.
 """
 
 from __future__ import annotations
@@ -16,18 +17,17 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from p2pfl.status import NodeStatus
+
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from p2pfl.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -64,71 +64,91 @@ def serve_metrics(port: int, collector: Collector, *, host: str = "127.0.0.1") -
     return MetricsServer(server, thread)
 
 
+# ---- the metrics, by the fields of a node's status --------------------------------------------
+
+COUNTERS = {
+    "rounds": ("p2pfl_rounds", "Rounds completed."),
+    "models_sent": ("p2pfl_models_sent", "Models sent to peers."),
+    "models_received": ("p2pfl_models_received", "Models received from peers."),
+    "bytes_sent": ("p2pfl_bytes_sent", "Bytes of model messages sent."),
+    "bytes_received": ("p2pfl_bytes_received", "Bytes received on the inbox."),
+}
+"""`NodeStatus.summary()` key -> the counter it is exported as."""
+Gauges = tuple[tuple[str, str, str], ...]
+GAUGES: Gauges = (
+    ("round", "p2pfl_round", "Current round."),
+    ("accuracy", "p2pfl_accuracy", "Accuracy of the last local evaluation."),
+    ("test_loss", "p2pfl_test_loss", "Test loss of the last local evaluation."),
+    ("test_loss", "p2pfl_loss", "Test loss of the last local evaluation (p2pfl_test_loss)."),
+    ("train_loss", "p2pfl_train_loss", "Training loss of the last local step."),
+    ("peers", "p2pfl_peers", "Live trainer peers in the node's view."),
+    ("epsilon", "p2pfl_epsilon", "Differential privacy: epsilon spent on the node's own samples."),
+)
+"""(`NodeStatus.summary()` key, gauge, help). `p2pfl_loss` is the test loss under the name
+scrapers of earlier versions read."""
+MONITOR_GAUGES: Gauges = (
+    ("cpu", "p2pfl_cpu_percent", "CPU use of the node's process, percent of one core."),
+    ("rss", "p2pfl_rss_bytes", "Resident memory of the node's process."),
+    ("last_seen_s", "p2pfl_last_seen_seconds", "Seconds since the monitor last heard from it."),
+    ("stale", "p2pfl_stale", "1 when the monitor has not heard from the node in time."),
+    ("in_global", "p2pfl_in_global", "1 when the node's evaluation is in the global metrics."),
+)
+"""What a monitor knows of a node beyond `Node.status()`: the process figures of its telemetry
+(`telemetry.measured`) and its liveness."""
+
+
+def status_metrics(rows: Sequence[Mapping[str, Any]], gauges: Gauges = GAUGES) -> Iterator[Metric]:
+    """The metric families of some nodes, one row each (`NodeStatus.summary()` plus `id`)."""
+    for key, (name, doc) in COUNTERS.items():
+        counter = CounterMetricFamily(name, doc, labels=["node"])
+        for row in rows:
+            if row.get(key) is not None:
+                counter.add_metric([row["id"]], row[key])
+        yield counter
+    rejected = CounterMetricFamily(
+        "p2pfl_rejected", "Messages rejected, by reason.", labels=["node", "reason"]
+    )
+    for row in rows:
+        for reason, count in sorted((row.get("rejected_by_reason") or {}).items()):
+            rejected.add_metric([row["id"], reason], count)
+    yield rejected
+    for key, name, doc in gauges:
+        gauge = GaugeMetricFamily(name, doc, labels=["node"])
+        for row in rows:
+            if row.get(key) is not None:
+                gauge.add_metric([row["id"]], float(row[key]))
+        yield gauge
+
+
 # ---- a node -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NodeSample:
-    """A node's numbers at one instant."""
-
-    node_id: str
-    rounds: int
-    round: int
-    models_sent: int
-    models_received: int
-    bytes_sent: int
-    bytes_received: int
-    peers: int
-    accuracy: float | None
-    loss: float | None
-    rejected: dict[str, int] = field(default_factory=dict)
-    epsilon: float | None = None
-
-
-def sample_node(node: Node) -> NodeSample:
-    """Read `node`'s counters; call on the node's event loop."""
-    c = node.counters
-    ev = node.last_eval
-    return NodeSample(
-        node_id=node.node_id,
-        rounds=c.rounds,
-        round=node.round,
-        models_sent=c.models_sent,
-        models_received=c.models_received,
-        bytes_sent=c.bytes_sent,
-        bytes_received=c.bytes_received,
-        peers=len(node.view.live()),
-        accuracy=None if ev is None else ev.accuracy,
-        loss=None if ev is None else ev.loss,
-        rejected=dict(c.rejected),
-        epsilon=node.epsilon,
-    )
-
-
-def serve_node_metrics(node: Node, port: int, *, host: str = "127.0.0.1") -> MetricsServer:
-    """`serve_metrics` for `node`; call from the event loop the node runs on."""
-    return serve_metrics(port, NodeCollector(node, asyncio.get_running_loop()), host=host)
+def serve_node_metrics(
+    status: Callable[[], NodeStatus], port: int, *, host: str = "127.0.0.1"
+) -> MetricsServer:
+    """`serve_metrics` of a node's `status` (`Node.status`); call from the loop the node runs on."""
+    return serve_metrics(port, NodeCollector(status, asyncio.get_running_loop()), host=host)
 
 
 class NodeCollector(Collector):
-    """`p2pfl_*` metrics of one `Node`, read on the loop it runs on."""
+    """`p2pfl_*` metrics of one node's status, read on the loop the node runs on."""
 
-    def __init__(self, node: Node, loop: asyncio.AbstractEventLoop) -> None:
-        self.node = node
+    def __init__(self, status: Callable[[], NodeStatus], loop: asyncio.AbstractEventLoop) -> None:
+        self.status = status
         self.loop = loop
-        self._last: NodeSample | None = None
+        self._last: NodeStatus | None = None
 
     def collect(self) -> Iterator[Metric]:
-        sample = self._sample()
-        if sample is not None:
-            yield from node_metrics(sample)
+        status = self._sample()
+        if status is not None:
+            yield from status_metrics([{"id": status.id, **status.summary()}])
 
-    def _sample(self) -> NodeSample | None:
-        result: concurrent.futures.Future[NodeSample] = concurrent.futures.Future()
+    def _sample(self) -> NodeStatus | None:
+        result: concurrent.futures.Future[NodeStatus] = concurrent.futures.Future()
 
         def read() -> None:
             try:
-                result.set_result(sample_node(self.node))
+                result.set_result(self.status())
             except Exception as exc:  # handed to the scraping thread, which logs it
                 result.set_exception(exc)
 
@@ -140,59 +160,6 @@ class NodeCollector(Collector):
         except concurrent.futures.TimeoutError:
             log.debug("metrics: the node's loop did not answer in time; serving older numbers")
         return self._last
-
-
-def node_metrics(s: NodeSample) -> Iterator[Metric]:
-    """The metric families of one node sample."""
-    labels = [s.node_id]
-    for name, doc, value in (
-        ("p2pfl_rounds", "Rounds completed.", s.rounds),
-        ("p2pfl_models_sent", "Models sent to peers.", s.models_sent),
-        ("p2pfl_models_received", "Models received from peers.", s.models_received),
-        ("p2pfl_bytes_sent", "Bytes of model messages sent.", s.bytes_sent),
-        ("p2pfl_bytes_received", "Bytes received on the inbox.", s.bytes_received),
-    ):
-        counter = CounterMetricFamily(name, doc, labels=["node"])
-        counter.add_metric(labels, value)
-        yield counter
-    rejected = CounterMetricFamily(
-        "p2pfl_rejected", "Messages rejected, by reason.", labels=["node", "reason"]
-    )
-    for reason, count in sorted(s.rejected.items()):
-        rejected.add_metric([s.node_id, reason], count)
-    yield rejected
-    yield from _gauges(
-        s.node_id,
-        {
-            "round": s.round,
-            "accuracy": s.accuracy,
-            "loss": s.loss,
-            "peers": s.peers,
-            "epsilon": s.epsilon,
-        },
-    )
-
-
-_GAUGE_DOCS = {
-    "round": "Current round.",
-    "accuracy": "Accuracy of the last local evaluation.",
-    "loss": "Test loss of the last local evaluation.",
-    "peers": "Live trainer peers in the node's view.",
-    "epsilon": "Differential privacy: epsilon spent on the node's own samples.",
-    "cpu_percent": "CPU use of the node's process, percent of one core.",
-    "rss_bytes": "Resident memory of the node's process.",
-    "last_seen_seconds": "Seconds since the monitor last heard from the node.",
-    "stale": "1 when the monitor has not heard from the node in time.",
-    "in_global": "1 when the node's evaluation is in the global metrics.",
-}
-
-
-def _gauges(node_id: str, values: Mapping[str, float | int | None]) -> Iterator[Metric]:
-    for key, value in values.items():
-        gauge = GaugeMetricFamily(f"p2pfl_{key}", _GAUGE_DOCS[key], labels=["node"])
-        if value is not None:
-            gauge.add_metric([node_id], float(value))
-        yield gauge
 
 
 # ---- a monitor --------------------------------------------------------------------------------
@@ -214,36 +181,7 @@ class MonitorCollector(Collector):
 def monitor_metrics(snap: Mapping[str, Any]) -> Iterator[Metric]:
     """The metric families of one monitor snapshot (see `NetworkState.snapshot`)."""
     nodes = list(snap.get("nodes", []))
-    counters = {
-        "models_sent": ("p2pfl_models_sent", "Models sent to peers."),
-        "models_received": ("p2pfl_models_received", "Models received from peers."),
-        "bytes_out": ("p2pfl_bytes_sent", "Bytes of model messages sent."),
-        "bytes_in": ("p2pfl_bytes_received", "Bytes received on the inbox."),
-    }
-    for key, (name, doc) in counters.items():
-        counter = CounterMetricFamily(name, doc, labels=["node"])
-        for node in nodes:
-            if node.get(key) is not None:
-                counter.add_metric([node["id"]], node[key])
-        yield counter
-    gauges = {
-        "round": "round",
-        "accuracy": "accuracy",
-        "loss": "test_loss",
-        "peers": "peers",
-        "epsilon": "epsilon",
-        "cpu_percent": "cpu",
-        "rss_bytes": "rss",
-        "last_seen_seconds": "last_seen_s",
-        "stale": "stale",
-        "in_global": "in_global",
-    }
-    for name, key in gauges.items():
-        gauge = GaugeMetricFamily(f"p2pfl_{name}", _GAUGE_DOCS[name], labels=["node"])
-        for node in nodes:
-            if node.get(key) is not None:
-                gauge.add_metric([node["id"]], float(node[key]))
-        yield gauge
+    yield from status_metrics(nodes, GAUGES + MONITOR_GAUGES)
     glob = snap.get("global", {})
     for key, doc in (
         ("accuracy", "Accuracy of the sum of all live nodes' confusion matrices."),

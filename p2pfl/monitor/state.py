@@ -30,8 +30,9 @@ from typing import Any
 
 from p2pfl.discovery.presence import PresenceRecord
 from p2pfl.monitor import metrics
-from p2pfl.monitor.records import LogLine, Telemetry, parse_log, parse_telemetry
+from p2pfl.monitor.records import LogLine, parse_log, parse_telemetry
 from p2pfl.protocol.errors import ProtocolError
+from p2pfl.status import NodeStatus, unknown_summary
 
 DEFAULT_STALE = 15.0
 MIN_STALE = 5.0
@@ -47,7 +48,7 @@ EXCLUDED_REASONS = {
 
 
 @dataclass
-class NodeStatus:
+class KnownNode:
     """One node as the monitor sees it."""
 
     id: str
@@ -57,7 +58,7 @@ class NodeStatus:
     """The node's own timestamp of its newest record."""
     broker: str = ""
     presence_round: int | None = None
-    telemetry: Telemetry | None = None
+    telemetry: NodeStatus | None = None
     telemetry_ts: float = 0.0
     interval: float | None = None
     """Smoothed seconds between its telemetry reports (by its own clock)."""
@@ -112,7 +113,7 @@ class NetworkState:
         self.clock = clock
         self.wall = wall
         self.rejected: Counter[str] = Counter()
-        self._nodes: dict[str, NodeStatus] = {}
+        self._nodes: dict[str, KnownNode] = {}
         self._logs: deque[LogLine] = deque(maxlen=keep_logs)
         # node id -> its timestamp when it left or crashed: only later news brings it back
         self._ended: dict[str, float] = {}
@@ -142,7 +143,7 @@ class NetworkState:
             return False
         node = self._nodes.get(node_id)
         if node is None:
-            node = self._nodes[node_id] = NodeStatus(node_id, last_seen=heard)
+            node = self._nodes[node_id] = KnownNode(node_id, last_seen=heard)
         elif sent_at <= node.telemetry_ts:
             return False  # a duplicate through another broker, or an older retained copy
         if node.telemetry is not None:
@@ -182,7 +183,7 @@ class NetworkState:
         if heard is None:
             return False
         if node is None:
-            node = self._nodes[node_id] = NodeStatus(node_id, last_seen=heard)
+            node = self._nodes[node_id] = KnownNode(node_id, last_seen=heard)
         node.broker = record.broker or node.broker
         if record.round is not None and sent_at >= node.last_ts:
             node.presence_round = record.round
@@ -211,17 +212,17 @@ class NetworkState:
 
     # ---- reading ----------------------------------------------------------------------------
 
-    def nodes(self) -> list[NodeStatus]:
+    def nodes(self) -> list[KnownNode]:
         """Every node known now, sorted by id."""
         return [self._nodes[k] for k in sorted(self._nodes)]
 
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._nodes
 
-    def get(self, node_id: str) -> NodeStatus | None:
+    def get(self, node_id: str) -> KnownNode | None:
         return self._nodes.get(node_id)
 
-    def stale_after_for(self, node: NodeStatus) -> float:
+    def stale_after_for(self, node: KnownNode) -> float:
         """Seconds of silence after which `node` counts as stale."""
         if self.stale_after is not None:
             return self.stale_after
@@ -229,7 +230,7 @@ class NetworkState:
             return DEFAULT_STALE
         return max(MIN_STALE, 3 * node.interval)
 
-    def is_stale(self, node: NodeStatus) -> bool:
+    def is_stale(self, node: KnownNode) -> bool:
         return node.offline or self.clock() - node.last_seen > self.stale_after_for(node)
 
     def logs(self, n: int | None = None) -> list[LogLine]:
@@ -237,7 +238,7 @@ class NetworkState:
         lines = list(self._logs)
         return lines if n is None else lines[-n:] if n > 0 else []
 
-    def exclusion(self, node: NodeStatus) -> str | None:
+    def exclusion(self, node: KnownNode) -> str | None:
         """Why `node` is not in the global metrics (a key of `EXCLUDED_REASONS`); None if it is."""
         if self.is_stale(node):
             return "stale"
@@ -259,7 +260,7 @@ class NetworkState:
         nodes that are not stale."""
         fresh = [n for n in self._nodes.values() if not self.is_stale(n)]
         reports = [n.telemetry for n in fresh if n.telemetry is not None]
-        confusions = [r.confusion for r in reports if r.confusion is not None]
+        confusions = [m for r in reports if (m := r.confusion_matrix()) is not None]
         total = metrics.sum_confusions(confusions)
         projections = [r.projection for r in reports if r.projection is not None]
         if projections:
@@ -309,7 +310,7 @@ class NetworkState:
         age = max(0.0, self.wall() - sent_at) if retained else 0.0
         return None if age > self.forget_after else self.clock() - age
 
-    def _touch(self, node: NodeStatus, heard: float, sent_at: float) -> None:
+    def _touch(self, node: KnownNode, heard: float, sent_at: float) -> None:
         node.last_seen = max(node.last_seen, heard)
         if sent_at > node.last_ts:
             node.last_ts = sent_at
@@ -324,63 +325,15 @@ class NetworkState:
         while len(self._ended) > _MAX_ENDED:
             del self._ended[next(iter(self._ended))]
 
-    def _node_dict(self, node: NodeStatus, now: float) -> dict[str, Any]:
+    def _node_dict(self, node: KnownNode, now: float) -> dict[str, Any]:
         t = node.telemetry
-        out: dict[str, Any] = {
+        return {
             "id": node.id,
-            "detail": None if t is None else t.detail,
+            **(unknown_summary() if t is None else t.summary()),
             "in_global": self.exclusion(node) is None,
             "round": node.presence_round if t is None else t.round,
-            "accuracy": None,
-            "loss": None,
-            "test_loss": None,
-            "peers": None,
-            "peer_ids": [],
-            "models_sent": None,
-            "models_received": None,
-            "bytes_in": None,
-            "bytes_out": None,
-            "rejected": None,
-            "rejected_by_reason": None,
-            "cpu": None,
-            "rss": None,
-            "uptime": None,
-            "samples": None,
-            "epsilon": None,
-            "schedule": None,
-            "mode": None,
-            "run": None,
             "broker": node.broker,
             "last_seen_s": round(max(0.0, now - node.last_seen), 2),
             "stale": self.is_stale(node),
             "offline": node.offline,
-            "sent_to": [],
-            "confusion": None,
-            "projection": None,
         }
-        if t is not None:
-            out.update(
-                accuracy=t.accuracy,
-                loss=t.loss,
-                test_loss=t.test_loss,
-                peers=len(t.peers),
-                peer_ids=list(t.peers),
-                models_sent=t.models_sent,
-                models_received=t.models_received,
-                bytes_in=t.bytes_in,
-                bytes_out=t.bytes_out,
-                rejected=sum(count for _, count in t.rejected),
-                rejected_by_reason=dict(t.rejected),
-                cpu=t.cpu,
-                rss=t.rss,
-                uptime=t.uptime,
-                samples=t.samples,
-                epsilon=t.epsilon,
-                schedule=t.schedule,
-                mode=t.mode,
-                run=t.run,
-                sent_to=list(t.sent_to),
-                confusion=None if t.confusion is None else t.confusion.tolist(),
-                projection=None if t.projection is None else list(t.projection),
-            )
-        return out
