@@ -485,6 +485,25 @@ def test_a_ring_node_whose_training_diverged_trusts_its_last_trusted_senders() -
     assert rule.standing("c") == rule.standing("d") == 1.0  # and holds nothing against them
 
 
+def test_a_sender_pulling_towards_the_origin_loses_standing_though_it_looks_near() -> None:
+    # Honest models trained from one start have about the same norm, yet sit nearly a norm
+    # apart: a zero (or ipm's -0.1 x mean) model is as near as an honest one, so only its norm
+    # gives it away. A model more than 2x off the node's own norm counts as far.
+    rule = ClippedGossip()
+    own = vector(10.0, 0.0)
+    rule([own, vector(10.0, 8.0)], senders=["warm-up"])  # tau = 2 x 8 = 16
+    for _ in range(3):
+        rule([own, vector(10.0, 10.0), vector(0.0, 0.0)], senders=["honest", "zero"])
+    assert rule.standing("honest") == 1.0
+    assert rule.standing("zero") == STANDING_START / 8
+    # Above the norm band, and anything when the node's own norm says nothing (all zeros):
+    rule([own, vector(25.0, 0.0)], senders=["big"])
+    assert rule.standing("big") == STANDING_START / 2
+    blank = ClippedGossip()
+    blank([vector(0.0, 0.0), vector(1.0, 0.0)], senders=["any"])
+    assert blank.standing("any") == STANDING_START + 0.25
+
+
 def test_fresh_identities_never_make_a_node_think_it_is_the_outlier() -> None:
     # Sybils: each new name sends one far model; none has earned standing, so each merge has
     # one counted distance and stays clipped to tau x the starting standing.

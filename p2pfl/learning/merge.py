@@ -54,6 +54,8 @@ STANDING_START = 0.5
 """A sender's standing before its first model: trust is earned (full after two near models)."""
 STANDING_FAR = 0.75
 """A model farther than this many times tau counts against its sender's standing."""
+STANDING_NORM = 2.0
+"""A model whose norm is more than this factor off the node's own counts against its sender."""
 OUTLIER_SENDERS = 4
 """The node is the outlier when most of its last this many distinct senders sent far models."""
 WEIGHTED_CAP = 4.0
@@ -198,16 +200,26 @@ class ClippedGossip:
     sender that is always far moves a node by at most tau/(n+1) * (1/2 + 1/4 + ...) =
     tau/(n+1) over the whole run; an honest neighbour judged far by chance is back at full
     weight after two merges, and at s = 1/2 it is still unclipped at the median honest
-    distance (tau/2). Standing is kept for the last ``STANDING_MEMORY`` (4096) senders judged;
-    models with no sender named (``senders=None``) always have standing 1.
+    distance (tau/2). A model whose norm is more than ``STANDING_NORM`` (2) times off the
+    node's own also counts as far: honest models trained from one start keep about the same
+    norm yet sit nearly a norm apart when their data differ, so a model near the origin (a
+    zero model, ``ipm``'s -0.1 x the honest mean, what a ``scaled`` attacker sends once its
+    own model has overflowed) is as near as an honest one and only its norm gives it away;
+    on the exponential ring such senders kept full standing and cost 30 points. Standing is
+    kept for the last ``STANDING_MEMORY`` (4096) senders judged; models with no sender named
+    (``senders=None``) always have standing 1.
 
-    The node as the outlier. When most of one merge's neighbours (the lower median of its
-    distances, two or more neighbours) are beyond tau, the node itself is the odd one out:
-    its own training diverged, or the honest models moved on together. It then trusts the
-    majority, as on a first merge (tau = that lower median, which holds while fewer than half
-    of its neighbours are Byzantine), and holds no far model against its sender. Without this
-    a node whose local training blew up would distrust every honest neighbour and never come
-    back (seen in ``sim/attacks.toml``).
+    The node as the outlier. When most of its last neighbours are beyond tau (the lower
+    median of this merge's distances, filled up to ``OUTLIER_SENDERS`` (4) with the latest
+    distances from the last other senders that had earned standing, two or more in all), the
+    node itself is the odd one out: its own training diverged, or the honest models moved on
+    together. It then trusts the majority, as on a first merge (tau = that lower median, which
+    holds while fewer than half of those neighbours are Byzantine), and holds no far model
+    against its sender. Without this a node whose local training blew up would distrust every
+    honest neighbour and never come back (seen in ``sim/attacks.toml``). Looking back over
+    past merges lets a ring or random-walk node, one model per merge, see it too; counting
+    only senders with earned standing means a stream of fresh identities (Sybils) is never
+    that majority.
     """
 
     def __init__(
@@ -303,15 +315,16 @@ class ClippedGossip:
         if outlier:
             tau = middle
         radii: list[float] = []
+        own_norm = _norm(own)
         names: Sequence[str | None] = senders if senders is not None else [None] * len(others)
-        for name, d in zip(names, distances, strict=True):
+        for name, d, other in zip(names, distances, others, strict=True):
             if math.isfinite(d) and d > 0:
                 self._recent.append(min(d, tau))
             if name is None:
                 radii.append(tau)
                 continue
             radii.append(tau * self.standing(name))
-            far = not d <= STANDING_FAR * tau  # NaN counts as far
+            far = not d <= STANDING_FAR * tau or not _norm_near(own_norm, other)  # NaN: far
             if d > 0 and not (outlier and far):
                 self._judge(name, far=far)
         merged = clipped_step(own, others, tau=radii, share=share, distances=distances)
@@ -622,6 +635,25 @@ def _linear(models: Sequence[Weights], coefficients: Sequence[float]) -> Weights
                 total += c * np.asarray(model[name], dtype=np.float64)
         out[name] = _cast(total, first.dtype)
     return out
+
+
+def _norm(weights: Weights) -> float:
+    """L2 norm over the floating-point tensors; inf when it overflows, nan for NaN."""
+    total = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for w in weights.values():
+            if np.issubdtype(w.dtype, np.inexact):
+                flat = np.asarray(w, dtype=np.float64).ravel()
+                total += float(np.dot(flat, flat))
+    return math.sqrt(total) if math.isfinite(total) else total
+
+
+def _norm_near(own_norm: float, other: Weights) -> bool:
+    """Whether ``other``'s norm is within ``STANDING_NORM`` times ``own_norm`` either way
+    (always, when the node's own norm is zero or not finite: it then says nothing)."""
+    if not (math.isfinite(own_norm) and own_norm > 0):
+        return True
+    return own_norm / STANDING_NORM <= _norm(other) <= own_norm * STANDING_NORM
 
 
 def _distance(a: Weights, b: Weights) -> float:
