@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import hashlib
@@ -16,6 +17,7 @@ import pytest
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
+import p2pfl.transport as transport_package
 from p2pfl.transport.address import TlsOptions
 from p2pfl.transport.base import LocalBroker, Message, Transport, TransportError
 from p2pfl.transport.embedded import EmbeddedBroker
@@ -432,3 +434,37 @@ async def test_inbox_is_bounded_in_bytes(
     assert slow.inbox_bytes == 0  # taken messages no longer count
     await flooder.publish("net/node/slow/inbox", b"room again")
     assert [m.payload for m in await receive(slow)] == [b"room again"]
+
+
+def _transport_imports() -> dict[str, set[str]]:
+    """Each module of p2pfl.transport -> the p2pfl.transport modules it imports (even lazily)."""
+    folder = Path(transport_package.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        name = f"p2pfl.transport.{path.stem}"
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                graph[name].add(node.module)
+            elif isinstance(node, ast.Import):
+                graph[name].update(alias.name for alias in node.names)
+    package = "p2pfl.transport"
+    return {m: {i for i in deps if i.startswith(package + ".")} for m, deps in graph.items()}
+
+
+def test_transport_modules_import_without_cycles() -> None:
+    """A link talks to its transport through `LinkOwner`; it does not import `mqtt`."""
+    graph = _transport_imports()
+    assert "p2pfl.transport.mqtt" not in graph["p2pfl.transport.link"]
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module in done:
+            return
+        for dep in graph.get(module, ()):
+            visit(dep, (*path, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())
