@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import contextlib
-import hashlib
 import shutil
 import ssl
 import subprocess
@@ -20,10 +18,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 import p2pfl.transport as transport_package
 from p2pfl.transport.address import TlsOptions
 from p2pfl.transport.base import LocalBroker, Message, Transport, TransportError
-from p2pfl.transport.embedded import EmbeddedBroker
 from p2pfl.transport.link import is_hopeless
 from p2pfl.transport.mosquitto import MosquittoBroker, find_mosquitto, free_port
 from p2pfl.transport.mqtt import MqttOptions, MqttTransport
+from tests.receiving import receive
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -51,100 +49,8 @@ async def transports() -> AsyncIterator[Callable[..., Awaitable[MqttTransport]]]
         await t.close()
 
 
-async def receive(t: MqttTransport, count: int = 1, within: float = 5.0) -> list[Message]:
-    out: list[Message] = []
-    async with asyncio.timeout(within):
-        async for message in t.messages():
-            out.append(message)
-            if len(out) == count:
-                break
-    return out
-
-
-async def collect(t: MqttTransport, seconds: float = 0.3) -> list[Message]:
-    """Everything that arrives within `seconds`."""
-    out: list[Message] = []
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            async for message in t.messages():
-                out.append(message)
-    return out
-
-
-async def nothing_arrives(t: MqttTransport, seconds: float = 0.3) -> bool:
-    try:
-        async with asyncio.timeout(seconds):
-            await anext(t.messages())
-    except TimeoutError:
-        return True
-    return False
-
-
 def test_implements_the_transport_seam() -> None:
     assert isinstance(MqttTransport("mqtt://127.0.0.1:1", "x"), Transport)
-
-
-async def test_publish_subscribe_round_trip(broker: LocalBroker, transports) -> None:
-    a = await transports(broker.uri, "a")
-    b = await transports(broker.uri, "b")
-    await b.subscribe("net/node/+/inbox")
-    await a.publish("net/node/b/inbox", b"hello")
-    await a.publish("net/other", b"not for b")
-    await a.publish("net/node/c/inbox", b"for c")
-    got = await receive(b, 2)
-    assert [(m.topic, m.payload) for m in got] == [
-        ("net/node/b/inbox", b"hello"),
-        ("net/node/c/inbox", b"for c"),
-    ]
-    # Stats count acknowledged publishes; the one nobody receives may still await its PUBACK.
-    await a.flush()
-    assert a.stats.published_messages == 3
-    assert b.stats.received_bytes == len(b"hello") + len(b"for c")
-
-
-async def test_retained_presence_reaches_late_subscriber(broker: LocalBroker, transports) -> None:
-    a = await transports(broker.uri, "a")
-    await a.subscribe("net/presence/+")
-    await a.publish("net/presence/a", b"online", retain=True)
-    await a.publish("net/presence/gone", b"online", retain=True)
-    await a.publish("net/presence/gone", b"", retain=True)  # an empty retained payload deletes
-    # Our own echo proves the broker has processed (and stored) all three.
-    assert [m.payload for m in await receive(a, 3)] == [b"online", b"online", b""]
-    late = await transports(broker.uri, "late")
-    await late.subscribe("net/presence/+")
-    got = await receive(late) + await collect(late)  # the first may take a while, then the rest
-    assert set(got) == {Message("net/presence/a", b"online", retain=True)}
-    # amqtt may send it twice (see p2pfl.transport.embedded); Mosquitto sends it once.
-    assert len(got) == 1 or isinstance(broker, EmbeddedBroker)
-
-
-async def test_will_fires_on_abort_but_not_on_close(broker: LocalBroker, transports) -> None:
-    watcher = await transports(broker.uri, "watcher")
-    await watcher.subscribe("net/presence/+")
-    will = Message("net/presence/x", b"offline", retain=True)
-
-    polite = await transports(broker.uri, "x", will)
-    await polite.close()
-    assert await nothing_arrives(watcher)
-
-    crashing = await transports(broker.uri, "x", will)
-    await crashing.abort()
-    assert await receive(watcher) == [Message("net/presence/x", b"offline")]
-    # The will was retained, so a newcomer learns that x is offline.
-    late = await transports(broker.uri, "late")
-    await late.subscribe("net/presence/x")
-    assert await receive(late) == [Message("net/presence/x", b"offline", retain=True)]
-
-
-async def test_five_megabyte_payload_arrives_intact(broker: LocalBroker, transports) -> None:
-    a = await transports(broker.uri, "a")
-    b = await transports(broker.uri, "b")
-    await b.subscribe("big")
-    payload = hashlib.sha256(b"seed").digest() * (5 * 1024 * 1024 // 32)
-    await a.publish("big", payload)
-    (got,) = await receive(b, within=15)
-    assert len(got.payload) == len(payload)
-    assert got.payload == payload
 
 
 async def test_publish_to_a_second_broker(make_broker, broker: LocalBroker, transports) -> None:
@@ -156,23 +62,6 @@ async def test_publish_to_a_second_broker(make_broker, broker: LocalBroker, tran
     assert await receive(c) == [Message("net/node/c/inbox", b"model")]
     await a.publish("net/node/c/inbox", b"again", broker=other.uri)  # reuses the link
     assert await receive(c) == [Message("net/node/c/inbox", b"again")]
-
-
-async def test_reconnects_resubscribes_and_delivers_queued_messages(
-    broker: LocalBroker, transports, wait_until: WaitUntil
-) -> None:
-    t = await transports(broker.uri, "t")
-    await t.subscribe("net/node/t/inbox")
-    broker.stop()
-    await wait_until(lambda: not t.connected)
-    await t.publish("net/node/t/inbox", b"queued while down")  # waits in the outbox
-    await asyncio.sleep(0.2)
-    await asyncio.to_thread(broker.start)  # same port
-    got = await receive(t, within=10)
-    assert got == [Message("net/node/t/inbox", b"queued while down")]
-    assert t.connected
-    assert t.stats.reconnects >= 1
-    assert t.stats.dropped == 0
 
 
 async def test_amqtt_foreign_retained_messages_are_filtered(
@@ -187,19 +76,6 @@ async def test_amqtt_foreign_retained_messages_are_filtered(
     await b.subscribe("net/telemetry/+")
     await a.publish("net/telemetry/a", b"t")
     assert await receive(b) == [Message("net/telemetry/a", b"t")]
-
-
-async def test_close_flushes_queued_messages(broker: LocalBroker, transports) -> None:
-    sink = await transports(broker.uri, "sink")
-    await sink.subscribe("x/+")
-    a = await transports(broker.uri, "a")
-    for i in range(50):
-        await a.publish(f"x/{i}", bytes(10_000))
-    await a.close()  # without flush() first: close() itself flushes
-    assert a.stats.published_messages == 50
-    assert a.stats.dropped == 0
-    got = await receive(sink, 50)
-    assert {m.topic for m in got} == {f"x/{i}" for i in range(50)}
 
 
 async def test_full_outbox_drops_and_counts(mosquitto: LocalBroker, transports, wait_until) -> None:
@@ -250,38 +126,6 @@ async def test_connect_to_nothing_raises() -> None:
         await t.connect()
     with pytest.raises(TransportError, match="closed"):
         await t.publish("x", b"")
-
-
-async def test_closed_transport_refuses_work(mosquitto: LocalBroker, transports) -> None:
-    t = await transports(mosquitto.uri, "t")
-    await t.close()
-    with pytest.raises(TransportError, match="closed"):
-        await t.publish("x", b"")
-    with pytest.raises(TransportError, match="closed"):
-        await t.subscribe("x")
-    assert [m async for m in t.messages()] == []
-
-
-async def test_oversized_payload_and_bad_topic_are_caller_errors(mosquitto, transports) -> None:
-    t = await transports(mosquitto.uri, "t", options=MqttOptions(max_payload=10))
-    with pytest.raises(ValueError, match="chunk"):
-        await t.publish("x", bytes(11))
-    with pytest.raises(ValueError, match="wildcards"):
-        await t.publish("x/#", b"")
-
-
-async def test_subscribe_while_down_takes_effect_after_reconnect(
-    mosquitto: LocalBroker, transports, wait_until: WaitUntil
-) -> None:
-    t = await transports(mosquitto.uri, "t")
-    mosquitto.stop()
-    await wait_until(lambda: not t.connected)
-    await t.subscribe("late/x")  # recorded; the broker hears of it after the reconnect
-    await asyncio.to_thread(mosquitto.start)
-    other = await transports(mosquitto.uri, "other")
-    await wait_until(lambda: t.connected)
-    await other.publish("late/x", b"now")
-    assert await receive(t) == [Message("late/x", b"now")]
 
 
 async def test_abort_is_prompt_while_reconnecting(
@@ -406,34 +250,6 @@ async def test_close_does_not_wait_on_a_broker_that_died(
         await t.close()
     assert t.stats.dropped == 1
     assert [m async for m in t.messages()] == []
-
-
-async def test_inbox_is_bounded_in_bytes(
-    broker: LocalBroker, transports, wait_until: WaitUntil
-) -> None:
-    """A flood at a node that reads too slowly: what would overflow the bytes bound is dropped."""
-    bounded = MqttOptions(
-        backoff_min=0.05, backoff_max=0.3, drain_timeout=10.0, max_inbox_bytes=1_000_000
-    )
-    slow = await transports(broker.uri, "slow", options=bounded)
-    await slow.subscribe("net/node/slow/inbox")
-    flooder = await transports(broker.uri, "flooder")
-    queued: list[int] = []
-
-    def all_arrived() -> bool:
-        queued.append(slow.inbox_bytes)
-        return slow.stats.received_messages + slow.stats.dropped == 20
-
-    for i in range(20):  # 4 MB, far below the message count bound: only bytes can stop it
-        await flooder.publish("net/node/slow/inbox", bytes([i]) * 200_000)
-    await wait_until(all_arrived, within=20)
-    assert slow.stats.received_messages == 5 and slow.stats.dropped == 15
-    assert max(queued) <= 1_000_000 and slow.inbox_bytes == 1_000_000
-    got = await receive(slow, 5)
-    assert {len(m.payload) for m in got} == {200_000}
-    assert slow.inbox_bytes == 0  # taken messages no longer count
-    await flooder.publish("net/node/slow/inbox", b"room again")
-    assert [m.payload for m in await receive(slow)] == [b"room again"]
 
 
 def _transport_imports() -> dict[str, set[str]]:

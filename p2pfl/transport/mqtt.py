@@ -33,6 +33,7 @@ from p2pfl.transport.base import (
     TransportStats,
     topic_matches,
     validate_pattern,
+    validate_publish,
     validate_topic,
 )
 from p2pfl.transport.link import Link, Outgoing
@@ -174,14 +175,7 @@ class MqttTransport:
     ) -> None:
         """Queue `payload` for `topic` on `broker` (None = home); returns without waiting."""
         self._check_open()
-        validate_topic(topic)
-        if qos not in (0, 1, 2):
-            raise ValueError(f"MQTT QoS must be 0, 1 or 2, got {qos}")
-        if len(payload) > self.options.max_payload:
-            raise ValueError(
-                f"payload of {len(payload)} bytes exceeds max_payload={self.options.max_payload}; "
-                "chunk it"
-            )
+        validate_publish(topic, payload, qos, self.options.max_payload)
         address = self.home if broker is None else _address(broker)
         link = self._links.get(address) or self._open_link(address)
         item = Outgoing(next(self._seq), topic, payload, qos, retain)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from p2pfl.transport.address import TlsOptions
-from p2pfl.transport.base import MAX_PAYLOAD
+from p2pfl.transport.base import MAX_INBOX, MAX_INBOX_BYTES, MAX_PAYLOAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +36,9 @@ class MqttOptions:
     max_inflight: int = 16
     max_queued_messages: int = 10_000
     max_queued_bytes: int = 256 * 1024 * 1024
-    max_inbox: int = 10_000
+    max_inbox: int = MAX_INBOX
     """Received messages waiting for the node to read them; more are dropped (0: no bound)."""
-    max_inbox_bytes: int = 256 * 1024 * 1024
+    max_inbox_bytes: int = MAX_INBOX_BYTES
     """Payload bytes of those waiting messages; more are dropped (0: no bound)."""
     max_payload: int = MAX_PAYLOAD
     max_attempts: int = 5
