@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
@@ -93,6 +93,11 @@ class Transport(Protocol):
     async def abort(self) -> None:
         """Drop the connection abruptly, as a crash would: the broker publishes the will."""
         ...
+
+
+TransportFactory = Callable[[str, str], Transport]
+"""`(broker URI, client id) -> a Transport not yet connected`: how a component that opens its own
+clients (the monitor, one per broker) gets them on MQTT or on the simulator's bus."""
 
 
 class LocalBroker(Protocol):
