@@ -136,6 +136,17 @@ async def test_unsubscribe_stops_delivery(bench: Bench) -> None:
     assert await nothing_arrives(t)
 
 
+async def test_a_message_matching_two_filters_arrives_once_except_on_amqtt(bench: Bench) -> None:
+    """MQTT 3.1.1 leaves this to the broker: Mosquitto and the bus send one copy, amqtt one per
+    matching filter. Nodes subscribe to disjoint filters, so they never see the difference."""
+    t = await bench.client("t")
+    await t.subscribe("a/#")
+    await t.subscribe("a/+")
+    await t.publish("a/b", b"1")
+    got = await receive(t) + await collect(t)
+    assert [m.payload for m in got] == [b"1"] * (2 if bench.kind == "embedded" else 1)
+
+
 async def test_payload_up_to_max_payload_arrives_intact_and_above_it_is_refused(
     bench: Bench,
 ) -> None:

@@ -120,6 +120,25 @@ async def test_idle_remote_link_closes_and_reopens(
     assert (await receive(c))[0].payload == b"2"
 
 
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
+async def test_a_publish_above_the_brokers_packet_limit_is_dropped_and_counted(
+    transports, wait_until: WaitUntil
+) -> None:
+    """Mosquitto cuts a client that sends a packet above its `max_packet_size`: the transport
+    retries it `max_attempts` times, then drops and counts it, and goes on working. (The node
+    keeps its `max_payload` below its broker's limit so that this does not happen.)"""
+    with MosquittoBroker(max_packet_size=64 * 1024) as small:
+        options = MqttOptions(backoff_min=0.05, backoff_max=0.1, max_attempts=3)
+        t = await transports(small.uri, "t", options=options)
+        await t.subscribe("x")
+        await t.publish("x", bytes(100_000))
+        await wait_until(lambda: t.stats.dropped == 1, within=20)
+        assert t.stats.reconnects >= 2  # each attempt broke the connection; it came back
+        await t.publish("x", b"small")
+        assert await receive(t) == [Message("x", b"small")]
+        await t.close()
+
+
 async def test_connect_to_nothing_raises() -> None:
     t = MqttTransport(f"mqtt://127.0.0.1:{free_port()}", "t", MqttOptions(connect_timeout=0.5))
     with pytest.raises(TransportError, match="cannot connect"):

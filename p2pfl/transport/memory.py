@@ -8,6 +8,9 @@ Each client enforces the limits an `MqttTransport` enforces, with the same defau
 above `max_payload` is refused (the caller chunks it), and a client whose node reads too slowly
 drops, and counts, what would overflow `max_inbox` messages or `max_inbox_bytes` bytes.
 `tests/test_transport_contract.py` runs the same behaviour tests over this bus and real brokers.
+Where brokers differ the bus is strict: a second client with an id already connected is refused
+(Mosquitto disconnects the first, amqtt keeps both), and a message matching several filters of
+one client reaches it once (as on Mosquitto).
 
 The bus's `delay` hook, `(src_id, dst_id, payload_len) -> seconds | None`, lets a network model
 delay a delivery (scheduled with `loop.call_later`, no task per message) or drop it (None).
