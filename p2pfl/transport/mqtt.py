@@ -36,8 +36,9 @@ from p2pfl.transport.base import (
     validate_publish,
     validate_topic,
 )
-from p2pfl.transport.link import Link, Outgoing
+from p2pfl.transport.link import Link
 from p2pfl.transport.options import MqttOptions
+from p2pfl.transport.outbox import Outgoing
 
 log = logging.getLogger(__name__)
 
