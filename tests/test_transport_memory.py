@@ -1,4 +1,5 @@
-"""MemoryTransport: the simulator's bus must behave like an MQTT broker."""
+"""MemoryTransport: what only the simulator's bus does (its trie, shared payloads, the delay
+hook). What every transport does is in test_transport_contract.py."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from p2pfl.transport.memory import MemoryBus, MemoryTransport
 pytestmark = pytest.mark.timeout(10)
 
 
-async def client(bus: MemoryBus, cid: str, will: Message | None = None) -> MemoryTransport:
+async def client(bus: MemoryBus, cid: str) -> MemoryTransport:
     t = MemoryTransport(bus, cid)
-    await t.connect(will)
+    await t.connect()
     return t
 
 

@@ -1,4 +1,6 @@
-"""MqttTransport against real brokers: Mosquitto (child process) and the embedded amqtt."""
+"""MqttTransport against real brokers, Mosquitto (child process) and the embedded amqtt: what only
+MQTT does (remote-broker links, outbox, TLS, broker limits). What every transport does is in
+test_transport_contract.py."""
 
 from __future__ import annotations
 
