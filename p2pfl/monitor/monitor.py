@@ -6,6 +6,7 @@ mDNS record advertises, and the broker in every presence record heard on a broke
 watches (with embedded brokers that is one client per node; with a shared broker, one in all).
 On each it subscribes to presence, telemetry and logs, and publishes its own presence with role
 `monitor`, so trainers see it but never pick it as a target (`PeerView.live()` lists trainers).
+Its clients come from a transport factory: MQTT by default, the simulator's bus in a simulation.
 
 A broker nobody is known to live on any more (every node on it forgotten) is left after
 `forget_after` seconds, unless it was given on the command line.
@@ -34,7 +35,7 @@ from p2pfl.protocol import topics
 from p2pfl.protocol.envelope import unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.transport.address import parse_broker_uri
-from p2pfl.transport.base import Message, TransportError
+from p2pfl.transport.base import Message, Transport, TransportError, TransportFactory
 from p2pfl.transport.mqtt import MqttOptions, MqttTransport
 from p2pfl.trust import Trust, trust_label
 
@@ -56,7 +57,7 @@ class _Watch:
     """One broker the monitor listens on."""
 
     uri: str
-    transport: MqttTransport
+    transport: Transport
     since: float
     task: asyncio.Task[None] | None = None
     ready: bool = False
@@ -88,7 +89,9 @@ class Monitor:
         options: MqttOptions = DEFAULT_OPTIONS,
         trust: Trust | None = None,
         identity: Identity | None = None,
+        transport: TransportFactory | None = None,
     ) -> None:
+        """`transport` opens a client on a broker; None: `MqttTransport` with `options`."""
         topics.validate_name(network, "network name")
         self.network = network
         self.identity = identity or Identity.generate()
@@ -107,6 +110,7 @@ class Monitor:
         if options.login is None:  # nodes' brokers let in only clients with a key login
             options = replace(options, login=self._login)
         self.options = options
+        self._new_transport = transport or self._mqtt_transport
         self._pinned: set[str] = set()
         for broker in [*brokers, *(p.broker for p in peers)]:
             uri = canonical_broker(broker)
@@ -125,6 +129,9 @@ class Monitor:
         self._routes: dict[str, str] = {}  # a node's first address -> the one that answered
 
     # ---- public -----------------------------------------------------------------------------
+
+    def _mqtt_transport(self, uri: str, client_id: str) -> Transport:
+        return MqttTransport(uri, client_id, self.options)
 
     def _login(self, uri: str) -> tuple[str, str]:
         return self.monitor_id, login_password(
@@ -246,7 +253,7 @@ class Monitor:
             return
         self._clients += 1
         client_id = f"{self.monitor_id}-{self._clients}-{secrets.token_hex(8)}"
-        transport = MqttTransport(uri, client_id, self.options)
+        transport = self._new_transport(uri, client_id)
         watch = self._watches[uri] = _Watch(uri, transport, since=self.clock())
         watch.task = self._tg.create_task(self._follow(watch), name=f"monitor:{uri}")
 
@@ -347,12 +354,12 @@ class Monitor:
             signer=self.identity, cert=self.trust.certificate,
         )  # fmt: skip
 
-    async def _announce(self, transport: MqttTransport) -> None:
+    async def _announce(self, transport: Transport) -> None:
         await transport.publish(
             self._presence_topic, self._presence(online=True), qos=1, retain=True
         )
 
-    async def _leave(self, transport: MqttTransport) -> None:
+    async def _leave(self, transport: Transport) -> None:
         with contextlib.suppress(TransportError):
             await transport.publish(self._presence_topic, self._presence(online=False), qos=1)
             # Clear our retained record: a monitor that comes and goes leaves nothing behind.

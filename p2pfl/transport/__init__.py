@@ -7,6 +7,7 @@ from p2pfl.transport.base import (
     Message,
     Transport,
     TransportError,
+    TransportFactory,
     TransportStats,
     topic_matches,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "TlsOptions",
     "Transport",
     "TransportError",
+    "TransportFactory",
     "TransportStats",
     "find_mosquitto",
     "parse_broker_uri",

@@ -6,13 +6,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
 # MQTT's "remaining length" field caps a packet at 268,435,455 bytes; leave room for the header.
 MAX_PAYLOAD = 268_435_455 - 65_536 - 8
+MAX_INBOX = 10_000
+"""Received messages a transport holds for a node that has not read them yet; more are dropped."""
+MAX_INBOX_BYTES = 256 * 1024 * 1024
+"""Payload bytes of those messages; more are dropped."""
 
 
 class TransportError(Exception):
@@ -91,6 +95,11 @@ class Transport(Protocol):
         ...
 
 
+TransportFactory = Callable[[str, str], Transport]
+"""`(broker URI, client id) -> a Transport not yet connected`: how a component that opens its own
+clients (the monitor, one per broker) gets them on MQTT or on the simulator's bus."""
+
+
 class LocalBroker(Protocol):
     """A broker this process starts and owns: `EmbeddedBroker` (amqtt) or `MosquittoBroker`."""
 
@@ -142,6 +151,18 @@ def validate_topic(topic: str) -> None:
         raise ValueError(f"MQTT topic {topic!r} must not contain wildcards '+' or '#'")
     if "\x00" in topic:
         raise ValueError(f"MQTT topic {topic!r} must not contain NUL")
+
+
+def validate_publish(topic: str, payload: Payload, qos: int, max_payload: int) -> None:
+    """Raise ValueError for a publish no transport may send: a bad topic or QoS, or a payload
+    above `max_payload` (the caller must chunk it)."""
+    validate_topic(topic)
+    if qos not in (0, 1, 2):
+        raise ValueError(f"MQTT QoS must be 0, 1 or 2, got {qos}")
+    if len(payload) > max_payload:
+        raise ValueError(
+            f"payload of {len(payload)} bytes exceeds max_payload={max_payload}; chunk it"
+        )
 
 
 def validate_pattern(pattern: str) -> None:

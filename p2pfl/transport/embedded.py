@@ -13,6 +13,8 @@ Limits of amqtt 0.12 found in its source and in our tests (use Mosquitto for pro
   its own matches, but a client that subscribes right after connecting to a filter that
   another client also holds can get such a retained message twice: consumers of retained
   topics must be idempotent (presence and telemetry are).
+- A message matching two filters of one client reaches it twice (Mosquitto: once); nodes
+  subscribe to disjoint filters. Two clients with one id both stay connected (no takeover).
 - Wills, including retained wills, and retained-message deletion by an empty payload work.
 - `bind` takes `host:port`; IPv6 hosts are not supported here (amqtt keeps the brackets).
 """

@@ -1,4 +1,5 @@
-"""One supervised connection from an `MqttTransport` to one broker, with its outgoing queue."""
+"""One supervised connection from an `MqttTransport` to one broker, and its outgoing queue
+(an `Outbox`, p2pfl.transport.outbox)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,17 @@ import logging
 import random
 import socket
 import ssl
-from collections import deque
-from collections.abc import Awaitable, Iterable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Awaitable, Sequence
+from typing import Protocol, TypeVar
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
 from p2pfl.transport.address import BrokerAddress
-from p2pfl.transport.base import Message, Payload
-
-if TYPE_CHECKING:
-    from p2pfl.transport.mqtt import MqttTransport
+from p2pfl.transport.base import Message, TransportStats
+from p2pfl.transport.options import MqttOptions
+from p2pfl.transport.outbox import Outbox, Outgoing
 
 log = logging.getLogger(__name__)
 
@@ -49,85 +48,55 @@ def is_hopeless(error: BaseException | None) -> bool:
     return False
 
 
-class Outgoing:
-    """A message waiting for, or in, its publish; `attempts` counts broken connections."""
-
-    __slots__ = ("attempts", "payload", "qos", "retain", "seq", "topic")
-
-    def __init__(self, seq: int, topic: str, payload: Payload, qos: int, retain: bool) -> None:
-        self.seq = seq
-        self.topic = topic
-        self.payload = payload
-        self.qos = qos
-        self.retain = retain
-        self.attempts = 0
-
-
 class _LinkIdle(Exception):
     """A remote link had nothing to send for `link_idle` seconds."""
 
 
-class Outbox:
-    """A FIFO bounded by messages and bytes, whose failed sends go back to the front."""
+class LinkOwner(Protocol):
+    """What a `Link` asks of the transport that owns it (`MqttTransport`)."""
 
-    def __init__(self, max_messages: int, max_bytes: int) -> None:
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._items: deque[Outgoing] = deque()
-        self._nonempty = asyncio.Event()
+    @property
+    def patterns(self) -> list[str]:
+        """The topic filters to subscribe to on the home broker, after every (re)connection."""
+        ...
 
-    def __len__(self) -> int:
-        return len(self._items)
+    def deliver(self, message: Message) -> None:
+        """Take a message received on the home broker (the owner drops unwanted ones)."""
+        ...
 
-    def put(self, item: Outgoing) -> bool:
-        """Append `item`; False (and nothing queued) when a bound would be exceeded."""
-        size = len(item.payload)
-        if len(self._items) >= self.max_messages or self.nbytes + size > self.max_bytes:
-            return False
-        self._items.append(item)
-        self.nbytes += size
-        self._nonempty.set()
-        return True
+    def dropped(self, count: int, reason: str) -> None:
+        """Count `count` messages this link lost, for `reason`."""
+        ...
 
-    def requeue(self, items: Iterable[Outgoing]) -> None:
-        """Put `items` (oldest first) back at the front; they were accepted once, so no bound."""
-        for item in reversed(list(items)):
-            self._items.appendleft(item)
-            self.nbytes += len(item.payload)
-            self._nonempty.set()
-
-    async def get(self) -> Outgoing:
-        """Wait for and remove the oldest item."""
-        while not self._items:
-            self._nonempty.clear()
-            await self._nonempty.wait()
-        item = self._items.popleft()
-        self.nbytes -= len(item.payload)
-        return item
-
-    def clear(self) -> int:
-        """Remove everything; returns how many items were removed."""
-        count = len(self._items)
-        self._items.clear()
-        self.nbytes = 0
-        return count
+    def forget(self, link: Link) -> None:
+        """Stop routing publishes to `link`: it went idle or gave up on its broker."""
+        ...
 
 
 class Link:
-    """Connects to one broker again and again until stopped, and sends its outbox there."""
+    """Connects to one broker again and again until stopped, and sends its outbox there.
+
+    `stop` is the owner's closing signal: once set, the link stops reconnecting. `stats` is the
+    owner's counters, which the link adds its publishes and reconnects to.
+    """
 
     def __init__(
         self,
-        owner: MqttTransport,
+        owner: LinkOwner,
         address: BrokerAddress,
         identifier: str,
         *,
+        options: MqttOptions,
+        stats: TransportStats,
+        stop: asyncio.Event,
         home: bool,
         will: Message | None,
     ) -> None:
-        opts = owner.options
+        opts = self.options = options
         self.owner = owner
+        self.stats = stats
+        self._stop = stop
+        self.killed = False
         self.address = address
         self.identifier = identifier
         self.home = home
@@ -187,6 +156,7 @@ class Link:
 
     def kill(self) -> None:
         """Shut the socket down without DISCONNECT, so the broker publishes the will."""
+        self.killed = True
         client = self.client
         if client is None:
             return
@@ -198,7 +168,7 @@ class Link:
 
     async def run(self) -> None:
         """Connect, serve, and reconnect with capped exponential backoff and jitter."""
-        opts = self.owner.options
+        opts = self.options
         loop = asyncio.get_running_loop()
         delay = opts.backoff_min
         down_since = loop.time()
@@ -208,7 +178,7 @@ class Link:
             # Checked, not left to cancellation: on Python 3.11 a TaskGroup whose child fails
             # (the broken connection) while the link is cancelled raises the child's error and
             # drops the cancellation, so a closing link would otherwise reconnect forever.
-            if idle or self.owner.aborting or self.owner.closing:
+            if idle or self.killed or self._stop.is_set():
                 return
             now = loop.time()
             if was_up:
@@ -221,12 +191,18 @@ class Link:
                 self.owner.forget(self)
                 self.owner.dropped(self.clear(), f"broker {self.address.uri} unreachable")
                 return
-            await self.owner.pause(delay * random.uniform(0.5, 1.0))
+            await self._pause(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, opts.backoff_max)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less when the owner starts closing."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
 
     async def _connect_once(self) -> tuple[bool, bool]:
         """One connection's life; returns (whether it came up, whether the link went idle)."""
-        opts = self.owner.options
+        opts = self.options
         idle = False
         was_up = False
         error: BaseException | None = None
@@ -242,7 +218,7 @@ class Link:
                 was_up = True
                 self.connected.set()
                 if self.last_error is not None:
-                    self.owner.stats.reconnects += 1
+                    self.stats.reconnects += 1
                     log.info("reconnected client=%s broker=%s", self.identifier, self.address)
                 self.last_error = None
                 tg.create_task(self._send(client, tg))
@@ -255,7 +231,7 @@ class Link:
             self.down.set()
             self.client = None
             self._requeue_inflight(opts.max_attempts)
-        if error is not None and not self.owner.aborting:
+        if error is not None and not self.killed:
             # Each new kind of failure is worth a warning (refused, then not authorised...);
             # the same one again, while the link retries, is not.
             new = self.last_error is None or str(error) != str(self.last_error)
@@ -272,7 +248,7 @@ class Link:
         return was_up, idle
 
     def _client(self) -> aiomqtt.Client:
-        opts = self.owner.options
+        opts = self.options
         # The user's credentials go to the broker they were configured for, and nowhere else.
         home = self.home
         username, password = (opts.username, opts.password) if home else (None, None)
@@ -324,15 +300,13 @@ class Link:
             if not self.home:
                 continue  # a publish-only link; see MqttTransport.wanted
             topic = m.topic.value
-            if not self.owner.wanted(topic):
-                continue
             payload = m.payload
             if not isinstance(payload, bytes):
                 payload = bytes(payload) if isinstance(payload, bytearray) else b""
             self.owner.deliver(Message(topic, payload, bool(m.retain)))
 
     async def _send(self, client: aiomqtt.Client, tg: asyncio.TaskGroup) -> None:
-        opts = self.owner.options
+        opts = self.options
         window = asyncio.Semaphore(opts.max_inflight)
         while True:
             await window.acquire()
@@ -361,7 +335,7 @@ class Link:
     async def _send_one(
         self, client: aiomqtt.Client, item: Outgoing, window: asyncio.Semaphore
     ) -> None:
-        opts = self.owner.options
+        opts = self.options
         size = len(item.payload)
         try:
             # Big payloads queue behind each other in paho's socket buffer: give them time.
@@ -374,7 +348,7 @@ class Link:
         # On failure the item stays in `inflight` and is requeued when the connection ends.
         if self.inflight.pop(item.seq, None) is not None:
             self.inflight_bytes -= size
-        stats = self.owner.stats
+        stats = self.stats
         stats.published_messages += 1
         stats.published_bytes += size
         if not self.inflight and not self.outbox:

@@ -4,24 +4,38 @@ A `MemoryBus` plays the broker of one simulated network: it matches topics again
 subscriptions, keeps retained messages, and publishes a client's will when the client aborts.
 Payloads are never copied: every subscriber receives the same immutable `Message`.
 
+Each client enforces the limits an `MqttTransport` enforces, with the same defaults: a payload
+above `max_payload` is refused (the caller chunks it), and a client whose node reads too slowly
+drops, and counts, what would overflow `max_inbox` messages or `max_inbox_bytes` bytes.
+`tests/test_transport_contract.py` runs the same behaviour tests over this bus and real brokers.
+Where brokers differ the bus is strict: a second client with an id already connected is refused
+(Mosquitto disconnects the first, amqtt keeps both), and a message matching several filters of
+one client reaches it once (as on Mosquitto).
+
 The bus's `delay` hook, `(src_id, dst_id, payload_len) -> seconds | None`, lets a network model
 delay a delivery (scheduled with `loop.call_later`, no task per message) or drop it (None).
+Whatever the delays, one sender's messages reach one receiver in the order they were sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from p2pfl.transport.base import (
+    MAX_INBOX,
+    MAX_INBOX_BYTES,
+    MAX_PAYLOAD,
     Message,
     Payload,
     TransportError,
     TransportStats,
     topic_matches,
     validate_pattern,
+    validate_publish,
     validate_topic,
 )
 
@@ -50,6 +64,8 @@ class MemoryBus:
         self._root = _TrieNode()
         self._retained: dict[str, tuple[Message, str]] = {}
         self._clients: dict[str, MemoryTransport] = {}
+        # Messages the delay hook holds back, per (sender id, receiver): oldest first.
+        self._in_flight: dict[tuple[str, MemoryTransport], deque[Message]] = {}
 
     @property
     def clients(self) -> list[str]:
@@ -119,11 +135,25 @@ class MemoryBus:
         seconds = self.delay(src, dst.client_id, len(message.payload))
         if seconds is None:
             return False
-        if seconds <= 0:
+        link = (src, dst)
+        queue = self._in_flight.get(link)
+        if seconds <= 0 and queue is None:
             dst._deliver(message)
-        else:
-            asyncio.get_running_loop().call_later(seconds, dst._deliver, message)
+            return True
+        if queue is None:
+            queue = self._in_flight[link] = deque()
+        queue.append(message)
+        asyncio.get_running_loop().call_later(max(seconds, 0.0), self._arrive, link)
         return True
+
+    def _arrive(self, link: tuple[str, MemoryTransport]) -> None:
+        # Each delivery timer hands over the link's *oldest* message: timers due microseconds
+        # apart may fire in either order, and a link, like MQTT over TCP, must not reorder.
+        queue = self._in_flight[link]
+        message = queue.popleft()
+        if not queue:
+            del self._in_flight[link]
+        link[1]._deliver(message)
 
 
 def _collect(
@@ -150,13 +180,27 @@ def _collect(
 
 
 class MemoryTransport:
-    """A client of a `MemoryBus`; implements `Transport`. The `broker` argument is ignored."""
+    """A client of a `MemoryBus`; implements `Transport`. The `broker` argument is ignored.
 
-    def __init__(self, bus: MemoryBus, client_id: str, *, max_inbox: int = 0) -> None:
+    The limits are those of `MqttOptions`; 0 means no bound for the inbox ones.
+    """
+
+    def __init__(
+        self,
+        bus: MemoryBus,
+        client_id: str,
+        *,
+        max_inbox: int = MAX_INBOX,
+        max_inbox_bytes: int = MAX_INBOX_BYTES,
+        max_payload: int = MAX_PAYLOAD,
+    ) -> None:
         self.bus = bus
         self.client_id = client_id
         self.stats = TransportStats()
+        self.max_payload = max_payload
         self._max_inbox = max_inbox
+        self._max_inbox_bytes = max_inbox_bytes
+        self._inbox_bytes = 0
         self._inbox: asyncio.Queue[Message | object] = asyncio.Queue()
         self._patterns: dict[str, None] = {}
         self._will: Message | None = None
@@ -164,6 +208,11 @@ class MemoryTransport:
 
     def __repr__(self) -> str:
         return f"MemoryTransport({self.client_id!r}, {self._state})"
+
+    @property
+    def inbox_bytes(self) -> int:
+        """Payload bytes received and not yet taken by `messages()`."""
+        return self._inbox_bytes
 
     async def connect(self, will: Message | None = None) -> None:
         """Join the bus; `will` is published when this client aborts."""
@@ -201,7 +250,7 @@ class MemoryTransport:
     ) -> None:
         """Deliver `payload` to every subscriber of `topic` on the bus."""
         self._check_connected()
-        validate_topic(topic)
+        validate_publish(topic, payload, qos, self.max_payload)
         self.stats.published_messages += 1
         self.stats.published_bytes += len(payload)
         self.stats.dropped += self.bus._route(self.client_id, topic, payload, retain)
@@ -217,6 +266,7 @@ class MemoryTransport:
                 self._inbox.put_nowait(_CLOSED)  # later iterators end too
                 return
             assert isinstance(item, Message)
+            self._inbox_bytes -= len(item.payload)
             yield item
 
     async def close(self) -> None:
@@ -248,9 +298,14 @@ class MemoryTransport:
         # A delayed delivery may land after this client left; the network lost it.
         if self._state != "connected":
             return
-        if self._max_inbox and self._inbox.qsize() >= self._max_inbox:
+        size = len(message.payload)
+        if 0 < self._max_inbox <= self._inbox.qsize():
+            self.stats.dropped += 1
+            return
+        if 0 < self._max_inbox_bytes < self._inbox_bytes + size:
             self.stats.dropped += 1
             return
         self.stats.received_messages += 1
-        self.stats.received_bytes += len(message.payload)
+        self.stats.received_bytes += size
+        self._inbox_bytes += size
         self._inbox.put_nowait(message)

@@ -20,71 +20,29 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Final
 
 import aiomqtt
 
-from p2pfl.transport.address import BrokerAddress, TlsOptions, parse_broker_uri
+from p2pfl.transport.address import BrokerAddress, parse_broker_uri
 from p2pfl.transport.base import (
-    MAX_PAYLOAD,
     Message,
     Payload,
     TransportError,
     TransportStats,
     topic_matches,
     validate_pattern,
+    validate_publish,
     validate_topic,
 )
-from p2pfl.transport.link import Link, Outgoing
+from p2pfl.transport.link import Link
+from p2pfl.transport.options import MqttOptions
+from p2pfl.transport.outbox import Outgoing
 
 log = logging.getLogger(__name__)
 
 _CLOSED: Final = object()
-
-
-@dataclass(frozen=True, slots=True)
-class MqttOptions:
-    """Settings of an `MqttTransport`; the defaults suit a LAN with 1 MiB model chunks.
-
-    ``username``/``password`` and a TLS client certificate are the user's credentials for
-    the home broker they configured, and are presented to it only. Every other broker (a
-    peer's) is dialled with ``login(uri)`` (user name, password): the node's key-based login
-    (p2pfl.broker_auth), or anonymously when None. The home broker gets that login too when
-    the user gave no user name.
-    """
-
-    username: str | None = None
-    password: str | None = None
-    tls: TlsOptions | None = None
-    login: Callable[[str], tuple[str, str]] | None = None
-    timeout: float = 30.0
-    """Base timeout of one broker operation (connect, subscribe, publish acknowledgement)."""
-    min_rate: float = 1e6
-    """Bytes/s a broker is assumed to sustain at worst: a publish may take `len/min_rate` more."""
-    keepalive: int = 30
-    connect_timeout: float = 10.0
-    """How long `connect()` waits for the home broker before raising TransportError."""
-    backoff_min: float = 0.2
-    backoff_max: float = 5.0
-    max_inflight: int = 16
-    max_queued_messages: int = 10_000
-    max_queued_bytes: int = 256 * 1024 * 1024
-    max_inbox: int = 10_000
-    """Received messages waiting for the node to read them; more are dropped (0: no bound)."""
-    max_inbox_bytes: int = 256 * 1024 * 1024
-    """Payload bytes of those waiting messages; more are dropped (0: no bound)."""
-    max_payload: int = MAX_PAYLOAD
-    max_attempts: int = 5
-    drain_timeout: float = 5.0
-    """How long `close()` waits for queued messages to be acknowledged by brokers still up."""
-    close_timeout: float = 3.0
-    """How long `close()` then waits for the connections to end before cutting them."""
-    link_idle: float = 120.0
-    """A remote-broker link with nothing to send for this long is closed (reopened on demand)."""
-    link_give_up: float = 60.0
-    """A remote broker unreachable for this long: its queued messages are dropped."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -117,7 +75,7 @@ class MqttTransport:
         self._runner: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._state = "new"
-        self.aborting = False
+        self._aborting = False
         self._seq = itertools.count()
         self._failure: BaseException | None = None
         self._drop_reasons: set[str] = set()
@@ -137,17 +95,6 @@ class MqttTransport:
         return self._inbox_bytes
 
     @property
-    def closing(self) -> bool:
-        """Whether `close()` or `abort()` was called: links stop reconnecting."""
-        return self._stop.is_set()
-
-    async def pause(self, seconds: float) -> None:
-        """Sleep `seconds`, or less when the transport starts closing."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stop.wait()
-
-    @property
     def brokers(self) -> list[str]:
         """URIs of the brokers this transport has a link to now (home first)."""
         return [address.uri for address in self._links]
@@ -164,7 +111,7 @@ class MqttTransport:
         if will is not None:
             validate_topic(will.topic)
         self._will = will
-        home = Link(self, self.home, self.client_id, home=True, will=will)
+        home = self._link(self.home, self.client_id, home=True)
         self._home_link = home
         self._links[self.home] = home
         self._state = "connecting"
@@ -229,14 +176,7 @@ class MqttTransport:
     ) -> None:
         """Queue `payload` for `topic` on `broker` (None = home); returns without waiting."""
         self._check_open()
-        validate_topic(topic)
-        if qos not in (0, 1, 2):
-            raise ValueError(f"MQTT QoS must be 0, 1 or 2, got {qos}")
-        if len(payload) > self.options.max_payload:
-            raise ValueError(
-                f"payload of {len(payload)} bytes exceeds max_payload={self.options.max_payload}; "
-                "chunk it"
-            )
+        validate_publish(topic, payload, qos, self.options.max_payload)
         address = self.home if broker is None else _address(broker)
         link = self._links.get(address) or self._open_link(address)
         item = Outgoing(next(self._seq), topic, payload, qos, retain)
@@ -288,16 +228,21 @@ class MqttTransport:
             return
         if self._state in ("connecting", "connected"):
             self._state = "closing"
-            self.aborting = True
+            self._aborting = True
             for link in self._running:
                 link.kill()
         self._stop.set()
         await self._wait_runner()
 
-    # -- used by the links -------------------------------------------------------------------
+    # -- used by the links (`LinkOwner`) ---------------------------------------------------------
 
     def deliver(self, message: Message) -> None:
-        """Put a received message in the inbox, or count it dropped when the inbox is full."""
+        """Put a received message in the inbox, or count it dropped when the inbox is full.
+
+        A message no subscription of ours matches is ignored (see `wanted`).
+        """
+        if not self.wanted(message.topic):
+            return
         size = len(message.payload)
         if 0 < self.options.max_inbox <= self._inbox.qsize():
             self.dropped(1, "inbox is full (the node reads too slowly)")
@@ -338,7 +283,7 @@ class MqttTransport:
                 self._tg = tg
                 self._start(home)
                 await self._stop.wait()
-                if self.aborting:
+                if self._aborting:
                     # The links see their sockets die and end on their own; don't cancel them
                     # mid-way or aiomqtt would try a graceful DISCONNECT.
                     tasks = [
@@ -377,10 +322,22 @@ class MqttTransport:
             raise TransportError(f"{self.client_id}: transport is not running")
         # Remote links carry the will too: when this node dies, every broker it was connected
         # to announces it, so peers on per-node embedded brokers see the crash at once.
-        link = Link(self, address, f"{self.client_id}-out", home=False, will=self._will)
+        link = self._link(address, f"{self.client_id}-out", home=False)
         self._links[address] = link
         self._start(link)
         return link
+
+    def _link(self, address: BrokerAddress, identifier: str, *, home: bool) -> Link:
+        return Link(
+            self,
+            address,
+            identifier,
+            options=self.options,
+            stats=self.stats,
+            stop=self._stop,
+            home=home,
+            will=self._will,
+        )
 
     def _home_client(self) -> aiomqtt.Client | None:
         home = self._home_link
