@@ -111,7 +111,7 @@ async def test_nodes_find_each_other_and_ignore_other_networks(
 
     # c sees a and b, they see c: each counts the other network and reports nothing of it.
     await wait_until(lambda: a.stats["other_network"] >= 1 and c.stats["other_network"] >= 2)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # on purpose: more records may arrive; none of c may be reported
     assert c_id not in {p.id for p in seen_a.all + seen_b.all}
     assert seen_c.all == []
     assert [p.id for p in a.peers()] == [b_id]

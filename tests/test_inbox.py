@@ -16,6 +16,7 @@ from p2pfl.protocol import chunking
 from p2pfl.protocol.envelope import Envelope, pack_envelope
 from p2pfl.protocol.model import encode_model, layout
 from p2pfl.trust import Trust
+from tests.helpers import FakeClock
 
 NET = "inboxtest"
 
@@ -57,14 +58,6 @@ async def test_a_reassembled_model_from_another_network_is_refused() -> None:
 
 
 # -- bounded reassembly: forged chunk headers and abandoned transfers -----------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def forged_chunk(total: int, count: int, src: str = "mallory") -> bytes:
