@@ -155,9 +155,7 @@ def _load_digits(seed: int) -> Dataset:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as e:
-        raise ImportError(
-            "the 'digits' dataset needs scikit-learn: pip install 'p2pfl[digits]'"
-        ) from e
+        raise DatasetError("'digits' needs scikit-learn: pip install 'p2pfl[digits]'") from e
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
         x / 16.0, y, test_size=0.2, random_state=seed, stratify=y
