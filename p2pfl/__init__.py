@@ -15,14 +15,29 @@ _EXPORTS = {
     "EvalResult": "p2pfl.learning.learner",
     "FitResult": "p2pfl.learning.learner",
     "Learner": "p2pfl.learning.learner",
+    "Node": "p2pfl.node",
+    "NodeConfig": "p2pfl.config",
+    "Simulation": "p2pfl.simulation.engine",
     "TorchLearner": "p2pfl.learning.torch_learner",
 }
 
-__all__ = ["EvalResult", "FitResult", "Learner", "TorchLearner", "__version__"]
+__all__ = [
+    "EvalResult",
+    "FitResult",
+    "Learner",
+    "Node",
+    "NodeConfig",
+    "Simulation",
+    "TorchLearner",
+    "__version__",
+]
 
 if TYPE_CHECKING:
+    from p2pfl.config import NodeConfig
     from p2pfl.learning.learner import EvalResult, FitResult, Learner
     from p2pfl.learning.torch_learner import TorchLearner
+    from p2pfl.node import Node
+    from p2pfl.simulation.engine import Simulation
 
 
 def __getattr__(name: str) -> Any:

@@ -345,11 +345,19 @@ def run(
     setup_logging(cfg.log_format, cfg.log_level)
     from p2pfl.daemon import serve
     from p2pfl.identity import KeyFileError
+    from p2pfl.learning.datasets import DatasetError
+    from p2pfl.learning.models import ModelError
     from p2pfl.learning.privacy import PrivacyError
     from p2pfl.store import StateDirError
 
     try:
         asyncio.run(serve(cfg))
+    except DatasetError as exc:  # a data file or dataset spec that cannot be used
+        typer.echo(f"config error: dataset {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    except ModelError as exc:  # a model spec that does not import or build
+        typer.echo(f"config error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
     except KeyFileError as exc:  # a key, trust list or certificate file that cannot be used
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
@@ -423,6 +431,8 @@ def sim(
 ) -> None:
     """Simulate a whole network on this machine and compare schedules (no broker needed)."""
     from p2pfl.config import ConfigError
+    from p2pfl.learning.datasets import DatasetError
+    from p2pfl.learning.models import ModelError, check_model
     from p2pfl.learning.privacy import PrivacyError
     from p2pfl.simulation.cli import run_sim
     from p2pfl.simulation.scenario import load_scenario
@@ -441,9 +451,13 @@ def sim(
         matrix = matrix or bool(loaded.attacks or loaded.compare_merges or loaded.compare_dp)
         if matrix and broker is not None:
             raise ValueError("--matrix runs on the in-memory bus only; drop --broker")
+        check_model(loaded.node.model)
         from p2pfl.simulation.engine import check_privacy
 
         check_privacy(loaded)
+    except DatasetError as exc:
+        typer.echo(f"config error: dataset {exc}", err=True)
+        raise typer.Exit(code=2) from None
     except PrivacyError as exc:  # a model DP-SGD cannot train: said before anything runs
         typer.echo(f"config error: node.{exc}", err=True)
         raise typer.Exit(code=2) from None
@@ -453,14 +467,20 @@ def sim(
             message = f"config error: {message}"
         typer.echo(message, err=True)
         raise typer.Exit(code=2) from None
-    if matrix:
-        from p2pfl.simulation.cli import run_matrix
+    try:
+        if matrix:
+            from p2pfl.simulation.cli import run_matrix
 
-        run_matrix(loaded, out=out, json_out=json_out, plots=not no_plots)
-        return
-    run_sim(
-        loaded, out=out, json_out=json_out, plots=not no_plots, broker=broker, processes=processes
-    )
+            run_matrix(loaded, out=out, json_out=json_out, plots=not no_plots)
+            return
+        run_sim(
+            loaded, out=out, json_out=json_out, plots=not no_plots, broker=broker,
+            processes=processes,
+        )  # fmt: skip
+    except (DatasetError, ModelError) as exc:  # the data file, read before any node starts
+        prefix = "dataset " if isinstance(exc, DatasetError) else ""
+        typer.echo(f"config error: {prefix}{exc}", err=True)
+        raise typer.Exit(code=2) from None
 
 
 @app.command()

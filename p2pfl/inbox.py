@@ -28,7 +28,7 @@ from p2pfl.secagg import MAX_SENDERS, masked_layout
 from p2pfl.transport.base import Payload
 from p2pfl.trust import TRUST_REASONS, Trust
 
-log = logging.getLogger("p2pfl.node")
+log = logging.getLogger(__name__)
 
 A = TypeVar("A")
 R = TypeVar("R")

@@ -42,7 +42,7 @@ from p2pfl.protocol.reveal import Ask, Seeds, encode_ask, encode_seeds, parse_re
 from p2pfl.secagg import AgreementKey, Masked, Reveal
 from p2pfl.topology import Schedule
 
-log = logging.getLogger("p2pfl.node")
+log = logging.getLogger(__name__)
 
 KEPT_ROUNDS = 3
 """Rounds a sender keeps its seeds for (a receiver asks within its own round)."""

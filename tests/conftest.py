@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable, Iterator
 
 import numpy as np
@@ -13,6 +11,7 @@ from p2pfl.learning.datasets import Dataset
 from p2pfl.transport.base import LocalBroker
 from p2pfl.transport.embedded import EmbeddedBroker
 from p2pfl.transport.mosquitto import MosquittoBroker, find_mosquitto
+from tests import helpers
 
 BROKER_KINDS = ("mosquitto", "embedded")
 
@@ -64,20 +63,10 @@ def broker(request: pytest.FixtureRequest, make_broker: MakeBroker) -> LocalBrok
     return make_broker(request.param)
 
 
-async def _wait_until(
-    condition: Callable[[], bool], within: float = 5.0, interval: float = 0.01
-) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s: {condition}")
-        await asyncio.sleep(interval)
-
-
 @pytest.fixture
 def wait_until() -> WaitUntil:
     """`await wait_until(lambda: cond, within=5)` polls; AssertionError if it stays false."""
-    return _wait_until
+    return helpers.wait_until
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from tests.helpers import wait_until_blocking
 
 
 def free_ports(n: int) -> list[int]:
@@ -103,14 +105,5 @@ def stop_all(nodes: Iterable[NodeProcess], grace: float = 30.0) -> None:
             node.wait(10)
 
 
-def wait_until(
-    cond: Callable[[], bool], timeout: float, what: str, logs: Callable[[], str] | str = ""
-) -> None:
-    """Poll `cond`; on timeout fail with `logs` (a callable is read then, not now)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    detail = logs() if callable(logs) else logs
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{detail}")
+# Process tests wait without an event loop; the name their modules import.
+wait_until = wait_until_blocking

@@ -111,7 +111,7 @@ async def test_nodes_find_each_other_and_ignore_other_networks(
 
     # c sees a and b, they see c: each counts the other network and reports nothing of it.
     await wait_until(lambda: a.stats["other_network"] >= 1 and c.stats["other_network"] >= 2)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # on purpose: more records may arrive; none of c may be reported
     assert c_id not in {p.id for p in seen_a.all + seen_b.all}
     assert seen_c.all == []
     assert [p.id for p in a.peers()] == [b_id]
@@ -119,19 +119,12 @@ async def test_nodes_find_each_other_and_ignore_other_networks(
     assert a.stats["duplicate_id"] == 0, "nor mistakes its own record for a duplicate"
 
 
-async def test_round_updates_reach_peers_and_close_sends_goodbye(
-    make_node: MakeNode, net: str, wait_until: WaitUntil
-) -> None:
+async def test_close_sends_goodbye(make_node: MakeNode, net: str, wait_until: WaitUntil) -> None:
     a_id, b_id = uid("a"), uid("b")
     a, seen_a = make_node(net, a_id)
-    b, _ = make_node(net, b_id, round_interval=0.1)
+    b, _ = make_node(net, b_id)
     await asyncio.gather(a.start(), b.start())
     await wait_until(lambda: b_id in seen_a.peers, within=5)
-
-    b.set_round(3)
-    await wait_until(lambda: seen_a.peers[b_id].round == 3)
-    b.set_round(4)
-    await wait_until(lambda: seen_a.peers[b_id].round == 4)
 
     await b.close()
     # The goodbye, not expiry (the records' TTLs are minutes long).

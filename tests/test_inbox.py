@@ -16,6 +16,7 @@ from p2pfl.protocol import chunking
 from p2pfl.protocol.envelope import Envelope, pack_envelope
 from p2pfl.protocol.model import encode_model, layout
 from p2pfl.trust import Trust
+from tests.helpers import FakeClock
 
 NET = "inboxtest"
 
@@ -57,14 +58,6 @@ async def test_a_reassembled_model_from_another_network_is_refused() -> None:
 
 
 # -- bounded reassembly: forged chunk headers and abandoned transfers -----------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def forged_chunk(total: int, count: int, src: str = "mallory") -> bytes:
@@ -161,7 +154,7 @@ def test_log_once_entries_are_bounded_whatever_ids_peers_make_up(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     box = inbox()
-    with caplog.at_level(logging.WARNING, logger="p2pfl.node"):
+    with caplog.at_level(logging.WARNING, logger="p2pfl.inbox"):
         for i in range(5000):
             box.reject(f"sybil{i}", "unknown sender: not a live peer of this node")
     assert box.counters.rejected == {"unknown-sender": 5000}
@@ -170,7 +163,7 @@ def test_log_once_entries_are_bounded_whatever_ids_peers_make_up(
     assert "counted, not logged" in caplog.records[-1].getMessage()
     box.forget("sybil0")  # a peer that leaves makes room: the next new one is logged again
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="p2pfl.node"):
+    with caplog.at_level(logging.WARNING, logger="p2pfl.inbox"):
         box.reject("newcomer", "stale round: 1 < 3")
     assert [r.getMessage() for r in caplog.records] == [
         "message rejected peer=newcomer reason=stale round: 1 < 3"

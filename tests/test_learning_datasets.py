@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from p2pfl.learning import datasets
-from p2pfl.learning.datasets import Dataset, default_cache_dir, load_dataset
+from p2pfl.learning.datasets import Dataset, DatasetError, default_cache_dir, load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,33 @@ def test_npz_errors_name_the_problem(
 def test_npz_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot read"):
         load_dataset(f"npz:{tmp_path / 'absent.npz'}")
+
+
+def test_a_file_that_is_no_npz_archive_is_a_dataset_error(tmp_path: Path) -> None:
+    noise = tmp_path / "noise.npz"
+    noise.write_bytes(np.random.default_rng(0).bytes(300))  # numpy would take it for a pickle
+    with pytest.raises(DatasetError, match=r"noise\.npz: cannot read: not an \.npz archive"):
+        load_dataset(f"npz:{noise}")
+    one = tmp_path / "one.npz"
+    with one.open("wb") as f:
+        np.save(f, np.zeros(3))  # one .npy array under an .npz name
+    with pytest.raises(DatasetError, match=r"one array, not an \.npz archive of x_train"):
+        load_dataset(f"npz:{one}")
+
+
+def test_an_object_array_in_the_archive_is_refused_not_unpickled(tmp_path: Path) -> None:
+    arrays = _good_arrays()
+    arrays["y_test"] = np.array([{"a": 1}] * len(arrays["y_test"]), dtype=object)
+    path = tmp_path / "objects.npz"
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    with pytest.raises(DatasetError, match=r"objects\.npz: cannot read"):
+        load_dataset(f"npz:{path}")
+
+
+def test_digits_without_scikit_learn_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as if absent
+    with pytest.raises(DatasetError, match=r"pip install 'p2pfl\[digits\]'"):
+        load_dataset("digits")
 
 
 @pytest.mark.parametrize("spec", ["mnist", "npz:", "cifar10"])

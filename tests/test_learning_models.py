@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from p2pfl.learning.models import BUILTIN_MODELS, build_model
+from p2pfl.learning.models import BUILTIN_MODELS, ModelError, build_model, check_model
 
 
 def tiny_factory(in_shape: tuple[int, ...], n_classes: int) -> nn.Module:
@@ -87,6 +89,37 @@ def test_user_factory_must_return_a_module() -> None:
 def test_bad_user_model_spec(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_model(spec, (40,), 3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_such_package_p2pfl.models:make", "cannot import"),
+        (f"{__name__}:missing_factory", "has no"),
+        (f"{__name__}:BUILTIN_MODELS", "not callable"),
+        ("resnet", "unknown model 'resnet'"),
+    ],
+)
+def test_check_model_refuses_what_build_model_would(spec: str, message: str) -> None:
+    """The start-up check, before any data: the same ModelError as building would give."""
+    with pytest.raises(ModelError, match=message):
+        check_model(spec)
+    with pytest.raises(ModelError, match=message):
+        build_model(spec, (40,), 3)
+
+
+def test_check_model_takes_builtins_and_user_factories() -> None:
+    for spec in (*BUILTIN_MODELS, "torch.nn:Linear"):
+        check_model(spec)  # no error
+
+
+def test_a_user_module_with_a_syntax_error_is_a_model_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "broken_p2pfl_model.py").write_text("def build(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelError, match="cannot import 'broken_p2pfl_model'"):
+        check_model("broken_p2pfl_model:build")
 
 
 def test_unknown_model_lists_builtins() -> None:

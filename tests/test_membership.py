@@ -137,7 +137,9 @@ async def test_nobody_found_over_mdns_says_so() -> None:
     assert f"p2pfl doctor --network {NET}" in why
 
 
-async def test_a_reachable_peer_that_never_announces_back_points_at_our_address() -> None:
+async def test_a_reachable_peer_that_never_announces_back_points_at_our_address(
+    wait_until: WaitUntil,
+) -> None:
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
     theirs = f"mqtt://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     h = Harness(own=OwnBroker("0.0.0.0", 1883, [OURS]), discovery=("mdns", "presence"))
@@ -145,7 +147,7 @@ async def test_a_reachable_peer_that_never_announces_back_points_at_our_address(
         h.membership.discovered(
             PeerInfo(id="m3", role="trainer", broker=theirs, source="mdns", brokers=(theirs,))
         )
-        await asyncio.sleep(0.1)
+        await wait_until(lambda: "m3" in h.membership._introduced)  # the loop took it in
         why = await h.membership.diagnose()
     assert "m3: its broker answers but its presence never arrived" in why
     assert OURS in why

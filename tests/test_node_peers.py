@@ -25,6 +25,7 @@ from p2pfl.topology import make_schedule
 from p2pfl.transport.base import Message
 from p2pfl.transport.memory import MemoryBus, MemoryTransport
 from tests.conftest import WaitUntil
+from tests.helpers import FakeClock
 from tests.test_node import (
     _SEQ,
     BUS,
@@ -46,14 +47,6 @@ TTL = 15.0  # a peer is established after a heartbeat interval, TTL / 3
 @pytest.fixture(scope="module")
 def dataset() -> Dataset:
     return load_dataset("mnist1d", seed=0)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def idle_node(dataset: Dataset, clock: FakeClock, **overrides: Any) -> Node:
@@ -83,7 +76,7 @@ def weights(node: Node) -> Mapping[str, np.ndarray]:
 
 
 async def test_fresh_peers_do_not_move_the_round_ceiling(dataset: Dataset) -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     node = idle_node(dataset, clock)
     lag = node.config.max_round_lag
     node.round = 3
@@ -99,7 +92,7 @@ async def test_fresh_peers_do_not_move_the_round_ceiling(dataset: Dataset) -> No
 async def test_a_restarted_node_still_catches_up_with_its_one_established_peer(
     dataset: Dataset,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     node = idle_node(dataset, clock)
     lag = node.config.max_round_lag
     await presence(node, "ahead", round=50)
@@ -115,7 +108,7 @@ async def test_a_restarted_node_still_catches_up_with_its_one_established_peer(
 
 
 async def test_only_trainers_of_the_view_and_pending_peers_are_admitted(dataset: Dataset) -> None:
-    node = idle_node(dataset, FakeClock())
+    node = idle_node(dataset, FakeClock(100.0))
     await presence(node, "peer")
     await presence(node, "watcher", role="monitor")
     node.membership._pending.add("dialling")  # its presence verified; its addresses probed
@@ -128,7 +121,7 @@ async def test_only_trainers_of_the_view_and_pending_peers_are_admitted(dataset:
 
 
 async def test_a_model_from_outside_the_view_is_never_merged(dataset: Dataset) -> None:
-    node = idle_node(dataset, FakeClock())
+    node = idle_node(dataset, FakeClock(100.0))
     node.membership._pending.add("dialled")  # admitted while its dial runs, then refused
     own = dict(weights(node))
     await node.inbox.accept(model_message(own, "dialled", 1), lowest=0, highest=20)
@@ -139,7 +132,7 @@ async def test_a_model_from_outside_the_view_is_never_merged(dataset: Dataset) -
 
 
 async def test_what_is_kept_for_a_peer_goes_when_it_leaves(dataset: Dataset) -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     node = idle_node(dataset, clock)
     own = dict(weights(node))
     for peer in ("gone", "done", "silent"):

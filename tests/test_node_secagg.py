@@ -314,7 +314,7 @@ async def test_a_model_lost_on_the_way_is_replaced_by_the_survivors_seeds(
              round_timeout=2.0 if i == "s0" else 15.0)
         for i in IDS
     ]  # fmt: skip
-    caplog.set_level("INFO", logger="p2pfl.node")
+    caplog.set_level("INFO", logger="p2pfl.secure_round")
     async with asyncio.timeout(60):
         await asyncio.gather(*(n.run() for n, _, _ in nodes))
     recs = {n.node_id: rec for n, rec, _ in nodes}

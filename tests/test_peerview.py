@@ -12,16 +12,7 @@ from p2pfl.discovery.peerview import (
     PeerView,
 )
 from p2pfl.inbox import reason_label
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock
 
 
 def peer(
@@ -43,7 +34,7 @@ def peer(
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 @pytest.fixture

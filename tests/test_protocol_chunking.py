@@ -13,14 +13,7 @@ from hypothesis import strategies as st
 
 from p2pfl.protocol import Envelope, ProtocolError, Reassembler, pack_envelope, split
 from p2pfl.protocol.envelope import unpack_envelope
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock
 
 
 def chunks_of(payload: bytes, max_chunk: int, transfer_id: str = "t1") -> list[Envelope]:

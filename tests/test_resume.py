@@ -110,7 +110,7 @@ def test_kill_9_at_any_moment_restarts_from_the_previous_good_checkpoint(tmp_pat
             if life == LIVES:
                 break
             if life % 2:
-                time.sleep(rng.uniform(0.0, 0.6))
+                time.sleep(rng.uniform(0.0, 0.6))  # a kill at a random moment of a round
                 node.signal(signal.SIGKILL)
             else:
                 kill_mid_write(node, state)

@@ -159,7 +159,7 @@ def test_an_attacker_waits_for_the_slowest_honest_node_or_its_departure() -> Non
     got: list[list[Weights]] = []
     asker = threading.Thread(target=lambda: got.append(board.models(1, attacker="x")))
     asker.start()
-    time.sleep(0.2)
+    time.sleep(0.2)  # time passes on purpose: the asker must still be waiting after it
     assert not got  # c has not trained its first step yet
     board.post("c", {"w": np.array([5.0])})
     asker.join(5)

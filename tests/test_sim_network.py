@@ -9,21 +9,9 @@ from pydantic import ValidationError
 
 from p2pfl.simulation.network import LinkDelay, NetworkModel, Partition, resolve_groups
 from p2pfl.transport.memory import MemoryBus, MemoryTransport
+from tests.helpers import FakeClock
 
 NODES = ["a", "b", "c", "d"]
-
-
-class StepClock:
-    """A clock the test moves by hand; `tick` advances it on every reading."""
-
-    def __init__(self, tick: float = 0.0) -> None:
-        self.now = 0.0
-        self.tick = tick
-
-    def __call__(self) -> float:
-        t = self.now
-        self.now += self.tick
-        return t
 
 
 def by_name(client_id: str) -> str | None:
@@ -33,7 +21,7 @@ def by_name(client_id: str) -> str | None:
 
 
 def make(model: NetworkModel, *, seed: int = 0, tick: float = 10.0) -> LinkDelay:
-    return LinkDelay(model, by_name, StepClock(tick), seed, nodes=NODES)
+    return LinkDelay(model, by_name, FakeClock(tick=tick), seed, nodes=NODES)
 
 
 def test_latency_and_jitter_stay_within_bounds_and_are_deterministic() -> None:
@@ -98,7 +86,7 @@ def test_loss_one_drops_everything_and_zero_nothing() -> None:
 
 
 def test_partition_drops_only_across_groups_and_only_in_its_window() -> None:
-    clock = StepClock()
+    clock = FakeClock()
     model = NetworkModel(partitions=(Partition(start=10, end=20, split=0.5),))
     link = LinkDelay(model, by_name, clock, 0, nodes=NODES)
     for t, cross_ok in [(0.0, True), (9.99, True), (10.0, False), (19.99, False), (20.0, True)]:
@@ -150,7 +138,7 @@ def test_bad_partitions_are_rejected(kwargs: dict[str, object]) -> None:
 def test_partitions_need_the_node_list() -> None:
     model = NetworkModel(partitions=(Partition(start=0, end=1, split=0.5),))
     with pytest.raises(ValueError, match="node ids"):
-        LinkDelay(model, by_name, StepClock(), 0)
+        LinkDelay(model, by_name, FakeClock(), 0)
 
 
 async def test_the_bus_delays_and_drops_as_the_model_says() -> None:

@@ -7,17 +7,10 @@ from p2pfl.discovery.peerview import PeerInfo, PeerView
 from p2pfl.inbox import Inbox, NodeCounters
 from p2pfl.tokens import Tokens
 from p2pfl.topology import initial_token_holders
+from tests.helpers import FakeClock
 
 IDS = ["a", "b", "c", "d"]
 TIMEOUT = 30.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def designated_tokens(clock: FakeClock) -> tuple[Tokens, PeerView]:

@@ -13,7 +13,8 @@ with one id; they report the first and count the second as ``duplicate_id``.
 mDNS is not a crash detector. A killed peer sends no goodbye; browsers drop it only when its PTR
 record expires (zeroconf announces PTR/TXT with a 4500 s TTL and SRV/A with 120 s, and clamps a
 received PTR TTL to at least 1125 s). Liveness comes from MQTT presence and traffic; mDNS
-introduces peers, and reports them again whenever their record changes (e.g. their round).
+introduces peers, and reports them again whenever their record changes. The TXT ``round`` is the
+round the node started from (a resumed node's checkpoint); presence carries the live round.
 """
 
 from __future__ import annotations
@@ -93,7 +94,6 @@ class Mdns:
         on_gone: GoneCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
         resolve_timeout: float = 3.0,
-        round_interval: float = 10.0,
     ) -> None:
         self._announce = node_id is not None and broker_uri is not None
         if node_id is not None and broker_uri is not None:
@@ -116,7 +116,6 @@ class Mdns:
         self._on_gone = on_gone
         self._clock = clock
         self._resolve_timeout_ms = int(resolve_timeout * 1000)
-        self._round_interval = round_interval
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
@@ -127,7 +126,6 @@ class Mdns:
         self._by_name: dict[str, PeerInfo] = {}  # every accepted instance, duplicates too
         self._reported: dict[tuple[str, object], str] = {}  # (id, net) -> the instance reported
         self._logged: set[tuple[str, str]] = set()
-        self._round_changed = asyncio.Event()
         self._closed = False
 
     @property
@@ -171,7 +169,6 @@ class Mdns:
         if info.name != wanted:
             log.warning("mdns name taken id=%s announced_as=%s", self.node_id, info.name)
         self._spawn(self._await(broadcast))
-        self._spawn(self._publish_rounds())
 
     async def close(self) -> None:
         """Stop browsing, send goodbyes for our service (~0.25 s), close the sockets; idempotent.
@@ -206,16 +203,9 @@ class Mdns:
     ) -> None:
         await self.close()
 
-    def set_round(self, round: int) -> None:
-        """Announce a new round; updates go out at most once per ``round_interval`` seconds."""
-        if round < 0:
-            raise ValueError(f"round must be >= 0, got {round}")
-        self._round = round
-        self._round_changed.set()
-
     # -- announcing --------------------------------------------------------------------------
 
-    def _service_info(self, name: str, server: str | None = None) -> AsyncServiceInfo:
+    def _service_info(self, name: str) -> AsyncServiceInfo:
         assert self.network is not None and self.node_id is not None
         assert self._broker_uri is not None
         txt = build_txt(
@@ -232,26 +222,11 @@ class Mdns:
             port=self._port,
             properties=dict(txt),
             parsed_addresses=self._addresses,
-            server=server,
         )
 
     @staticmethod
     async def _await(future: Any) -> None:
         await future
-
-    async def _publish_rounds(self) -> None:
-        """Push round changes into the TXT record, rate-limited: each update is 3 multicasts."""
-        assert self._zc is not None and self._info is not None
-        announced = self._round
-        while True:
-            await self._round_changed.wait()
-            self._round_changed.clear()
-            if self._round != announced:
-                announced = self._round
-                info = self._service_info(self._info.name, server=self._info.server)
-                await (await self._zc.async_update_service(info))
-                self._info = info
-            await asyncio.sleep(self._round_interval)
 
     # -- browsing ----------------------------------------------------------------------------
 

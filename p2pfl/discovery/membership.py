@@ -34,7 +34,7 @@ from p2pfl.transport.address import parse_broker_uri
 from p2pfl.transport.base import Message, Transport, TransportError
 from p2pfl.trust import Trust
 
-log = logging.getLogger("p2pfl.node")
+log = logging.getLogger(__name__)
 
 # Per-peer notes kept for diagnosis; a bound, whatever the network sends.
 _MAX_NOTES = 256

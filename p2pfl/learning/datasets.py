@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+from numpy.lib.npyio import NpzFile
 
-__all__ = ["DATASETS", "Dataset", "default_cache_dir", "load_dataset"]
+__all__ = ["DATASETS", "Dataset", "DatasetError", "default_cache_dir", "load_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,10 @@ _ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 _MNIST1D_LOCK = threading.Lock()
 # Bump when the cached arrays change meaning, so stale caches are never read.
 _MNIST1D_CACHE_VERSION = 1
+
+
+class DatasetError(ValueError):
+    """A dataset spec or file that cannot be used: a config error, said before any training."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +70,7 @@ def load_dataset(spec: str, *, seed: int = 0, cache_dir: Path | None = None) -> 
         return _load_digits(seed)
     if spec.startswith("npz:") and len(spec) > 4:
         return _load_npz(Path(spec[4:]).expanduser())
-    raise ValueError(f"unknown dataset {spec!r}: choose one of {', '.join(DATASETS)}")
+    raise DatasetError(f"{spec!r} is unknown: choose one of {', '.join(DATASETS)}")
 
 
 def default_cache_dir() -> Path:
@@ -150,9 +155,7 @@ def _load_digits(seed: int) -> Dataset:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as e:
-        raise ImportError(
-            "the 'digits' dataset needs scikit-learn: pip install 'p2pfl[digits]'"
-        ) from e
+        raise DatasetError("'digits' needs scikit-learn: pip install 'p2pfl[digits]'") from e
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
         x / 16.0, y, test_size=0.2, random_state=seed, stratify=y
@@ -164,13 +167,22 @@ def _load_digits(seed: int) -> Dataset:
 def _load_npz(path: Path) -> Dataset:
     name = f"npz:{path}"
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [a for a in _ARRAYS if a not in npz.files]
-            if missing:
-                raise ValueError(f"{name}: missing arrays {', '.join(missing)}")
+        loaded = np.load(path, allow_pickle=False)
+    except OSError as e:
+        raise DatasetError(f"{name}: cannot read: {e.strerror or e}") from e
+    except (ValueError, EOFError) as e:
+        # numpy takes bytes that are no array file for a pickle, which it refuses to load.
+        raise DatasetError(f"{name}: cannot read: not an .npz archive") from e
+    if not isinstance(loaded, NpzFile):
+        raise DatasetError(f"{name}: one array, not an .npz archive of {', '.join(_ARRAYS)}")
+    with loaded as npz:
+        missing = [a for a in _ARRAYS if a not in npz.files]
+        if missing:
+            raise DatasetError(f"{name}: missing arrays {', '.join(missing)}")
+        try:
             arrays = {a: npz[a] for a in _ARRAYS}
-    except (OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{name}: cannot read: {e}") from e
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise DatasetError(f"{name}: cannot read: {e}") from e
     return _validated(name, arrays, n_classes=None)
 
 
@@ -180,21 +192,21 @@ def _validated(name: str, arrays: dict[str, np.ndarray], n_classes: int | None) 
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim < 2:
-            raise ValueError(f"{name}: x_{split} must be [samples, ...], got shape {x.shape}")
+            raise DatasetError(f"{name}: x_{split} must be [samples, ...], got shape {x.shape}")
         if y.ndim != 1:
-            raise ValueError(f"{name}: y_{split} must be 1-D, got shape {y.shape}")
+            raise DatasetError(f"{name}: y_{split} must be 1-D, got shape {y.shape}")
         if len(x) != len(y):
-            raise ValueError(f"{name}: x_{split} has {len(x)} samples but y_{split} has {len(y)}")
+            raise DatasetError(f"{name}: x_{split} has {len(x)} samples but y_{split} has {len(y)}")
         if len(x) == 0:
-            raise ValueError(f"{name}: the {split} split is empty")
+            raise DatasetError(f"{name}: the {split} split is empty")
         if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-            raise ValueError(f"{name}: x_{split} must be numeric, got dtype {x.dtype}")
+            raise DatasetError(f"{name}: x_{split} must be numeric, got dtype {x.dtype}")
         xf = x.astype(np.float32)
         if not np.isfinite(xf).all():
-            raise ValueError(f"{name}: x_{split} has non-finite values")
+            raise DatasetError(f"{name}: x_{split} has non-finite values")
         xs[split], ys[split] = xf, _integer_labels(name, f"y_{split}", y)
     if xs["train"].shape[1:] != xs["test"].shape[1:]:
-        raise ValueError(
+        raise DatasetError(
             f"{name}: train samples are {xs['train'].shape[1:]} but test samples are "
             f"{xs['test'].shape[1:]}"
         )
@@ -202,7 +214,7 @@ def _validated(name: str, arrays: dict[str, np.ndarray], n_classes: int | None) 
     if n_classes is None:
         n_classes = top + 1
     elif top >= n_classes:
-        raise ValueError(f"{name}: label {top} out of range for {n_classes} classes")
+        raise DatasetError(f"{name}: label {top} out of range for {n_classes} classes")
     return Dataset(name, xs["train"], ys["train"], xs["test"], ys["test"], n_classes)
 
 
@@ -212,7 +224,7 @@ def _integer_labels(name: str, field: str, y: np.ndarray) -> np.ndarray:
     elif np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all():
         labels = y.astype(np.int64)  # whole numbers stored as floats are common in exports
     else:
-        raise ValueError(f"{name}: {field} must hold integer class labels, got dtype {y.dtype}")
+        raise DatasetError(f"{name}: {field} must hold integer class labels, got dtype {y.dtype}")
     if labels.size and labels.min() < 0:
-        raise ValueError(f"{name}: {field} has negative label {int(labels.min())}")
+        raise DatasetError(f"{name}: {field} has negative label {int(labels.min())}")
     return labels

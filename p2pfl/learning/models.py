@@ -18,11 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BUILTIN_MODELS", "Cnn1d", "build_model"]
+__all__ = ["BUILTIN_MODELS", "Cnn1d", "ModelError", "build_model", "check_model"]
 
 # Seeding the init goes through torch's global generator (nn.Module init functions take no
 # generator); the lock keeps two of our threads from interleaving their seeded sections.
 _INIT_LOCK = threading.Lock()
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be used: a config error, said before any training."""
 
 
 def _flat_features(in_shape: tuple[int, ...]) -> int:
@@ -61,9 +65,9 @@ class Cnn1d(nn.Module):
         elif len(in_shape) == 2:
             in_channels, length = in_shape
         else:
-            raise ValueError(f"cnn1d expects inputs shaped (L,) or (C, L), got {in_shape}")
+            raise ModelError(f"cnn1d expects inputs shaped (L,) or (C, L), got {in_shape}")
         if length < 8:
-            raise ValueError(f"cnn1d needs signals of at least 8 samples, got {in_shape}")
+            raise ModelError(f"cnn1d needs signals of at least 8 samples, got {in_shape}")
         stages: list[nn.Module] = []
         for c_in in (in_channels, channels, channels):
             stages += [
@@ -112,10 +116,7 @@ def build_model(
             return _call_user_factory(name, user_factory, in_shape, n_classes)
 
     else:
-        choices = ", ".join(sorted(BUILTIN_MODELS))
-        raise ValueError(
-            f"unknown model {name!r}: choose one of {choices}, or give 'package.module:factory'"
-        )
+        raise _unknown(name)
     if seed is None:
         return factory()
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
@@ -123,21 +124,38 @@ def build_model(
         return factory()
 
 
+def check_model(name: str) -> None:
+    """ModelError unless ``name`` is a built-in model or a ``package.module:factory`` that
+    imports; for a check at start-up, before the data (and so the shapes) are at hand."""
+    if name in BUILTIN_MODELS:
+        return
+    if ":" not in name:
+        raise _unknown(name)
+    _import_factory(name)
+
+
+def _unknown(name: str) -> ModelError:
+    choices = ", ".join(sorted(BUILTIN_MODELS))
+    return ModelError(
+        f"unknown model {name!r}: choose one of {choices}, or give 'package.module:factory'"
+    )
+
+
 def _import_factory(spec: str) -> Callable[..., Any]:
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
-        raise ValueError(f"model {spec!r}: expected 'package.module:factory'")
+        raise ModelError(f"model {spec!r}: expected 'package.module:factory'")
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"model {spec!r}: cannot import {module_name!r}: {e}") from e
+    except (ImportError, SyntaxError) as e:
+        raise ModelError(f"model {spec!r}: cannot import {module_name!r}: {e}") from e
     for attr in attr_path.split("."):
         try:
             obj = getattr(obj, attr)
         except AttributeError as e:
-            raise ValueError(f"model {spec!r}: {module_name!r} has no {attr_path!r}") from e
+            raise ModelError(f"model {spec!r}: {module_name!r} has no {attr_path!r}") from e
     if not callable(obj):
-        raise ValueError(f"model {spec!r}: {attr_path!r} is not callable")
+        raise ModelError(f"model {spec!r}: {attr_path!r} is not callable")
     return obj
 
 
@@ -156,5 +174,5 @@ def _call_user_factory(
             kwargs = {k: v for k, v in offered.items() if k in params}
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model {spec!r}: factory returned {type(model).__name__}, not nn.Module")
+        raise ModelError(f"model {spec!r}: factory returned {type(model).__name__}, not nn.Module")
     return model

@@ -63,9 +63,11 @@ def run_sim(
     """Run the scenario with a progress bar; write metrics, summary and plots into `out`."""
     console = Console(stderr=True)
     setup_logging("text", "warning")
+    config = scenario.node_config(scenario.compare[0], 0, "n01")
+    # Loaded here, before the progress bar and any output: a bad data file is one line.
+    dataset = load_dataset(config.dataset, seed=config.seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    config = scenario.node_config(scenario.compare[0], 0, "n01")
     per_schedule = scenario.nodes * config.rounds if config.rounds else None
     latest: dict[str, dict[str, float]] = defaultdict(dict)
 
@@ -96,7 +98,7 @@ def run_sim(
                 scenario, broker=broker, processes=processes, on_record=on_record
             )
         else:
-            simulation = Simulation(scenario, on_record=on_record, broker=broker)
+            simulation = Simulation(scenario, on_record=on_record, broker=broker, dataset=dataset)
             runs = asyncio.run(simulation.run())
 
     records = [r for run in runs for r in run.records]

@@ -1,0 +1,65 @@
+"""Helpers shared by the tests: a clock the test moves by hand, and waiting for a condition.
+
+Wait for what you expect with `wait_until` (async tests) or `wait_until_blocking` (tests that
+drive processes), never with a sleep of a guessed length: a slow machine then fails the test,
+a fast one wastes its time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (``clock.now += 5``); with ``tick``, every
+    reading also moves it on by ``tick`` (time passes as the code under test looks)."""
+
+    def __init__(self, now: float = 0.0, *, tick: float = 0.0) -> None:
+        self.now = now
+        self.tick = tick
+
+    def __call__(self) -> float:
+        now = self.now
+        self.now += self.tick
+        return now
+
+
+def _timed_out(within: float, what: object, logs: Callable[[], str] | str) -> AssertionError:
+    detail = logs() if callable(logs) else logs
+    return AssertionError(f"timed out after {within} s waiting for {what}\n{detail}".rstrip())
+
+
+async def wait_until(
+    condition: Callable[[], bool],
+    within: float = 5.0,
+    *,
+    what: str = "",
+    logs: Callable[[], str] | str = "",
+    interval: float = 0.01,
+) -> None:
+    """Poll ``condition`` on the event loop until it holds; AssertionError after ``within``
+    seconds, naming ``what`` (the condition itself by default) and showing ``logs``."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise _timed_out(within, what or condition, logs)
+        await asyncio.sleep(interval)
+
+
+def wait_until_blocking(
+    condition: Callable[[], bool],
+    within: float,
+    what: str = "",
+    logs: Callable[[], str] | str = "",
+    *,
+    interval: float = 0.2,
+) -> None:
+    """`wait_until` for tests without an event loop (processes, threads): blocks while it
+    polls. ``logs`` may be a callable, read only on a timeout."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise _timed_out(within, what or condition, logs)
+        time.sleep(interval)
