@@ -10,10 +10,6 @@ import networkx as nx
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The one cycle left, through a TYPE_CHECKING import: Link talks to MqttTransport directly.
-# It goes when Link talks to its owner through a Protocol (issue 13, deliverable 4); delete
-# this entry then.
-KNOWN_CYCLES = {frozenset({"p2pfl.transport.link", "p2pfl.transport.mqtt"})}
 
 MAX_FUNCTION_LINES = 60
 # Today's longer functions (body lines, docstring and signature not counted: the CLI's option
@@ -107,8 +103,7 @@ def long_functions(root: Path, package: str, limit: int) -> dict[str, int]:
 
 
 def test_no_import_cycle_among_p2pfl_modules() -> None:
-    cycles = [c for c in import_cycles(ROOT, "p2pfl") if frozenset(c) not in KNOWN_CYCLES]
-    assert cycles == []
+    assert import_cycles(ROOT, "p2pfl") == []
 
 
 def test_the_walker_finds_cycles_through_relative_and_type_checking_imports(
