@@ -1,5 +1,6 @@
 """One config surface: every `NodeConfig` field is a `p2pfl run` flag and a TOML key, and both
-ways give the same config, or the same one-line error.
+ways give the same config, or the same one-line error. `p2pfl monitor` reads `MonitorConfig`
+the same way (`--config FILE`).
 
 In process (typer's runner; the daemon and the monitor are replaced by a recorder), so one
 case costs milliseconds; tests/test_cli.py runs the command as a subprocess.
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 from p2pfl.cli import app
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity, key_text
+from p2pfl.monitor.config import MonitorConfig
 
 KEY = key_text(Identity.generate().public)
 URI = "mqtt://127.0.0.1:1884"
@@ -300,3 +302,99 @@ def test_a_flag_overrides_the_file_and_an_absent_flag_does_not(run_command: RunC
     )
     assert code == 0, err
     assert (config.lr, config.momentum, config.tags) == (0.2, 0.5, ("b",))
+
+
+# ---- p2pfl monitor ------------------------------------------------------------------------
+
+MONITOR_SETTINGS: dict[str, tuple[list[str], str]] = {
+    "network": (["--network", "lab"], 'network = "lab"'),
+    "brokers": (
+        ["--broker", URI, "--broker", "mqtts://h:8883"],
+        f'brokers = ["{URI}", "mqtts://h:8883"]',
+    ),
+    "peers": (["--peer", f"n1={URI}"], f'peers = ["n1={URI}"]'),
+    "interfaces": (["--interface", "127.0.0.1"], 'interfaces = ["127.0.0.1"]'),
+    "mdns": (["--no-mdns"], "mdns = false"),
+    "once": (["--once"], "once = true"),
+    "json": (["--json"], "json = true"),
+    "wait": (["--wait", "1.5"], "wait = 1.5"),
+    "export": (["--export", "{d}/snap.jsonl"], 'export = "{d}/snap.jsonl"'),
+    "plot": (["--plot", "{d}/acc.png"], 'plot = "{d}/acc.png"'),
+    "metrics_port": (["--metrics-port", "0"], "metrics_port = 0"),
+    "metrics_host": (["--metrics-host", "0.0.0.0"], 'metrics_host = "0.0.0.0"'),
+    "stale_after": (["--stale-after", "9"], "stale_after = 9"),
+    "forget_after": (["--forget-after", "30"], "forget_after = 30"),
+    "log_level": (["--log-level", "info"], 'log_level = "info"'),
+    "trust": (["--trust", "open"], 'trust = "open"'),
+    "ca_key": (["--ca-key", KEY], f'ca_key = "{KEY}"'),
+    "state_dir": (["--state-dir", "{d}/mon"], 'state_dir = "{d}/mon"'),
+}
+
+
+@pytest.fixture
+def monitor_command(monkeypatch: pytest.MonkeyPatch, files: Path) -> RunCommand:
+    """`p2pfl monitor ARGS` (with `toml` as its --config file): (what run_monitor was given,
+    exit code, stderr)."""
+    calls: list[dict[str, Any]] = []
+
+    def run_monitor(*args: Any, **kwargs: Any) -> int:
+        calls.append({"args": args, **kwargs})
+        return 0
+
+    monkeypatch.setattr("p2pfl.monitor.cli.run_monitor", run_monitor)
+    monkeypatch.setattr("p2pfl.logs.setup_logging", lambda *args: calls.append({"log": args}))
+
+    def invoke(args: list[str] = [], toml: str | None = None) -> tuple[Any, int, str]:  # noqa: B006
+        calls.clear()
+        argv = [a.replace("{d}", str(files)) for a in args]
+        if toml is not None:
+            (files / "monitor.toml").write_text(toml.replace("{d}", str(files)) + "\n")
+            argv = ["--config", str(files / "monitor.toml"), *argv]
+        result = CliRunner().invoke(app, ["monitor", *argv])
+        assert result.exception is None or isinstance(result.exception, SystemExit), result
+        return (list(calls) or None), result.exit_code, result.stderr
+
+    return invoke
+
+
+def test_every_monitor_field_is_set_alike_by_its_flag_and_its_toml_key(
+    monitor_command: RunCommand,
+) -> None:
+    keys = {f.alias or name for name, f in MonitorConfig.model_fields.items()}
+    assert set(MONITOR_SETTINGS) == keys
+    default, code, err = monitor_command()
+    assert code == 0, err
+    for key, (flags, toml) in MONITOR_SETTINGS.items():
+        by_flag, code, err = monitor_command(flags)
+        assert code == 0, (key, err)
+        by_file, code, err = monitor_command(toml=toml)
+        assert code == 0, (key, err)
+        assert by_flag == by_file != default, key
+
+
+@pytest.mark.parametrize(
+    ("flags", "toml", "key"),
+    [
+        (["--wait", "-1"], "wait = -1", "wait"),
+        (["--broker", "http://x:1"], 'brokers = ["http://x:1"]', "brokers"),
+        (["--peer", "n1"], 'peers = ["n1"]', "peers"),
+        (["--trust", "nobody"], 'trust = "nobody"', "trust"),
+        (["--metrics-port", "70000"], "metrics_port = 70000", "metrics_port"),
+        (["--log-level", "loud"], 'log_level = "loud"', "log_level"),
+    ],
+)
+def test_monitor_refuses_a_bad_value_in_one_line_both_ways(
+    flags: list[str], toml: str, key: str, monitor_command: RunCommand
+) -> None:
+    calls, code, by_flag = monitor_command(flags)
+    assert (calls, code) == (None, 2)
+    calls, code, by_file = monitor_command(toml=toml)
+    assert (calls, code) == (None, 2)
+    assert by_flag == by_file
+    assert by_flag.startswith(f"config error: {key}") and by_flag.count("\n") == 1, by_flag
+
+
+def test_monitor_file_rejects_an_unknown_key(monitor_command: RunCommand) -> None:
+    calls, code, err = monitor_command(toml='netwrok = "lab"')
+    assert (calls, code) == (None, 2)
+    assert err == "config error: netwrok: unknown key (got 'lab')\n"
