@@ -256,14 +256,25 @@ def test_every_field_has_a_setting_and_an_invalid_value_or_a_reason() -> None:
     assert set(INVALID) | ANY_VALUE == fields and not set(INVALID) & ANY_VALUE
 
 
-def test_run_keeps_every_flag_it_had(run_command: RunCommand) -> None:
+def option_names(help_text: str) -> set[str]:
+    """The options a --help lists: each option line's leading names (`  -c, --config <path>`;
+    a wrapped help line is indented further)."""
+    names: set[str] = set()
+    for line in help_text.splitlines():
+        if not line.startswith("  -"):
+            continue
+        for word in line.split():
+            if word == "/":  # --mdns / --no-mdns
+                continue
+            if not word.startswith("-"):
+                break
+            names.add(word.rstrip(","))
+    return names
+
+
+def test_run_keeps_every_flag_it_had() -> None:
     result = CliRunner().invoke(app, ["run", "--help"], terminal_width=200)
-    listed = {
-        word.rstrip(",")
-        for line in result.stdout.splitlines()
-        for word in line.split()
-        if word.startswith("-")
-    }
+    listed = option_names(result.stdout)
     assert not RUN_FLAGS_BEFORE - listed
     assert {"--momentum", "--role", "--max-round-lag", "--checkpoints-keep"} <= listed
 
@@ -329,6 +340,18 @@ MONITOR_SETTINGS: dict[str, tuple[list[str], str]] = {
     "ca_key": (["--ca-key", KEY], f'ca_key = "{KEY}"'),
     "state_dir": (["--state-dir", "{d}/mon"], 'state_dir = "{d}/mon"'),
 }
+
+
+MONITOR_FLAGS_BEFORE = {
+    "--network", "--broker", "--peer", "--interface", "--mdns", "--no-mdns", "--once", "--json",
+    "--wait", "--export", "--plot", "--metrics-port", "--metrics-host", "--stale-after",
+    "--forget-after", "--log-level", "--trust", "--ca-key", "--state-dir",
+}  # fmt: skip
+
+
+def test_monitor_keeps_every_flag_it_had() -> None:
+    result = CliRunner().invoke(app, ["monitor", "--help"], terminal_width=200)
+    assert option_names(result.stdout) == MONITOR_FLAGS_BEFORE | {"--config", "-c", "--help"}
 
 
 @pytest.fixture
