@@ -36,7 +36,6 @@ class Flag:
     """The flag, e.g. `--peer` for `peers` (a list field's flag names one item)."""
     split: str | None = None
     """A list field given as one separated value (`--discovery mdns,presence`), not repeated."""
-    short: str | None = None
 
 
 def model_options(
@@ -62,6 +61,9 @@ def model_options(
             for name, field in model.model_fields.items()
             for key in [field.alias or name]
         }
+        unknown = set(spelled) - {o.key for o in options.values()}
+        if unknown:
+            raise ValueError(f"{model.__name__} has no field {sorted(unknown)}")
 
         @functools.wraps(func)
         def command(**kwargs: Any) -> R:
@@ -87,15 +89,14 @@ class _Option:
 
     def parameter(self, param: str) -> inspect.Parameter:
         name = self.flag_name()
-        names = [name] if self.flag.short is None else [name, self.flag.short]
         repeated = self.many and self.flag.split is None
         if self.type is bool:
-            if self.field.default is True:
-                names = [f"{name}/--no-{name.removeprefix('--')}"]
-            option = typer.Option(None, *names, help=self.help())
+            if self.field.default is True:  # a switch that is on can be turned off
+                name = f"{name}/--no-{name.removeprefix('--')}"
+            option = typer.Option(None, name, help=self.help())
             annotation: Any = bool | None
         else:
-            option = typer.Option(None, *names, help=self.help(), metavar=self.metavar())
+            option = typer.Option(None, name, help=self.help(), metavar=self.metavar())
             annotation = list[str] | None if repeated else str | None
         return inspect.Parameter(
             param, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
