@@ -74,7 +74,8 @@ Examples:
   # every node on one shared Mosquitto
   p2pfl run --broker mqtt://10.0.0.5:1883 --num-partitions 4 --partition-index 2
 
-Flags override the keys of the TOML file given with --config (same names, with _ for -).
+Flags override the keys of the TOML file given with --config (same names, with _ for -;
+--peer, --interface and --tag are the lists peers, interfaces and tags).
 """
 
 
