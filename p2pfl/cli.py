@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 
 from p2pfl import __version__
+from p2pfl.config import NodeConfig
+from p2pfl.config_file import ConfigError
+from p2pfl.flags import Flag, model_options
+
+M = TypeVar("M")
 
 app = typer.Typer(
     name="p2pfl",
@@ -32,12 +38,13 @@ def verbatim(epilog: str) -> str:
     return "\n\n".join(kept)
 
 
-def _not_yet(command: str, what: str) -> None:
-    typer.echo(
-        f"p2pfl {command}: not implemented yet in p2pfl {__version__} (planned with {what}).",
-        err=True,
-    )
-    raise typer.Exit(code=1)
+def _load_or_exit(load: Callable[[], M]) -> M:
+    """Load a config; a bad one ends the command with its one-line message and status 2."""
+    try:
+        return load()
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(code=2) from None
 
 
 def _version(value: bool) -> None:
@@ -67,281 +74,37 @@ Examples:
   # every node on one shared Mosquitto
   p2pfl run --broker mqtt://10.0.0.5:1883 --num-partitions 4 --partition-index 2
 
-Flags override the keys of the TOML file given with --config (same names, with _ for -).
+Flags override the keys of the TOML file given with --config (same names, with _ for -;
+--peer, --interface and --tag are the lists peers, interfaces and tags).
 """
 
 
+_RUN_FLAGS = {
+    "id": Flag("--id"),
+    "peers": Flag("--peer"),
+    "discovery": Flag(split=","),
+    "interfaces": Flag("--interface"),
+    "tags": Flag("--tag"),
+}
+"""Flags spelled otherwise than `--field-name`; every other field of NodeConfig is `--its-name`."""
+
+
 @app.command(epilog=verbatim(_RUN_EPILOG))
+@model_options(NodeConfig, _RUN_FLAGS)
 def run(
     config: Path | None = typer.Option(
         None, "--config", "-c", help="TOML file with any of these keys."
     ),
-    network: str | None = typer.Option(
-        None, help="Network name; nodes only talk within one. [default: default]"
-    ),
-    node_id: str | None = typer.Option(
-        None, "--id", help="Node id. [default: hostname-based, kept in the state dir]"
-    ),
-    broker: str | None = typer.Option(
-        None, help="embedded | local | mqtt[s]://HOST:PORT. [default: embedded]"
-    ),
-    listen: str | None = typer.Option(
-        None, help="HOST:PORT of the embedded/local broker; port 0 = free. [default: 0.0.0.0:0]"
-    ),
-    advertise: str | None = typer.Option(
-        None,
-        help="Host(s) peers use to reach this node's broker, comma-separated (NAT, containers). "
-        "[default: every non-loopback interface address]",
-    ),
-    ca: Path | None = typer.Option(None, help="CA file to verify mqtts:// brokers (peers' too)."),
-    cert: Path | None = typer.Option(
-        None, help="Client certificate for the --broker URI (sent to that broker only)."
-    ),
-    key: Path | None = typer.Option(None, help="Client key for --cert."),
-    username: str | None = typer.Option(
-        None, help="User name for the --broker URI (peers' brokers get a key-based login)."
-    ),
-    password: str | None = typer.Option(
-        None, help="Password for the --broker URI; never sent to any other broker."
-    ),
-    tls_cert: Path | None = typer.Option(
-        None, "--tls-cert", help="Certificate for a TLS listener of this node's broker (mqtts://)."
-    ),
-    tls_key: Path | None = typer.Option(None, "--tls-key", help="Key for --tls-cert."),
-    password_file: Path | None = typer.Option(
-        None,
-        "--password-file",
-        help="Mosquitto password file for --broker local; with --tls-cert it may listen on "
-        "the LAN (without both it listens on loopback only).",
-    ),
-    peer: list[str] | None = typer.Option(
-        None, "--peer", help="Static peer ID=mqtt://HOST:PORT (repeatable)."
-    ),
-    discovery: str | None = typer.Option(
-        None, help="Comma list of mdns,presence,static. [default: all three]"
-    ),
-    interface: list[str] | None = typer.Option(
-        None,
-        "--interface",
-        help="IP of an interface to use (repeatable): mDNS runs there and it is the address "
-        "announced. [default: all interfaces]",
-    ),
-    schedule: str | None = typer.Option(
-        None, help="ring | random-walk | partial-mesh. [default: ring]"
-    ),
-    degree: int | None = typer.Option(
-        None, help="Neighbours per node for partial-mesh. [default: 4]"
-    ),
-    topology_file: Path | None = typer.Option(
-        None, help="Fixed graph (TOML edge list or GraphML) for partial-mesh."
-    ),
-    walkers: int | None = typer.Option(
-        None, help="Model tokens circulating (ring, random-walk); 0 = every node active."
-    ),
-    token_timeout: float | None = typer.Option(
-        None,
-        help="Walkers: regenerate a token after this many seconds with no sign of one (none "
-        "arrived, no peer's round rose). [default: 30]",
-    ),
-    mode: str | None = typer.Option(
-        None, help="async (gossip) | sync (rounds, reproducible). [default: async]"
-    ),
-    rounds: int | None = typer.Option(
-        None, help="Stop after N rounds; 0 = until stopped. [default: 0]"
-    ),
-    duration: float | None = typer.Option(None, help="Stop after this many seconds."),
-    period: float | None = typer.Option(
-        None, help="Async mode: pause between local steps, seconds."
-    ),
-    round_timeout: float | None = typer.Option(
-        None, help="Sync mode: wait this long for neighbours' models. [default: 30]"
-    ),
-    min_peers: int | None = typer.Option(
-        None,
-        help="Wait for this many peers before round 1. [default: all static peers if sync]",
-    ),
-    presence_ttl: float | None = typer.Option(
-        None, help="Forget a silent peer after this many seconds. [default: 15]"
-    ),
-    dataset: str | None = typer.Option(
-        None, help="mnist1d | digits | npz:PATH. [default: mnist1d]"
-    ),
-    partition: str | None = typer.Option(
-        None, help="iid | dirichlet:ALPHA | shards:K. [default: iid]"
-    ),
-    num_partitions: int | None = typer.Option(
-        None, help="How many shares the dataset is cut into. [default: 1]"
-    ),
-    partition_index: int | None = typer.Option(
-        None, help="Which share this node trains on. [default: 0]"
-    ),
-    model: str | None = typer.Option(
-        None, help="logreg | mlp | cnn1d | package.module:factory. [default: cnn1d]"
-    ),
-    merge: str | None = typer.Option(
-        None,
-        help="clipped[:F] (bounds any peer's pull and distrusts peers whose models keep "
-        "landing far; best on partial-mesh) | average (no defence) | weighted[:C] | median | "
-        "trimmed-mean:F | krum:F (several models per merge: partial-mesh only). "
-        "[default: clipped]",
-    ),
-    secure_aggregation: bool | None = typer.Option(
-        None,
-        "--secure-aggregation",
-        help="Sync partial-mesh with --merge average: mask the models sent each round so a "
-        "receiver learns only their sum (pairwise X25519 masks; one extra message when a "
-        "sender drops out). Does not combine with robust merges.",
-    ),
-    optimizer: str | None = typer.Option(None, help="sgd | adam. [default: sgd]"),
-    lr: float | None = typer.Option(None, help="Learning rate. [default: 0.05]"),
-    local_epochs: int | None = typer.Option(None, help="Local epochs per round. [default: 3]"),
-    batch_size: int | None = typer.Option(None, help="Batch size. [default: 32]"),
-    mu: float | None = typer.Option(None, help="FedProx proximal term; 0 = off. [default: 0]"),
-    dp_epsilon: float | None = typer.Option(
-        None,
-        "--dp-epsilon",
-        help="Differential privacy: train with DP-SGD (Opacus) so that this node's whole "
-        "planned run (--rounds) spends at most this epsilon on its own samples. "
-        "[default: off]",
-    ),
-    dp_delta: float | None = typer.Option(
-        None, "--dp-delta", help="Delta of the DP budget. [default: 1e-5]"
-    ),
-    dp_max_grad_norm: float | None = typer.Option(
-        None, "--dp-max-grad-norm", help="DP-SGD per-sample gradient clipping norm. [default: 1.0]"
-    ),
-    codec: str | None = typer.Option(None, help="raw | fp16 | int8 | topk:F. [default: raw]"),
-    seed: int | None = typer.Option(
-        None, help="Seed for data split, model init and schedule. [default: 0]"
-    ),
-    max_message_size: int | None = typer.Option(
-        None, help="Refuse incoming messages larger than this, bytes. [default: 64 MiB]"
-    ),
-    max_chunk: int | None = typer.Option(
-        None, help="Split models into MQTT messages of at most this many bytes. [default: 1 MiB]"
-    ),
-    metrics_port: int | None = typer.Option(
-        None, help="Serve Prometheus metrics (p2pfl_*) on this port."
-    ),
-    metrics_host: str | None = typer.Option(
-        None, help="Address the metrics endpoint binds. [default: 127.0.0.1]"
-    ),
-    telemetry_interval: float | None = typer.Option(
-        None, help="Publish status for monitors every N seconds; 0 = off. [default: 5]"
-    ),
-    telemetry_detail: str | None = typer.Option(
-        None,
-        help="What telemetry reveals: full | metrics (no confusion matrix, no weight "
-        "projection: monitors leave the node out of global metrics) | off (no telemetry "
-        "records; warnings are still forwarded). [default: full]",
-    ),
-    run_name: str | None = typer.Option(None, help="A name for this run, shown by monitors."),
-    tag: list[str] | None = typer.Option(None, "--tag", help="A tag for this run (repeatable)."),
-    state_dir: Path | None = typer.Option(
-        None, help="Identity, checkpoints, metrics. [default: ~/.local/state/p2pfl/NET/ID]"
-    ),
-    trust: str | None = typer.Option(
-        None,
-        help="Whose messages to believe: tofu (pin the first key seen per id) | allowlist "
-        "(only trusted_keys: see p2pfl keys) | ca (nodes with a certificate from the network "
-        "key --ca-key: see p2pfl keys ca) | open (no checks: demos). [default: tofu]",
-    ),
-    ca_key: str | None = typer.Option(
-        None,
-        "--ca-key",
-        help="With --trust ca: the network's public key ('p2pfl-ed25519 ...', printed by "
-        "p2pfl keys ca init) or a file holding it.",
-    ),
-    max_peers: int | None = typer.Option(
-        None, help="Track at most this many peer ids (keys, replay state). [default: 256]"
-    ),
-    max_clock_skew: float | None = typer.Option(
-        None, help="Refuse messages stamped further than this from our clock, s. [default: 300]"
-    ),
-    log_format: str | None = typer.Option(None, help="text | json. [default: text]"),
-    log_level: str | None = typer.Option(
-        None, help="debug | info | warning | error. [default: info]"
-    ),
+    *,
+    overrides: dict[str, Any],
 ) -> None:
     """Run the node daemon on this machine: train, gossip with peers, merge. Stops on Ctrl-C."""
     import asyncio
 
-    from p2pfl.config import ConfigError, StaticPeer, load_config
+    from p2pfl.config import load_config
     from p2pfl.logs import setup_logging
 
-    overrides: dict[str, Any] = {
-        "network": network,
-        "id": node_id,
-        "broker": broker,
-        "listen": listen,
-        "advertise": advertise,
-        "ca": ca,
-        "cert": cert,
-        "key": key,
-        "username": username,
-        "password": password,
-        "tls_cert": tls_cert,
-        "tls_key": tls_key,
-        "password_file": password_file,
-        "schedule": schedule,
-        "degree": degree,
-        "topology_file": topology_file,
-        "walkers": walkers,
-        "token_timeout": token_timeout,
-        "mode": mode,
-        "rounds": rounds,
-        "duration": duration,
-        "period": period,
-        "round_timeout": round_timeout,
-        "presence_ttl": presence_ttl,
-        "min_peers": min_peers,
-        "dataset": dataset,
-        "partition": partition,
-        "num_partitions": num_partitions,
-        "partition_index": partition_index,
-        "model": model,
-        "merge": merge,
-        "secure_aggregation": secure_aggregation,
-        "optimizer": optimizer,
-        "lr": lr,
-        "local_epochs": local_epochs,
-        "batch_size": batch_size,
-        "mu": mu,
-        "dp_epsilon": dp_epsilon,
-        "dp_delta": dp_delta,
-        "dp_max_grad_norm": dp_max_grad_norm,
-        "codec": codec,
-        "seed": seed,
-        "state_dir": state_dir,
-        "trust": trust,
-        "ca_key": ca_key,
-        "max_peers": max_peers,
-        "max_clock_skew": max_clock_skew,
-        "telemetry_interval": telemetry_interval,
-        "telemetry_detail": telemetry_detail,
-        "metrics_port": metrics_port,
-        "metrics_host": metrics_host,
-        "run_name": run_name,
-        "tags": tag or None,
-        "max_message_size": max_message_size,
-        "max_chunk": max_chunk,
-        "log_format": log_format,
-        "log_level": log_level,
-    }
-    if interface:
-        overrides["interfaces"] = list(interface)
-    if discovery is not None:
-        overrides["discovery"] = [s.strip() for s in discovery.split(",") if s.strip()]
-    try:
-        if peer:
-            overrides["peers"] = [StaticPeer.parse(p).model_dump() for p in peer]
-        cfg = load_config(config, overrides)
-    except (ConfigError, ValueError) as exc:
-        message = str(exc)
-        if not message.startswith("config error"):
-            message = f"config error: peer: {message}"
-        typer.echo(message, err=True)
-        raise typer.Exit(code=2) from None
+    cfg = _load_or_exit(lambda: load_config(config, overrides))
     setup_logging(cfg.log_format, cfg.log_level)
     from p2pfl.daemon import serve
     from p2pfl.identity import KeyFileError
@@ -430,47 +193,18 @@ def sim(
     ),
 ) -> None:
     """Simulate a whole network on this machine and compare schedules (no broker needed)."""
-    from p2pfl.config import ConfigError
     from p2pfl.learning.datasets import DatasetError
-    from p2pfl.learning.models import ModelError, check_model
-    from p2pfl.learning.privacy import PrivacyError
-    from p2pfl.simulation.cli import run_sim
-    from p2pfl.simulation.scenario import load_scenario
+    from p2pfl.learning.models import ModelError
+    from p2pfl.simulation.cli import prepare, run_matrix, run_sim
 
     overrides = {"nodes": nodes, "schedule": schedule, "rounds": rounds, "seed": seed,
                  "merge": merge, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
                  "dp_max_grad_norm": dp_max_grad_norm}  # fmt: skip
-    try:
-        loaded = load_scenario(scenario, overrides)
-        if broker is not None:
-            from p2pfl.transport.address import parse_broker_uri
-
-            parse_broker_uri(broker)
-        elif processes > 1:
-            raise ValueError("--processes needs --broker: processes share no memory bus")
-        matrix = matrix or bool(loaded.attacks or loaded.compare_merges or loaded.compare_dp)
-        if matrix and broker is not None:
-            raise ValueError("--matrix runs on the in-memory bus only; drop --broker")
-        check_model(loaded.node.model)
-        from p2pfl.simulation.engine import check_privacy
-
-        check_privacy(loaded)
-    except DatasetError as exc:
-        typer.echo(f"config error: dataset {exc}", err=True)
-        raise typer.Exit(code=2) from None
-    except PrivacyError as exc:  # a model DP-SGD cannot train: said before anything runs
-        typer.echo(f"config error: node.{exc}", err=True)
-        raise typer.Exit(code=2) from None
-    except (ConfigError, ValueError) as exc:
-        message = str(exc)
-        if not message.startswith("config error"):
-            message = f"config error: {message}"
-        typer.echo(message, err=True)
-        raise typer.Exit(code=2) from None
+    loaded, matrix = _load_or_exit(
+        lambda: prepare(scenario, overrides, broker=broker, processes=processes, matrix=matrix)
+    )
     try:
         if matrix:
-            from p2pfl.simulation.cli import run_matrix
-
             run_matrix(loaded, out=out, json_out=json_out, plots=not no_plots)
             return
         run_sim(

@@ -8,24 +8,30 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from p2pfl.config_file import ConfigError, format_error, load_model, read_toml
 from p2pfl.protocol.topics import validate_name
 
-Schedule = Literal["ring", "random-walk", "partial-mesh"]
+__all__ = [
+    "ConfigError",
+    "NodeConfig",
+    "ScheduleName",
+    "StaticPeer",
+    "format_error",
+    "load_config",
+]
+
+ScheduleName = Literal["ring", "random-walk", "partial-mesh"]
+"""A schedule by name (`p2pfl.topology.Schedule` is the object that plans the rounds)."""
 DiscoverySource = Literal["static", "presence", "mdns"]
 TelemetryDetail = Literal["full", "metrics", "off"]
 """What a node's telemetry reveals: everything, metrics without the confusion matrix and the
 weight projection (they reveal the label distribution and something of the weights), or none."""
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key."""
 
 
 class StaticPeer(BaseModel):
@@ -35,6 +41,17 @@ class StaticPeer(BaseModel):
 
     id: str
     broker: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        """A peer may be written as the flag writes it, `ID=mqtt://HOST:PORT`, in files too."""
+        if not isinstance(value, str):
+            return value
+        peer_id, sep, broker = value.partition("=")
+        if not sep:
+            raise ValueError("expected ID=mqtt://HOST:PORT")
+        return {"id": peer_id.strip(), "broker": broker.strip()}
 
     @field_validator("id")
     @classmethod
@@ -64,89 +81,209 @@ class StaticPeer(BaseModel):
 
 
 class NodeConfig(BaseModel):
-    """Everything a node needs to run. Immutable once validated."""
+    """Everything a node needs to run. Immutable once validated.
+
+    Each field is a key of the TOML file and a flag of `p2pfl run` (`p2pfl.cli` derives the
+    flags from these fields: name, type, default and the description as help).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # identity and network
-    network: str = "default"
-    id: str | None = None
-    role: Literal["trainer", "monitor"] = "trainer"
+    network: str = Field("default", description="Network name; nodes only talk within one.")
+    id: str | None = Field(
+        None, description="Node id. [default: hostname-based, kept in the state dir]"
+    )
+    role: Literal["trainer", "monitor"] = Field(
+        "trainer",
+        description="What this node announces itself as: trainer, or monitor (peers then send "
+        "it no models).",
+    )
     # brokers: embedded (amqtt in-process), local (private mosquitto child), or a URI
-    broker: str = "embedded"
-    listen: str = "0.0.0.0:0"
-    advertise: str | None = None
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    username: str | None = None
-    password: str | None = None
+    broker: str = Field("embedded", description="embedded | local | mqtt[s]://HOST:PORT.")
+    listen: str = Field(
+        "0.0.0.0:0", description="HOST:PORT of the embedded/local broker; port 0 = free."
+    )
+    advertise: str | None = Field(
+        None,
+        description="Host(s) peers use to reach this node's broker, comma-separated (NAT, "
+        "containers). [default: every non-loopback interface address]",
+    )
+    ca: Path | None = Field(None, description="CA file to verify mqtts:// brokers (peers' too).")
+    cert: Path | None = Field(
+        None, description="Client certificate for the --broker URI (sent to that broker only)."
+    )
+    key: Path | None = Field(None, description="Client key for --cert.")
+    username: str | None = Field(
+        None, description="User name for the --broker URI (peers' brokers get a key-based login)."
+    )
+    password: str | None = Field(
+        None, description="Password for the --broker URI; never sent to any other broker."
+    )
     # a TLS listener for the embedded/local broker (peers then dial mqtts://)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    # Mosquitto password file for --broker local (with TLS it may then listen on the LAN)
-    password_file: Path | None = None
+    tls_cert: Path | None = Field(
+        None, description="Certificate for a TLS listener of this node's broker (mqtts://)."
+    )
+    tls_key: Path | None = Field(None, description="Key for --tls-cert.")
+    password_file: Path | None = Field(
+        None,
+        description="Mosquitto password file for --broker local; with --tls-cert it may listen "
+        "on the LAN (without both it listens on loopback only).",
+    )
     # membership
-    peers: tuple[StaticPeer, ...] = ()
-    discovery: tuple[DiscoverySource, ...] = ("static", "presence", "mdns")
-    interfaces: tuple[str, ...] = ()
-    presence_ttl: float = Field(15.0, gt=0)
-    # Before the first round, wait (up to round_timeout) until this many peers are live.
+    peers: tuple[StaticPeer, ...] = Field(
+        (), description="Static peer ID=mqtt://HOST:PORT (repeatable)."
+    )
+    discovery: tuple[DiscoverySource, ...] = Field(
+        ("static", "presence", "mdns"), description="Comma list of mdns,presence,static."
+    )
+    interfaces: tuple[str, ...] = Field(
+        (),
+        description="IP of an interface to use (repeatable): mDNS runs there and it is the "
+        "address announced. [default: all interfaces]",
+    )
+    presence_ttl: float = Field(
+        15.0, gt=0, description="Forget a silent peer after this many seconds."
+    )
     # None: every static peer in sync mode, nobody in async mode.
-    min_peers: int | None = Field(None, ge=0)
+    min_peers: int | None = Field(
+        None,
+        ge=0,
+        description="Wait (up to --round-timeout) for this many live peers before round 1. "
+        "[default: all static peers if sync]",
+    )
     # schedule
-    schedule: Schedule = "ring"
-    degree: int = Field(4, ge=1)
-    topology_file: Path | None = None
-    walkers: int = Field(0, ge=0)
-    token_timeout: float = Field(30.0, gt=0)
-    mode: Literal["async", "sync"] = "async"
-    period: float = Field(0.0, ge=0)
-    round_timeout: float = Field(30.0, gt=0)
-    rounds: int = Field(0, ge=0)
-    duration: float | None = Field(None, gt=0)
+    schedule: ScheduleName = Field("ring", description="ring | random-walk | partial-mesh.")
+    degree: int = Field(4, ge=1, description="Neighbours per node for partial-mesh.")
+    topology_file: Path | None = Field(
+        None, description="Fixed graph (TOML edge list or GraphML) for partial-mesh."
+    )
+    walkers: int = Field(
+        0,
+        ge=0,
+        description="Model tokens circulating (ring, random-walk); 0 = every node active.",
+    )
+    token_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Walkers: regenerate a token after this many seconds with no sign of one "
+        "(none arrived, no peer's round rose).",
+    )
+    mode: Literal["async", "sync"] = Field(
+        "async", description="async (gossip) | sync (rounds, reproducible)."
+    )
+    period: float = Field(0.0, ge=0, description="Async mode: pause between local steps, seconds.")
+    round_timeout: float = Field(
+        30.0, gt=0, description="Sync mode: wait this long for neighbours' models."
+    )
+    rounds: int = Field(0, ge=0, description="Stop after N rounds; 0 = until stopped.")
+    duration: float | None = Field(None, gt=0, description="Stop after this many seconds.")
     # learning
-    dataset: str = "mnist1d"
-    partition: str = "iid"
-    num_partitions: int = Field(1, ge=1)
-    partition_index: int = Field(0, ge=0)
-    model: str = "cnn1d"
-    merge: str = "clipped"  # learning/merge.py: which rule defends against what
+    dataset: str = Field("mnist1d", description="mnist1d | digits | npz:PATH.")
+    partition: str = Field("iid", description="iid | dirichlet:ALPHA | shards:K.")
+    num_partitions: int = Field(1, ge=1, description="How many shares the dataset is cut into.")
+    partition_index: int = Field(0, ge=0, description="Which share this node trains on.")
+    model: str = Field("cnn1d", description="logreg | mlp | cnn1d | package.module:factory.")
+    # learning/merge.py: which rule defends against what
+    merge: str = Field(
+        "clipped",
+        description="clipped[:F] (bounds any peer's pull and distrusts peers whose models keep "
+        "landing far; best on partial-mesh) | average (no defence) | weighted[:C] | median | "
+        "trimmed-mean:F | krum:F (several models per merge: partial-mesh only).",
+    )
     # pairwise-masked secure aggregation (p2pfl/secagg.py): sync partial-mesh with average only
-    secure_aggregation: bool = False
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    local_epochs: int = Field(3, ge=1)
-    batch_size: int = Field(32, ge=1)
-    mu: float = Field(0.0, ge=0)
+    secure_aggregation: bool = Field(
+        False,
+        description="Sync partial-mesh with --merge average: mask the models sent each round so "
+        "a receiver learns only their sum (pairwise X25519 masks; one extra message when a "
+        "sender drops out). Does not combine with robust merges.",
+    )
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="sgd | adam.")
+    lr: float = Field(0.05, gt=0, description="Learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (--optimizer sgd).")
+    local_epochs: int = Field(3, ge=1, description="Local epochs per round.")
+    batch_size: int = Field(32, ge=1, description="Batch size.")
+    mu: float = Field(0.0, ge=0, description="FedProx proximal term; 0 = off.")
     # differential privacy (learning/privacy.py): DP-SGD, off unless dp_epsilon is given
-    dp_epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)
-    dp_delta: float = Field(1e-5, gt=0, lt=1)
-    dp_max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
-    seed: int = 0
-    codec: str = "raw"
-    max_round_lag: int = Field(10, ge=0)
+    dp_epsilon: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Differential privacy: train with DP-SGD (Opacus) so that this node's whole "
+        "planned run (--rounds) spends at most this epsilon on its own samples. [default: off]",
+    )
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="Delta of the DP budget.")
+    dp_max_grad_norm: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="DP-SGD per-sample gradient clipping norm.",
+    )
+    seed: int = Field(0, description="Seed for data split, model init and schedule.")
+    codec: str = Field("raw", description="raw | fp16 | int8 | topk:F.")
+    max_round_lag: int = Field(
+        10,
+        ge=0,
+        description="Merge no model more than this many rounds behind ours, and none claiming "
+        "more than this beyond the round of the network (the median of peers' and ours).",
+    )
     # trust (DESIGN.md, Trust): who may speak for a peer id
-    trust: Literal["tofu", "allowlist", "ca", "open"] = "tofu"
+    trust: Literal["tofu", "allowlist", "ca", "open"] = Field(
+        "tofu",
+        description="Whose messages to believe: tofu (pin the first key seen per id) | "
+        "allowlist (only trusted_keys: see p2pfl keys) | ca (nodes with a certificate from the "
+        "network key --ca-key: see p2pfl keys ca) | open (no checks: demos).",
+    )
     # trust = ca: the network's public key (its text, or a file holding it; kept as the text)
-    ca_key: str | None = None
-    max_peers: int = Field(256, ge=1)
-    max_clock_skew: float = Field(300.0, gt=0)
+    ca_key: str | None = Field(
+        None,
+        description="With --trust ca: the network's public key ('p2pfl-ed25519 ...', printed by "
+        "p2pfl keys ca init) or a file holding it.",
+    )
+    max_peers: int = Field(
+        256, ge=1, description="Track at most this many peer ids (keys, replay state)."
+    )
+    max_clock_skew: float = Field(
+        300.0, gt=0, description="Refuse messages stamped further than this from our clock, s."
+    )
     # limits, state, output
-    max_message_size: int = Field(64 * 1024 * 1024, ge=1024)
-    max_chunk: int = Field(1024 * 1024, ge=1024)
-    state_dir: Path | None = None
-    checkpoints_keep: int = Field(3, ge=1)
+    max_message_size: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Refuse incoming messages larger than this, bytes (64 MiB).",
+    )
+    max_chunk: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Split models into MQTT messages of at most this many bytes (1 MiB).",
+    )
+    state_dir: Path | None = Field(
+        None,
+        description="Identity, checkpoints, metrics. [default: ~/.local/state/p2pfl/NET/ID]",
+    )
+    checkpoints_keep: int = Field(
+        3, ge=1, description="Keep this many checkpoints in the state dir."
+    )
     # telemetry for monitors: every N seconds (0 = off); a run name and tags to group runs
-    telemetry_interval: float = Field(5.0, ge=0)
-    telemetry_detail: TelemetryDetail = "full"
-    metrics_port: int | None = Field(None, ge=0, le=65535)
-    metrics_host: str = "127.0.0.1"
-    run_name: str = ""
-    tags: tuple[str, ...] = ()
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    telemetry_interval: float = Field(
+        5.0, ge=0, description="Publish status for monitors every N seconds; 0 = off."
+    )
+    telemetry_detail: TelemetryDetail = Field(
+        "full",
+        description="What telemetry reveals: full | metrics (no confusion matrix, no weight "
+        "projection: monitors leave the node out of global metrics) | off (no telemetry "
+        "records; warnings are still forwarded).",
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve Prometheus metrics (p2pfl_*) on this port."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
+    run_name: str = Field("", description="A name for this run, shown by monitors.")
+    tags: tuple[str, ...] = Field((), description="A tag for this run (repeatable).")
+    log_format: Literal["text", "json"] = Field("text", description="text | json.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug | info | warning | error."
+    )
 
     @field_validator("network")
     @classmethod
@@ -193,14 +330,7 @@ class NodeConfig(BaseModel):
     @field_validator("interfaces")
     @classmethod
     def _check_interfaces(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        import ipaddress
-
-        for ip in value:
-            try:
-                ipaddress.ip_address(ip)
-            except ValueError:
-                raise ValueError(f"expected the IP address of an interface, got {ip!r}") from None
-        return value
+        return check_interfaces(value)
 
     @field_validator("listen")
     @classmethod
@@ -325,6 +455,16 @@ class NodeConfig(BaseModel):
             )
 
 
+def check_interfaces(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Interfaces are given by IP address (a name such as eth0 is refused)."""
+    for ip in value:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise ValueError(f"expected the IP address of an interface, got {ip!r}") from None
+    return value
+
+
 def state_root() -> Path:
     """`$XDG_STATE_HOME/p2pfl` (default `~/.local/state/p2pfl`): where p2pfl keeps its files."""
     base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
@@ -363,38 +503,6 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host, port
 
 
-def format_error(exc: ValidationError) -> str:
-    """One readable line per problem, naming the key and the bad value."""
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        value = err.get("input")
-        shown = (
-            "" if isinstance(value, Mapping) or err["type"] == "missing" else f" (got {value!r})"
-        )
-        lines.append(f"config error: {key}: {msg}{shown}")
-    return "\n".join(lines)
-
-
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> NodeConfig:
     """Read the TOML file (if any), apply flag overrides (None = not given), validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config error: {path} is not valid TOML: {exc}") from None
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-    for key, value in overrides.items():
-        if value is None or value == ():
-            continue
-        data[key] = value
-    try:
-        return NodeConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_error(exc)) from None
+    return load_model(NodeConfig, {} if path is None else read_toml(path), overrides)

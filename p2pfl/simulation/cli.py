@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from p2pfl.config_file import ConfigError
 from p2pfl.learning.datasets import load_dataset
+from p2pfl.learning.models import check_model
+from p2pfl.learning.privacy import PrivacyError
 from p2pfl.logs import setup_logging
-from p2pfl.simulation.engine import Record, Simulation
+from p2pfl.simulation.engine import Record, Simulation, check_privacy
 from p2pfl.simulation.matrix import (
     Cell,
     axes,
@@ -48,7 +52,38 @@ from p2pfl.simulation.report import (
     summary_table,
     write_summary,
 )
-from p2pfl.simulation.scenario import Scenario
+from p2pfl.simulation.scenario import Scenario, load_scenario
+from p2pfl.transport.address import parse_broker_uri
+
+
+def prepare(
+    path: Path | None,
+    overrides: Mapping[str, Any],
+    *,
+    broker: str | None = None,
+    processes: int = 1,
+    matrix: bool = False,
+) -> tuple[Scenario, bool]:
+    """The scenario `p2pfl sim` runs, and whether as the attack bench (`--matrix`).
+
+    Raises ConfigError, one line naming the problem, for anything unusable before it runs.
+    """
+    loaded = load_scenario(path, overrides)
+    try:
+        if broker is not None:
+            parse_broker_uri(broker)
+        elif processes > 1:
+            raise ValueError("--processes needs --broker: processes share no memory bus")
+        matrix = matrix or bool(loaded.attacks or loaded.compare_merges or loaded.compare_dp)
+        if matrix and broker is not None:
+            raise ValueError("--matrix runs on the in-memory bus only; drop --broker")
+        check_model(loaded.node.model)
+        check_privacy(loaded)
+    except PrivacyError as exc:  # a model DP-SGD cannot train: said before anything runs
+        raise ConfigError(f"config error: node.{exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"config error: {exc}") from None
+    return loaded, matrix
 
 
 def run_sim(

@@ -19,7 +19,8 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from p2pfl.config import ConfigError, NodeConfig, Schedule, format_error
+from p2pfl.config import NodeConfig, ScheduleName
+from p2pfl.config_file import load_model, read_toml
 from p2pfl.simulation.faults import BEHAVIOURS, FaultPlan, resolve_node
 from p2pfl.simulation.network import NetworkModel, resolve_groups
 
@@ -110,7 +111,7 @@ class Scenario(BaseModel):
     name: str = Field(min_length=1)
     description: str = ""
     nodes: int = Field(default=16, ge=2)
-    compare: tuple[Schedule, ...] = ("ring", "random-walk", "partial-mesh")
+    compare: tuple[ScheduleName, ...] = ("ring", "random-walk", "partial-mesh")
     # The attack bench (`p2pfl sim --matrix`): each behaviour with each merge rule and each
     # schedule, same seed and rounds; empty: the [faults.byzantine] behaviour, the node's merge.
     attacks: tuple[Attack, ...] = ()
@@ -288,15 +289,6 @@ class Scenario(BaseModel):
         return NodeConfig.model_validate(data)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config error: {path} is not valid TOML: {exc}") from None
-
-
 def load_scenario(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Scenario:
     """Read a scenario file (None: the built-in default), apply CLI overrides, validate.
 
@@ -308,7 +300,7 @@ def load_scenario(path: Path | None, overrides: Mapping[str, Any] | None = None)
     if path is None:
         data = tomllib.loads(DEFAULT_SCENARIO_TOML)
     else:
-        data = {k.replace("-", "_"): v for k, v in _read_toml(path).items()}
+        data = read_toml(path)
         data.setdefault("name", path.stem)
     node = data.get("node", {})
     if isinstance(node, dict):
@@ -318,23 +310,21 @@ def load_scenario(path: Path | None, overrides: Mapping[str, Any] | None = None)
             # Relative to the scenario file, so a scenario runs from any directory.
             node["topology_file"] = str(path.parent / topology)
         data["node"] = node
-    for key, value in (overrides or {}).items():
-        if value is None or value == ():
-            continue
-        if key == "merge":
-            # As --schedule replaces compare: one merge rule replaces the list to compare.
-            data.pop("compare_merges", None)
-        if key == "dp_epsilon":
-            data.pop("compare_dp", None)  # likewise, one DP budget
-        if key == "schedule":
-            data["compare"] = [value] if isinstance(value, str) else list(value)
-        elif key in ("nodes", "name", "description", "compare"):
-            data[key] = value
-        else:
-            if not isinstance(data.get("node"), dict):
-                data["node"] = {}
-            data["node"][key] = value
-    try:
-        return Scenario.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_error(exc)) from None
+    return load_model(Scenario, data, overrides, apply=_override)
+
+
+def _override(data: dict[str, Any], key: str, value: Any) -> None:
+    """Place one `p2pfl sim` flag: most are keys of the `[node]` table."""
+    if key == "merge":
+        # As --schedule replaces compare: one merge rule replaces the list to compare.
+        data.pop("compare_merges", None)
+    if key == "dp_epsilon":
+        data.pop("compare_dp", None)  # likewise, one DP budget
+    if key == "schedule":
+        data["compare"] = [value] if isinstance(value, str) else list(value)
+    elif key in ("nodes", "name", "description", "compare"):
+        data[key] = value
+    else:
+        if not isinstance(data.get("node"), dict):
+            data["node"] = {}
+        data["node"] = {**data["node"], key: value}

@@ -1,0 +1,98 @@
+"""`MonitorConfig`: the options of `p2pfl monitor`, one immutable model, from TOML and flags.
+
+Read by the same loader as `NodeConfig` (`p2pfl.config_file.load_model`), so `p2pfl monitor
+--config FILE` takes every flag's key, and a bad value is one line naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from p2pfl.config import StaticPeer, check_interfaces
+from p2pfl.protocol.topics import validate_name
+
+__all__ = ["MonitorConfig"]
+
+
+class MonitorConfig(BaseModel):
+    """What `p2pfl monitor` watches and where it writes. Each field is a flag and a file key."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True
+    )
+
+    network: str = Field("default", description="Network to watch.")
+    brokers: tuple[str, ...] = Field(
+        (), description="Broker to listen on, mqtt[s]://HOST:PORT (repeatable)."
+    )
+    peers: tuple[StaticPeer, ...] = Field(
+        (), description="Static peer ID=mqtt://HOST:PORT (repeatable)."
+    )
+    interfaces: tuple[str, ...] = Field(
+        (), description="IP of an interface mDNS uses (repeatable). [default: all]"
+    )
+    mdns: bool = Field(True, description="Discover nodes over mDNS.")
+    once: bool = Field(False, description="Print one snapshot and exit.")
+    # `json` is a method of pydantic models: the field has another name, the key is `json`
+    json_out: bool = Field(False, alias="json", description="With --once: JSON instead of a table.")
+    wait: float = Field(
+        5.0,
+        ge=0,
+        description="With --once: listen at most this long for every discovered node to report.",
+    )
+    export: Path | None = Field(
+        None, description="Append a JSON snapshot every second to this .jsonl file."
+    )
+    plot: Path | None = Field(
+        None, description="On exit, write global accuracy and divergence over time to this PNG."
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on this port (0 = any free port).",
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds.")
+    stale_after: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds of silence before a node is stale. [default: 3 telemetry periods]",
+    )
+    forget_after: float = Field(
+        60.0, gt=0, description="Seconds of silence before a node is dropped."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    trust: Literal["tofu", "allowlist", "ca", "open"] = Field(
+        "tofu",
+        description="Which nodes' records to believe: tofu | allowlist | ca | open (as p2pfl run).",
+    )
+    ca_key: str | None = Field(
+        None, description="With --trust ca: the network's public key, or a file holding it."
+    )
+    state_dir: Path | None = Field(
+        None,
+        description="The monitor's key, trusted_keys and pinned keys. "
+        "[default: ~/.local/state/p2pfl/NET/monitor]",
+    )
+
+    @field_validator("network")
+    @classmethod
+    def _check_network(cls, value: str) -> str:
+        return validate_name(value, "network")
+
+    @field_validator("brokers")
+    @classmethod
+    def _check_brokers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from p2pfl.transport.address import parse_broker_uri
+
+        for uri in value:
+            parse_broker_uri(uri)
+        return value
+
+    @field_validator("interfaces")
+    @classmethod
+    def _check_interfaces(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_interfaces(value)
