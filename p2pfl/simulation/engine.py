@@ -8,6 +8,10 @@ machine, each torch op on one thread, so N nodes share the cores without oversub
 
 In sync mode with a fixed seed and no faults that depend on timing, two runs give identical
 accuracies: every node merges the same models in the same (sorted) order.
+
+One schedule's run is a `_ScheduleRun`: it builds each member's node from the scenario and the
+`FaultPlan` (which nodes straggle or attack, which crash when), and its supervisor sleeps until
+a node reports a round or a node's task ends, then crashes, restarts, or returns.
 """
 
 from __future__ import annotations
