@@ -108,3 +108,27 @@ def test_a_node_failing_unexpectedly_ends_the_run_with_its_error(
     # The run ended when n02 failed: the others were stopped, not left to run their rounds.
     assert [r["round"] for r in records if r["node"] == "n02"] == [1]
     assert max(r["round"] for r in records) < rounds / 4
+
+
+def test_a_crashed_node_comes_back_when_nobody_else_is_left(tmp_path: Path) -> None:
+    """Its restart is due at round 51, which nobody will reach: the supervisor, woken by the
+    last other node's end, brings it back to finish its own rounds."""
+    path = tmp_path / "alone.toml"
+    text = SMALL.format(rounds=3).replace("nodes = 3", "nodes = 2")
+    text += "round_timeout = 5.0\n"
+    text += '\n[[faults.crashes]]\nnode = "n02"\nat_round = 1\nrestart_after_rounds = 50\n'
+    path.write_text(text)
+    records: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        async with asyncio.timeout(90):
+            await Simulation(load_scenario(path, {}), on_record=records.append).run()
+
+    asyncio.run(main())
+    n01 = [r["round"] for r in records if r["node"] == "n01"]
+    n02 = [(r["restarts"], r["round"]) for r in records if r["node"] == "n02"]
+    assert n01 == [1, 2, 3]
+    assert n02[0] == (0, 1) and n02[-1] == (1, 3)
+    # It came back after n01 had finished: its rounds after the crash start where n01 ended.
+    first_back = next(i for i, r in enumerate(records) if r["restarts"] == 1)
+    assert [r["node"] for r in records[:first_back]].count("n01") == 3
