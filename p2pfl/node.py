@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Container, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from p2pfl.identity import Identity
 from p2pfl.inbox import Inbox, NodeCounters
 from p2pfl.learning.learner import EvalResult, FitResult, Learner, privacy_of
 from p2pfl.learning.merge import parse_merge
+from p2pfl.peer_watch import LONELY_ROUNDS, PeerWatch
 from p2pfl.protocol import topics
 from p2pfl.protocol.model import layout
 from p2pfl.secure_round import SecureAggregation
@@ -43,8 +45,13 @@ __all__ = ["LONELY_ROUNDS", "Node", "NodeCounters", "RoundReport"]
 
 log = logging.getLogger(__name__)
 
-LONELY_ROUNDS = 3
-"""Rounds without any live peer after which a node warns that it trains alone."""
+
+class _Trained(NamedTuple):
+    """A round's training: the fit, the model to share, and its payload (None: none to send)."""
+
+    fit: FitResult
+    weights: dict[str, np.ndarray]
+    payload: Payload | None
 
 
 class Node:
@@ -92,7 +99,7 @@ class Node:
         self._trust(identity, trust)
         self.inbox = Inbox(config, self.counters, clock=clock)
         self.inbox.trust = self.trust
-        self._membership(advertised, own_broker)
+        self._peers(advertised, own_broker)
         self.gossip = Gossip(
             config, transport, node_id=node_id, view=self.view, membership=self.membership,
             inbox=self.inbox, schedule=schedule, learner=learner, merge=self._merge,
@@ -106,7 +113,6 @@ class Node:
             next_seq=self._next_seq, signer=self.signer, logs=logs, clock=clock,
         )  # fmt: skip
         self.tokens = Tokens(config, self.inbox, self.view, node_id=node_id, clock=clock)
-        self._alone_rounds = 0  # consecutive rounds without a live peer
         # DP: the learner's budget; `epsilon` is what it spent, as of the last fit.
         self.privacy = privacy_of(learner)
         self.epsilon: float | None = None
@@ -124,7 +130,8 @@ class Node:
         )
         self.trust.own(self.node_id, self.identity.public_raw)  # nobody else speaks as us
 
-    def _membership(self, advertised: Sequence[str], own_broker: Container[str] | None) -> None:
+    def _peers(self, advertised: Sequence[str], own_broker: Container[str] | None) -> None:
+        """Membership, and what this node does about its peers joining and leaving."""
         self.membership = Membership(
             self.config, self.transport, self.view, node_id=self.node_id,
             home_broker=self.home_broker, next_seq=self._next_seq,
@@ -137,6 +144,10 @@ class Node:
         self.view.on_refuse = self.inbox.reject
         self.view.on_leave = self._peer_left
         self.inbox.admitted = self._admitted
+        self.peer_watch = PeerWatch(
+            self.config, self.view, self.membership, node_id=self.node_id, stop=self._stop,
+            clock=self.clock,
+        )  # fmt: skip
 
     def _secure_aggregation(self) -> SecureAggregation | None:
         if not self.config.secure_aggregation:
@@ -202,47 +213,8 @@ class Node:
 
     # ---- training ---------------------------------------------------------------------------
 
-    async def _wait_for_peers(self) -> None:
-        """Sync mode starts together: wait for the expected peers, at most one round timeout."""
-        wanted = self.config.min_peers
-        if wanted is None:
-            static = {p.id for p in self.config.peers} - {self.node_id}
-            wanted = len(static) if self.config.mode == "sync" or self.config.walkers else 0
-        if wanted <= 0:
-            return
-        deadline = self.clock() + self.config.round_timeout
-        while len(self.view.live()) < wanted and self.clock() < deadline and not self.stopping:
-            await self._sleep(0.05)
-        live = len(self.view.live())
-        if live >= wanted or self.stopping:
-            log.info("starting with peers=%d wanted=%d", live, wanted)
-            return
-        log.warning(
-            "starting with peers=%d wanted=%d after %gs: %s",
-            live,
-            wanted,
-            self.config.round_timeout,
-            await self.membership.diagnose(),
-        )
-        if live == 0:
-            self._alone_rounds = LONELY_ROUNDS  # said already: not again in this stretch
-
-    async def _check_alone(self, peers: int) -> None:
-        """Warn once per lonely stretch: a node with no live peer for some rounds shares
-        nothing, and users should not learn that from an accuracy figure."""
-        if peers:
-            self._alone_rounds = 0
-            return
-        self._alone_rounds += 1
-        if self._alone_rounds == LONELY_ROUNDS:
-            log.warning(
-                "no live peer for %d rounds, training alone: %s",
-                LONELY_ROUNDS,
-                await self.membership.diagnose(),
-            )
-
     async def _train_loop(self) -> None:
-        await self._wait_for_peers()
+        await self.peer_watch.wait_for_peers()
         deadline = None if self.config.duration is None else self.clock() + self.config.duration
         walkers = self.config.walkers
         if walkers:
@@ -298,11 +270,8 @@ class Node:
         self.round = max(self.round, min(top, self.gossip.round_ceiling()))
         return adopted
 
-    async def _train(
-        self, r: int
-    ) -> tuple[FitResult, dict[str, np.ndarray], Payload | None] | None:
-        """Train for round `r`: the fit, the model to share and its payload (None: nothing to
-        send); None when the node stopped meanwhile."""
+    async def _train(self, r: int) -> _Trained | None:
+        """Train for round `r`; None when the node stopped meanwhile."""
         fit = await asyncio.to_thread(resume.fit, self.learner, self.privacy, self.state)
         if self.privacy is not None:
             self.epsilon = self.privacy.spent
@@ -329,7 +298,7 @@ class Node:
                 log.error("cannot mask the model round=%d reason=%s", r, exc)
                 payload = None
         self.last_loss = fit.loss
-        return fit, weights, payload
+        return _Trained(fit, weights, payload)
 
     async def _share(self, r: int, payload: Payload) -> set[str]:
         """Send round `r`'s model as planned (sync: and wait for the expected ones); to whom."""
@@ -362,7 +331,7 @@ class Node:
             seconds=self.clock() - started, counters=self.counters.as_dict(),
             fit_seconds=fit.seconds, eval_seconds=eval_seconds, epsilon=self.epsilon,
         )  # fmt: skip
-        await self._check_alone(report.peers)
+        await self.peer_watch.after_round(report.peers)
         if self.state is not None:
             await asyncio.to_thread(self.state.append_metrics, report.as_dict())
         if self.on_round is not None:
