@@ -1,4 +1,5 @@
-"""A node's status: the one record of what a node is doing, and the schema of its telemetry.
+"""A node's status: the one record of what a node is doing, and the schema of its telemetry;
+and `RoundReport`, the line of progress a node gives after each round.
 
 `Node.status()` builds a `NodeStatus` on the node's event loop; the same record is what the node
 publishes on its telemetry topic (`p2pfl.telemetry`), what its Prometheus endpoint exports, and
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -261,3 +263,38 @@ def unknown_summary() -> dict[str, Any]:
 
 
 _SUMMARY_KEYS = tuple(NodeStatus(id="x").summary())
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """One line of progress: what a round did."""
+
+    node_id: str
+    round: int
+    train_loss: float
+    test_loss: float
+    accuracy: float
+    peers: int
+    merged: int
+    seconds: float
+    counters: dict[str, Any]
+    fit_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    epsilon: float | None = None  # DP: epsilon spent so far on this node's samples
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "event": "round",
+            "node": self.node_id,
+            "round": self.round,
+            "train_loss": round(self.train_loss, 6),
+            "test_loss": round(self.test_loss, 6),
+            "accuracy": round(self.accuracy, 6),
+            "peers": self.peers,
+            "merged": self.merged,
+            "seconds": round(self.seconds, 4),
+            "fit_seconds": round(self.fit_seconds, 4),
+            "eval_seconds": round(self.eval_seconds, 4),
+            "epsilon": None if self.epsilon is None else round(self.epsilon, 6),
+            **self.counters,
+        }

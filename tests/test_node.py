@@ -110,13 +110,15 @@ def make_node(
     peers: Mapping[str, str] = {},
     **overrides: Any,
 ) -> Node:
+    config = make_config(node_id, peers, **overrides)
     return Node(
-        make_config(node_id, peers, **overrides),
+        config,
         learner if learner is not None else make_learner(dataset, index),
         transport,
         node_id=node_id,
         home_broker=home,
-        schedule=make_schedule("ring"),
+        # As the daemon builds it: with walkers the ring keeps hop 1 (a token visits in turn).
+        schedule=make_schedule("ring", walkers=config.walkers),
         state=state,
         on_round=on_round,
     )

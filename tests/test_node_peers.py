@@ -82,11 +82,11 @@ async def test_fresh_peers_do_not_move_the_round_ceiling(dataset: Dataset) -> No
     node.round = 3
     for sybil in ("s1", "s2"):
         await presence(node, sybil, round=10**6)
-    assert node._round_ceiling() == 3 + lag + 1  # one node and two fresh records: no jump
+    assert node.gossip.round_ceiling() == 3 + lag + 1  # one node and two fresh records: no jump
     clock.now += TTL / 3
     # Established ones count, with this node: two against one move it (tofu's limit; see the
     # README), as two honest peers ahead would.
-    assert node._round_ceiling() == 10**6 + lag + 1
+    assert node.gossip.round_ceiling() == 10**6 + lag + 1
 
 
 async def test_a_restarted_node_still_catches_up_with_its_one_established_peer(
@@ -96,15 +96,15 @@ async def test_a_restarted_node_still_catches_up_with_its_one_established_peer(
     node = idle_node(dataset, clock)
     lag = node.config.max_round_lag
     await presence(node, "ahead", round=50)
-    assert node._round_ceiling() == lag + 1
+    assert node.gossip.round_ceiling() == lag + 1
     clock.now += TTL / 3
-    assert node._round_ceiling() == 50 + lag + 1
+    assert node.gossip.round_ceiling() == 50 + lag + 1
     # Honest peers that are established outweigh fresh Sybils.
     await presence(node, "also-ahead", round=50)
     clock.now += TTL / 3
     for i in range(5):
         await presence(node, f"sybil{i}", round=10**6)
-    assert node._round_ceiling() == 50 + lag + 1
+    assert node.gossip.round_ceiling() == 50 + lag + 1
 
 
 async def test_only_trainers_of_the_view_and_pending_peers_are_admitted(dataset: Dataset) -> None:

@@ -8,6 +8,10 @@ machine, each torch op on one thread, so N nodes share the cores without oversub
 
 In sync mode with a fixed seed and no faults that depend on timing, two runs give identical
 accuracies: every node merges the same models in the same (sorted) order.
+
+One schedule's run is a `_ScheduleRun`: it builds each member's node from the scenario and the
+`FaultPlan` (which nodes straggle or attack, which crash when), and its supervisor sleeps until
+a node reports a round or a node's task ends, then crashes, restarts, or returns.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.learning.datasets import Dataset, load_dataset
 from p2pfl.learning.learner import Learner
@@ -41,7 +46,7 @@ from p2pfl.simulation.attacks import (
     alie_z,
     flip_labels,
 )
-from p2pfl.simulation.faults import Crash, StragglerLearner, choose_nodes, churn_events
+from p2pfl.simulation.faults import Crash, StragglerLearner
 from p2pfl.simulation.network import LinkDelay
 from p2pfl.simulation.scenario import Scenario
 from p2pfl.store import StateDir
@@ -124,21 +129,7 @@ class Simulation:
         self._dataset = dataset
 
     async def load(self) -> None:
-        """Load the dataset once for every schedule (and set up threads for training)."""
-        import torch
-
-        # One thread per torch op: parallelism comes from nodes training side by side.
-        torch.set_num_threads(1)
-        loop = asyncio.get_running_loop()
-        # Attackers reading the honest models may wait in a thread for them: one more thread
-        # each, so they never hold up the honest nodes' training.
-        waiting = len(
-            self.scenario.faults.byzantine_ids(self.scenario.node_ids, self.scenario.seed)
-        )
-        executor = ThreadPoolExecutor(
-            max_workers=self.workers + waiting, thread_name_prefix="p2pfl-sim"
-        )
-        loop.set_default_executor(executor)
+        """Load the dataset once for every schedule, and check that DP can train its model."""
         settings = self.scenario.node_config(self.scenario.compare[0], 0, "n01")
         if self._dataset is None:
             self._dataset = await asyncio.to_thread(
@@ -149,182 +140,227 @@ class Simulation:
     async def run(self) -> list[ScheduleRun]:
         """Every schedule of the scenario, one after the other."""
         await self.load()
-        runs = []
-        for schedule in self.scenario.compare:
-            runs.append(await self.run_schedule(schedule))
-        return runs
+        return [await self.run_schedule(schedule) for schedule in self.scenario.compare]
 
     async def run_schedule(self, schedule: str) -> ScheduleRun:
-        """One schedule: start every node, apply faults, wait for all to finish."""
-        dataset = self._dataset
-        assert dataset is not None
-        scenario = self.scenario
-        n = scenario.nodes
-        ids = node_ids(n)
-        base = scenario.node_config(schedule, 0, ids[0])
-        seed = base.seed
-        parts = partition(dataset.y_train, n, base.partition, seed=seed)
-        byz = set(choose_nodes(ids, scenario.faults.byzantine, seed=seed, salt="byzantine"))
-        attack = scenario.faults.byzantine
-        board: HonestModels | None = None
-        if byz and attack.behaviour in ("alie", "ipm"):
+        """One schedule: start every node, apply faults, wait for all to finish. `load()` first."""
+        assert self._dataset is not None, "load() first"
+        # Attackers reading the honest models may wait in a thread for them: one more thread
+        # each, so they never hold up the honest nodes' training.
+        waiting = len(
+            self.scenario.faults.byzantine_ids(self.scenario.node_ids, self.scenario.seed)
+        )
+        with (
+            training_threads(self.workers + waiting),
+            tempfile.TemporaryDirectory(prefix="p2pfl-sim-") as tmp,
+        ):
+            return await _ScheduleRun(self, schedule, self._dataset, Path(tmp)).run()
+
+
+@contextlib.contextmanager
+def training_threads(workers: int) -> Iterator[None]:
+    """Within: torch runs each op on one thread and the running loop's `to_thread` work goes to
+    a pool of `workers` threads, so N nodes share the cores without oversubscription. Both
+    are put back as they were on exit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    loop = asyncio.get_running_loop()
+    # asyncio has no getter for it, and no setter back to "none yet" (created on first use).
+    previous = getattr(loop, "_default_executor", None)
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="p2pfl-sim")
+    torch.set_num_threads(1)  # parallelism comes from nodes training side by side
+    loop.set_default_executor(executor)
+    try:
+        yield
+    finally:
+        loop._default_executor = previous  # type: ignore[attr-defined]
+        executor.shutdown(wait=False, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
+class _ScheduleRun:
+    """One schedule's run: builds the nodes, applies the fault plan, supervises.
+
+    The supervisor sleeps until something it acts on happens: a node reported a round (a
+    planned crash, or a restart that is due) or a node's task ended. A task that fails
+    unexpectedly fails the task group, which ends the run at once with its error.
+    """
+
+    def __init__(self, sim: Simulation, schedule: str, dataset: Dataset, tmp: Path) -> None:
+        scenario = self.scenario = sim.scenario
+        faults = scenario.faults
+        self.sim, self.schedule, self.dataset = sim, schedule, dataset
+        self.ids = ids = node_ids(scenario.nodes)
+        base = self.base = scenario.node_config(schedule, 0, ids[0])
+        seed = self.seed = base.seed
+        self.parts = partition(dataset.y_train, scenario.nodes, base.partition, seed=seed)
+        self.slow = set(faults.straggler_ids(ids, seed))
+        self.attack = faults.byzantine
+        byzantine = set(faults.byzantine_ids(ids, seed))
+        self.board: HonestModels | None = None
+        if byzantine and self.attack.behaviour in ("alie", "ipm"):
             # Sync rounds: attackers wait for every honest model of their step (deterministic);
             # walkers train one holder at a time and async nodes never wait: the latest ones.
             wait = base.mode == "sync" and not base.walkers
-            board = HonestModels(wait=wait, timeout=base.round_timeout)
-        z = attack.z if attack.z is not None else alie_z(n, len(byz))
-        poisoned_data = flip_labels(dataset) if byz and attack.behaviour == "label-flip" else None
-        slow = set(choose_nodes(ids, scenario.faults.stragglers, seed=seed, salt="stragglers"))
-        crashes = [*scenario.faults.crashes]
-        if scenario.faults.churn > 0:
-            rounds = base.rounds or 100
-            crashes += churn_events(
-                ids, rounds, scenario.faults.churn, scenario.faults.churn_downtime, seed
-            )
-        crash_at = _crash_table(crashes, ids)
-        started = time.monotonic()
-        run = ScheduleRun(schedule)
-        clock = time.monotonic
-        delay = LinkDelay(
+            self.board = HonestModels(wait=wait, timeout=base.round_timeout)
+        self.z = self.attack.z if self.attack.z is not None else alie_z(len(ids), len(byzantine))
+        flipping = byzantine and self.attack.behaviour == "label-flip"
+        self.poisoned = flip_labels(dataset) if flipping else None
+        # Churn is drawn over the planned rounds; a run without a planned end gets 100.
+        crashes = faults.crash_events(ids, base.rounds or 100, seed)
+        self.planned = {(str(c.node), c.at_round): c for c in crashes}
+        self.started = time.monotonic()
+        self.result = ScheduleRun(schedule)
+        self.delay = LinkDelay(
             scenario.network,
             node_of=lambda client: client.partition("#")[0],
-            clock=lambda: clock() - started,
+            clock=self.elapsed,
             seed=seed,
             nodes=ids,
         )
-        bus = MemoryBus(delay=delay if scenario.network.active else None)
-        if self.broker is not None and scenario.network.active:
+        self.bus = MemoryBus(delay=self.delay if scenario.network.active else None)
+        if sim.broker is not None and scenario.network.active:
             log.warning("the network model does not apply on a real broker; ignoring it")
-        home = self.broker or HOME
+        self.members = [
+            _Member(i, node_id, node_id not in byzantine, StateDir(tmp / node_id))
+            for i, node_id in enumerate(ids)
+            if sim.only is None or i in sim.only
+        ]
+        self.network_round = 0  # the highest round any node reported
+        self.crashing: list[tuple[_Member, Crash]] = []
+        self.down: list[tuple[_Member, int]] = []  # crashed, to restart at that network round
+        self.changed = asyncio.Event()
 
-        def transport(member: _Member) -> Transport:
-            client_id = f"{member.node_id}#{member.restarts}"
-            if self.broker is None:
-                return MemoryTransport(bus, client_id)
-            mqtt_id = f"sim-{member.node_id}-{member.restarts}-{secrets.token_hex(3)}"
-            return MqttTransport(self.broker, mqtt_id)
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
 
-        network_round = 0
+    async def run(self) -> ScheduleRun:
+        async with asyncio.TaskGroup() as tg:
+            for member in self.members:
+                self.start(member, tg)
+            await self.supervise(tg)
+        self.result.wall_seconds = self.elapsed()
+        self.result.dropped = dict(self.delay.stats)
+        return self.result
 
-        with tempfile.TemporaryDirectory(prefix="p2pfl-sim-") as tmp:
-            members = [
-                _Member(i, node_id, node_id not in byz, StateDir(Path(tmp) / node_id))
-                for i, node_id in enumerate(ids)
-                if self.only is None or i in self.only
-            ]
-
-            def build(member: _Member) -> Node:
-                # One shared bus: presence is the membership; everyone starts together.
-                config = scenario.node_config(
-                    schedule,
-                    member.index,
-                    member.node_id,
-                    discovery=("presence",),
-                    min_peers=n - 1 if member.restarts == 0 else 0,
-                    telemetry_interval=0.0,  # nobody watches; the engine records every round
-                )
-                data = dataset if member.honest or poisoned_data is None else poisoned_data
-                # DP noise seeded from the scenario (a reproducible run), per node and restart.
-                noise_seed = (seed * 1000 + member.index) * 1000 + member.restarts
-                learner: Learner = learner_from_config(
-                    config, data, parts[member.index], dp_noise_seed=noise_seed
-                )
-                if member.node_id in slow:
-                    learner = StragglerLearner(learner, scenario.faults.stragglers.slowdown)
-                if not member.honest:
-                    learner = ByzantineLearner(
-                        learner,
-                        attack.behaviour,
-                        attack.scale,
-                        seed + member.index,
-                        z=z,
-                        epsilon=attack.epsilon,
-                        honest=board,
-                        node_id=member.node_id,
+    async def supervise(self, tg: asyncio.TaskGroup) -> None:
+        """Crash, restart, and return once every node is done and none is to come back."""
+        while True:
+            self.changed.clear()  # before looking: what happens from here on wakes us again
+            while self.crashing:
+                member, crash = self.crashing.pop()
+                await _crash(member)
+                if crash.restart_after_rounds is not None:
+                    self.down.append(
+                        (member, (member.crashed_at or 0) + crash.restart_after_rounds)
                     )
-                elif board is not None:
-                    learner = WatchedLearner(learner, board, member.node_id)
-                graph = None
-                if schedule == "partial-mesh" and config.topology_file is not None:
-                    graph = load_graph(config.topology_file)
-                return Node(
-                    config,
-                    learner,
-                    transport(member),
-                    node_id=member.node_id,
-                    home_broker=home,
-                    schedule=make_schedule(
-                        schedule,
-                        degree=config.degree,
-                        seed=config.seed,
-                        graph=graph,
-                        walkers=config.walkers,
-                    ),
-                    state=member.state,
-                    on_round=functools.partial(on_round, member),
-                    identity=member.identity,
-                    # Every simulated peer is the user's own and all start together: rationing
-                    # new peers would only delay a large run's start by minutes.
-                    limit_new_peers=False,
-                )
+            for item in [item for item in self.down if self.due(*item)]:
+                self.down.remove(item)
+                self.restart(item[0], tg)
+            if not self.down and not any(m.running for m in self.members):
+                return
+            await self.changed.wait()
 
-            def on_round(member: _Member, report: RoundReport) -> None:
-                nonlocal network_round
-                network_round = max(network_round, report.round)
-                record = _record(schedule, report, clock() - started, member)
-                member.counted = {k: record[k] for k in _CUMULATIVE}
-                run.records.append(record)
-                if self.on_record is not None:
-                    self.on_record(record)
-                planned = crash_at.get(member.node_id, {}).get(report.round)
-                if planned is not None and member.crashed_at is None:
-                    member.crashed_at = report.round
-                    pending.append((member, planned))
-                    wake.set()  # crash it before it can finish another round
+    def due(self, member: _Member, when: int) -> bool:
+        """A crashed node comes back once the network reached `when`, or when nobody else
+        is left to get there."""
+        others = any(m.running for m in self.members if m is not member)
+        return self.network_round >= when or not others
 
-            pending: list[tuple[_Member, Crash]] = []
-            wake = asyncio.Event()
+    def start(self, member: _Member, tg: asyncio.TaskGroup) -> None:
+        member.state.open()
+        member.node = self.build(member)
+        if self.board is not None:
+            self.board.join(member.node_id, attacker=not member.honest)
+        member.task = tg.create_task(_run_member(member, self.board))
+        member.task.add_done_callback(lambda _: self.changed.set())
 
-            async def supervise(tg: asyncio.TaskGroup) -> None:
-                down: list[tuple[_Member, int]] = []
-                while True:
-                    while pending:
-                        member, crash = pending.pop()
-                        await _crash(member)
-                        if crash.restart_after_rounds is not None:
-                            down.append(
-                                (member, (member.crashed_at or 0) + crash.restart_after_rounds)
-                            )
-                    for item in list(down):
-                        member, when = item
-                        others = any(m.running for m in members if m is not member)
-                        if network_round >= when or not others:
-                            down.remove(item)
-                            member.crashed_at = None
-                            member.restarts += 1
-                            member.carried = member.counted
-                            start(member, tg)
-                    if not down and not pending and not any(m.running for m in members):
-                        return
-                    # Woken at once by a planned crash; otherwise poll for restarts and the end.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), 0.05)
-                    wake.clear()
+    def restart(self, member: _Member, tg: asyncio.TaskGroup) -> None:
+        member.crashed_at = None
+        member.restarts += 1
+        member.carried = member.counted
+        self.start(member, tg)
 
-            def start(member: _Member, tg: asyncio.TaskGroup) -> None:
-                member.state.open()
-                member.node = build(member)
-                if board is not None:
-                    board.join(member.node_id, attacker=not member.honest)
-                member.task = tg.create_task(_run_member(member, board))
+    def on_round(self, member: _Member, report: RoundReport) -> None:
+        """Record the round; a node that reached its planned crash goes down before its next."""
+        self.network_round = max(self.network_round, report.round)
+        record = _record(self.schedule, report, self.elapsed(), member)
+        member.counted = {k: record[k] for k in _CUMULATIVE}
+        self.result.records.append(record)
+        if self.sim.on_record is not None:
+            self.sim.on_record(record)
+        crash = self.planned.get((member.node_id, report.round))
+        if crash is not None and member.crashed_at is None:
+            member.crashed_at = report.round
+            self.crashing.append((member, crash))
+        self.changed.set()  # a crash to do now, or a restart that may be due
 
-            async with asyncio.TaskGroup() as tg:
-                for member in members:
-                    start(member, tg)
-                await supervise(tg)
-        run.wall_seconds = time.monotonic() - started
-        run.dropped = dict(delay.stats)
-        return run
+    def build(self, member: _Member) -> Node:
+        # One shared bus: presence is the membership; everyone starts together.
+        config = self.scenario.node_config(
+            self.schedule,
+            member.index,
+            member.node_id,
+            discovery=("presence",),
+            min_peers=len(self.ids) - 1 if member.restarts == 0 else 0,
+            telemetry_interval=0.0,  # nobody watches; the engine records every round
+        )
+        graph = None
+        if self.schedule == "partial-mesh" and config.topology_file is not None:
+            graph = load_graph(config.topology_file)
+        schedule = make_schedule(
+            self.schedule,
+            degree=config.degree,
+            seed=config.seed,
+            graph=graph,
+            walkers=config.walkers,
+        )
+        return Node(
+            config,
+            self.learner(member, config),
+            self.transport(member),
+            node_id=member.node_id,
+            home_broker=self.sim.broker or HOME,
+            schedule=schedule,
+            state=member.state,
+            on_round=functools.partial(self.on_round, member),
+            identity=member.identity,
+            # Every simulated peer is the user's own and all start together: rationing
+            # new peers would only delay a large run's start by minutes.
+            limit_new_peers=False,
+        )
+
+    def learner(self, member: _Member, config: NodeConfig) -> Learner:
+        """The member's learner, wrapped in its faults (slow, Byzantine) or watched by them."""
+        data = self.dataset if member.honest or self.poisoned is None else self.poisoned
+        # DP noise seeded from the scenario (a reproducible run), per node and restart.
+        noise_seed = (self.seed * 1000 + member.index) * 1000 + member.restarts
+        learner: Learner = learner_from_config(
+            config, data, self.parts[member.index], dp_noise_seed=noise_seed
+        )
+        if member.node_id in self.slow:
+            learner = StragglerLearner(learner, self.scenario.faults.stragglers.slowdown)
+        if not member.honest:
+            return ByzantineLearner(
+                learner,
+                self.attack.behaviour,
+                self.attack.scale,
+                self.seed + member.index,
+                z=self.z,
+                epsilon=self.attack.epsilon,
+                honest=self.board,
+                node_id=member.node_id,
+            )
+        if self.board is not None:
+            return WatchedLearner(learner, self.board, member.node_id)
+        return learner
+
+    def transport(self, member: _Member) -> Transport:
+        if self.sim.broker is None:
+            return MemoryTransport(self.bus, f"{member.node_id}#{member.restarts}")
+        mqtt_id = f"sim-{member.node_id}-{member.restarts}-{secrets.token_hex(3)}"
+        return MqttTransport(self.sim.broker, mqtt_id)
 
 
 def check_privacy(scenario: Scenario, dataset: Dataset | None = None) -> None:
@@ -359,14 +395,6 @@ async def _crash(member: _Member) -> None:
     member.task.cancel()
     await asyncio.gather(member.task, return_exceptions=True)
     log.info("crashed node=%s round=%s", member.node_id, member.crashed_at)
-
-
-def _crash_table(crashes: list[Crash], ids: list[str]) -> dict[str, dict[int, Crash]]:
-    table: dict[str, dict[int, Crash]] = {}
-    for crash in crashes:
-        node = crash.node if isinstance(crash.node, str) else ids[crash.node]
-        table.setdefault(node, {})[crash.at_round] = crash
-    return table
 
 
 _CUMULATIVE = ("models_sent", "models_received", "bytes_sent", "rejected")

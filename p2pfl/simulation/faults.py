@@ -41,7 +41,8 @@ BEHAVIOURS: tuple[Behaviour, ...] = get_args(Behaviour)
 
 
 class Crash(BaseModel):
-    """Crash `node` (an id, or an index into the sorted ids) when it starts round `at_round`.
+    """Crash `node` (an id, or an index into the sorted ids) once it has finished round
+    `at_round`, before it starts the next: its checkpoint of that round is where it restarts.
 
     With `restart_after_rounds`, it restarts from its checkpoint once the network has moved
     that many rounds past `at_round`; with None it stays down.
