@@ -29,7 +29,7 @@ from p2pfl.discovery.addresses import (
     is_wildcard,
 )
 from p2pfl.discovery.mdns import Mdns
-from p2pfl.identity import fingerprint, load_identity, parse_key
+from p2pfl.identity import Identity, fingerprint, load_identity, parse_key
 from p2pfl.learning.datasets import load_dataset
 from p2pfl.learning.partition import partition
 from p2pfl.learning.torch_learner import TorchLearner, learner_from_config
@@ -248,14 +248,56 @@ def report_round(report: RoundReport) -> None:
     )
 
 
+def _trust(config: NodeConfig, state: StateDir, node_id: str, identity: Identity) -> Trust:
+    """The node's trust policy; under ``ca`` with its certificate (made on first use)."""
+    certificate = None
+    if config.trust == "ca":
+        assert config.ca_key is not None  # NodeConfig requires it under ca
+        certificate = own_certificate(
+            state.path, parse_key(config.ca_key), node_id, identity.public_raw
+        )
+    return Trust(
+        config.trust,
+        state_dir=state.path,
+        max_peers=config.max_peers,
+        max_skew=config.max_clock_skew,
+        ca_key=config.ca_key,
+        certificate=certificate,
+    )
+
+
+def _transport(
+    config: NodeConfig, uri: str, node_id: str, identity: Identity, trust: Trust, max_payload: int
+) -> MqttTransport:
+    """The node's MQTT client to its home broker, logging in with its key."""
+    tls = None
+    if config.ca or config.cert or config.key:
+        tls = TlsOptions(
+            ca=_opt_str(config.ca), cert=_opt_str(config.cert), key=_opt_str(config.key)
+        )
+
+    def login(broker: str) -> tuple[str, str]:
+        return node_id, login_password(identity, node_id, broker, certificate=trust.certificate)
+
+    options = MqttOptions(
+        username=config.username,
+        password=config.password,
+        tls=tls,
+        login=login,
+        max_payload=max_payload,
+    )
+    # An unguessable client id: a broker ends a session when another connects with its id,
+    # even one that then fails to log in (amqtt, Mosquitto alike).
+    return MqttTransport(uri, client_id=f"{node_id}-{secrets.token_hex(8)}", options=options)
+
+
 async def serve(config: NodeConfig) -> NodeCounters:
     """Run one node described by `config` until its budget is spent or it is signalled."""
     state_path = config.state_dir or default_state_dir(config.network, config.id)
     with StateDir(state_path, keep=config.checkpoints_keep) as state:
         node_id = state.node_id(config.id)
         identity = load_identity(state.path)  # KeyFileError: a bad key file (exit 2)
-        print_ = fingerprint(identity.public)
-        log.info("identity id=%s key=%s", node_id, print_)
+        log.info("identity id=%s key=%s", node_id, fingerprint(identity.public))
         log.info("loading data dataset=%s model=%s", config.dataset, config.model)
         learner = await asyncio.to_thread(build_torch_learner, config)
         graph = None if config.topology_file is None else load_graph(config.topology_file)
@@ -266,20 +308,7 @@ async def serve(config: NodeConfig) -> NodeCounters:
             graph=graph,
             walkers=config.walkers,
         )
-        certificate = None
-        if config.trust == "ca":
-            assert config.ca_key is not None  # NodeConfig requires it under ca
-            certificate = own_certificate(
-                state.path, parse_key(config.ca_key), node_id, identity.public_raw
-            )
-        trust = Trust(
-            config.trust,
-            state_dir=state.path,
-            max_peers=config.max_peers,
-            max_skew=config.max_clock_skew,
-            ca_key=config.ca_key,
-            certificate=certificate,
-        )
+        trust = _trust(config, state, node_id, identity)
         max_payload = max(config.max_message_size, config.max_chunk + 64 * 1024)
         gate = BrokerGate(
             config.network,
@@ -290,33 +319,11 @@ async def serve(config: NodeConfig) -> NodeCounters:
             max_packet=max_payload + 64 * 1024,
         )
         async with home_broker(config, gate) as home:
-            tls = None
-            if config.ca or config.cert or config.key:
-                tls = TlsOptions(
-                    ca=_opt_str(config.ca), cert=_opt_str(config.cert), key=_opt_str(config.key)
-                )
-
-            def login(uri: str) -> tuple[str, str]:
-                return node_id, login_password(identity, node_id, uri, certificate=certificate)
-
-            options = MqttOptions(
-                username=config.username,
-                password=config.password,
-                tls=tls,
-                login=login,
-                max_payload=max_payload,
-            )
-            # An unguessable client id: a broker ends a session when another connects with
-            # its id, even one that then fails to log in (amqtt, Mosquitto alike).
-            transport = MqttTransport(
-                home.uri, client_id=f"{node_id}-{secrets.token_hex(8)}", options=options
-            )
             forwarder = LogForwarder()
-            logging.getLogger("p2pfl").addHandler(forwarder)
             node = Node(
                 config,
                 learner,
-                transport,
+                _transport(config, home.uri, node_id, identity, trust, max_payload),
                 node_id=node_id,
                 home_broker=home.uri,
                 advertised=home.advertised,
@@ -328,45 +335,61 @@ async def serve(config: NodeConfig) -> NodeCounters:
                 on_round=report_round,
                 logs=forwarder,
             )
-            metrics = None
-            if config.metrics_port is not None:
-                from p2pfl.monitor.prometheus import serve_node_metrics
-
-                metrics = serve_node_metrics(
-                    node.status, config.metrics_port, host=config.metrics_host
-                )
-            loop = asyncio.get_running_loop()
-
-            def refused(who: str, reason: str) -> None:  # on the broker's thread
-                loop.call_soon_threadsafe(node.inbox.reject, who, reason)
-
-            gate.on_refuse = refused
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, on_signal, node, state, sig)
-            announce_reachability(config, node_id, home)
-            try:
-                async with mdns_discovery(config, node, home):
-                    counters = await node.run()
-            finally:
-                if metrics is not None:
-                    await asyncio.to_thread(metrics.shutdown)
-                logging.getLogger("p2pfl").removeHandler(forwarder)
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
-        final = node.last_eval
-        progress.info(
-            "done rounds=%d accuracy=%s",
-            node.round,
-            "n/a" if final is None else f"{final.accuracy:.4f}",
-            extra={
-                "fields": {
-                    "event": "done",
-                    "node": node_id,
-                    "round": node.round,
-                    "accuracy": None if final is None else final.accuracy,
-                    **counters.as_dict(),
-                },
-                "text_fields": False,
-            },
-        )
+            counters = await _run(config, node, state, home, gate, forwarder)
+        _report_done(node, node_id, counters)
         return counters
+
+
+async def _run(
+    config: NodeConfig,
+    node: Node,
+    state: StateDir,
+    home: HomeBroker,
+    gate: BrokerGate,
+    forwarder: LogForwarder,
+) -> NodeCounters:
+    """Run ``node`` with its metrics endpoint, signal handlers, log forwarding and mDNS."""
+    metrics = None
+    if config.metrics_port is not None:
+        from p2pfl.monitor.prometheus import serve_node_metrics
+
+        metrics = serve_node_metrics(node.status, config.metrics_port, host=config.metrics_host)
+    loop = asyncio.get_running_loop()
+
+    def refused(who: str, reason: str) -> None:  # on the broker's thread
+        loop.call_soon_threadsafe(node.inbox.reject, who, reason)
+
+    gate.on_refuse = refused
+    logging.getLogger("p2pfl").addHandler(forwarder)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, node, state, sig)
+    announce_reachability(config, node.node_id, home)
+    try:
+        async with mdns_discovery(config, node, home):
+            return await node.run()
+    finally:
+        if metrics is not None:
+            await asyncio.to_thread(metrics.shutdown)
+        logging.getLogger("p2pfl").removeHandler(forwarder)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _report_done(node: Node, node_id: str, counters: NodeCounters) -> None:
+    """The node's last line: rounds, final accuracy and its counters."""
+    final = node.last_eval
+    progress.info(
+        "done rounds=%d accuracy=%s",
+        node.round,
+        "n/a" if final is None else f"{final.accuracy:.4f}",
+        extra={
+            "fields": {
+                "event": "done",
+                "node": node_id,
+                "round": node.round,
+                "accuracy": None if final is None else final.accuracy,
+                **counters.as_dict(),
+            },
+            "text_fields": False,
+        },
+    )

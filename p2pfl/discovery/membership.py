@@ -25,7 +25,12 @@ from p2pfl.config import NodeConfig
 from p2pfl.discovery.addresses import is_loopback
 from p2pfl.discovery.dial import first_reachable, probe
 from p2pfl.discovery.peerview import PeerInfo, PeerView
-from p2pfl.discovery.presence import encode_presence, parse_presence, presence_certificate
+from p2pfl.discovery.presence import (
+    PresenceRecord,
+    encode_presence,
+    parse_presence,
+    presence_certificate,
+)
 from p2pfl.identity import Identity, fingerprint
 from p2pfl.protocol import topics
 from p2pfl.protocol.envelope import unpack_envelope
@@ -151,32 +156,12 @@ class Membership:
         if kind != "presence" or peer_id == self.node_id or not message.payload:
             return
         try:
-            if len(message.payload) > _MAX_PRESENCE:
-                raise ProtocolError(f"oversize presence record: {len(message.payload)} bytes")
-            if self.trust is not None:
-                # Before anything is decoded; under --trust ca the body is read for the
-                # sender's certificate only once the signature checked.
-                payload = message.payload
-                self.trust.check(
-                    payload, cert=lambda: presence_certificate(payload, max_size=_MAX_PRESENCE)
-                )
-            # a presence record is a flat map of a few fields: no long containers in it
-            env = unpack_envelope(message.payload, max_size=_MAX_PRESENCE, max_container_len=64)
-            record = parse_presence(env)
-            if env.src != peer_id or env.net != self.net:
-                raise ProtocolError("presence record does not match its topic")
+            record = self._verified(peer_id, message.payload)
         except ProtocolError as exc:
             self._reject(peer_id, exc.reason)
             return
         if not record.online:
-            # Only a peer of the view shaped our rounds: a bye from anyone else changes none.
-            if record.graceful and record.round is not None and peer_id in self.view:
-                self.finished.pop(peer_id, None)
-                self.finished[peer_id] = record.round
-                while len(self.finished) > self.config.max_peers:
-                    del self.finished[next(iter(self.finished))]
-            if self.view.remove(peer_id, "offline"):
-                log.info("peer left id=%s", peer_id)
+            self._left(peer_id, record)
             return
         self.finished.pop(peer_id, None)
         usable = self._usable(peer_id, record.candidates)
@@ -208,6 +193,37 @@ class Membership:
                 return
             info = replace(info, broker=route)
         await self._admit(info)
+
+    def _verified(self, peer_id: str, payload: bytes | bytearray) -> PresenceRecord:
+        """The presence record in ``payload``, signed by ``peer_id`` for this network.
+
+        Raises ProtocolError (its reason counted by the caller) for anything else.
+        """
+        if len(payload) > _MAX_PRESENCE:
+            raise ProtocolError(f"oversize presence record: {len(payload)} bytes")
+        if self.trust is not None:
+            # Before anything is decoded; under --trust ca the body is read for the sender's
+            # certificate only once the signature checked.
+            self.trust.check(
+                payload, cert=lambda: presence_certificate(payload, max_size=_MAX_PRESENCE)
+            )
+        # a presence record is a flat map of a few fields: no long containers in it
+        env = unpack_envelope(payload, max_size=_MAX_PRESENCE, max_container_len=64)
+        record = parse_presence(env)
+        if env.src != peer_id or env.net != self.net:
+            raise ProtocolError("presence record does not match its topic")
+        return record
+
+    def _left(self, peer_id: str, record: PresenceRecord) -> None:
+        """``peer_id`` said it is offline (a bye, or its will)."""
+        # Only a peer of the view shaped our rounds: a bye from anyone else changes none.
+        if record.graceful and record.round is not None and peer_id in self.view:
+            self.finished.pop(peer_id, None)
+            self.finished[peer_id] = record.round
+            while len(self.finished) > self.config.max_peers:
+                del self.finished[next(iter(self.finished))]
+        if self.view.remove(peer_id, "offline"):
+            log.info("peer left id=%s", peer_id)
 
     def pending(self, peer_id: str) -> bool:
         """Whether a verified presence record of ``peer_id`` waits for a probe of its

@@ -12,7 +12,7 @@ built-in default is embedded below and shipped as `sim/default.toml` too.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -236,21 +236,24 @@ class Scenario(BaseModel):
                 list(self.attacks),
             )
         if not errors:
-            # Schedule-dependent rules (e.g. walkers) are NodeConfig's; check each schedule now.
-            for schedule in self.compare:
-                try:
-                    self.node_config(schedule, 0, ids[0])
-                except ValidationError as exc:
-                    for err in exc.errors():
-                        problem(
-                            ("node", *err["loc"]),
-                            f"{err['msg'].removeprefix('Value error, ')} (schedule {schedule})",
-                            err.get("input"),
-                        )
-                    break
+            self._check_schedules(problem)
         if errors:
             raise ValidationError.from_exception_data("scenario", errors)
         return self
+
+    def _check_schedules(self, problem: Callable[[tuple[str | int, ...], str, Any], None]) -> None:
+        """Schedule-dependent rules (e.g. walkers) are NodeConfig's: check each schedule."""
+        for schedule in self.compare:
+            try:
+                self.node_config(schedule, 0, self.node_ids[0])
+            except ValidationError as exc:
+                for err in exc.errors():
+                    problem(
+                        ("node", *err["loc"]),
+                        f"{err['msg'].removeprefix('Value error, ')} (schedule {schedule})",
+                        err.get("input"),
+                    )
+                return
 
     @property
     def node_ids(self) -> list[str]:
