@@ -26,7 +26,7 @@ pytestmark = [
 ]
 
 FAST = ["--model", "mlp", "--local-epochs", "1", "--seed", "0", "--interface", "127.0.0.1"]
-REPEATS = 20
+REPEATS = 6  # the default suite; `pytest -m slow` repeats it 20 times
 EXIT_WITHIN = 10.0
 
 
@@ -43,10 +43,13 @@ def two_nodes(tmp: Path, name: str, broker: str) -> list[NodeProcess]:
     ]  # fmt: skip
 
 
-def test_nodes_exit_when_their_broker_dies_with_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "repeats", [REPEATS, pytest.param(20, marks=[pytest.mark.slow, pytest.mark.timeout(1200)])]
+)
+def test_nodes_exit_when_their_broker_dies_with_them(tmp_path: Path, repeats: int) -> None:
     """Two nodes and their Mosquitto SIGTERMed together (even runs) or the broker 0.1 s first
     (odd runs): every node exits 0 within 10 s, and its last checkpoint is on disk."""
-    for run in range(REPEATS):
+    for run in range(repeats):
         kill_together(tmp_path, run, broker_first=run % 2 == 1)
 
 
