@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
 # MQTT's "remaining length" field caps a packet at 268,435,455 bytes; leave room for the header.
@@ -100,47 +101,52 @@ TransportFactory = Callable[[str, str], Transport]
 clients (the monitor, one per broker) gets them on MQTT or on the simulator's bus."""
 
 
-class LocalBroker(Protocol):
-    """A broker this process starts and owns: `EmbeddedBroker` (amqtt) or `MosquittoBroker`."""
+class LocalBroker(ABC):
+    """A broker this process starts and owns: `EmbeddedBroker` (amqtt) or `MosquittoBroker`.
+
+    `with` runs `start()`/`close()` here, `async with` in a worker thread.
+    """
 
     @property
+    @abstractmethod
     def uri(self) -> str:
         """`mqtt://host:port` where it listens (known once started)."""
-        ...
 
     @property
+    @abstractmethod
     def port(self) -> int:
         """The listening port (known once started)."""
-        ...
 
+    @abstractmethod
     def start(self) -> None:
         """Start serving; blocks until connections are accepted."""
-        ...
 
+    @abstractmethod
     def stop(self) -> None:
         """Stop serving; `start` again reuses the same port."""
-        ...
 
-    def restart(self) -> None:
-        """Stop, then start on the same port."""
-        ...
-
+    @abstractmethod
     def close(self) -> None:
         """Stop and release everything (temporary files)."""
-        ...
+
+    def restart(self) -> None:
+        """Stop, then start on the same port (clients see the broker go away and return)."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     async def __aenter__(self) -> Self:
-        """`start()` in a worker thread."""
-        ...
+        await asyncio.to_thread(self.start)
+        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """`close()` in a worker thread."""
-        ...
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
 
 
 def validate_topic(topic: str) -> None:
