@@ -10,7 +10,10 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, Self, runtime_checkable
+
+from p2pfl.transport.address import BrokerAddress
 
 # MQTT's "remaining length" field caps a packet at 268,435,455 bytes; leave room for the header.
 MAX_PAYLOAD = 268_435_455 - 65_536 - 8
@@ -107,15 +110,23 @@ class LocalBroker(ABC):
     `with` runs `start()`/`close()` here, `async with` in a worker thread.
     """
 
-    @property
-    @abstractmethod
-    def uri(self) -> str:
-        """`mqtt://host:port` where it listens (known once started)."""
+    host: str
+    tls: tuple[str | Path, str | Path] | None
+    """(certificate file, key file) of a TLS listener (`mqtts://`)."""
+    _port: int
+    """0 until started on a free port; then kept across `stop`/`start`."""
 
     @property
-    @abstractmethod
+    def uri(self) -> str:
+        """`mqtt://host:port` (`mqtts://` with TLS) where it listens (known once started)."""
+        return BrokerAddress(self.host, self.port, self.tls is not None).uri
+
+    @property
     def port(self) -> int:
         """The listening port (known once started)."""
+        if not self._port:
+            raise TransportError(f"{type(self).__name__} has no port until start()")
+        return self._port
 
     @abstractmethod
     def start(self) -> None:

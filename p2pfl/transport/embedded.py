@@ -72,18 +72,6 @@ class EmbeddedBroker(LocalBroker):
         self._error: BaseException | None = None
 
     @property
-    def port(self) -> int:
-        """The listening port (known once started)."""
-        if not self._port:
-            raise TransportError("EmbeddedBroker has no port until start()")
-        return self._port
-
-    @property
-    def uri(self) -> str:
-        """`mqtt://host:port` (`mqtts://` with TLS) of this broker."""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-    @property
     def running(self) -> bool:
         """Whether the broker thread is serving."""
         return self._thread is not None and self._thread.is_alive() and self._ready.is_set()

@@ -154,19 +154,6 @@ class MosquittoBroker(LocalBroker):
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
-    def port(self) -> int:
-        """The listening port (known once started)."""
-        if not self._port:
-            raise TransportError("MosquittoBroker has no port until start()")
-        return self._port
-
-    @property
-    def uri(self) -> str:
-        """`mqtt://host:port` (or `mqtts://` with TLS) of this broker."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
-
-    @property
     def pid(self) -> int | None:
         """The child process id while it runs (to signal it as a service manager would)."""
         return self._proc.pid if self.running and self._proc is not None else None
