@@ -10,9 +10,18 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from p2pfl.config_file import ConfigError, format_error, load_model, read_toml
 from p2pfl.protocol.topics import validate_name
@@ -34,13 +43,36 @@ TelemetryDetail = Literal["full", "metrics", "off"]
 weight projection (they reveal the label distribution and something of the weights), or none."""
 
 
+def check_interfaces(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Interfaces are given by IP address (a name such as eth0 is refused)."""
+    for ip in value:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise ValueError(f"expected the IP address of an interface, got {ip!r}") from None
+    return value
+
+
+def check_broker_uri(value: str) -> str:
+    """A broker given by URI, `mqtt[s]://HOST:PORT`."""
+    from p2pfl.transport.address import parse_broker_uri
+
+    parse_broker_uri(value)
+    return value
+
+
+NetworkName = Annotated[str, AfterValidator(lambda value: validate_name(value, "network"))]
+BrokerUri = Annotated[str, AfterValidator(check_broker_uri)]
+Interfaces = Annotated[tuple[str, ...], AfterValidator(check_interfaces)]
+
+
 class StaticPeer(BaseModel):
     """A peer known in advance: its id and its home broker."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str
-    broker: str
+    broker: BrokerUri
 
     @model_validator(mode="before")
     @classmethod
@@ -57,14 +89,6 @@ class StaticPeer(BaseModel):
     @classmethod
     def _check_id(cls, value: str) -> str:
         return validate_name(value, "peer id")
-
-    @field_validator("broker")
-    @classmethod
-    def _check_broker(cls, value: str) -> str:
-        from p2pfl.transport.mqtt import parse_broker_uri
-
-        parse_broker_uri(value)
-        return value
 
     @classmethod
     def parse(cls, text: str) -> StaticPeer:
@@ -90,7 +114,7 @@ class NodeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # identity and network
-    network: str = Field("default", description="Network name; nodes only talk within one.")
+    network: NetworkName = Field("default", description="Network name; nodes only talk within one.")
     id: str | None = Field(
         None, description="Node id. [default: hostname-based, kept in the state dir]"
     )
@@ -137,7 +161,7 @@ class NodeConfig(BaseModel):
     discovery: tuple[DiscoverySource, ...] = Field(
         ("static", "presence", "mdns"), description="Comma list of mdns,presence,static."
     )
-    interfaces: tuple[str, ...] = Field(
+    interfaces: Interfaces = Field(
         (),
         description="IP of an interface to use (repeatable): mDNS runs there and it is the "
         "address announced. [default: all interfaces]",
@@ -285,11 +309,6 @@ class NodeConfig(BaseModel):
         "info", description="debug | info | warning | error."
     )
 
-    @field_validator("network")
-    @classmethod
-    def _check_network(cls, value: str) -> str:
-        return validate_name(value, "network")
-
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str | None) -> str | None:
@@ -298,12 +317,7 @@ class NodeConfig(BaseModel):
     @field_validator("broker")
     @classmethod
     def _check_broker(cls, value: str) -> str:
-        if value in ("embedded", "local"):
-            return value
-        from p2pfl.transport.mqtt import parse_broker_uri
-
-        parse_broker_uri(value)
-        return value
+        return value if value in ("embedded", "local") else check_broker_uri(value)
 
     @field_validator("advertise")
     @classmethod
@@ -327,39 +341,25 @@ class NodeConfig(BaseModel):
 
         return key_text(read_key_argument(value))
 
-    @field_validator("interfaces")
+    @field_validator("listen", "partition", "merge", "codec")
     @classmethod
-    def _check_interfaces(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return check_interfaces(value)
+    def _check_parses(cls, value: str, info: ValidationInfo) -> str:
+        """These keys stay text, which must parse as the node will parse it (the parsers are
+        imported here: merge and partition pull in torch)."""
+        if info.field_name == "listen":
+            parse_host_port(value)
+        elif info.field_name == "partition":
+            from p2pfl.learning.partition import parse_partition
 
-    @field_validator("listen")
-    @classmethod
-    def _check_listen(cls, value: str) -> str:
-        parse_host_port(value)
-        return value
+            parse_partition(value)
+        elif info.field_name == "merge":
+            from p2pfl.learning.merge import parse_merge
 
-    @field_validator("partition")
-    @classmethod
-    def _check_partition(cls, value: str) -> str:
-        from p2pfl.learning.partition import parse_partition
+            parse_merge(value)
+        else:
+            from p2pfl.protocol.codec import parse_codec
 
-        parse_partition(value)
-        return value
-
-    @field_validator("merge")
-    @classmethod
-    def _check_merge(cls, value: str) -> str:
-        from p2pfl.learning.merge import parse_merge
-
-        parse_merge(value)
-        return value
-
-    @field_validator("codec")
-    @classmethod
-    def _check_codec(cls, value: str) -> str:
-        from p2pfl.protocol.codec import parse_codec
-
-        parse_codec(value)
+            parse_codec(value)
         return value
 
     @field_validator("discovery")
@@ -453,16 +453,6 @@ class NodeConfig(BaseModel):
                 f"{need} every node of topology_file to have two neighbours or more "
                 f"({', '.join(lonely[:5])} has fewer)"
             )
-
-
-def check_interfaces(value: tuple[str, ...]) -> tuple[str, ...]:
-    """Interfaces are given by IP address (a name such as eth0 is refused)."""
-    for ip in value:
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError:
-            raise ValueError(f"expected the IP address of an interface, got {ip!r}") from None
-    return value
 
 
 def state_root() -> Path:

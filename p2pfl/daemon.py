@@ -36,7 +36,7 @@ from p2pfl.learning.torch_learner import TorchLearner, learner_from_config
 from p2pfl.node import Node, NodeCounters, RoundReport
 from p2pfl.store import StateDir
 from p2pfl.telemetry import LogForwarder
-from p2pfl.topology import load_graph, make_schedule
+from p2pfl.topology import node_schedule
 from p2pfl.transport.address import TlsOptions, parse_broker_uri
 from p2pfl.transport.embedded import EmbeddedBroker
 from p2pfl.transport.mosquitto import MosquittoBroker
@@ -300,14 +300,7 @@ async def serve(config: NodeConfig) -> NodeCounters:
         log.info("identity id=%s key=%s", node_id, fingerprint(identity.public))
         log.info("loading data dataset=%s model=%s", config.dataset, config.model)
         learner = await asyncio.to_thread(build_torch_learner, config)
-        graph = None if config.topology_file is None else load_graph(config.topology_file)
-        schedule = make_schedule(
-            config.schedule,
-            degree=config.degree,
-            seed=config.seed,
-            graph=graph,
-            walkers=config.walkers,
-        )
+        schedule = node_schedule(config)
         trust = _trust(config, state, node_id, identity)
         max_payload = max(config.max_message_size, config.max_chunk + 64 * 1024)
         gate = BrokerGate(

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import uuid
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -180,17 +180,7 @@ class StateDir:
         arrays[_META_KEY] = np.frombuffer(json.dumps(body).encode(), dtype=np.uint8)
         target = self.checkpoint_dir / f"ckpt-{round:06d}.npz"
         with self._writing:
-            fd, tmp = tempfile.mkstemp(dir=self.checkpoint_dir, prefix=".ckpt-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    np.savez(fh, allow_pickle=False, **arrays)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            _fsync_dir(self.checkpoint_dir)
+            atomic_write(target, lambda fh: np.savez(fh, allow_pickle=False, **arrays))
             for old in self._checkpoints()[: -self.keep]:
                 old.unlink(missing_ok=True)
         return target
@@ -299,7 +289,7 @@ def _misfit(weights: Mapping[str, np.ndarray], expected: ExpectedSpec | None) ->
 
 
 def _is_temp_name(name: str) -> bool:
-    """A temp file of `atomic_write_bytes` or `save_checkpoint` (hidden, ``.tmp``)."""
+    """A temp file of `atomic_write` (hidden, ``.tmp``)."""
     return name.startswith(".") and name.endswith(".tmp")
 
 
@@ -314,10 +304,15 @@ def _fsync_dir(directory: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace `path` with `data` whole or not at all (temp file 0600, fsync, rename, fsync dir)."""
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Replace `path` with what `write` writes to the file it is given, whole or not at all."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -52,23 +52,8 @@ def monitor(
     setup_logging("text", cfg.log_level)
     try:
         code = run_monitor(
-            cfg.network,
-            cfg.brokers,
-            [f"{p.id}={p.broker}" for p in cfg.peers],
-            cfg.interfaces,
-            once=cfg.once,
-            json_out=cfg.json_out,
-            export=cfg.export,
-            plot=cfg.plot,
-            metrics_port=cfg.metrics_port,
-            metrics_host=cfg.metrics_host,
-            wait=cfg.wait,
-            mdns=cfg.mdns,
-            stale_after=cfg.stale_after,
-            forget_after=cfg.forget_after,
-            trust=cfg.trust,
-            ca_key=cfg.ca_key,
-            state_dir=cfg.state_dir,
+            peers=[f"{p.id}={p.broker}" for p in cfg.peers],
+            **cfg.model_dump(exclude={"peers", "log_level"}),
         )
     except MonitorConfigError as exc:
         typer.echo(f"config error: {exc}", err=True)

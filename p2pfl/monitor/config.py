@@ -7,14 +7,18 @@ Read by the same loader as `NodeConfig` (`p2pfl.config_file.load_model`), so `p2
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from p2pfl.config import StaticPeer, check_interfaces
-from p2pfl.protocol.topics import validate_name
+from p2pfl.config import Interfaces, NetworkName, StaticPeer, check_broker_uri
 
 __all__ = ["MonitorConfig"]
+
+# checked as a whole, so that an error names the key `brokers`, not one item of it
+BrokerUris = Annotated[
+    tuple[str, ...], AfterValidator(lambda uris: tuple(map(check_broker_uri, uris)))
+]
 
 
 class MonitorConfig(BaseModel):
@@ -24,14 +28,14 @@ class MonitorConfig(BaseModel):
         frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True
     )
 
-    network: str = Field("default", description="Network to watch.")
-    brokers: tuple[str, ...] = Field(
+    network: NetworkName = Field("default", description="Network to watch.")
+    brokers: BrokerUris = Field(
         (), description="Broker to listen on, mqtt[s]://HOST:PORT (repeatable)."
     )
     peers: tuple[StaticPeer, ...] = Field(
         (), description="Static peer ID=mqtt://HOST:PORT (repeatable)."
     )
-    interfaces: tuple[str, ...] = Field(
+    interfaces: Interfaces = Field(
         (), description="IP of an interface mDNS uses (repeatable). [default: all]"
     )
     mdns: bool = Field(True, description="Discover nodes over mDNS.")
@@ -77,22 +81,3 @@ class MonitorConfig(BaseModel):
         description="The monitor's key, trusted_keys and pinned keys. "
         "[default: ~/.local/state/p2pfl/NET/monitor]",
     )
-
-    @field_validator("network")
-    @classmethod
-    def _check_network(cls, value: str) -> str:
-        return validate_name(value, "network")
-
-    @field_validator("brokers")
-    @classmethod
-    def _check_brokers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from p2pfl.transport.address import parse_broker_uri
-
-        for uri in value:
-            parse_broker_uri(uri)
-        return value
-
-    @field_validator("interfaces")
-    @classmethod
-    def _check_interfaces(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return check_interfaces(value)

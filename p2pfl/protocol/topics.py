@@ -48,22 +48,25 @@ def inbox(net: str, node_id: str) -> str:
     return f"{_base(net)}/node/{validate_name(node_id, 'node id')}/inbox"
 
 
-@functools.lru_cache(maxsize=8192)
 def presence(net: str, node_id: str) -> str:
     """Retained presence record of a node (replaced by its will when it dies)."""
-    return f"{_base(net)}/presence/{validate_name(node_id, 'node id')}"
+    return _record(net, "presence", node_id)
 
 
-@functools.lru_cache(maxsize=8192)
 def telemetry(net: str, node_id: str) -> str:
     """Retained latest status of a node."""
-    return f"{_base(net)}/telemetry/{validate_name(node_id, 'node id')}"
+    return _record(net, "telemetry", node_id)
+
+
+def log(net: str, node_id: str) -> str:
+    """Warnings and errors of a node, for distributed logging."""
+    return _record(net, "log", node_id)
 
 
 @functools.lru_cache(maxsize=8192)
-def log(net: str, node_id: str) -> str:
-    """Warnings and errors of a node, for distributed logging."""
-    return f"{_base(net)}/log/{validate_name(node_id, 'node id')}"
+def _record(net: str, kind: str, node_id: str) -> str:
+    """The topic of a node's record of ``kind``: ``<base>/<kind>/<node id>``."""
+    return f"{_base(net)}/{kind}/{validate_name(node_id, 'node id')}"
 
 
 def presence_all(net: str) -> str:

@@ -50,7 +50,7 @@ from p2pfl.simulation.faults import Crash, StragglerLearner
 from p2pfl.simulation.network import LinkDelay
 from p2pfl.simulation.scenario import Scenario
 from p2pfl.store import StateDir
-from p2pfl.topology import load_graph, make_schedule
+from p2pfl.topology import node_schedule
 from p2pfl.transport.base import Transport
 from p2pfl.transport.memory import MemoryBus, MemoryTransport
 from p2pfl.transport.mqtt import MqttTransport
@@ -306,23 +306,13 @@ class _ScheduleRun:
             min_peers=len(self.ids) - 1 if member.restarts == 0 else 0,
             telemetry_interval=0.0,  # nobody watches; the engine records every round
         )
-        graph = None
-        if self.schedule == "partial-mesh" and config.topology_file is not None:
-            graph = load_graph(config.topology_file)
-        schedule = make_schedule(
-            self.schedule,
-            degree=config.degree,
-            seed=config.seed,
-            graph=graph,
-            walkers=config.walkers,
-        )
         return Node(
             config,
             self.learner(member, config),
             self.transport(member),
             node_id=member.node_id,
             home_broker=self.sim.broker or HOME,
-            schedule=schedule,
+            schedule=node_schedule(config),  # a topology file comes with partial-mesh only
             state=member.state,
             on_round=functools.partial(self.on_round, member),
             identity=member.identity,

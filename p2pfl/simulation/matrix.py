@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-from rich import box
 from rich.table import Table
 
+from p2pfl.simulation.report import sim_table
 from p2pfl.simulation.scenario import Scenario
 
 __all__ = [
@@ -178,15 +178,8 @@ def matrix_table(rows: Sequence[MatrixRow], scenario: str) -> Table:
     attacks, lines, cells = _layout(rows)
     private = _private(rows)
     attacked = attacks != ["clean"] or not private
-    table = Table(
-        title=f"p2pfl sim — {scenario}: mean honest accuracy",
-        title_style="bold",
-        box=box.SIMPLE_HEAD,
-        collapse_padding=True,
-        pad_edge=False,
-        min_width=72,  # room for the title and caption above a bench of one or two attacks
-    )
-    table.add_column("schedule", style="cyan", no_wrap=True)
+    # min_width: room for the title and caption above a bench of one or two attacks
+    table = sim_table(f"{scenario}: mean honest accuracy", min_width=72)
     table.add_column("merge", no_wrap=True)
     if private:
         table.add_column("dp\nepsilon", justify="right", no_wrap=True)

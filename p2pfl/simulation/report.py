@@ -242,17 +242,24 @@ def _fmt(value: Any, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
 
-def summary_table(summary: Mapping[str, Any], scenario: str) -> Table:
-    """One row per schedule; the best one in bold."""
+def sim_table(title: str, **layout: Any) -> Table:
+    """A table of `p2pfl sim` results titled ``title``, its first column the schedule."""
     # Two-line headers and no vertical rules keep ten columns inside 100 terminal columns.
     table = Table(
-        title=f"p2pfl sim — {scenario}",
+        title=f"p2pfl sim — {title}",
         title_style="bold",
         box=box.SIMPLE_HEAD,
         collapse_padding=True,
         pad_edge=False,
+        **layout,
     )
     table.add_column("schedule", style="cyan", no_wrap=True)
+    return table
+
+
+def summary_table(summary: Mapping[str, Any], scenario: str) -> Table:
+    """One row per schedule; the best one in bold."""
+    table = sim_table(scenario)
     for header in (
         "mean\nacc", "min\nacc", "rounds\nto 80%", "time\nto 80%", "messages\nsent",
         "bytes\nsent", "rejected", "wall\ntime", "overhead",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import networkx as nx
 
+from p2pfl.config import NodeConfig
 from p2pfl.topology.base import Plan, Schedule, overlay
 from p2pfl.topology.graph_file import load_graph, write_graph
 from p2pfl.topology.partial_mesh import PartialMesh, effective_degree, mesh_graph
@@ -29,6 +30,7 @@ __all__ = [
     "load_graph",
     "make_schedule",
     "mesh_graph",
+    "node_schedule",
     "overlay",
     "should_regenerate",
     "write_graph",
@@ -59,3 +61,15 @@ def make_schedule(
     if name == "partial-mesh":
         return PartialMesh(degree=degree, seed=seed, graph=graph)
     raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
+
+
+def node_schedule(config: NodeConfig) -> Schedule:
+    """The schedule a node runs: ``config.schedule``, on ``config.topology_file``'s graph."""
+    graph = None if config.topology_file is None else load_graph(config.topology_file)
+    return make_schedule(
+        config.schedule,
+        degree=config.degree,
+        seed=config.seed,
+        graph=graph,
+        walkers=config.walkers,
+    )

@@ -6,10 +6,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from types import TracebackType
+from pathlib import Path
 from typing import Protocol, Self, runtime_checkable
+
+from p2pfl.transport.address import BrokerAddress
 
 # MQTT's "remaining length" field caps a packet at 268,435,455 bytes; leave room for the header.
 MAX_PAYLOAD = 268_435_455 - 65_536 - 8
@@ -100,47 +104,60 @@ TransportFactory = Callable[[str, str], Transport]
 clients (the monitor, one per broker) gets them on MQTT or on the simulator's bus."""
 
 
-class LocalBroker(Protocol):
-    """A broker this process starts and owns: `EmbeddedBroker` (amqtt) or `MosquittoBroker`."""
+class LocalBroker(ABC):
+    """A broker this process starts and owns: `EmbeddedBroker` (amqtt) or `MosquittoBroker`.
+
+    `with` runs `start()`/`close()` here, `async with` in a worker thread.
+    """
+
+    host: str
+    tls: tuple[str | Path, str | Path] | None
+    """(certificate file, key file) of a TLS listener (`mqtts://`)."""
+    _port: int
+    """0 until started on a free port; then kept across `stop`/`start`."""
 
     @property
     def uri(self) -> str:
-        """`mqtt://host:port` where it listens (known once started)."""
-        ...
+        """`mqtt://host:port` (`mqtts://` with TLS) where it listens (known once started)."""
+        return BrokerAddress(self.host, self.port, self.tls is not None).uri
 
     @property
     def port(self) -> int:
         """The listening port (known once started)."""
-        ...
+        if not self._port:
+            raise TransportError(f"{type(self).__name__} has no port until start()")
+        return self._port
 
+    @abstractmethod
     def start(self) -> None:
         """Start serving; blocks until connections are accepted."""
-        ...
 
+    @abstractmethod
     def stop(self) -> None:
         """Stop serving; `start` again reuses the same port."""
-        ...
 
-    def restart(self) -> None:
-        """Stop, then start on the same port."""
-        ...
-
+    @abstractmethod
     def close(self) -> None:
         """Stop and release everything (temporary files)."""
-        ...
+
+    def restart(self) -> None:
+        """Stop, then start on the same port (clients see the broker go away and return)."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     async def __aenter__(self) -> Self:
-        """`start()` in a worker thread."""
-        ...
+        await asyncio.to_thread(self.start)
+        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """`close()` in a worker thread."""
-        ...
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
 
 
 def validate_topic(topic: str) -> None:

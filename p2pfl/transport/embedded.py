@@ -26,10 +26,9 @@ import contextlib
 import logging
 import threading
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
-from p2pfl.transport.base import TransportError
+from p2pfl.transport.base import LocalBroker, TransportError
 
 if TYPE_CHECKING:
     from p2pfl.broker_auth import BrokerGate
@@ -41,7 +40,7 @@ for _name in ("amqtt", "transitions"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(LocalBroker):
     """An amqtt broker on `host:port` (port 0 = a free port, kept across `stop`/`start`).
 
     With a ``gate`` (p2pfl.broker_auth) clients must log in with a node key, topics follow its
@@ -71,18 +70,6 @@ class EmbeddedBroker:
         self._stop_event: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-
-    @property
-    def port(self) -> int:
-        """The listening port (known once started)."""
-        if not self._port:
-            raise TransportError("EmbeddedBroker has no port until start()")
-        return self._port
-
-    @property
-    def uri(self) -> str:
-        """`mqtt://host:port` (`mqtts://` with TLS) of this broker."""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -141,11 +128,6 @@ class EmbeddedBroker:
         self._ready.clear()
         log.debug("embedded broker stopped port=%s", self._port)
 
-    def restart(self) -> None:
-        """Stop and start again on the same port."""
-        self.stop()
-        self.start()
-
     def close(self) -> None:
         """Same as `stop` (nothing else to release)."""
         self.stop()
@@ -179,27 +161,3 @@ class EmbeddedBroker:
             await self._stop_event.wait()
         finally:
             await broker.shutdown()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        await asyncio.to_thread(self.start)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.stop)

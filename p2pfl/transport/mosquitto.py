@@ -23,10 +23,9 @@ import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from p2pfl.transport.base import TransportError
+from p2pfl.transport.base import LocalBroker, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ def mqtt_ping(
     return reply == b"\x20\x02\x00\x00"  # CONNACK, accepted
 
 
-class MosquittoBroker:
+class MosquittoBroker(LocalBroker):
     """A Mosquitto child process listening on `host:port` (port 0 = pick a free one).
 
     `tls=(certfile, keyfile)` makes it an `mqtts://` listener.
@@ -153,19 +152,6 @@ class MosquittoBroker:
         self._start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
-
-    @property
-    def port(self) -> int:
-        """The listening port (known once started)."""
-        if not self._port:
-            raise TransportError("MosquittoBroker has no port until start()")
-        return self._port
-
-    @property
-    def uri(self) -> str:
-        """`mqtt://host:port` (or `mqtts://` with TLS) of this broker."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -245,11 +231,6 @@ class MosquittoBroker:
         _terminate(proc)
         log.debug("mosquitto stopped port=%s rc=%s", self._port, proc.returncode)
 
-    def restart(self) -> None:
-        """Stop and start again on the same port (clients see the broker go away and return)."""
-        self.stop()
-        self.start()
-
     def close(self) -> None:
         """Stop the broker and remove its temporary directory."""
         self.stop()
@@ -306,29 +287,9 @@ class MosquittoBroker:
             ]
         )
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     async def __aenter__(self) -> Self:
         # Spawn from the loop's thread, which lives as long as the process (a worker thread
         # may exit earlier and take the broker with it: the death signal follows the thread).
         self._spawn()
         await asyncio.to_thread(self._wait_ready)
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.close)
