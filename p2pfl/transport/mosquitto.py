@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -81,12 +82,52 @@ def _terminate(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now (the OS picks it)."""
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands outgoing connections as their source port."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 65535  # covers the Linux and BSD defaults
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct TCP ports free on `host` right now, chosen outside the ephemeral range.
+
+    A port the OS picked with bind(0) is an ephemeral one: any outgoing connection on the
+    machine may take it as its source port before our broker binds it (EADDRINUSE, seen in CI).
+    Ports below or above that range are only ever taken by a deliberate bind.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    low, high = _ephemeral_range()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(1000):
+            if len(held) == n:
+                break
+            port = random.randrange(10000, 65536)
+            if low <= port <= high:
+                continue
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+        while len(held) < n:  # everything outside the range is taken: let the OS choose
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            held.append(sock)
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now (see `free_ports`)."""
+    return free_ports(1, host)[0]
 
 
 def mqtt_ping(

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,15 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from p2pfl.transport.mosquitto import free_ports
 
 
 def run(seconds: float, with_monitor: bool, workdir: Path) -> float:
