@@ -398,3 +398,13 @@ def _register_monitor() -> None:
 
 
 _register_monitor()
+
+
+def _register_bench() -> None:
+    from p2pfl.bench.command import EPILOG as BENCH_EPILOG
+    from p2pfl.bench.command import bench as bench_command
+
+    app.command(name="bench", epilog=verbatim(BENCH_EPILOG))(bench_command)
+
+
+_register_bench()

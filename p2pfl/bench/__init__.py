@@ -1,0 +1,34 @@
+"""`p2pfl bench`: the figures that keep the project honest, each a ratio against a baseline
+measured in the same run (or a growth factor), with the machine it ran on.
+
+A bench is a module here with `run(options: BenchOptions) -> BenchResult`; register it in
+`BENCHES`. Modules are imported only when their bench runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from p2pfl.bench.core import BenchOptions, BenchResult
+
+
+class Bench:
+    """A registered bench: its name on the command line and one line of help."""
+
+    def __init__(self, name: str, summary: str) -> None:
+        self.name = name
+        self.summary = summary
+
+    def run(self, options: BenchOptions) -> BenchResult:
+        """Import the bench's module and run it."""
+        module = importlib.import_module(f"p2pfl.bench.{self.name}")
+        result: BenchResult = module.run(options)
+        return result
+
+
+BENCHES: dict[str, Bench] = {
+    b.name: b
+    for b in [
+        Bench("overhead", "simulator vs the same training in a bare loop, 16/64/256 nodes"),
+    ]
+}
