@@ -56,7 +56,7 @@ def test_sim_cli_prints_summary_json_and_writes_files(tmp_path: Path) -> None:
         assert row["nodes"] == 4 and row["rounds"] == 3, name
         assert 0.0 < row["final_mean_accuracy"] <= 1.0
         assert row["messages_sent"] >= 4 * 3 - 4  # every node sent nearly every round
-        assert row["overhead"] is not None
+        assert row["wall_seconds"] > 0 and row["compute_seconds"] > 0
     assert (
         json.loads((out / "summary.json").read_text())["schedules"].keys()
         == summary["schedules"].keys()

@@ -174,7 +174,6 @@ def _summarize_schedule(
             for recs in nodes.values()
             for r in recs
         )
-    overhead = wall / compute if wall is not None and compute > 0 else None
     # DP: the most any node (Byzantine ones too) reports having spent; None without DP.
     spent = [float(r["epsilon"]) for recs in nodes.values() for r in recs
              if r.get("epsilon") is not None]  # fmt: skip
@@ -191,7 +190,6 @@ def _summarize_schedule(
         "rejected": sum(int(r["rejected"]) for r in finals),
         "wall_seconds": _round(wall, 4),
         "compute_seconds": round(compute, 4),
-        "overhead": _round(overhead, 4),
         "max_epsilon": _round(max(spent), 4) if spent else None,
     }
 
@@ -262,7 +260,7 @@ def summary_table(summary: Mapping[str, Any], scenario: str) -> Table:
     table = sim_table(scenario)
     for header in (
         "mean\nacc", "min\nacc", "rounds\nto 80%", "time\nto 80%", "messages\nsent",
-        "bytes\nsent", "rejected", "wall\ntime", "overhead",
+        "bytes\nsent", "rejected", "wall\ntime",
     ):  # fmt: skip
         table.add_column(header, justify="right", no_wrap=True)
     private = any(s.get("max_epsilon") is not None for s in summary["schedules"].values())
@@ -280,7 +278,6 @@ def summary_table(summary: Mapping[str, Any], scenario: str) -> Table:
             human_bytes(s["bytes_sent"]),
             _fmt(s["rejected"], ","),
             _fmt(s["wall_seconds"], ".1f", " s"),
-            _fmt(s["overhead"], ".2f", "×"),
             *dp,
             style="bold" if name == summary.get("best") else None,
         )
