@@ -26,6 +26,10 @@ from pydantic import (
 from p2pfl.config_file import ConfigError, format_error, load_model, read_toml
 from p2pfl.protocol.topics import validate_name
 
+# What a monitor accepts in a telemetry record (p2pfl.status): longer tags would void it.
+MAX_TAG = 64
+MAX_TAGS = 100
+
 __all__ = [
     "ConfigError",
     "NodeConfig",
@@ -303,7 +307,9 @@ class NodeConfig(BaseModel):
     )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
     run_name: str = Field("", description="A name for this run, shown by monitors.")
-    tags: tuple[str, ...] = Field((), description="A tag for this run (repeatable).")
+    tags: tuple[Annotated[str, Field(min_length=1, max_length=MAX_TAG)], ...] = Field(
+        (), max_length=MAX_TAGS, description="A tag for this run (repeatable)."
+    )
     log_format: Literal["text", "json"] = Field("text", description="text | json.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="debug | info | warning | error."

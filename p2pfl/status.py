@@ -44,15 +44,15 @@ from pydantic import (
     model_validator,
 )
 
-from p2pfl.config import TelemetryDetail
+from p2pfl.config import MAX_TAG, MAX_TAGS, TelemetryDetail
 from p2pfl.protocol.topics import validate_name
 
 MAX_CLASSES = 1000
 MAX_PROJECTION = 1024
 MAX_IDS = 10_000
 MAX_TEXT = 2000
-MAX_LABEL = 64
-MAX_LABELS = 100
+MAX_LABEL = MAX_TAG
+MAX_LABELS = MAX_TAGS
 
 
 def _printable(value: str) -> str:

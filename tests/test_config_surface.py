@@ -196,6 +196,8 @@ INVALID: dict[str, tuple[list[str], str]] = {
     "metrics_port": one("metrics_port", "70000"),
     "log_format": one("log_format", "xml", '"xml"'),
     "log_level": one("log_level", "loud", '"loud"'),
+    # A monitor drops a telemetry record whose tag it cannot show: refused at start instead.
+    "tags": (["--tag", "x" * 65], f'tags = ["{"x" * 65}"]'),
 }
 # Any value is a valid one: free text, a path only used later, a switch, or a name the node
 # resolves when it starts (a dataset or model it cannot load is reported then).
@@ -207,7 +209,6 @@ ANY_VALUE = {
     "password",
     "state_dir",
     "run_name",
-    "tags",
     "metrics_host",
     "secure_aggregation",
     "dataset",
