@@ -294,12 +294,13 @@ def _transport(
 async def serve(config: NodeConfig) -> NodeCounters:
     """Run one node described by `config` until its budget is spent or it is signalled."""
     state_path = config.state_dir or default_state_dir(config.network, config.id)
+    # Data first: a data file that cannot be used is reported before anything is written.
+    log.info("loading data dataset=%s model=%s", config.dataset, config.model)
+    learner = await asyncio.to_thread(build_torch_learner, config)
     with StateDir(state_path, keep=config.checkpoints_keep) as state:
         node_id = state.node_id(config.id)
         identity = load_identity(state.path)  # KeyFileError: a bad key file (exit 2)
         log.info("identity id=%s key=%s", node_id, fingerprint(identity.public))
-        log.info("loading data dataset=%s model=%s", config.dataset, config.model)
-        learner = await asyncio.to_thread(build_torch_learner, config)
         schedule = node_schedule(config)
         trust = _trust(config, state, node_id, identity)
         max_payload = max(config.max_message_size, config.max_chunk + 64 * 1024)

@@ -83,6 +83,7 @@ def test_run_says_which_file_or_spec_and_exits_2(tmp_path: Path, case: str) -> N
         "--listen", "127.0.0.1:0", "--log-level", "error",
     )  # fmt: skip
     assert_one_line(result, needle)
+    assert not (tmp_path / "state").exists(), "nothing is written for a node that cannot start"
 
 
 @pytest.mark.parametrize("case", list(CASES))
