@@ -23,7 +23,7 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -120,7 +120,9 @@ async def _measure_broker(
             raw_s: list[float] = []
             p2p_s: dict[str, list[float]] = {codec: [] for codec in CODECS}
             wire: dict[str, int] = {}
-            for codec in CODECS:  # once untimed: checks the model arrives intact, and warms up
+            # Once each, untimed: warms both paths up, checks the model arrives intact.
+            await raw.transfer(slices)
+            for codec in CODECS:
                 wire[codec] = await p2p.transfer(weights, codec, check=True)
             for trial in range(trials):
                 options.progress(f"transport: {kind}, {size:g} MB, trial {trial + 1}/{trials}")
@@ -145,7 +147,7 @@ async def _measure_broker(
     return rows
 
 
-async def _timed(reps: int, transfer: Any) -> float:
+async def _timed(reps: int, transfer: Callable[[], Awaitable[object]]) -> float:
     started = time.perf_counter()
     for _ in range(reps):
         await transfer()
