@@ -21,6 +21,7 @@ import asyncio
 import time
 import timeit
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -116,12 +117,12 @@ async def _simulations(
     return (wall[UNSIGNED], wall[SIGNED]), (cpu[UNSIGNED], cpu[SIGNED])
 
 
+@dataclass(frozen=True)
 class _Measured:
     """A message's row, and the microseconds signing and verifying add to it."""
 
-    def __init__(self, row: dict[str, Any], added: float) -> None:
-        self.row = row
-        self.added = added
+    row: dict[str, Any]
+    added: float
 
 
 def _model_message(weights: dict[str, np.ndarray], config: NodeConfig, calls: int) -> _Measured:
