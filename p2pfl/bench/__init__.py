@@ -30,5 +30,7 @@ BENCHES: dict[str, Bench] = {
     b.name: b
     for b in [
         Bench("overhead", "simulator vs the same training in a bare loop, 16/64/256 nodes"),
+        Bench("transport", "model transfers through Mosquitto and amqtt vs plain aiomqtt"),
+        Bench("security", "the default sim signed vs unsigned, and each message's signing cost"),
     ]
 }
