@@ -203,10 +203,8 @@ def first_reaching(records: Iterable[Record], target: float) -> dict[str, dict[s
     then; None for a schedule that never reached it."""
     out: dict[str, dict[str, float] | None] = {}
     for name, nodes in _group(records).items():
-        point = next((p for p in _curve(nodes) if p.mean >= target), None)
-        out[name] = (
-            None if point is None else {"round": point.round, "t": point.t, "bytes": point.bytes_sent}
-        )
+        p = next((p for p in _curve(nodes) if p.mean >= target), None)
+        out[name] = None if p is None else {"round": p.round, "t": p.t, "bytes": p.bytes_sent}
     return out
 
 
