@@ -8,14 +8,35 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from p2pfl.bench.scale import COLUMNS
-
-pytestmark = pytest.mark.slow  # two child simulations: about half a minute on 2 cores
+from p2pfl.bench.scale import COLUMNS, _from_records
 
 
+def record(node: str, rnd: int, t: float, round_seconds: float, membership: int) -> dict[str, Any]:
+    return {"node": node, "round": rnd, "t": t, "round_seconds": round_seconds,
+            "membership_received": membership}  # fmt: skip
+
+
+def test_start_up_ends_when_the_last_node_begins_its_first_round() -> None:
+    records = [
+        record("a", 1, 10.0, 2.0, 3), record("b", 1, 11.0, 1.0, 4),  # began at 8 and 10
+        record("a", 2, 13.0, 3.0, 5), record("b", 3, 16.0, 5.0, 7),  # b caught up to round 3
+        record("a", 3, 16.0, 3.0, 6),
+    ]  # fmt: skip
+    row = _from_records(records, nodes=2)
+    assert row["done"] == 3
+    assert row["start-up s"] == 10.0
+    assert row["wall/round s"] == 2.0  # (16 - 10) / 3
+    assert row["membership msgs/node/round"] == 2.2  # (6 + 7) / 2 nodes / 3 rounds
+    # a node that never reported: the size measured nothing
+    assert _from_records(records, nodes=3) == {"done": 0, **dict.fromkeys(
+        ["start-up s", "wall/round s", "membership msgs/node/round"])}  # fmt: skip
+
+
+@pytest.mark.slow  # two child simulations: about half a minute on 2 cores
 def test_scale_bench_writes_a_row_per_size_and_a_growth_figure_per_column(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "p2pfl", "bench", "scale", "--size", "tiny", "--json",
