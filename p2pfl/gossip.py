@@ -183,6 +183,7 @@ class Gossip:
                     message.payload, lowest=lowest, highest=self.round_ceiling()
                 )
             else:
+                self.counters.membership_received += 1
                 await self.membership.on_message(message)
 
     async def wait_for_round(self, r: int, payload: Payload, sent: set[str]) -> None:

@@ -96,6 +96,9 @@ class NodeCounters:
     models_received: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    # Presence records (joins, heartbeats, leaves) delivered to this node: the membership's
+    # cost, which grows with the network (`p2pfl bench scale`).
+    membership_received: int = 0
     diverged: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
 
@@ -110,6 +113,7 @@ class NodeCounters:
             "models_received": self.models_received,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "membership_received": self.membership_received,
             "diverged": self.diverged,
             "rejected": self.rejected_total,
             "rejected_by_reason": dict(self.rejected),

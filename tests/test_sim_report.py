@@ -15,6 +15,7 @@ from p2pfl.simulation.report import (
     METRICS_FILE,
     RECORD_KEYS,
     MetricsWriter,
+    first_reaching,
     human_bytes,
     plot,
     read_metrics,
@@ -42,8 +43,10 @@ def record(schedule: str, node: str, rnd: int, accuracy: float, **kw: Any) -> di
         "models_received": rnd,
         "bytes_sent": 1000 * rnd,
         "rejected": 0,
+        "membership_received": 3 * rnd,
         "fit_seconds": 0.5,
         "eval_seconds": 0.1,
+        "round_seconds": 2.0,
         "honest": True,
         "restarts": 0,
         "epsilon": None,
@@ -224,3 +227,11 @@ def test_corrupt_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
     path.write_text('{"a":1}\nnot json\n{"b":2}\n')
     with pytest.raises(ValueError, match=":2:"):
         read_metrics(path)
+
+
+def test_first_reaching_gives_the_first_round_at_a_target_with_its_time_and_bytes() -> None:
+    reached = first_reaching(synthetic(), 0.6)
+    # ring: mean 0.75 * sqrt(r / 10) first >= 0.6 at round 7; bytes include the Byzantine node's
+    assert reached["ring"] == {"round": 7, "t": pytest.approx(14.3), "bytes": 4 * 7000 + 35000}
+    assert reached["mesh"] is not None and reached["mesh"]["round"] == 5  # 0.875 * 5 / 6
+    assert first_reaching(synthetic(), 0.99) == {"ring": None, "mesh": None}

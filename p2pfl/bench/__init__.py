@@ -30,7 +30,9 @@ BENCHES: dict[str, Bench] = {
     b.name: b
     for b in [
         Bench("overhead", "simulator vs the same training in a bare loop, 16/64/256 nodes"),
+        Bench("scale", "64/256/1,024 simulated nodes: start-up, round, RSS, membership growth"),
         Bench("transport", "model transfers through Mosquitto and amqtt vs plain aiomqtt"),
+        Bench("convergence", "each schedule against centralized training: to 0.80 and 0.90"),
         Bench("security", "the default sim signed vs unsigned, and each message's signing cost"),
     ]
 }

@@ -387,7 +387,9 @@ async def _crash(member: _Member) -> None:
     log.info("crashed node=%s round=%s", member.node_id, member.crashed_at)
 
 
-_CUMULATIVE = ("models_sent", "models_received", "bytes_sent", "rejected")
+_CUMULATIVE = (
+    "models_sent", "models_received", "bytes_sent", "rejected", "membership_received",
+)  # fmt: skip
 
 
 def _record(schedule: str, report: RoundReport, t: float, member: _Member) -> Record:
@@ -404,6 +406,7 @@ def _record(schedule: str, report: RoundReport, t: float, member: _Member) -> Re
         **{k: int(c[k]) + member.carried.get(k, 0) for k in _CUMULATIVE},
         "fit_seconds": report.fit_seconds,
         "eval_seconds": report.eval_seconds,
+        "round_seconds": report.seconds,  # the whole round: it began at t - round_seconds
         "honest": member.honest,
         "restarts": member.restarts,  # how many times this node has crashed and come back
         "epsilon": report.epsilon,  # DP: spent on the node's own samples; None without DP

@@ -1,8 +1,9 @@
 """Report of a `p2pfl sim` run: the metrics log, the summary, the table and the plots.
 
 Everything is a pure function of the records the engine emits, one per node per round (keys in
-`RECORD_KEYS`; `models_sent`, `bytes_sent`, `rejected`, ... are cumulative per node, across
-its restarts too, while `fit_seconds` and `eval_seconds` are that round's durations,
+`RECORD_KEYS`; `models_sent`, `bytes_sent`, `rejected`, `membership_received` (presence
+records delivered), ... are cumulative per node, across its restarts too, while `fit_seconds`,
+`eval_seconds` and `round_seconds` (the whole round, ending at `t`) are that round's durations,
 `restarts` counts the node's crashes so far, and `epsilon` is the DP budget the node has spent,
 null without DP), so a report can be rebuilt from `metrics.jsonl` alone. Byzantine records
 (`honest` false) count for traffic, never for accuracy.
@@ -28,8 +29,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RECORD_KEYS = (
     "schedule", "node", "round", "t", "accuracy", "test_loss", "train_loss", "merged",
-    "models_sent", "models_received", "bytes_sent", "rejected", "fit_seconds", "eval_seconds",
-    "honest", "restarts", "epsilon",
+    "models_sent", "models_received", "bytes_sent", "rejected", "membership_received",
+    "fit_seconds", "eval_seconds", "round_seconds", "honest", "restarts", "epsilon",
 )  # fmt: skip
 TARGET_FRACTION = 0.8  # "time to 80%": of the schedule's own final mean accuracy
 
@@ -192,6 +193,17 @@ def _summarize_schedule(
         "compute_seconds": round(compute, 4),
         "max_epsilon": _round(max(spent), 4) if spent else None,
     }
+
+
+def first_reaching(records: Iterable[Record], target: float) -> dict[str, dict[str, float] | None]:
+    """Per schedule: the first round whose honest nodes' mean accuracy reaches `target`, with
+    its time (`t`, when the last honest node reported it) and the bytes all nodes had sent by
+    then; None for a schedule that never reached it."""
+    out: dict[str, dict[str, float] | None] = {}
+    for name, nodes in _group(records).items():
+        p = next((p for p in _curve(nodes) if p.mean >= target), None)
+        out[name] = None if p is None else {"round": p.round, "t": p.t, "bytes": p.bytes_sent}
+    return out
 
 
 def summarize(
