@@ -30,5 +30,7 @@ BENCHES: dict[str, Bench] = {
     b.name: b
     for b in [
         Bench("overhead", "simulator vs the same training in a bare loop, 16/64/256 nodes"),
+        Bench("daemon", "8 real p2pfl run processes vs the same training in a bare loop"),
+        Bench("footprint", "one idle daemon: CPU % of a core and RSS, alone and monitored"),
     ]
 }
