@@ -10,7 +10,8 @@ and on two schedules: ring, and partial-mesh of degree N/2 (at most 4). mDNS is 
 
 Wall per round, read from the daemons' JSON logs: from the first daemon's start of round 1 to
 the last daemon's end of round R, divided by R (start-up, imports and data loading are outside;
-they are the `start-up s` column).
+they are the `start-up s` column). `fit+eval s/round` is the training inside the daemons, from
+the same logs (the mean over the daemons): the rest of a round is messaging and waiting.
 
 Baseline, measured in the same run: the same N learners (same model, data share, epochs) fit
 and evaluated for R rounds in one process, on a pool of one thread per core, torch on one
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +58,10 @@ def run(options: BenchOptions) -> BenchResult:
     result = BenchResult(
         "daemon",
         "Real p2pfl run processes against the same training in a bare loop",
-        ["broker", "schedule", "daemons", "rounds", "start-up s", "bare loop s/round",
-         "daemon s/round", "ratio"],
+        ["broker", "schedule", "daemons", "rounds", "start-up s", "bare s/round",
+         "daemon s/round", "fit+eval s/round", "ratio"],
     )  # fmt: skip
+    load = os.getloadavg()[0]
     options.progress(f"daemon: bare loop, {daemons} learners, {rounds} rounds")
     bare = asyncio.run(bare_loop(daemons, rounds, recipe)) / rounds
     brokers = ["mosquitto", "embedded"] if find_mosquitto() else ["embedded"]
@@ -69,8 +73,8 @@ def run(options: BenchOptions) -> BenchResult:
                 options.progress(f"daemon: {daemons} daemons, {broker}, {schedule}")
                 workdir = Path(tmp) / f"{broker}-{schedule}"
                 workdir.mkdir()
-                start_up, wall = run_daemons(workdir, broker, schedule, daemons, rounds, recipe)
-                per_round = wall / rounds
+                timing = run_daemons(workdir, broker, schedule, daemons, rounds, recipe)
+                per_round = timing.wall / rounds
                 row_ratio = ratio(per_round, bare)
                 result.rows.append(
                     {
@@ -78,9 +82,10 @@ def run(options: BenchOptions) -> BenchResult:
                         "schedule": schedule,
                         "daemons": daemons,
                         "rounds": rounds,
-                        "start-up s": round(start_up, 2),
-                        "bare loop s/round": round(bare, 3),
+                        "start-up s": round(timing.start_up, 2),
+                        "bare s/round": round(bare, 3),
                         "daemon s/round": round(per_round, 3),
+                        "fit+eval s/round": round(timing.train, 3),
                         "ratio": None if row_ratio is None else round(row_ratio, 3),
                     }
                 )
@@ -88,6 +93,11 @@ def run(options: BenchOptions) -> BenchResult:
                     Figure(f"daemon wall per round, {broker}, {schedule}", row_ratio, goal=GOAL)
                 )
     model = load_config(None, training(daemons, 0, recipe))
+    result.notes.append(
+        f"load average at the start: {load:.1f} on {os.cpu_count()} cores (the ratio wants a "
+        "quiet machine: under others' load the daemons, one process each, get more CPU "
+        "than the bare loop's one process)"
+    )
     result.notes.append(
         f"sync mode, {model.model}, {model.local_epochs} local epochs, "
         f"partial-mesh degree {mesh_degree(daemons)}; one torch thread per daemon and per "
@@ -115,11 +125,19 @@ def flags(keys: dict[str, Any]) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class Timing:
+    """One run of the daemons, from their JSON logs."""
+
+    start_up: float  # launch of the first process to the start of round 1
+    wall: float  # start of the first daemon's round 1 to the end of the last daemon's last
+    train: float  # fit + eval seconds per round, the mean over the daemons
+
+
 def run_daemons(
     workdir: Path, broker: str, schedule: str, daemons: int, rounds: int, recipe: dict[str, Any]
-) -> tuple[float, float]:
-    """Run the daemons to the end of their rounds: (start-up seconds, wall seconds of the
-    rounds), from their JSON logs."""
+) -> Timing:
+    """Run the daemons to the end of their rounds; their timing."""
     ids = [f"d{i}" for i in range(daemons)]
     common = [
         "--network", NETWORK, "--mode", "sync", "--rounds", str(rounds),
@@ -150,16 +168,19 @@ def run_daemons(
             processes.stop()
             if shared is not None:
                 shared.close()
+        logs = [p.events("round") for p in processes.all]
+        done = [r[-1]["round"] if r else 0 for r in logs]
+        if min(done) < rounds:
+            raise RuntimeError(
+                f"daemons stopped at rounds {done}, expected {rounds}\n{processes.tails()}"
+            )
         launched = min(p.started for p in processes.all)
-        round_records = [p.events("round") for p in processes.all]
-        if not all(round_records):
-            raise RuntimeError(f"a daemon reported no round\n{processes.tails()}")
-    first = min(r[0]["ts"] - r[0]["seconds"] for r in round_records)
-    last = max(r[-1]["ts"] for r in round_records)
-    done = [r[-1]["round"] for r in round_records]
-    if min(done) < rounds:
-        raise RuntimeError(f"daemons stopped at rounds {done}, expected {rounds}")
-    return first - launched, last - first
+    first = min(r[0]["ts"] - r[0]["seconds"] for r in logs)
+    last = max(r[-1]["ts"] for r in logs)
+    train = statistics.mean(
+        statistics.mean(x["fit_seconds"] + x["eval_seconds"] for x in r) for r in logs
+    )
+    return Timing(start_up=first - launched, wall=last - first, train=train)
 
 
 async def bare_loop(daemons: int, rounds: int, recipe: dict[str, Any]) -> float:

@@ -33,12 +33,13 @@ RSS_GOAL = "< 300"
 NETWORK = "bench-footprint"
 NODE = "idle"
 START_UP = 120.0  # seconds a node (or monitor) may take to come up on a busy machine
-SETTLE = 2.0  # seconds after start-up before measuring: the last of it is not idle yet
+SETTLE = 2.0  # seconds after start-up before measuring (tiny: less): the last of it is not idle
 
 
 def run(options: BenchOptions) -> BenchResult:
     """One idle daemon for W seconds, then W more with a monitor attached."""
     window: float = options.pick(3.0, 30.0, 60.0)
+    settle = min(SETTLE, window / 3)
     result = BenchResult(
         "footprint",
         "One idle daemon: CPU and memory, alone and with a monitor attached",
@@ -59,7 +60,7 @@ def run(options: BenchOptions) -> BenchResult:
         )  # fmt: skip
         options.progress("footprint: starting an idle daemon")
         wait_for(lambda: _started(node), START_UP, "node started", node)
-        time.sleep(SETTLE)
+        time.sleep(settle)
         options.progress(f"footprint: idle daemon, {window:g} s")
         alone = measure([node], window)
         export = workdir / "monitor.jsonl"
@@ -70,7 +71,7 @@ def run(options: BenchOptions) -> BenchResult:
         )  # fmt: skip
         options.progress("footprint: attaching a monitor")
         wait_for(lambda: _watched(export), START_UP, "node in the monitor's snapshot", monitor)
-        time.sleep(SETTLE)
+        time.sleep(settle)
         options.progress(f"footprint: idle daemon with a monitor, {window:g} s")
         watched = measure([node, monitor], window)
         if node.events("round"):
