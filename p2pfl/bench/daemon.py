@@ -6,7 +6,8 @@ epochs), the dataset cut into N shares, one per daemon. Each runs on two brokers
 - `mosquitto`: one shared Mosquitto (`--broker mqtt://...`), peers found by their presence;
 - `embedded`: each daemon's own embedded home broker (`--listen`), peers given by `--peer`;
 and on two schedules: ring, and partial-mesh of degree N/2 (at most 4). mDNS is off
-(`--discovery static,presence`); everything listens on 127.0.0.1.
+(`--discovery static,presence`); everything listens on 127.0.0.1. (The tests' tiny size: 2
+daemons, 2 rounds, the mlp for 1 epoch, the ring only.)
 
 Wall per round, read from the daemons' JSON logs: from the first daemon's start of round 1 to
 the last daemon's end of round R, divided by R (start-up, imports and data loading are outside;

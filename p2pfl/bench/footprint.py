@@ -67,7 +67,7 @@ def run(options: BenchOptions) -> BenchResult:
         monitor = processes.start(
             "monitor",
             ["monitor", "--network", NETWORK, "--peer", f"{NODE}=mqtt://127.0.0.1:{port}",
-             "--no-mdns", "--export", str(export)],
+             "--no-mdns", "--export", str(export), "--state-dir", str(workdir / "monitor")],
         )  # fmt: skip
         options.progress("footprint: attaching a monitor")
         wait_for(lambda: _watched(export), START_UP, "node in the monitor's snapshot", monitor)
