@@ -32,7 +32,9 @@ BENCHES: dict[str, Bench] = {
         Bench("overhead", "simulator vs the same training in a bare loop, 16/64/256 nodes"),
         Bench("scale", "64/256/1,024 simulated nodes: start-up, round, RSS, membership growth"),
         Bench("transport", "model transfers through Mosquitto and amqtt vs plain aiomqtt"),
+        Bench("daemon", "8 real p2pfl run processes vs the same training in a bare loop"),
         Bench("convergence", "each schedule against centralized training: to 0.80 and 0.90"),
+        Bench("footprint", "one idle daemon: CPU % of a core and RSS, alone and monitored"),
         Bench("security", "the default sim signed vs unsigned, and each message's signing cost"),
     ]
 }
