@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ _ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 # state; we restore that state afterwards, and this lock keeps two threads from interleaving.
 _MNIST1D_LOCK = threading.Lock()
 # Bump when the cached arrays change meaning, so stale caches are never read.
-_MNIST1D_CACHE_VERSION = 1
+_MNIST1D_CACHE_VERSION = 2
 
 
 class DatasetError(ValueError):
@@ -92,16 +93,18 @@ def _mnist1d_args(seed: int) -> dict[str, object]:
 
 
 def _load_mnist1d(seed: int, cache_dir: Path) -> Dataset:
-    args = _mnist1d_args(seed)
-    # The file name carries a digest of the generator's arguments, so a package upgrade that
-    # changes its defaults produces a new file instead of silently reusing old data.
+    # The file name carries a digest of the generator's version, so a package upgrade (which
+    # may change its defaults) produces a new file instead of silently reusing old data. The
+    # version, not the arguments: reading them imports mnist1d, which imports matplotlib and
+    # scipy (+74 MB in every daemon) only to find the cached file.
+    version = importlib.metadata.version("mnist1d")
     digest = hashlib.sha256(
-        json.dumps([_MNIST1D_CACHE_VERSION, args], sort_keys=True).encode()
+        json.dumps([_MNIST1D_CACHE_VERSION, version, seed]).encode()
     ).hexdigest()[:12]
     path = cache_dir / f"mnist1d-seed{seed}-{digest}.npz"
     arrays = _read_cache(path)
     if arrays is None:
-        arrays = _generate_mnist1d(args)
+        arrays = _generate_mnist1d(_mnist1d_args(seed))
         _write_atomic(path, arrays)
     return _validated("mnist1d", arrays, n_classes=10)
 
