@@ -29,7 +29,7 @@ class Bench:
 BENCHES: dict[str, Bench] = {
     b.name: b
     for b in [
-        Bench("overhead", "simulator vs the same training in a bare loop, 16/64/256 nodes"),
+        Bench("overhead", "simulator vs the same training in a bare loop, 16/64(/256) nodes"),
         Bench("scale", "64/256/1,024 simulated nodes: start-up, round, RSS, membership growth"),
         Bench("transport", "model transfers through Mosquitto and amqtt vs plain aiomqtt"),
         Bench("daemon", "8 real p2pfl run processes vs the same training in a bare loop"),

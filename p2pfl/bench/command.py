@@ -65,6 +65,9 @@ def bench(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         _fail(f"--out {out}: {exc.strerror or exc}")
+    # The nodes a bench runs would say every warning a real network deserves (peers slow to
+    # appear at start-up, most of all): the figures are what the user asked for.
+    logging.getLogger("p2pfl").setLevel(logging.ERROR)
     tables = Console(stderr=json_out)
     facts = machine()
     docs: list[dict[str, Any]] = []
