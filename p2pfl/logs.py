@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -56,3 +57,17 @@ def setup_logging(
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("p2pfl").setLevel(level.upper())
+
+
+def read_json_log(path: Path) -> list[dict[str, Any]]:
+    """The records a `--log-format json` log holds so far; other lines (a line being written,
+    a library's plain print) are skipped."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out

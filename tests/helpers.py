@@ -8,8 +8,13 @@ a fast one wastes its time.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 class FakeClock:
@@ -63,3 +68,18 @@ def wait_until_blocking(
         if time.monotonic() > deadline:
             raise _timed_out(within, what or condition, logs)
         time.sleep(interval)
+
+
+def run_bench(name: str, out: Path, *, timeout: float) -> dict[str, Any]:
+    """`p2pfl bench NAME --size tiny --json --out OUT` as a user runs it: it exits 0, and the
+    JSON it prints is the file it wrote, for this bench at this size, without an error."""
+    done = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "bench", name, "--size", "tiny", "--json",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc: dict[str, Any] = json.loads(done.stdout)
+    assert doc == json.loads((out / f"{name}.json").read_text())
+    assert doc["bench"] == name and doc["size"] == "tiny" and "error" not in doc
+    return doc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from p2pfl.logs import read_json_log
 from p2pfl.transport.mosquitto import free_ports as free_ports  # re-exported for the tests
 from tests.helpers import wait_until_blocking
 
@@ -37,15 +37,7 @@ class NodeProcess:
         return self
 
     def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                out.append(obj)
-        return out
+        return read_json_log(self.log_path)
 
     def rounds(self) -> list[dict[str, Any]]:
         return [r for r in self.records() if r.get("event") == "round"]

@@ -3,29 +3,19 @@ for centralized training measured in the same run, and each schedule's accuracy 
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from p2pfl.bench.convergence import CENTRALIZED, SCHEDULES, TARGETS
+from tests.helpers import run_bench
 
 pytestmark = pytest.mark.slow  # three simulations and a centralized run: about 30 s on 2 cores
 
 
 def test_convergence_bench_compares_each_schedule_with_centralized(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "p2pfl", "bench", "convergence", "--size", "tiny", "--json",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    doc = json.loads(done.stdout)
-    assert doc == json.loads((tmp_path / "convergence.json").read_text())
-    assert doc["bench"] == "convergence" and "error" not in doc
+    doc = run_bench("convergence", tmp_path, timeout=300)
     rows = {r["run"]: r for r in doc["rows"]}
     assert list(rows) == [*SCHEDULES, CENTRALIZED]
     for row in rows.values():

@@ -3,30 +3,20 @@ Mosquitto and on embedded brokers, and well-formed JSON (no timing is asserted).
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from p2pfl.transport.mosquitto import find_mosquitto
+from tests.helpers import run_bench
 
 # About 30 s on an idle 2-core machine: five processes importing torch, two runs of start-up.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_daemon_bench_writes_a_ratio_per_broker_against_its_goal(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "p2pfl", "bench", "daemon", "--size", "tiny", "--json",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=280,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(proc.stdout)
-    assert doc == json.loads((tmp_path / "daemon.json").read_text())
-    assert doc["bench"] == "daemon" and doc["size"] == "tiny"
+    doc = run_bench("daemon", tmp_path, timeout=280)
     brokers = ["mosquitto", "embedded"] if find_mosquitto() else ["embedded"]
     assert [(r["broker"], r["schedule"], r["daemons"], r["rounds"]) for r in doc["rows"]] == [
         (broker, "ring", 2, 2) for broker in brokers

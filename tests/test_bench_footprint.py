@@ -3,27 +3,18 @@ and a real `p2pfl monitor`, and well-formed JSON (no timing is asserted)."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_bench
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def test_footprint_bench_measures_an_idle_daemon_alone_and_monitored(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "p2pfl", "bench", "footprint", "--size", "tiny", "--json",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=220,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(proc.stdout)
-    assert doc == json.loads((tmp_path / "footprint.json").read_text())
-    assert doc["bench"] == "footprint" and doc["size"] == "tiny"
+    doc = run_bench("footprint", tmp_path, timeout=220)
     alone, watched = doc["rows"]
     assert (alone["setting"], watched["setting"]) == ("alone", "with a monitor")
     assert alone["seconds"] >= 3 and watched["seconds"] >= 3

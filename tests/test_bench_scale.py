@@ -3,16 +3,14 @@ size (each from its own `p2pfl sim` child process) and a growth figure per colum
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from p2pfl.bench.scale import COLUMNS, _from_records
+from tests.helpers import run_bench
 
 
 def record(node: str, rnd: int, t: float, round_seconds: float, membership: int) -> dict[str, Any]:
@@ -38,15 +36,7 @@ def test_start_up_ends_when_the_last_node_begins_its_first_round() -> None:
 
 @pytest.mark.slow  # two child simulations: about half a minute on 2 cores
 def test_scale_bench_writes_a_row_per_size_and_a_growth_figure_per_column(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "p2pfl", "bench", "scale", "--size", "tiny", "--json",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    doc = json.loads(done.stdout)
-    assert doc == json.loads((tmp_path / "scale.json").read_text())
-    assert doc["bench"] == "scale" and doc["size"] == "tiny" and "error" not in doc
+    doc = run_bench("scale", tmp_path, timeout=300)
     assert doc["machine"]["cores"] >= 1
     rows = doc["rows"]
     assert [r["nodes"] for r in rows] == [8, 16]

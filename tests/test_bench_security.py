@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.helpers import run_bench
 
 
 def test_security_bench_writes_rows_and_figures(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "p2pfl", "bench", "security", "--size", "tiny", "--json",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    doc = json.loads(done.stdout)
-    assert doc == json.loads((tmp_path / "security.json").read_text())
-    assert doc["bench"] == "security" and doc["size"] == "tiny"
+    doc = run_bench("security", tmp_path, timeout=120)
 
     measures = [row["measure"] for row in doc["rows"]]
     expected = [

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 from p2pfl.transport.mosquitto import find_mosquitto
+from tests.helpers import run_bench
 
 
 def test_transport_bench_writes_rows_and_figures(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "p2pfl", "bench", "transport", "--size", "tiny", "--json",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    doc = json.loads(done.stdout)
-    assert doc == json.loads((tmp_path / "transport.json").read_text())
-    assert doc["bench"] == "transport" and doc["size"] == "tiny"
+    doc = run_bench("transport", tmp_path, timeout=120)
     assert doc["machine"]["cores"] >= 1
 
     brokers = ["mosquitto", "embedded"] if find_mosquitto() else ["embedded"]

@@ -7,7 +7,6 @@ SIGTERM first (a node checkpoints and says bye), SIGKILL for any still running a
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from p2pfl.bench.core import python_command
+from p2pfl.logs import read_json_log
 
 NO_MDNS = ["--discovery", "static,presence", "--interface", "127.0.0.1"]
 """`p2pfl run` flags for the benches: no mDNS (nothing announced on any interface), loopback."""
@@ -46,15 +46,7 @@ class Process:
 
     def records(self) -> list[dict[str, Any]]:
         """The JSON objects the process logged so far (other lines skipped)."""
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                out.append(obj)
-        return out
+        return read_json_log(self.log_path)
 
     def events(self, event: str) -> list[dict[str, Any]]:
         """Its records of one `event` (`round`, `done`, `reachable`)."""
