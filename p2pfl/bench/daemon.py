@@ -31,13 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from p2pfl.bench.core import BenchOptions, BenchResult, Figure, ratio, stopwatch
+from p2pfl.bench.baseline import bare_loop
+from p2pfl.bench.core import BenchOptions, BenchResult, Figure, ratio
 from p2pfl.bench.processes import NO_MDNS, Processes
 from p2pfl.config import load_config
-from p2pfl.learning.datasets import load_dataset
-from p2pfl.learning.partition import partition
-from p2pfl.learning.torch_learner import learner_from_config
-from p2pfl.simulation.engine import training_threads
 from p2pfl.transport.mosquitto import MosquittoBroker, find_mosquitto, free_ports
 
 GOAL = "<= 1.5"
@@ -64,7 +61,8 @@ def run(options: BenchOptions) -> BenchResult:
     )  # fmt: skip
     load = os.getloadavg()[0]
     options.progress(f"daemon: bare loop, {daemons} learners, {rounds} rounds")
-    bare = asyncio.run(bare_loop(daemons, rounds, recipe)) / rounds
+    configs = [load_config(None, training(daemons, i, recipe)) for i in range(daemons)]
+    bare = asyncio.run(bare_loop(configs, rounds, os.cpu_count() or 1)) / rounds
     brokers = ["mosquitto", "embedded"] if find_mosquitto() else ["embedded"]
     if "mosquitto" not in brokers:
         result.notes.append("mosquitto not found: the embedded brokers only")
@@ -182,22 +180,3 @@ def run_daemons(
         statistics.mean(x["fit_seconds"] + x["eval_seconds"] for x in r) for r in logs
     )
     return Timing(start_up=first - launched, wall=last - first, train=train)
-
-
-async def bare_loop(daemons: int, rounds: int, recipe: dict[str, Any]) -> float:
-    """Wall seconds of the daemons' training and evaluation alone, `rounds` times, in this
-    process on a pool of one thread per core."""
-    configs = [load_config(None, training(daemons, i, recipe)) for i in range(daemons)]
-    first = configs[0]
-    data = await asyncio.to_thread(load_dataset, first.dataset, seed=first.seed)
-    parts = partition(data.y_train, daemons, first.partition, seed=first.seed)
-    learners = [learner_from_config(c, data, parts[c.partition_index]) for c in configs]
-
-    def step(i: int) -> None:
-        learners[i].fit()
-        learners[i].evaluate()
-
-    with training_threads(os.cpu_count() or 1), stopwatch() as elapsed:
-        for _ in range(rounds):
-            await asyncio.gather(*(asyncio.to_thread(step, i) for i in range(daemons)))
-        return elapsed()

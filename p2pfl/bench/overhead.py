@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from p2pfl.bench.baseline import bare_loop
 from p2pfl.bench.core import BenchOptions, BenchResult, Figure, ratio, stopwatch
-from p2pfl.learning.datasets import load_dataset
-from p2pfl.learning.partition import partition
-from p2pfl.learning.torch_learner import learner_from_config
-from p2pfl.simulation.engine import Simulation, node_ids, training_threads
-from p2pfl.simulation.scenario import Scenario, load_scenario
+from p2pfl.simulation.engine import Simulation, node_ids
+from p2pfl.simulation.scenario import load_scenario
 
 SCHEDULE = "partial-mesh"
 GOAL = "<= 1.2"
@@ -52,7 +50,11 @@ async def _measure(nodes: int, rounds: int) -> dict[str, Any]:
     scenario = load_scenario(None, {"nodes": nodes, "rounds": rounds, "schedule": SCHEDULE})
     sim = Simulation(scenario)
     await sim.load()  # the dataset, once, for both timings
-    bare = await _bare_loop(scenario, sim.workers)
+    configs = [
+        scenario.node_config(SCHEDULE, i, node_id)
+        for i, node_id in enumerate(node_ids(scenario.nodes))
+    ]
+    bare = await bare_loop(configs, rounds, sim.workers)
     with stopwatch() as elapsed:
         await sim.run_schedule(SCHEDULE)
         simulated = elapsed()
@@ -64,24 +66,3 @@ async def _measure(nodes: int, rounds: int) -> dict[str, Any]:
         "simulator s": round(simulated, 3),
         "ratio": None if (r := ratio(simulated, bare)) is None else round(r, 3),
     }
-
-
-async def _bare_loop(scenario: Scenario, workers: int) -> float:
-    """The scenario's training and evaluation alone, on the simulator's thread pool."""
-    first = scenario.node_config(SCHEDULE, 0, "n01")
-    data = await asyncio.to_thread(load_dataset, first.dataset, seed=first.seed)
-    parts = partition(data.y_train, scenario.nodes, first.partition, seed=first.seed)
-    configs = [
-        scenario.node_config(SCHEDULE, i, node_id)
-        for i, node_id in enumerate(node_ids(scenario.nodes))
-    ]
-    learners = [learner_from_config(config, data, parts[i]) for i, config in enumerate(configs)]
-
-    def step(i: int) -> None:
-        learners[i].fit()
-        learners[i].evaluate()
-
-    with training_threads(workers), stopwatch() as elapsed:
-        for _ in range(first.rounds):
-            await asyncio.gather(*(asyncio.to_thread(step, i) for i in range(len(learners))))
-        return elapsed()
