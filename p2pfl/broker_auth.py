@@ -10,9 +10,10 @@ A node's broker is reachable by anyone on its LAN, so it is locked down (DESIGN.
   records it cannot replay it to a real one. The key must be acceptable for that id under the
   node's trust policy (tofu pins it, allowlist needs it in ``trusted_keys``, ca a
   certificate). Anonymous clients and anything else are refused at CONNECT.
-- **Topic ACL.** An authenticated node publishes only to *other* nodes' inbox topics and to its
-  own presence/telemetry/log topics (its will too), subscribes only to its own inbox and to
-  presence/telemetry/log (what monitors read), and only within the broker's network. A message
+- **Topic ACL.** An authenticated node publishes only to *other* nodes' inbox topics, to its
+  own presence/telemetry/log topics (its will too) and as itself to a seed bucket (sampled
+  networks), subscribes only to its own inbox, to presence/telemetry/log (what monitors read)
+  and to seed buckets, and only within the broker's network. A message
   is delivered to a client only on topics it may subscribe to.
 - **Limits** (enforced by ``p2pfl.transport.amqtt_gate``): a packet larger than the node's
   message limit is refused before it is read; retained messages are capped in count and bytes.
@@ -216,6 +217,8 @@ class BrokerGate:
         if action == "publish":
             if len(levels) == 3 and levels[0] == "node" and levels[2] == "inbox":
                 return levels[1] != user and levels[1] not in ("+", "#")
+            if len(levels) == 3 and levels[0] == "seed":  # a sampled network's heartbeat
+                return levels[1] != "#" and levels[1] != "+" and levels[2] == user
             return (
                 len(levels) == 2
                 and levels[0] in ("presence", "telemetry", "log")
@@ -224,6 +227,8 @@ class BrokerGate:
         # subscribe (a filter) or receive (a topic): own inbox, anyone's records
         if len(levels) == 3 and levels[0] == "node" and levels[2] == "inbox":
             return levels[1] == user
+        if len(levels) == 3 and levels[0] == "seed":
+            return levels[1] not in ("+", "#") and levels[2] != "#"
         return (
             len(levels) == 2 and levels[0] in ("presence", "telemetry", "log") and levels[1] != "#"
         )

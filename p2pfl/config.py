@@ -173,6 +173,17 @@ class NodeConfig(BaseModel):
     presence_ttl: float = Field(
         15.0, gt=0, description="Forget a silent peer after this many seconds."
     )
+    # peer sampling (discovery/sampling.py): a bounded view of a large network, one shared broker
+    view_size: int = Field(
+        0,
+        ge=0,
+        description="Networks of hundreds on one shared broker: keep a partial view of this "
+        "many peers, kept by shuffles, so a node's membership cost does not grow with the "
+        "network (the same value on every node). 0 = every live peer.",
+    )
+    shuffle_interval: float = Field(
+        2.0, gt=0, description="With --view-size: shuffle view entries with a peer this often, s."
+    )
     # None: every static peer in sync mode, nobody in async mode.
     min_peers: int | None = Field(
         None,
@@ -391,6 +402,8 @@ class NodeConfig(BaseModel):
             raise ValueError("walkers: token mode runs in async mode only (use --mode async)")
         if self.walkers and self.schedule == "partial-mesh":
             raise ValueError("walkers: token mode applies to ring and random-walk only")
+        if self.view_size:
+            self._check_view_size()
         if self.dp_epsilon is not None:
             if self.rounds == 0:
                 raise ValueError(
@@ -425,6 +438,30 @@ class NodeConfig(BaseModel):
         if self.secure_aggregation:
             self._check_secure_aggregation()
         return self
+
+    def _check_view_size(self) -> None:
+        """A sampled view knows its ring neighbours and a random sample, nothing global."""
+        from p2pfl.discovery.sampling import NEAR, ring_keys
+
+        least = 2 * NEAR * len(ring_keys(self.schedule, degree=self.degree)) + 4
+        if self.view_size < least:
+            raise ValueError(
+                f"view_size: {self.schedule} with degree {self.degree} needs a view of at "
+                f"least {least} peers (got {self.view_size}), or 0 for every live peer"
+            )
+        if "presence" not in self.discovery:
+            raise ValueError("view_size: a sampled view is kept by presence: add it to discovery")
+        why = (
+            "a topology file names every node"
+            if self.topology_file is not None
+            else "walkers are dealt over every node"
+            if self.walkers
+            else "a sync random walk predicts every peer's pick"
+            if self.mode == "sync" and self.schedule == "random-walk"
+            else None
+        )
+        if why is not None:
+            raise ValueError(f"view_size: {why}, which a partial view cannot; use view_size = 0")
 
     def _check_secure_aggregation(self) -> None:
         """Masked models only add up: the receiver must merge by their plain sum, in rounds

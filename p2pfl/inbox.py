@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from p2pfl.config import NodeConfig
+from p2pfl.discovery.shuffle import MAX_SHUFFLE
 from p2pfl.protocol import chunking
 from p2pfl.protocol.envelope import Envelope, peek, unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
@@ -48,6 +49,7 @@ _REASONS = (
     ("secagg payload", "secagg-payload"),
     ("secagg reveal", "secagg-reveal"),
     ("secagg round", "secagg-round"),
+    ("shuffle", "shuffle"),
     # before "sender", which would capture "unknown sender"
     ("unknown sender", "unknown-sender"),
     ("max-peers", "max-peers"),
@@ -96,8 +98,8 @@ class NodeCounters:
     models_received: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
-    # Presence records (joins, heartbeats, leaves) delivered to this node: the membership's
-    # cost, which grows with the network (`p2pfl bench scale`).
+    # Presence records (joins, heartbeats, leaves) and shuffles delivered to this node: the
+    # membership's cost (`p2pfl bench scale`), bounded by the view size in a sampled network.
     membership_received: int = 0
     diverged: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
@@ -144,6 +146,9 @@ class Inbox:
     on_secagg: Callable[[Envelope], Awaitable[None]] | None = None
     """Takes a verified ``secagg`` message (secure aggregation's seed requests and reveals);
     None: such messages are refused."""
+    on_shuffle: Callable[[Envelope], Awaitable[None]] | None = None
+    """Takes a verified ``shuffle`` message (peer sampling), from any signed sender: a node
+    shuffles with peers that do not know it yet. None: such messages are refused."""
 
     def __init__(self, config: NodeConfig, counters: NodeCounters, *, clock: Any) -> None:
         self.config = config
@@ -215,9 +220,12 @@ class Inbox:
                 # who says it, before anything of the body is decoded or reassembled
                 header = peek(data)
                 src = header.src
+                shuffle = header.kind == "shuffle" and self.on_shuffle is not None
+                if shuffle and len(data) > MAX_SHUFFLE:
+                    raise ProtocolError(f"oversize shuffle: {len(data)} bytes")
                 if self.trust is not None:
                     await _off_loop_if(big, self.trust.verify, header)
-                if self.admitted is not None and not self.admitted(src):
+                if self.admitted is not None and not shuffle and not self.admitted(src):
                     raise ProtocolError("unknown sender: not a live peer of this node")
             env = await _off_loop_if(big, self._unpack, data)
             src = env.src
@@ -236,6 +244,10 @@ class Inbox:
                 env = await _off_loop_if(big, self._unpack, data)
             elif env.kind == "secagg" and self.on_secagg is not None:
                 await self.on_secagg(env)
+                return
+            elif env.kind == "shuffle" and self.on_shuffle is not None:
+                self.counters.membership_received += 1
+                await self.on_shuffle(env)
                 return
             elif env.kind != "model":
                 raise ProtocolError(f"unexpected kind in inbox: {env.kind}")

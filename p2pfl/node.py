@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Container, Sequence
 from typing import NamedTuple
 
@@ -144,6 +145,11 @@ class Node:
         self.view.on_refuse = self.inbox.reject
         self.view.on_leave = self._peer_left
         self.inbox.admitted = self._admitted
+        if self.membership.sampled:
+            self.inbox.on_shuffle = self.membership.on_shuffle
+        # A sampled network: trainers that sent us models though not in our view (a random
+        # walk's pick from theirs), the least recently heard forgotten beyond max_peers.
+        self._contacts: OrderedDict[str, None] = OrderedDict()
         self.peer_watch = PeerWatch(
             self.config, self.view, self.membership, node_id=self.node_id, stop=self._stop,
             clock=self.clock,
@@ -202,10 +208,11 @@ class Node:
                 receiver = tg.create_task(self.gossip.receive_loop())
                 heartbeat = tg.create_task(self.membership.heartbeat_loop())
                 discovery = tg.create_task(self.membership.discovery_loop())
+                shuffles = tg.create_task(self.membership.shuffle_loop())
                 telemetry = tg.create_task(self.telemetry.run())
                 sweeper = tg.create_task(self.inbox.sweep_loop())
                 await self._train_loop()
-                for task in (receiver, heartbeat, discovery, telemetry, sweeper):
+                for task in (receiver, heartbeat, discovery, shuffles, telemetry, sweeper):
                     task.cancel()
         finally:
             await self._shutdown()
@@ -343,13 +350,26 @@ class Node:
         info = self.view.get(src)
         if info is not None:
             return info.role == "trainer"
+        if self.membership.sampled:
+            self._contacts[src] = None
+            self._contacts.move_to_end(src)
+            while len(self._contacts) > self.config.max_peers:
+                gone, _ = self._contacts.popitem(last=False)
+                if gone not in self.view:
+                    self.inbox.forget(gone)
+            return True
         return self.membership.pending(src)
 
     def _peer_left(self, info: PeerInfo) -> None:
         """Drop what is kept for a peer that left the view (`PeerView.on_leave`)."""
         # Its buffered models stay when it finished its rounds (sync rounds up to its last
         # count on them), and with walkers: a token that reached us is ours to carry on.
-        keep = info.id in self.membership.finished or self.config.walkers > 0
+        # A sampled view swaps members all the time: a model that came stays for the merge.
+        keep = (
+            info.id in self.membership.finished
+            or self.config.walkers > 0
+            or self.membership.sampled
+        )
         self.inbox.forget(info.id, models=not keep)
         self.membership.forget(info)
 

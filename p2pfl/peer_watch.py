@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 LONELY_ROUNDS = 3
 """Rounds without any live peer after which a node warns that it trains alone."""
+SETTLED_SHUFFLES = 3
+"""A sampled view's ring neighbours are taken as found once unchanged for this many shuffles."""
 
 
 class PeerWatch:
@@ -53,6 +55,8 @@ class PeerWatch:
             except TimeoutError:
                 pass
             pause = min(pause * 1.5, 0.5)
+        if self.membership.sampled:
+            await self._settle(deadline)
         live = len(self.view.live())
         if live >= wanted or self.stopping:
             log.info("starting with peers=%d wanted=%d", live, wanted)
@@ -66,6 +70,19 @@ class PeerWatch:
         )
         if live == 0:
             self._alone_rounds = LONELY_ROUNDS  # said already: not again in this stretch
+
+    async def _settle(self, deadline: float) -> None:
+        """A sampled view: wait (until ``deadline``) for the ring neighbours to stop changing
+        for a few shuffles, so that sync neighbours agree on who sends to whom from round 1."""
+        quiet = SETTLED_SHUFFLES * self.config.shuffle_interval
+        while (
+            self.membership.settled_for() < quiet and self.clock() < deadline and not self.stopping
+        ):
+            try:
+                async with asyncio.timeout(0.5):
+                    await self.stop.wait()
+            except TimeoutError:
+                pass
 
     async def after_round(self, peers: int) -> None:
         """Warn once per lonely stretch: a node with no live peer for some rounds shares

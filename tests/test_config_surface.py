@@ -79,6 +79,8 @@ SETTINGS: dict[str, tuple[list[str], str]] = {
         'interfaces = ["127.0.0.1", "::1"]',
     ),
     "presence_ttl": one("presence_ttl", "6.5"),
+    "view_size": one("view_size", "24"),
+    "shuffle_interval": one("shuffle_interval", "0.5"),
     "min_peers": one("min_peers", "2"),
     "schedule": one("schedule", "partial-mesh", '"partial-mesh"'),
     "degree": one("degree", "3"),
@@ -157,6 +159,8 @@ INVALID: dict[str, tuple[list[str], str]] = {
     "discovery": (["--discovery", "pigeon"], 'discovery = ["pigeon"]'),
     "interfaces": (["--interface", "eth0"], 'interfaces = ["eth0"]'),
     "presence_ttl": one("presence_ttl", "0"),
+    "view_size": one("view_size", "8"),  # too small for the ring's neighbours
+    "shuffle_interval": one("shuffle_interval", "0"),
     "min_peers": one("min_peers", "-1"),
     "schedule": one("schedule", "rign", '"rign"'),
     "degree": one("degree", "0"),

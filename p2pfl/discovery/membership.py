@@ -7,6 +7,12 @@ heartbeat and says `bye` on a graceful stop. Peers join the view when their pres
 and leave at once on their will or bye, or after the TTL without news. With presence off,
 static and mDNS peers are taken as live.
 
+In a sampled network (``view_size`` > 0; DESIGN.md, Membership at scale) a node keeps only a
+bounded view, kept by shuffles with its members (:mod:`p2pfl.discovery.shuffle`): it listens
+to the presence of its view members only, and finds its first contacts on one seed bucket
+(every node also sends its heartbeat to a random one), or on every node's presence when the
+bucket stays quiet (a small network). Its membership cost is then bounded by the view size.
+
 A peer's broker may be announced at several addresses (a multi-homed host): they are tried in
 the peer's order and the first that accepts a connection is kept (`p2pfl.discovery.dial`). An
 address that is this node's own broker is never dialled: a peer naming it announces an address
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Container, Sequence
 from dataclasses import replace
 
@@ -26,14 +33,16 @@ from p2pfl.discovery.addresses import is_loopback
 from p2pfl.discovery.dial import first_reachable, probe
 from p2pfl.discovery.peerview import PeerInfo, PeerView
 from p2pfl.discovery.presence import (
+    MAX_PRESENCE,
     PresenceRecord,
     encode_presence,
     parse_presence,
     presence_certificate,
 )
+from p2pfl.discovery.shuffle import SEEDS, Sampler, encode_shuffle, parse_shuffle
 from p2pfl.identity import Identity, fingerprint
 from p2pfl.protocol import topics
-from p2pfl.protocol.envelope import unpack_envelope
+from p2pfl.protocol.envelope import Envelope, peek, unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.transport.address import parse_broker_uri
 from p2pfl.transport.base import Message, Transport, TransportError
@@ -46,7 +55,11 @@ _MAX_NOTES = 256
 # Presence records waiting for a probe of their addresses: each probe takes up to seconds, so a
 # burst of records beyond this waits for its peer's next heartbeat rather than in a long queue.
 _MAX_DIALLING = 64
-_MAX_PRESENCE = 64 * 1024
+_MAX_PRESENCE = MAX_PRESENCE
+
+
+class _Repeat(Exception):
+    """A presence record a sampled node has taken already (or an older one)."""
 
 
 def _host_port(uri: str) -> tuple[str, str]:
@@ -117,10 +130,24 @@ class Membership:
         # Peers of the view that said bye after finishing a round (sync rounds up to it keep
         # their shape); the oldest go first beyond max_peers.
         self.finished: dict[str, int] = {}
+        # A sampled network: the sampler, what this node listens to for contacts (a seed
+        # bucket or every node's presence; None once it has some), and the view members whose
+        # presence it subscribed to.
+        self.sampler = (
+            Sampler(config, node_id, now=clock()) if config.view_size and self.presence_on else None
+        )
+        self._listening: str | None = None
+        self._listening_since = 0.0
+        self._watched: set[str] = set()
 
     def route(self, broker: str) -> str | None:
         """The transport's `broker` argument for a peer's broker URI (None: our home broker)."""
         return None if broker in ("", self.home_broker) else broker
+
+    @property
+    def sampled(self) -> bool:
+        """Whether this node keeps a sampled partial view (``view_size``)."""
+        return self.sampler is not None
 
     def will(self) -> Message:
         """The offline record the broker publishes if this node dies."""
@@ -128,7 +155,9 @@ class Membership:
 
     async def start(self) -> None:
         """Listen for presence, introduce ourselves to the static peers, announce."""
-        if self.presence_on:
+        if self.sampler is not None:
+            await self._listen(topics.seed_bucket(self.net, self.sampler.bucket))
+        elif self.presence_on:
             await self.transport.subscribe(topics.presence_all(self.net))
         for peer in self.config.peers:
             if peer.id != self.node_id:
@@ -156,13 +185,25 @@ class Membership:
         if kind != "presence" or peer_id == self.node_id or not message.payload:
             return
         try:
-            record = self._verified(peer_id, message.payload)
+            # A sampled node re-subscribes to members' retained records as its view changes:
+            # it orders records itself (Sampler.newer), and a repeat is dropped unremarked.
+            record = self._verified(peer_id, message.payload, replay=self.sampler is None)
+        except _Repeat:
+            return
         except ProtocolError as exc:
             self._reject(peer_id, exc.reason)
             return
         if not record.online:
             self._left(peer_id, record)
             return
+        if self.sampler is not None:
+            await self._sampled(peer_id, record, message.payload)
+            return
+        await self._heard(peer_id, record)
+
+    async def _heard(self, peer_id: str, record: PresenceRecord) -> None:
+        """A verified online record of ``peer_id``: it joins the view (or is refreshed), once
+        one of its broker's addresses is known to work."""
         self.finished.pop(peer_id, None)
         usable = self._usable(peer_id, record.candidates)
         if usable is None:
@@ -194,10 +235,14 @@ class Membership:
             info = replace(info, broker=route)
         await self._admit(info)
 
-    def _verified(self, peer_id: str, payload: bytes | bytearray) -> PresenceRecord:
+    def _verified(
+        self, peer_id: str, payload: bytes | bytearray, *, replay: bool = True
+    ) -> PresenceRecord:
         """The presence record in ``payload``, signed by ``peer_id`` for this network.
 
         Raises ProtocolError (its reason counted by the caller) for anything else.
+        ``replay=False``: instead of the replay window, a record must be younger than the TTL
+        and (a sampled view) newer than the last one taken from ``peer_id`` (else _Repeat).
         """
         if len(payload) > _MAX_PRESENCE:
             raise ProtocolError(f"oversize presence record: {len(payload)} bytes")
@@ -205,13 +250,20 @@ class Membership:
             # Before anything is decoded; under --trust ca the body is read for the sender's
             # certificate only once the signature checked.
             self.trust.check(
-                payload, cert=lambda: presence_certificate(payload, max_size=_MAX_PRESENCE)
+                payload,
+                replay=replay,
+                cert=lambda: presence_certificate(payload, max_size=_MAX_PRESENCE),
             )
         # a presence record is a flat map of a few fields: no long containers in it
         env = unpack_envelope(payload, max_size=_MAX_PRESENCE, max_container_len=64)
         record = parse_presence(env)
         if env.src != peer_id or env.net != self.net:
             raise ProtocolError("presence record does not match its topic")
+        if not replay:
+            if abs(time.time() - env.ts) > self.config.presence_ttl and env.kind != "will":
+                raise ProtocolError("stale presence record")
+            if self.sampler is not None and not self.sampler.newer(peer_id, env.seq):
+                raise _Repeat
         return record
 
     def _left(self, peer_id: str, record: PresenceRecord) -> None:
@@ -272,6 +324,169 @@ class Membership:
             for gone in self.view.expire():
                 log.info("peer expired id=%s", gone)
             await self._publish(online=True)
+            await self._watch()
+
+    # -- a sampled view --------------------------------------------------------------------------
+
+    async def shuffle_loop(self) -> None:
+        """A sampled network: shuffle view entries with one member every ``shuffle_interval``
+        (jittered, so a network started together does not shuffle in lockstep)."""
+        sampler = self.sampler
+        if sampler is None:
+            return
+        interval = self.config.shuffle_interval
+        while True:
+            await asyncio.sleep(interval * (0.5 + sampler.rng.random()))
+            await self._bootstrap(interval)
+            view = self.view.live()
+            partner = sampler.partner(view)
+            info = None if partner is None else self.view.get(partner)
+            if partner is None or info is None:
+                continue
+            sent = sampler.entries_for(view, partner)
+            sampler.offer(partner, sent)
+            await self._send_shuffle("offer", partner, info.broker, sent)
+
+    async def on_shuffle(self, env: Envelope) -> None:
+        """A verified shuffle message from ``env.src`` (the inbox hands it over): take what
+        it brings into the view as :mod:`p2pfl.discovery.sampling` says; answer an offer."""
+        sampler = self.sampler
+        if sampler is None:
+            raise ProtocolError("shuffle: this node keeps no sampled view")
+        op, entries = parse_shuffle(env)
+        candidates: dict[str, tuple[PresenceRecord, bytes]] = {}
+        for data in entries:
+            try:
+                entry = self._entry(data)
+            except ProtocolError as exc:
+                self._reject(env.src, f"shuffle entry: {exc.reason}")
+                continue
+            if entry is not None:
+                candidates[entry[0]] = (entry[1], data)
+        view = self.view.live()
+        if op == "offer":
+            sent = sampler.entries_for(view, env.src)
+            # the initiator is a view member, or its own record came with its offer
+            info = self.view.get(env.src)
+            asker = candidates.get(env.src)
+            broker = info.broker if info else asker[0].broker if asker else ""
+            await self._send_shuffle("answer", env.src, broker, sent)
+        else:
+            # (an answer to an offer forgotten, or to none: its entries verified all the same)
+            sent = sampler.offered.pop(env.src, [])
+        await self._resample(candidates, sent)
+
+    def settled_for(self) -> float:
+        """Seconds since this node's ring neighbours last changed (a sampled view)."""
+        return 0.0 if self.sampler is None else self._clock() - self.sampler.near_since
+
+    async def _sampled(
+        self, peer_id: str, record: PresenceRecord, payload: bytes | bytearray
+    ) -> None:
+        """A verified online presence record in a sampled network: a view member's refresh,
+        or a contact found while listening."""
+        sampler = self.sampler
+        assert sampler is not None
+        if record.role != "trainer":
+            return  # a sampled view holds trainers: they alone shuffle and train
+        if peer_id in self.view:
+            sampler.records[peer_id] = bytes(payload)
+            await self._heard(peer_id, record)
+            return
+        await self._resample({peer_id: (record, bytes(payload))}, ())
+
+    async def _resample(
+        self, candidates: dict[str, tuple[PresenceRecord, bytes]], sent: list[str] | tuple[()]
+    ) -> None:
+        """Keep the view :class:`Sampler` chooses of the view and ``candidates``."""
+        sampler = self.sampler
+        assert sampler is not None
+        new = {p: c for p, c in candidates.items() if p not in self.view and p != self.node_id}
+        view = self.view.live()
+        keep = sampler.choose(view, list(new), list(sent))
+        for peer in view:
+            if peer not in keep and peer not in self.view.configured:
+                self.view.remove(peer, "resampled")
+        for peer, (record, payload) in new.items():
+            if peer in keep:
+                sampler.records[peer] = payload
+                await self._heard(peer, record)
+        sampler.forget(set(self.view.live()))
+        await self._watch()
+
+    async def _watch(self) -> None:
+        """Listen to the presence of exactly the view's members (a sampled network), and
+        stop listening for contacts once there are enough."""
+        sampler = self.sampler
+        if sampler is None:
+            return
+        members = set(self.view.live())
+        sampler.observe(sorted(members), self._clock())
+        if self._listening is not None and len(members) >= min(SEEDS, sampler.size):
+            await self.transport.unsubscribe(self._listening)
+            log.debug("sampled view has contacts=%d: stopped listening", len(members))
+            self._listening = None
+        for peer in sorted(self._watched - members):
+            self._watched.discard(peer)
+            await self.transport.unsubscribe(topics.presence(self.net, peer))
+        for peer in sorted(members - self._watched):
+            self._watched.add(peer)
+            await self.transport.subscribe(topics.presence(self.net, peer))
+
+    async def _listen(self, pattern: str) -> None:
+        if self._listening == pattern:
+            return
+        if self._listening is not None:
+            await self.transport.unsubscribe(self._listening)
+        await self.transport.subscribe(pattern)
+        self._listening, self._listening_since = pattern, self._clock()
+
+    async def _bootstrap(self, interval: float) -> None:
+        """Without enough contacts: listen on a seed bucket; if it stays quiet for a few
+        shuffle intervals (a small network), on every node's presence."""
+        sampler = self.sampler
+        assert sampler is not None
+        if len(self.view.live()) >= min(SEEDS, sampler.size):
+            return
+        bucket = topics.seed_bucket(self.net, sampler.bucket)
+        if self._listening is None:
+            await self._listen(bucket)
+        elif self._listening == bucket and self._clock() - self._listening_since > 3 * interval:
+            await self._listen(topics.presence_all(self.net))
+
+    def _entry(self, data: bytes) -> tuple[str, PresenceRecord] | None:
+        """A shuffled presence record, verified (None: one we need not read); ProtocolError
+        when it does not verify, is not an online trainer's, or is older than the TTL."""
+        header = peek(data)
+        if header.src == self.node_id or header.src in self.view:
+            return None  # we hear our view members ourselves
+        if abs(time.time() - header.ts) > self.config.presence_ttl:
+            raise ProtocolError("stale presence record")
+        if self.trust is not None:
+            self.trust.check(
+                data, replay=False, cert=lambda: presence_certificate(data, max_size=_MAX_PRESENCE)
+            )
+        env = unpack_envelope(data, max_size=_MAX_PRESENCE, max_container_len=64)
+        record = parse_presence(env)
+        if env.net != self.net or not record.online or record.role != "trainer":
+            raise ProtocolError("presence record of no trainer of this network")
+        return env.src, record
+
+    async def _send_shuffle(self, op: str, peer: str, broker: str, sent: list[str]) -> None:
+        sampler = self.sampler
+        assert sampler is not None
+        own = self._record(online=True).payload
+        entries = [sampler.records[p] for p in sent if p in sampler.records]
+        payload = encode_shuffle(
+            op, [*entries, bytes(own)], net=self.net, src=self.node_id, seq=self._next_seq(),
+            signer=self.signer,
+        )  # fmt: skip
+        try:
+            await self.transport.publish(
+                topics.inbox(self.net, peer), payload, qos=1, broker=self.route(broker)
+            )
+        except (ValueError, TransportError) as exc:
+            log.debug("shuffle not sent peer=%s error=%s", peer, exc)
 
     async def diagnose(self) -> str:
         """Why no peer (or too few) is live, and what to try: one line for a warning."""
@@ -444,3 +659,8 @@ class Membership:
             await self.transport.publish(
                 msg.topic, msg.payload, qos=1, retain=True, broker=self.route(broker)
             )
+        if self.sampler is not None and online:
+            # a record of its own (its own seq), so a view member hearing both is no replay
+            seed = self._record(online=True).payload
+            bucket = self.sampler.rng.randrange(topics.SEED_BUCKETS)
+            await self.transport.publish(topics.seed(self.net, bucket, self.node_id), seed, qos=0)

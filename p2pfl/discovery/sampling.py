@@ -31,6 +31,12 @@ from collections.abc import Callable, Iterable, Sequence
 
 from p2pfl.topology.base import stable_seed
 
+NEAR = 3
+"""Neighbours kept each side of a node on each of its rings: its true one, and two spare for
+when one leaves."""
+LENGTH = 12
+"""Entries a shuffle carries each way (the sender's own among them)."""
+
 Key = Callable[[str], object]
 """Where an id sits on a ring: ids are ordered by it (ties cannot happen: ids are unique)."""
 

@@ -27,8 +27,20 @@ from p2pfl.protocol.topics import validate_name
 PROTOCOL_VERSION = 1
 # "will": the offline presence record a broker publishes when a node dies (signed at connect).
 # "secagg": secure aggregation's seed requests and reveals (p2pfl.protocol.reveal).
+# "shuffle": peer sampling's exchange of view entries (p2pfl.discovery.shuffle).
 KINDS = frozenset(
-    {"model", "chunk", "presence", "bye", "will", "telemetry", "log", "control", "secagg"}
+    {
+        "model",
+        "chunk",
+        "presence",
+        "bye",
+        "will",
+        "telemetry",
+        "log",
+        "control",
+        "secagg",
+        "shuffle",
+    }
 )
 FIELDS = ("v", "kind", "net", "src", "seq", "ts", "pk", "sig", "body")
 SIG_DOMAIN = b"p2pfl/v1/envelope\x00"

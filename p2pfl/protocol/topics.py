@@ -12,6 +12,7 @@ from p2pfl.protocol.errors import ProtocolError
 
 PREFIX = "p2pfl/v1"
 MAX_NAME_LENGTH = 64
+SEED_BUCKETS = 16
 
 TopicKind = Literal["inbox", "presence", "telemetry", "log"]
 
@@ -21,6 +22,9 @@ _RECORD_KINDS: dict[str, TopicKind] = {
     "telemetry": "telemetry",
     "log": "log",
 }
+
+
+_SEED_LEVELS = frozenset(str(b) for b in range(SEED_BUCKETS))
 
 
 def validate_name(value: str, what: str) -> str:
@@ -69,6 +73,18 @@ def _record(net: str, kind: str, node_id: str) -> str:
     return f"{_base(net)}/{kind}/{validate_name(node_id, 'node id')}"
 
 
+def seed(net: str, bucket: int, node_id: str) -> str:
+    """Where a node of a sampled network (``view_size``) also sends its heartbeat, one bucket
+    of :data:`SEED_BUCKETS` at random: a joining node listens to one bucket for its first
+    contacts, instead of to every node's presence."""
+    return f"{_base(net)}/seed/{bucket % SEED_BUCKETS}/{validate_name(node_id, 'node id')}"
+
+
+def seed_bucket(net: str, bucket: int) -> str:
+    """Subscription matching the heartbeats sent to one seed bucket."""
+    return f"{_base(net)}/seed/{bucket % SEED_BUCKETS}/+"
+
+
 def presence_all(net: str) -> str:
     """Subscription matching every node's presence record."""
     return f"{_base(net)}/presence/+"
@@ -96,6 +112,8 @@ def parse(topic: str) -> tuple[str, TopicKind, str]:
         kind, node_id = "inbox", rest[1]
     elif len(rest) == 2 and rest[0] in _RECORD_KINDS:
         kind, node_id = _RECORD_KINDS[rest[0]], rest[1]
+    elif len(rest) == 3 and rest[0] == "seed" and rest[1] in _SEED_LEVELS:
+        kind, node_id = "presence", rest[2]  # a presence record, sent to a seed bucket
     else:
         raise ProtocolError(f"topic {topic[:200]!r} has an unknown layout")
     try:

@@ -194,6 +194,10 @@ class _ScheduleRun:
         self.ids = ids = node_ids(scenario.nodes)
         base = self.base = scenario.node_config(schedule, 0, ids[0])
         seed = self.seed = base.seed
+        # Everyone starts together and waits for its peers: all of them, or with a sampled
+        # view (view_size) a full view, then for its ring neighbours to settle.
+        everyone = len(ids) - 1
+        self.wanted = min(base.view_size, everyone) if base.view_size else everyone
         self.parts = partition(dataset.y_train, scenario.nodes, base.partition, seed=seed)
         self.slow = set(faults.straggler_ids(ids, seed))
         self.attack = faults.byzantine
@@ -303,7 +307,7 @@ class _ScheduleRun:
             member.index,
             member.node_id,
             discovery=("presence",),
-            min_peers=len(self.ids) - 1 if member.restarts == 0 else 0,
+            min_peers=self.wanted if member.restarts == 0 else 0,
             telemetry_interval=0.0,  # nobody watches; the engine records every round
         )
         return Node(

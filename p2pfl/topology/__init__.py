@@ -44,22 +44,25 @@ def make_schedule(
     seed: int = 0,
     graph: nx.Graph | None = None,
     walkers: int = 0,
+    sampled: bool = False,
 ) -> Schedule:
     """The schedule called ``name``; ``degree`` and ``graph`` apply to partial-mesh only.
 
     With ``walkers`` the ring keeps hop 1 (a token visits every node in turn); without, its
-    hop doubles each round (:class:`Ring`).
+    hop doubles each round (:class:`Ring`). ``sampled``: each node knows a partial view only
+    (``view_size``): the ring keeps hop 1 (a far hop needs every id) and partial-mesh is the
+    union of hashed rings (:func:`p2pfl.discovery.sampling.mesh_neighbours`).
 
     Raises ValueError for an unknown name, or a graph given to a schedule that ignores it.
     """
     if graph is not None and name != "partial-mesh":
         raise ValueError(f"a topology graph applies to partial-mesh only, not to {name!r}")
     if name == "ring":
-        return Ring(hops="one" if walkers else "exponential")
+        return Ring(hops="one" if walkers or sampled else "exponential")
     if name == "random-walk":
         return RandomWalk(seed=seed)
     if name == "partial-mesh":
-        return PartialMesh(degree=degree, seed=seed, graph=graph)
+        return PartialMesh(degree=degree, seed=seed, graph=graph, sampled=sampled)
     raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
 
 
@@ -72,4 +75,5 @@ def node_schedule(config: NodeConfig) -> Schedule:
         seed=config.seed,
         graph=graph,
         walkers=config.walkers,
+        sampled=config.view_size > 0,
     )

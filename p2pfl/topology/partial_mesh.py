@@ -18,6 +18,7 @@ from functools import lru_cache
 
 import networkx as nx
 
+from p2pfl.discovery import sampling  # a module: it imports topology.base in turn
 from p2pfl.topology.base import Plan, members, stable_seed
 
 _MAX_ATTEMPTS = 200
@@ -28,12 +29,14 @@ class PartialMesh:
     """Send to and expect every live neighbour in a k-regular overlay or a file-given graph.
 
     With ``graph``, the overlay is that graph restricted to live nodes; a live node that is not
-    in the graph has no neighbours. Without it, see :func:`mesh_graph`.
+    in the graph has no neighbours. Without it, see :func:`mesh_graph`; ``sampled`` (each
+    node knows a partial view only), see :func:`p2pfl.discovery.sampling.mesh_neighbours`.
     """
 
     degree: int = 4
     seed: int = 0
     graph: nx.Graph | None = None
+    sampled: bool = False
 
     def __post_init__(self) -> None:
         if self.degree < 1:
@@ -56,6 +59,8 @@ class PartialMesh:
                 if own_id in self.graph
                 else ()
             )
+        elif self.sampled:
+            neighbours = sampling.mesh_neighbours(own_id, live, self.degree, self.seed)
         else:
             adjacency = _regular_adjacency(len(live), self.degree, self.seed)
             position = live.index(own_id)
