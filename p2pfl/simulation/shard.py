@@ -360,13 +360,16 @@ class _ShardRun:
     async def run(self) -> list[ScheduleRun]:
         board = self.board
         await board.open()
-        async with asyncio.TaskGroup() as tg:
-            reader = tg.create_task(board.read())
-            try:
-                runs = await self._schedules()
-            finally:
-                await board.close(clear=self.shard.index == 0)
-                reader.cancel()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                reader = tg.create_task(board.read())
+                try:
+                    runs = await self._schedules()
+                finally:
+                    await board.close(clear=self.shard.index == 0)
+                    reader.cancel()
+        except* ShardError as group:  # one line for the user, not a group of one
+            raise group.exceptions[0] from None
         if board.dropped:
             log.warning("dropped shard messages: %s", dict(board.dropped))
         return runs
