@@ -91,8 +91,11 @@ def test_bad_shard_flags_are_one_line_and_status_2(
     assert not (tmp_path / "p2pfl-sim").exists()  # refused before anything ran
 
 
+IDS = [f"n{i:05d}" for i in range(80_000)]
+
+
 async def _board(broker: LocalBroker, run: str, shard: Shard, name: str) -> ResultBoard:
-    board = ResultBoard(MqttTransport(broker.uri, name), "default", run, shard)
+    board = ResultBoard(MqttTransport(broker.uri, name), "default", run, shard, IDS)
     await board.open()
     return board
 
@@ -114,14 +117,21 @@ def test_results_travel_in_parts_and_hostile_ones_are_dropped(mosquitto: LocalBr
             fake["run"] = "run1"
             await other.transport.publish(f"{base}/1/7", msgpack.packb(fake))
             # large enough, and random enough, to need several parts after zlib
-            records = [{"schedule": "ring", "node": f"n{i:05d}", "round": 1,
-                        "accuracy": (i * 7919 % 10007) / 10007} for i in range(40_000)]  # fmt: skip
+            records = [{"schedule": "ring", "node": IDS[i], "round": 1, "honest": True,
+                        "accuracy": (i * 7919 % 10007) / 10007}
+                       for i in range(1, len(IDS), 2)]  # fmt: skip
             await other.publish(ScheduleRun("ring", records, 1.5, {"loss": 2}))
+            # a shard's results hold its own nodes only, and nothing but scalars
+            theirs_not = {"schedule": "partial-mesh", "node": IDS[0], "round": 1}
+            await other.publish(ScheduleRun("partial-mesh", [theirs_not], 1.0, {}))
+            nested = {"schedule": "random-walk", "node": IDS[1], "round": 1, "x": [1]}
+            await other.publish(ScheduleRun("random-walk", [nested], 1.0, {}))
             await lead.publish(ScheduleRun("ring", [], 1.0, {}))
             ours, theirs = await lead.gather("ring", 30)
             assert (ours.records, theirs.records) == ([], records)
             assert (theirs.wall_seconds, theirs.dropped) == (1.5, {"loss": 2})
-            assert lead.dropped == {"malformed results": 2, "results of another run": 1}
+            assert lead.dropped == {"malformed results": 4, "results of another run": 1}
+            assert set(lead.results) == {("ring", 0), ("ring", 1)}
             assert len([t for t in lead._seen if t.startswith(f"{base}/1/")]) > 1  # parts
             await other.close(clear=False)
             await lead.close(clear=True)

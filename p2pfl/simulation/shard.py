@@ -128,8 +128,12 @@ class ResultBoard:
     counted in `dropped` by reason, never raised.
     """
 
-    def __init__(self, transport: Transport, net: str, run: str, shard: Shard) -> None:
+    def __init__(
+        self, transport: Transport, net: str, run: str, shard: Shard, node_ids: list[str]
+    ) -> None:
+        """`node_ids`: the scenario's, by index; a shard's results hold only its own nodes."""
         self.transport = transport
+        self.node_ids = node_ids
         self.run = run
         self.shard = shard
         self.base = f"{PREFIX}/{net}/sim"
@@ -177,6 +181,10 @@ class ResultBoard:
 
     async def led(self) -> str:
         """Shard 0's nonce, once its hello is here (it may start after this shard)."""
+        if not self._led.is_set():
+            log.warning(
+                "shard %s: waiting for shard 0/%d on the broker", self.shard, self.shard.count
+            )
         await self._led.wait()
         return self.lead_nonce
 
@@ -309,6 +317,8 @@ class ResultBoard:
             self.dropped["results digest mismatch"] += 1
             return
         try:
+            owned = Shard(index, self.shard.count).indices(len(self.node_ids))
+            nodes = {self.node_ids[i] for i in owned}
             inflater = zlib.decompressobj()
             text = inflater.decompress(blob, MAX_RESULTS_BYTES)
             if inflater.unconsumed_tail:
@@ -317,7 +327,7 @@ class ResultBoard:
             body = json.loads(text)
             run = ScheduleRun(
                 schedule,
-                records=[_check_record(r, schedule) for r in body["records"]],
+                records=[_check_record(r, schedule, nodes) for r in body["records"]],
                 wall_seconds=float(body["wall_seconds"]),
                 dropped={str(k): int(v) for k, v in body["dropped"].items()},
             )
@@ -327,12 +337,14 @@ class ResultBoard:
         self.results[(schedule, index)] = run
 
 
-def _check_record(record: Any, schedule: str) -> Record:
-    """A record as the engine writes it, or ValueError."""
+def _check_record(record: Any, schedule: str, nodes: set[str]) -> Record:
+    """A record of `schedule` by one of `nodes`, holding only JSON scalars; else ValueError."""
     if not isinstance(record, dict) or record.get("schedule") != schedule:
         raise ValueError("not a record of this schedule")
-    if not isinstance(record.get("node"), str) or not isinstance(record.get("round"), int):
-        raise ValueError("a record needs node and round")
+    if record.get("node") not in nodes or not isinstance(record.get("round"), int):
+        raise ValueError("a record of another shard's node, or without a round")
+    if not all(v is None or isinstance(v, str | int | float) for v in record.values()):
+        raise ValueError("a record holds only numbers, strings, booleans and nulls")
     return record
 
 
@@ -355,7 +367,7 @@ class _ShardRun:
         self.dataset = dataset
         run = run_id(scenario, shard.count)
         transport = MqttTransport(broker, f"sim-shard-{run}-{shard.index}-{secrets.token_hex(3)}")
-        self.board = ResultBoard(transport, scenario.node.network, run, shard)
+        self.board = ResultBoard(transport, scenario.node.network, run, shard, scenario.node_ids)
 
     async def run(self) -> list[ScheduleRun]:
         board = self.board
@@ -412,10 +424,15 @@ class _ShardRun:
 
     def _merge(self, own: ScheduleRun, others: list[ScheduleRun]) -> ScheduleRun:
         """Shard 0's run with the others' records; its wall time is the run's (the others'
-        include waiting for shard 0 to start the schedule)."""
+        include waiting for shard 0 to start the schedule). A record whose fields differ from
+        shard 0's (another version of p2pfl) is dropped and counted."""
         merged = ScheduleRun(own.schedule, list(own.records), own.wall_seconds, dict(own.dropped))
+        fields = set(own.records[0]) if own.records else None
         for other in others:
             for record in other.records:
+                if fields is not None and set(record) != fields:
+                    self.board.dropped["records with other fields"] += 1
+                    continue
                 merged.records.append(record)
                 if self.on_record is not None:
                     self.on_record(record)
