@@ -198,3 +198,9 @@ def test_two_shards_make_one_summary_like_an_unsharded_run(
         assert row["final_mean_accuracy"] == whole["schedules"][name]["final_mean_accuracy"]
     records = [json.loads(x) for x in (tmp_path / "s0" / "metrics.jsonl").read_text().split()]
     assert len(records) == 2 * 4 * 2  # every node's every round, shard 1's included
+
+
+def test_sim_help_shows_shard_and_a_two_machine_example() -> None:
+    result = CliRunner().invoke(app, ["sim", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "--shard" in result.output and "--processes 2 --shard 0/2" in result.output
