@@ -50,6 +50,8 @@ MAX_RESULTS_BYTES = 512 * 2**20
 """Largest decompressed results of one shard and schedule that shard 0 accepts."""
 HELLO_TIMEOUT = 30.0
 """Seconds a shard waits for its own hello to come back from the broker."""
+FLUSH_TIMEOUT = 120.0
+"""Seconds a shard waits for the broker to acknowledge its results."""
 GATHER_TIMEOUT = 300.0
 """Seconds a shard waits, once its own nodes are done, for the other shards' results."""
 
@@ -211,7 +213,7 @@ class ResultBoard:
                       "part": k, "parts": len(parts), "sha256": digest, "data": data}  # fmt: skip
             topic = f"{self.base}/{self.run}/{run.schedule}/{self.shard.index}/{k}"
             await self.transport.publish(topic, msgpack.packb(header), retain=True)
-        await self.transport.flush()
+        await self._flush()
 
     async def gather(self, schedule: str, patience: float) -> list[ScheduleRun]:
         """Every shard's results of `schedule`, by shard index; ShardError naming the shards
@@ -229,14 +231,21 @@ class ResultBoard:
 
     async def close(self, *, clear: bool) -> None:
         """Take back our hello; with `clear` (shard 0, at the end), every result too."""
-        topics = {self.hello_topic} | (self._seen if clear else set())
-        await self._clear(topics)
+        await self._clear({self.hello_topic} | (self._seen if clear else set()))
         await self.transport.close()
 
-    async def _clear(self, topics: set[str]) -> None:
-        for topic in sorted(topics):
+    async def _clear(self, retained: set[str]) -> None:
+        for topic in sorted(retained):
             await self.transport.publish(topic, b"", retain=True)
-        await self.transport.flush()
+        await self._flush()
+
+    async def _flush(self) -> None:
+        """Wait until the broker took what we published (it may be down: not forever)."""
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT):
+                await self.transport.flush()
+        except TimeoutError:
+            raise ShardError(f"shard {self.shard}: the broker did not take our messages") from None
 
     def _missing(self, schedule: str, missing: list[str], timeout: float) -> str:
         text = (
