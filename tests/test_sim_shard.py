@@ -19,7 +19,8 @@ from p2pfl.cli import app
 from p2pfl.simulation.engine import ScheduleRun, Simulation
 from p2pfl.simulation.report import summarize
 from p2pfl.simulation.scenario import load_scenario
-from p2pfl.simulation.shard import ResultBoard, Shard, ShardError, parse_shard, run_id
+from p2pfl.simulation.shard import parse_shard, run_id
+from p2pfl.simulation.shard_board import ResultBoard, Shard, ShardError
 from p2pfl.transport.base import LocalBroker
 from p2pfl.transport.mqtt import MqttTransport
 
