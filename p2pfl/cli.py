@@ -142,6 +142,8 @@ Examples:
   p2pfl sim sim/attacks.toml --matrix         # attack x merge rule x schedule, one table
   p2pfl sim sim/dp.toml                       # accuracy against the DP budget epsilon
   p2pfl sim --schedule partial-mesh --dp-epsilon 8 --dp-delta 1e-5
+  p2pfl sim sim/default.toml --broker mqtt://10.0.0.5:1883 --processes 2 --shard 0/2
+                                              # machine A; machine B runs --shard 1/2
 
 Scenario files are TOML (see sim/README.md); flags override them.
 """
@@ -182,7 +184,15 @@ def sim(
         None, help="Run every node on this real broker (mqtt://HOST:PORT) instead of in memory."
     ),
     processes: int = typer.Option(
-        1, min=1, help="Spread the nodes over this many OS processes (needs --broker)."
+        1,
+        min=1,
+        help="Spread the nodes (with --shard: this shard's nodes) over this many local OS "
+        "processes (needs --broker).",
+    ),
+    shard: str | None = typer.Option(
+        None,
+        help="I/P: run shard I of P here, the nodes i with i % P == I (needs --broker; start "
+        "every shard with the same scenario, seed and flags). Shard 0 writes the summary.",
     ),
     matrix: bool = typer.Option(
         False,
@@ -196,12 +206,16 @@ def sim(
     from p2pfl.learning.datasets import DatasetError
     from p2pfl.learning.models import ModelError
     from p2pfl.simulation.cli import prepare, run_matrix, run_sim
+    from p2pfl.simulation.shard import ShardError, parse_shard
+    from p2pfl.transport.base import TransportError
 
     overrides = {"nodes": nodes, "schedule": schedule, "rounds": rounds, "seed": seed,
                  "merge": merge, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
                  "dp_max_grad_norm": dp_max_grad_norm}  # fmt: skip
     loaded, matrix = _load_or_exit(
-        lambda: prepare(scenario, overrides, broker=broker, processes=processes, matrix=matrix)
+        lambda: prepare(
+            scenario, overrides, broker=broker, processes=processes, matrix=matrix, shard=shard
+        )
     )
     try:
         if matrix:
@@ -209,8 +223,11 @@ def sim(
             return
         run_sim(
             loaded, out=out, json_out=json_out, plots=not no_plots, broker=broker,
-            processes=processes,
+            processes=processes, shard=None if shard is None else parse_shard(shard, loaded.nodes),
         )  # fmt: skip
+    except (ShardError, TransportError) as exc:  # the shards could not finish together
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
     except (DatasetError, ModelError) as exc:  # the data file, read before any node starts
         prefix = "dataset " if isinstance(exc, DatasetError) else ""
         typer.echo(f"config error: {prefix}{exc}", err=True)

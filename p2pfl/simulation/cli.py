@@ -53,6 +53,7 @@ from p2pfl.simulation.report import (
     write_summary,
 )
 from p2pfl.simulation.scenario import Scenario, load_scenario
+from p2pfl.simulation.shard import Shard, parse_shard, run_shard
 from p2pfl.transport.address import parse_broker_uri
 
 
@@ -63,6 +64,7 @@ def prepare(
     broker: str | None = None,
     processes: int = 1,
     matrix: bool = False,
+    shard: str | None = None,
 ) -> tuple[Scenario, bool]:
     """The scenario `p2pfl sim` runs, and whether as the attack bench (`--matrix`).
 
@@ -74,6 +76,10 @@ def prepare(
             parse_broker_uri(broker)
         elif processes > 1:
             raise ValueError("--processes needs --broker: processes share no memory bus")
+        if shard is not None:
+            if broker is None:
+                raise ValueError("--shard needs --broker: the shards meet on a shared broker")
+            parse_shard(shard, loaded.nodes)
         matrix = matrix or bool(loaded.attacks or loaded.compare_merges or loaded.compare_dp)
         if matrix and broker is not None:
             raise ValueError("--matrix runs on the in-memory bus only; drop --broker")
@@ -94,8 +100,13 @@ def run_sim(
     plots: bool = True,
     broker: str | None = None,
     processes: int = 1,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
-    """Run the scenario with a progress bar; write metrics, summary and plots into `out`."""
+    """Run the scenario with a progress bar; write metrics, summary and plots into `out`.
+
+    With `shard` (and `broker`), only this machine's shard of the nodes runs here; shard 0
+    gathers the others' records and writes the summary, the others return `{}`.
+    """
     console = Console(stderr=True)
     setup_logging("text", "warning")
     config = scenario.node_config(scenario.compare[0], 0, "n01")
@@ -103,7 +114,10 @@ def run_sim(
     dataset = load_dataset(config.dataset, seed=config.seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    per_schedule = scenario.nodes * config.rounds if config.rounds else None
+    shown = scenario.nodes  # nodes whose records this command sees
+    if shard is not None and shard.index > 0:
+        shown = len(shard.indices(scenario.nodes))
+    per_schedule = shown * config.rounds if config.rounds else None
     latest: dict[str, dict[str, float]] = defaultdict(dict)
 
     with (
@@ -128,7 +142,12 @@ def run_sim(
             mean = sum(accs) / len(accs) if accs else 0.0
             progress.update(tasks[name], advance=1, acc=f"{mean:.3f}")
 
-        if processes > 1 and broker is not None:
+        if shard is not None and broker is not None:
+            runs = run_shard(
+                scenario, shard, broker=broker, processes=processes, on_record=on_record,
+                dataset=dataset,
+            )  # fmt: skip
+        elif processes > 1 and broker is not None:
             runs = run_in_processes(
                 scenario, broker=broker, processes=processes, on_record=on_record
             )
@@ -136,6 +155,10 @@ def run_sim(
             simulation = Simulation(scenario, on_record=on_record, broker=broker, dataset=dataset)
             runs = asyncio.run(simulation.run())
 
+    if shard is not None and shard.index > 0:
+        line = f"shard {shard}: {shown} nodes done; shard 0 writes the summary"
+        (Console(stderr=True) if json_out else Console()).print(line)
+        return {}
     records = [r for run in runs for r in run.records]
     summary = summarize(records, wall_seconds={run.schedule: run.wall_seconds for run in runs})
     summary["scenario"] = scenario.name
