@@ -258,6 +258,15 @@ class TrustedKeys:
         self._write([*kept, TrustedKey(node_id, key, comment)])
         return True
 
+    def append(self, node_id: str, key: Ed25519PublicKey, comment: str = "") -> None:
+        """Add a line for ``node_id`` without reading or rewriting the file (a later line for
+        the same id wins on load): pinning keys one by one stays O(1) each. Not synced to
+        disk: a pin lost in a power cut is pinned again on next use."""
+        line = TrustedKey(validate_name(node_id, "node id"), key, comment).line() + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with self.path.open("a") as file:
+            file.write(line)
+
     def remove(self, node_id: str) -> bool:
         """Stop trusting ``node_id``; False when it was not trusted."""
         entries = self.load()

@@ -351,6 +351,7 @@ class Node:
         if info is not None:
             return info.role == "trainer"
         if self.membership.sampled:
+            self.membership.hint(src)
             self._contacts[src] = None
             self._contacts.move_to_end(src)
             while len(self._contacts) > self.config.max_peers:

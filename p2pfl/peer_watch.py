@@ -15,8 +15,6 @@ log = logging.getLogger(__name__)
 
 LONELY_ROUNDS = 3
 """Rounds without any live peer after which a node warns that it trains alone."""
-SETTLED_SHUFFLES = 3
-"""A sampled view's ring neighbours are taken as found once unchanged for this many shuffles."""
 
 
 class PeerWatch:
@@ -73,11 +71,8 @@ class PeerWatch:
 
     async def _settle(self, deadline: float) -> None:
         """A sampled view: wait (until ``deadline``) for the ring neighbours to stop changing
-        for a few shuffles, so that sync neighbours agree on who sends to whom from round 1."""
-        quiet = SETTLED_SHUFFLES * self.config.shuffle_interval
-        while (
-            self.membership.settled_for() < quiet and self.clock() < deadline and not self.stopping
-        ):
+        (`Sampler.settled`), so that sync neighbours agree on who sends to whom from round 1."""
+        while not self.membership.settled() and self.clock() < deadline and not self.stopping:
             try:
                 async with asyncio.timeout(0.5):
                     await self.stop.wait()

@@ -268,7 +268,8 @@ class Trust:
         self._keys[src] = pk
         log.info("pinned key id=%s key=%s", src, _short(pk))
         if self._known is not None:
-            self._known.add(src, Ed25519PublicKey.from_public_bytes(pk), "pinned on first use")
+            # appended (no rewrite, no fsync): a node pins each peer once, on its loop
+            self._known.append(src, Ed25519PublicKey.from_public_bytes(pk), "pinned on first use")
 
     def _check_fresh(self, header: Header) -> None:
         skew = header.ts - self._clock()

@@ -188,6 +188,14 @@ INBOX_ALICE = topics.inbox(NET, "alice")
         ("#", "subscribe", False),
         (INBOX_BOB, "receive", False),
         (topics.presence(NET, "bob"), "receive", True),
+        # a sampled network: a record of one's own in a seed bucket, and reading one bucket
+        (topics.seed(NET, 3, "alice"), "publish", True),
+        (topics.seed(NET, 3, "bob"), "publish", False),  # no forged seeds
+        (f"p2pfl/v1/{NET}/seed/+/alice", "publish", False),
+        (topics.seed_bucket(NET, 3), "subscribe", True),
+        (f"p2pfl/v1/{NET}/seed/+/+", "subscribe", False),  # one bucket at a time
+        (f"p2pfl/v1/{NET}/seed/3/#", "subscribe", False),
+        (topics.seed(NET, 3, "bob"), "receive", True),
     ],
 )
 def test_acl(topic: str, action: str, ok: bool) -> None:

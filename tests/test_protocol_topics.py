@@ -23,6 +23,8 @@ def test_every_topic_parses_back_to_its_parts(net: str, node_id: str) -> None:
     assert topics.parse(topics.presence(net, node_id)) == (net, "presence", node_id)
     assert topics.parse(topics.telemetry(net, node_id)) == (net, "telemetry", node_id)
     assert topics.parse(topics.log(net, node_id)) == (net, "log", node_id)
+    # a seed bucket carries a presence record of its last level's node
+    assert topics.parse(topics.seed(net, 7, node_id)) == (net, "presence", node_id)
 
 
 def test_topic_layout_matches_the_design() -> None:

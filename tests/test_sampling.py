@@ -153,3 +153,41 @@ def test_random_parts_keep_every_node_known_and_mix() -> None:
     # nobody is forgotten, and nobody is in everyone's view (views are samples, not a star)
     assert min(indegree.values()) >= 1
     assert max(indegree.values()) < len(views) // 2
+
+
+def test_sampled_schedules_need_only_a_nodes_own_near_view() -> None:
+    from p2pfl.config import NodeConfig
+    from p2pfl.topology import node_schedule
+
+    ids = [f"n{i:03d}" for i in range(100)]
+    mesh = node_schedule(NodeConfig(schedule="partial-mesh", view_size=16, seed=3))
+    ring = node_schedule(NodeConfig(schedule="ring", view_size=16))
+    for own in ids[:10]:
+        # what a node plans from its near view alone is what full knowledge gives
+        rings = S.ring_keys("partial-mesh", degree=4, seed=3)
+        partial = S.near(own, ids, rings, 1)
+        plan = mesh.plan(own, partial, round=5)
+        assert plan.send_to == plan.expect_from == S.mesh_neighbours(own, ids, 4, seed=3)
+        succ, pred = S.around(own, ids, S.by_id, 1)
+        # the ring keeps hop 1 whatever the round: a far hop would need every id
+        assert ring.plan(own, [*succ, *pred], round=3).send_to == tuple(succ)
+        assert ring.plan(own, [*succ, *pred], round=3).expect_from == tuple(pred)
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"view_size": 8}, "at least 10 peers"),
+        ({"view_size": 16, "schedule": "partial-mesh", "degree": 8}, "at least 28 peers"),
+        ({"view_size": 32, "walkers": 1, "mode": "async"}, "walkers"),
+        ({"view_size": 32, "schedule": "random-walk", "mode": "sync"}, "sync random walk"),
+        ({"view_size": 32, "discovery": ("mdns",)}, "presence"),
+    ],
+)
+def test_view_size_refuses_what_a_partial_view_cannot_do(settings: dict, says: str) -> None:
+    from pydantic import ValidationError
+
+    from p2pfl.config import NodeConfig
+
+    with pytest.raises(ValidationError, match=says):
+        NodeConfig(**settings)

@@ -23,6 +23,7 @@ peer turns up, `diagnose` says why in words a user can act on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Container, Sequence
@@ -59,7 +60,7 @@ _MAX_PRESENCE = MAX_PRESENCE
 
 
 class _Repeat(Exception):
-    """A presence record a sampled node has taken already (or an older one)."""
+    """A presence record a sampled node has taken already, an older one, or a stale one."""
 
 
 def _host_port(uri: str) -> tuple[str, str]:
@@ -133,10 +134,9 @@ class Membership:
         # A sampled network: the sampler, what this node listens to for contacts (a seed
         # bucket or every node's presence; None once it has some), and the view members whose
         # presence it subscribed to.
-        self.sampler = (
-            Sampler(config, node_id, now=clock()) if config.view_size and self.presence_on else None
-        )
+        self.sampler = Sampler(config, node_id) if config.view_size and self.presence_on else None
         self._listening: str | None = None
+        self._hinted = asyncio.Event()
         self._listening_since = 0.0
         self._watched: set[str] = set()
 
@@ -156,7 +156,7 @@ class Membership:
     async def start(self) -> None:
         """Listen for presence, introduce ourselves to the static peers, announce."""
         if self.sampler is not None:
-            await self._listen(topics.seed_bucket(self.net, self.sampler.bucket))
+            await self._listen(topics.seed_bucket(self.net, self.sampler.listen))
         elif self.presence_on:
             await self.transport.subscribe(topics.presence_all(self.net))
         for peer in self.config.peers:
@@ -184,6 +184,8 @@ class Membership:
             return
         if kind != "presence" or peer_id == self.node_id or not message.payload:
             return
+        if self.sampler is not None and self._listening is None and peer_id not in self.view:
+            return  # left over from a subscription dropped since: not read at all
         try:
             # A sampled node re-subscribes to members' retained records as its view changes:
             # it orders records itself (Sampler.newer), and a repeat is dropped unremarked.
@@ -260,9 +262,9 @@ class Membership:
         if env.src != peer_id or env.net != self.net:
             raise ProtocolError("presence record does not match its topic")
         if not replay:
-            if abs(time.time() - env.ts) > self.config.presence_ttl and env.kind != "will":
-                raise ProtocolError("stale presence record")
-            if self.sampler is not None and not self.sampler.newer(peer_id, env.seq):
+            # a retained record older than the TTL is old news (a bye long ago), not an attack
+            stale = abs(time.time() - env.ts) > self.config.presence_ttl and env.kind != "will"
+            if stale or (self.sampler is not None and not self.sampler.newer(peer_id, env.seq)):
                 raise _Repeat
         return record
 
@@ -336,16 +338,35 @@ class Membership:
             return
         interval = self.config.shuffle_interval
         while True:
-            await asyncio.sleep(interval * (0.5 + sampler.rng.random()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(sampler.interval(interval)):
+                    await self._hinted.wait()  # a hint cuts the pause short
+            self._hinted.clear()
             await self._bootstrap(interval)
             view = self.view.live()
             partner = sampler.partner(view)
             info = None if partner is None else self.view.get(partner)
-            if partner is None or info is None:
-                continue
-            sent = sampler.entries_for(view, partner)
-            sampler.offer(partner, sent)
-            await self._send_shuffle("offer", partner, info.broker, sent)
+            if partner is not None and info is not None:
+                await self._offer(partner, info.broker, view)
+            while sampler.hints:
+                hinted = next(iter(sampler.hints))
+                del sampler.hints[hinted]
+                if hinted not in self.view:  # same broker: it sent us a model from there
+                    await self._offer(hinted, "", view)
+
+    def hint(self, peer: str) -> None:
+        """``peer``, not in our view, sent us a model: in sync rounds its view says we are
+        ring neighbours while ours does not know it. Shuffle with it soon: its answer tells
+        us who is near us (itself among them)."""
+        if self.sampler is not None and peer not in self.view and self.sampler.hint(peer):
+            self._hinted.set()
+
+    async def _offer(self, partner: str, broker: str, view: list[str]) -> None:
+        sampler = self.sampler
+        assert sampler is not None
+        sent = sampler.entries_for(view, partner, time.time())
+        sampler.offer(partner, sent)
+        await self._send_shuffle("offer", partner, broker, sent)
 
     async def on_shuffle(self, env: Envelope) -> None:
         """A verified shuffle message from ``env.src`` (the inbox hands it over): take what
@@ -359,13 +380,13 @@ class Membership:
             try:
                 entry = self._entry(data)
             except ProtocolError as exc:
-                self._reject(env.src, f"shuffle entry: {exc.reason}")
+                self._reject(env.src, exc.reason)
                 continue
             if entry is not None:
                 candidates[entry[0]] = (entry[1], data)
         view = self.view.live()
         if op == "offer":
-            sent = sampler.entries_for(view, env.src)
+            sent = sampler.entries_for(view, env.src, time.time())
             # the initiator is a view member, or its own record came with its offer
             info = self.view.get(env.src)
             asker = candidates.get(env.src)
@@ -376,9 +397,9 @@ class Membership:
             sent = sampler.offered.pop(env.src, [])
         await self._resample(candidates, sent)
 
-    def settled_for(self) -> float:
-        """Seconds since this node's ring neighbours last changed (a sampled view)."""
-        return 0.0 if self.sampler is None else self._clock() - self.sampler.near_since
+    def settled(self) -> bool:
+        """Whether this node's ring neighbours stopped changing (always, unsampled)."""
+        return self.sampler is None or self.sampler.settled
 
     async def _sampled(
         self, peer_id: str, record: PresenceRecord, payload: bytes | bytearray
@@ -390,7 +411,7 @@ class Membership:
         if record.role != "trainer":
             return  # a sampled view holds trainers: they alone shuffle and train
         if peer_id in self.view:
-            sampler.records[peer_id] = bytes(payload)
+            sampler.records[peer_id] = (bytes(payload), time.time())
             await self._heard(peer_id, record)
             return
         await self._resample({peer_id: (record, bytes(payload))}, ())
@@ -409,7 +430,7 @@ class Membership:
                 self.view.remove(peer, "resampled")
         for peer, (record, payload) in new.items():
             if peer in keep:
-                sampler.records[peer] = payload
+                sampler.records[peer] = (payload, time.time())
                 await self._heard(peer, record)
         sampler.forget(set(self.view.live()))
         await self._watch()
@@ -421,7 +442,7 @@ class Membership:
         if sampler is None:
             return
         members = set(self.view.live())
-        sampler.observe(sorted(members), self._clock())
+        sampler.observe(sorted(members))
         if self._listening is not None and len(members) >= min(SEEDS, sampler.size):
             await self.transport.unsubscribe(self._listening)
             log.debug("sampled view has contacts=%d: stopped listening", len(members))
@@ -448,7 +469,7 @@ class Membership:
         assert sampler is not None
         if len(self.view.live()) >= min(SEEDS, sampler.size):
             return
-        bucket = topics.seed_bucket(self.net, sampler.bucket)
+        bucket = topics.seed_bucket(self.net, sampler.listen)
         if self._listening is None:
             await self._listen(bucket)
         elif self._listening == bucket and self._clock() - self._listening_since > 3 * interval:
@@ -468,15 +489,17 @@ class Membership:
             )
         env = unpack_envelope(data, max_size=_MAX_PRESENCE, max_container_len=64)
         record = parse_presence(env)
-        if env.net != self.net or not record.online or record.role != "trainer":
-            raise ProtocolError("presence record of no trainer of this network")
+        if env.net != self.net:
+            raise ProtocolError(f"wrong network: {env.net!r}")
+        if not record.online or record.role != "trainer":
+            raise ProtocolError("not an online trainer's presence record")
         return env.src, record
 
     async def _send_shuffle(self, op: str, peer: str, broker: str, sent: list[str]) -> None:
         sampler = self.sampler
         assert sampler is not None
         own = self._record(online=True).payload
-        entries = [sampler.records[p] for p in sent if p in sampler.records]
+        entries = [sampler.records[p][0] for p in sent if p in sampler.records]
         payload = encode_shuffle(
             op, [*entries, bytes(own)], net=self.net, src=self.node_id, seq=self._next_seq(),
             signer=self.signer,
@@ -659,8 +682,9 @@ class Membership:
             await self.transport.publish(
                 msg.topic, msg.payload, qos=1, retain=True, broker=self.route(broker)
             )
-        if self.sampler is not None and online:
-            # a record of its own (its own seq), so a view member hearing both is no replay
-            seed = self._record(online=True).payload
-            bucket = self.sampler.rng.randrange(topics.SEED_BUCKETS)
-            await self.transport.publish(topics.seed(self.net, bucket, self.node_id), seed, qos=0)
+        if self.sampler is not None:
+            # a record of its own (its own seq), so a view member hearing both is no replay;
+            # a bye clears it, so joining nodes do not pick us up
+            seed = self._record(online=True).payload if online else b""
+            topic = topics.seed(self.net, self.sampler.bucket, self.node_id)
+            await self.transport.publish(topic, seed, qos=1, retain=True)

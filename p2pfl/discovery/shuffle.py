@@ -24,6 +24,7 @@ from p2pfl.discovery import sampling
 from p2pfl.discovery.presence import MAX_PRESENCE
 from p2pfl.protocol.envelope import Envelope, Signer, pack_envelope
 from p2pfl.protocol.errors import ProtocolError
+from p2pfl.protocol.topics import SEED_BUCKETS
 from p2pfl.topology.base import stable_seed
 
 OPS = ("offer", "answer")
@@ -31,6 +32,14 @@ MAX_SHUFFLE = (sampling.LENGTH + 1) * (MAX_PRESENCE + 16) + 256
 """The largest shuffle message taken: a full list of the largest presence records."""
 SEEDS = 4
 """Contacts a joining node looks for on a seed bucket before it stops listening there."""
+SETTLED = 8
+"""A node's ring neighbours are taken as found once unchanged over this many of its shuffles
+(shuffles find them in about log N rounds; the last few changes come far apart)."""
+SETTLED_SLOWDOWN = 4
+"""A view whose ring neighbours have settled shuffles this many times less often: it only
+keeps its random part mixed."""
+MAX_HINTS = 8
+"""Senders not in the view whose models suggest they are ring neighbours, shuffled with next."""
 _MAX_OFFERS = 8  # offers awaiting an answer (a partner that never answers is forgotten)
 
 
@@ -63,18 +72,22 @@ class Sampler:
     """What a node of a sampled network keeps besides its view: the records it may pass on,
     its rings, the offers awaiting an answer, and when its near part last changed."""
 
-    def __init__(self, config: NodeConfig, node_id: str, *, now: float) -> None:
+    def __init__(self, config: NodeConfig, node_id: str) -> None:
         self.node_id = node_id
         self.size = config.view_size
         self.rings = sampling.ring_keys(config.schedule, degree=config.degree, seed=config.seed)
         self.rng = random.Random(stable_seed("sampling", config.seed, node_id))
-        self.records: dict[str, bytes] = {}  # view members' latest presence records
+        self.ttl = config.presence_ttl
+        # view members' latest presence records, and when they were made (their ts)
+        self.records: dict[str, tuple[bytes, float]] = {}
         self._seqs: dict[str, int] = {}  # and their seqs
         self.offered: OrderedDict[str, list[str]] = OrderedDict()
         self.ticks = 0
-        self.bucket = self.rng.randrange(1 << 16)
+        self.bucket = stable_seed("seed", node_id) % SEED_BUCKETS  # where our record is kept
+        self.listen = self.rng.randrange(SEED_BUCKETS)  # where we look for contacts
         self._near: tuple[str, ...] = ()
-        self.near_since = now
+        self._near_tick = 0  # our shuffle count when the ring neighbours last changed
+        self.hints: dict[str, None] = {}
 
     def choose(self, view: Sequence[str], received: Sequence[str], sent: Sequence[str]) -> set[str]:
         """The view to keep after learning of ``received`` (having handed over ``sent``)."""
@@ -92,9 +105,10 @@ class Sampler:
             rng=self.rng,
         )  # fmt: skip
 
-    def entries_for(self, view: Sequence[str], peer: str) -> list[str]:
-        """The view members (with a record to pass on) to send ``peer``; room left for ours."""
-        known = [p for p in view if p in self.records]
+    def entries_for(self, view: Sequence[str], peer: str, now: float) -> list[str]:
+        """The view members to send ``peer``, room left for ours: those with a record young
+        enough (half the TTL) to be taken on arrival."""
+        known = [p for p in view if p in self.records and now - self.records[p][1] < self.ttl / 2]
         return sampling.entries_for(
             known, peer, rings=self.rings, count=sampling.NEAR, length=sampling.LENGTH - 1,
             rng=self.rng,
@@ -107,11 +121,29 @@ class Sampler:
         while len(self.offered) > _MAX_OFFERS:
             self.offered.popitem(last=False)
 
-    def observe(self, view: Sequence[str], now: float) -> None:
-        """Note the time when the near part (true ring neighbours once settled) changes."""
+    @property
+    def settled(self) -> bool:
+        """Whether the ring neighbours have not changed over the last :data:`SETTLED`
+        shuffles."""
+        return self.ticks - self._near_tick >= SETTLED
+
+    def interval(self, base: float) -> float:
+        """The pause before the next shuffle: ``base`` while the ring neighbours still change,
+        :data:`SETTLED_SLOWDOWN` times longer once settled (jittered either way)."""
+        return base * (SETTLED_SLOWDOWN if self.settled else 1) * (0.5 + self.rng.random())
+
+    def observe(self, view: Sequence[str]) -> None:
+        """Note when the near part (the true ring neighbours, once settled) changes."""
         near = tuple(sampling.near(self.node_id, view, self.rings, 1))
         if near != self._near:
-            self._near, self.near_since = near, now
+            self._near, self._near_tick = near, self.ticks
+
+    def hint(self, peer: str) -> bool:
+        """A sender not in the view: shuffle with it next (False: enough hints pending)."""
+        if peer in self.hints or len(self.hints) >= MAX_HINTS:
+            return False
+        self.hints[peer] = None
+        return True
 
     def newer(self, peer: str, seq: int) -> bool:
         """Whether a record of ``peer`` with ``seq`` is newer than the last one taken (and

@@ -74,9 +74,9 @@ def _record(net: str, kind: str, node_id: str) -> str:
 
 
 def seed(net: str, bucket: int, node_id: str) -> str:
-    """Where a node of a sampled network (``view_size``) also sends its heartbeat, one bucket
-    of :data:`SEED_BUCKETS` at random: a joining node listens to one bucket for its first
-    contacts, instead of to every node's presence."""
+    """Where a node of a sampled network (``view_size``) also keeps its presence record
+    (retained), in its own one of :data:`SEED_BUCKETS` buckets: a joining node reads one
+    bucket for its first contacts, instead of every node's presence."""
     return f"{_base(net)}/seed/{bucket % SEED_BUCKETS}/{validate_name(node_id, 'node id')}"
 
 

@@ -195,9 +195,10 @@ class _ScheduleRun:
         base = self.base = scenario.node_config(schedule, 0, ids[0])
         seed = self.seed = base.seed
         # Everyone starts together and waits for its peers: all of them, or with a sampled
-        # view (view_size) a full view, then for its ring neighbours to settle.
+        # view (view_size, which shuffles keep about full) half a view, then for its ring
+        # neighbours to settle.
         everyone = len(ids) - 1
-        self.wanted = min(base.view_size, everyone) if base.view_size else everyone
+        self.wanted = min(base.view_size // 2, everyone) if base.view_size else everyone
         self.parts = partition(dataset.y_train, scenario.nodes, base.partition, seed=seed)
         self.slow = set(faults.straggler_ids(ids, seed))
         self.attack = faults.byzantine

@@ -93,6 +93,12 @@ class MemoryBus:
         for level in pattern.split("/"):
             node = node.children.setdefault(level, _TrieNode())
         node.subscribers[client] = None
+        if "+" not in pattern and "#" not in pattern:
+            # one topic (a sampled node watching a view member): no scan of every retained one
+            retained = self._retained.get(pattern)
+            if retained is not None:
+                self._send(retained[1], client, retained[0])
+            return
         for topic, (message, src) in self._retained.items():
             if topic_matches(pattern, topic):
                 self._send(src, client, message)
