@@ -338,3 +338,18 @@ def test_large_mnist1d_n_is_generated_in_chunks_of_bounded_size(
     monkeypatch.setattr(datasets, "_MNIST1D_CHUNK", 100_000)
     assert len(load_dataset("mnist1d:500", seed=0, cache_dir=tmp_path).y_train) == 400
     assert len(list(tmp_path.glob("mnist1d-500-seed0-*.npz"))) == 2
+
+
+def test_mnist1d_n_caps_the_test_set_and_trains_on_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(datasets, "_MNIST1D_CHUNK", 200)
+    monkeypatch.setattr(datasets, "_MNIST1D_MAX_TEST", 60)
+    ds = load_dataset("mnist1d:500", seed=0, cache_dir=tmp_path)
+    assert (len(ds.x_train), len(ds.x_test)) == (440, 60)
+    labels = np.concatenate([ds.y_train, ds.y_test])
+    assert np.array_equal(np.bincount(labels), [50] * 10)  # nothing lost, nothing repeated
+    assert len(np.unique(np.concatenate([ds.x_train, ds.x_test]), axis=0)) == 500
+    made = package_mnist1d(num_samples=170, seed=0)  # chunk 0: its 34 test samples come first
+    assert np.array_equal(ds.x_test[:34], made["x_test"].astype(np.float32))
+    assert np.array_equal(ds.x_train[:136], made["x"].astype(np.float32))

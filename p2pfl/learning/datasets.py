@@ -42,6 +42,8 @@ MNIST1D_MAX_SAMPLES = 10_000_000
 # (about 0.5 KB each) and several full copies, so large N is generated in chunks of this size,
 # each written into the preallocated result: memory stays the arrays plus one chunk.
 _MNIST1D_CHUNK = 100_000
+# The test set of mnist1d:N: the package's fifth, at most this (plain mnist1d's test set).
+_MNIST1D_MAX_TEST = 1_000
 # From this many samples generation takes about half a minute: say so where users see it.
 _MNIST1D_LOUD = 50_000
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test")
@@ -158,7 +160,7 @@ def _load_mnist1d(seed: int, cache_dir: Path, samples: int | None = None) -> Dat
     version = importlib.metadata.version("mnist1d")
     key: list[object] = [_MNIST1D_CACHE_VERSION, version, seed]
     if samples is not None:  # plain mnist1d keeps its file name and arrays
-        key += [samples, _MNIST1D_CHUNK]
+        key += [samples, _MNIST1D_CHUNK, _MNIST1D_MAX_TEST]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     size = "" if samples is None else f"{samples}-"
     path = cache_dir / f"mnist1d-{size}seed{seed}-{digest}.npz"
@@ -175,38 +177,49 @@ def _load_mnist1d(seed: int, cache_dir: Path, samples: int | None = None) -> Dat
 
 def _generate_mnist1d_samples(seed: int, samples: int, path: Path) -> dict[str, np.ndarray]:
     """`samples` MNIST-1D samples by the package's own recipe (`get_dataset_args()` with
-    `num_samples`), split as the package splits: its `train_split` (0.8) to train, the rest
-    (a fifth) to test, classes balanced.
+    `num_samples`), split as the package splits (its `train_split`, 0.8: a fifth to test), with
+    the test set capped at `_MNIST1D_MAX_TEST` samples, the size of plain mnist1d's: every node
+    evaluates on the whole test set every round, so a fifth of 100,000 would cost 20 times
+    plain mnist1d's evaluation for no better estimate. Test samples past the cap go to train.
 
     Up to `_MNIST1D_CHUNK` samples this is one call of the generator with `seed`, so
     `mnist1d:5000` equals `mnist1d`. Above it, the samples are cut into near-equal chunks
     (multiples of 10), chunk 0 generated with `seed` and chunk i with a seed derived from
     (seed, i) by numpy's SeedSequence; each chunk is shuffled, standardized and split by the
-    generator itself, and the train and test parts are concatenated in chunk order.
+    generator itself. The test set is the chunks' test parts in chunk order up to the cap; the
+    train set is each chunk's train part followed by its test samples past the cap.
     """
     chunks = -(-samples // _MNIST1D_CHUNK)
     tens, extra = divmod(samples // 10, chunks)
     sizes = [10 * (tens + (i < extra)) for i in range(chunks)]
     train_split = float(cast(float, _mnist1d_args(seed)["train_split"]))
-    n_train = sum(int(size * train_split) for size in sizes)  # the generator's own expression
-    totals = {"train": n_train, "test": samples - n_train}
+    n_test = sum(size - int(size * train_split) for size in sizes)  # the generator's expression
+    totals = {
+        "train": samples - min(n_test, _MNIST1D_MAX_TEST),
+        "test": min(n_test, _MNIST1D_MAX_TEST),
+    }
     level = logging.WARNING if samples >= _MNIST1D_LOUD else logging.INFO
     log.log(level, "generating %d MNIST-1D samples (cached for next time) path=%s", samples, path)
     out: dict[str, np.ndarray] = {}
     filled = {"train": 0, "test": 0}
+
+    def put(split: str, x: np.ndarray, y: np.ndarray) -> None:
+        if f"x_{split}" not in out:
+            out[f"x_{split}"] = np.empty((totals[split], *x.shape[1:]), np.float32)
+            out[f"y_{split}"] = np.empty(totals[split], np.int64)
+        at = filled[split]
+        out[f"x_{split}"][at : at + len(y)] = x
+        out[f"y_{split}"][at : at + len(y)] = y
+        filled[split] += len(y)
+
     for i, size in enumerate(sizes):
         args = _mnist1d_args(seed if i == 0 else _chunk_seed(seed, i))
         args["num_samples"] = size
         chunk = _generate_mnist1d(args)
-        for split, total in totals.items():
-            x, y = chunk[f"x_{split}"], chunk[f"y_{split}"]
-            if f"x_{split}" not in out:
-                out[f"x_{split}"] = np.empty((total, *x.shape[1:]), np.float32)
-                out[f"y_{split}"] = np.empty(total, np.int64)
-            at = filled[split]
-            out[f"x_{split}"][at : at + len(y)] = x
-            out[f"y_{split}"][at : at + len(y)] = y
-            filled[split] += len(y)
+        put("train", chunk["x_train"], chunk["y_train"])
+        room = totals["test"] - filled["test"]
+        put("test", chunk["x_test"][:room], chunk["y_test"][:room])
+        put("train", chunk["x_test"][room:], chunk["y_test"][room:])
         if chunks > 1:
             log.log(
                 level, "generated MNIST-1D samples done=%d of=%d", sum(filled.values()), samples
