@@ -218,7 +218,11 @@ class NodeConfig(BaseModel):
     rounds: int = Field(0, ge=0, description="Stop after N rounds; 0 = until stopped.")
     duration: float | None = Field(None, gt=0, description="Stop after this many seconds.")
     # learning
-    dataset: str = Field("mnist1d", description="mnist1d | digits | npz:PATH.")
+    dataset: str = Field(
+        "mnist1d",
+        description="mnist1d | mnist1d:N (N generated MNIST-1D samples, a fifth of them the "
+        "test set; cached) | digits | npz:PATH.",
+    )
     partition: str = Field("iid", description="iid | dirichlet:ALPHA | shards:K.")
     num_partitions: int = Field(1, ge=1, description="How many shares the dataset is cut into.")
     partition_index: int = Field(0, ge=0, description="Which share this node trains on.")
@@ -358,13 +362,17 @@ class NodeConfig(BaseModel):
 
         return key_text(read_key_argument(value))
 
-    @field_validator("listen", "partition", "merge", "codec")
+    @field_validator("listen", "dataset", "partition", "merge", "codec")
     @classmethod
     def _check_parses(cls, value: str, info: ValidationInfo) -> str:
         """These keys stay text, which must parse as the node will parse it (the parsers are
-        imported here: merge and partition pull in torch)."""
+        imported here: merge and partition pull in torch). A dataset's file is read later."""
         if info.field_name == "listen":
             parse_host_port(value)
+        elif info.field_name == "dataset":
+            from p2pfl.learning.datasets import parse_dataset_spec
+
+            parse_dataset_spec(value)
         elif info.field_name == "partition":
             from p2pfl.learning.partition import parse_partition
 

@@ -172,6 +172,7 @@ INVALID: dict[str, tuple[list[str], str]] = {
     "round_timeout": one("round_timeout", "0"),
     "rounds": one("rounds", "2.5"),
     "duration": one("duration", "soon", '"soon"'),
+    "dataset": one("dataset", "mnist1d:abc", '"mnist1d:abc"'),
     "partition": one("partition", "dirichlet:0", '"dirichlet:0"'),
     "num_partitions": one("num_partitions", "0"),
     "partition_index": one("partition_index", "1"),
@@ -204,7 +205,7 @@ INVALID: dict[str, tuple[list[str], str]] = {
     "tags": (["--tag", "x" * 65], f'tags = ["{"x" * 65}"]'),
 }
 # Any value is a valid one: free text, a path only used later, a switch, or a name the node
-# resolves when it starts (a dataset or model it cannot load is reported then).
+# resolves when it starts (a model it cannot load, or a dataset file, is reported then).
 ANY_VALUE = {
     "ca",
     "cert",
@@ -215,7 +216,6 @@ ANY_VALUE = {
     "run_name",
     "metrics_host",
     "secure_aggregation",
-    "dataset",
     "model",
 }
 

@@ -1,5 +1,5 @@
-"""A data file or model spec that cannot be used ends `p2pfl run` and `p2pfl sim` with one line
-naming it and exit status 2, before anything trains (no traceback)."""
+"""A data file, dataset spec or model spec that cannot be used ends `p2pfl run` and `p2pfl sim`
+with one line naming it and exit status 2, before anything trains (no traceback)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,19 @@ CASES = {
     "missing arrays": (
         lambda tmp: (f"npz:{missing_arrays(tmp / 'half.npz')}", "logreg"),
         "half.npz: missing arrays x_test, y_test",
+    ),
+    # A bad mnist1d:N is refused with the config, before any sample is generated.
+    "mnist1d:N not a number": (
+        lambda tmp: ("mnist1d:abc", "logreg"),
+        "dataset: mnist1d:N needs an integer N, got 'abc'",
+    ),
+    "mnist1d:N zero": (
+        lambda tmp: ("mnist1d:0", "logreg"),
+        "dataset: mnist1d:N needs N from 100 to 10,000,000, got 0",
+    ),
+    "mnist1d:N negative": (
+        lambda tmp: ("mnist1d:-5", "logreg"),
+        "dataset: mnist1d:N needs N from 100 to 10,000,000, got -5",
     ),
     "model does not import": (
         lambda tmp: (f"npz:{good_npz(tmp / 'good.npz')}", "no_such_pkg.models:build"),

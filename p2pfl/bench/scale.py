@@ -27,7 +27,9 @@ from typing import Any
 
 import p2pfl
 from p2pfl.bench.core import BenchOptions, BenchResult, Figure, growth_per_doubling, python_command
+from p2pfl.learning.datasets import load_dataset
 from p2pfl.simulation.report import read_metrics
+from p2pfl.simulation.scenario import load_scenario
 
 SCENARIO = Path(p2pfl.__file__).resolve().parent.parent / "sim" / "large.toml"
 COLUMNS = ["start-up s", "wall/round s", "peak RSS MB", "membership msgs/node/round"]
@@ -42,6 +44,9 @@ def run(options: BenchOptions) -> BenchResult:
         sizes = [*sizes, 4096]
     rounds: int = options.pick(1, 2, 5)
     cap: float = options.pick(60.0, 120.0, 300.0)
+    # Generated (mnist1d:N) and cached here, once, so that no size's cap includes generating it.
+    node = load_scenario(SCENARIO, {}).node_config("partial-mesh", 0, "n1")
+    load_dataset(node.dataset, seed=node.seed)
     result = BenchResult(
         "scale",
         f"{SCENARIO.name} at growing sizes, {rounds} rounds, each in a fresh process",

@@ -1,4 +1,5 @@
-"""Datasets: `mnist1d` (generated offline, cached), `digits` (scikit-learn), `npz:PATH`."""
+"""Datasets: `mnist1d` and `mnist1d:N` (generated offline, cached), `digits` (scikit-learn),
+`npz:PATH`."""
 
 from __future__ import annotations
 
@@ -8,21 +9,43 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 from numpy.lib.npyio import NpzFile
 
-__all__ = ["DATASETS", "Dataset", "DatasetError", "default_cache_dir", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "DatasetError",
+    "DatasetSpec",
+    "default_cache_dir",
+    "load_dataset",
+    "parse_dataset_spec",
+]
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("mnist1d", "digits", "npz:PATH")
+DATASETS = ("mnist1d", "mnist1d:N", "digits", "npz:PATH")
+# mnist1d:N bounds. At least 10 samples a digit, so the test split (a fifth) has 20 or more;
+# at most 10 million: 1.6 GB of float32 arrays, and about 2 hours of generation on one core
+# (the generator makes about 1,400 samples a second: 100,000 take 70 s of CPU, once).
+MNIST1D_MIN_SAMPLES = 100
+MNIST1D_MAX_SAMPLES = 10_000_000
+# Samples per call of the mnist1d generator. It builds a Python list of per-sample arrays
+# (about 0.5 KB each) and several full copies, so large N is generated in chunks of this size,
+# each written into the preallocated result: memory stays the arrays plus one chunk.
+_MNIST1D_CHUNK = 100_000
+# The test set of mnist1d:N: the package's fifth, at most this (plain mnist1d's test set).
+_MNIST1D_MAX_TEST = 1_000
+# From this many samples generation takes about half a minute: say so where users see it.
+_MNIST1D_LOUD = 50_000
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 # The mnist1d generator seeds and draws from the process-wide `random` and `np.random`
 # state; we restore that state afterwards, and this lock keeps two threads from interleaving.
@@ -33,6 +56,41 @@ _MNIST1D_CACHE_VERSION = 2
 
 class DatasetError(ValueError):
     """A dataset spec or file that cannot be used: a config error, said before any training."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed dataset spec: `kind` with its `samples` (mnist1d:N) or `path` (npz:PATH)."""
+
+    kind: Literal["mnist1d", "digits", "npz"]
+    samples: int | None = None
+    path: Path | None = None
+
+
+def parse_dataset_spec(spec: str) -> DatasetSpec:
+    """Parse and validate a dataset spec without loading anything; DatasetError says why."""
+    if spec == "mnist1d":
+        return DatasetSpec("mnist1d")
+    if spec == "digits":
+        return DatasetSpec("digits")
+    if spec.startswith("npz:") and len(spec) > 4:
+        return DatasetSpec("npz", path=Path(spec[4:]).expanduser())
+    kind, sep, arg = spec.partition(":")
+    if kind == "mnist1d" and sep:
+        if not re.fullmatch(r"-?[0-9]+", arg):
+            raise DatasetError(f"mnist1d:N needs an integer N, got {arg!r}")
+        n = int(arg)
+        if not MNIST1D_MIN_SAMPLES <= n <= MNIST1D_MAX_SAMPLES:
+            raise DatasetError(
+                f"mnist1d:N needs N from {MNIST1D_MIN_SAMPLES:,} to {MNIST1D_MAX_SAMPLES:,}, "
+                f"got {n:,}"
+            )
+        if n % 10:
+            raise DatasetError(
+                f"mnist1d:N needs N a multiple of 10 (as many of each digit), got {n}"
+            )
+        return DatasetSpec("mnist1d", samples=n)
+    raise DatasetError(f"unknown dataset {spec!r}: choose one of {', '.join(DATASETS)}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,18 +118,19 @@ class Dataset:
 
 
 def load_dataset(spec: str, *, seed: int = 0, cache_dir: Path | None = None) -> Dataset:
-    """Load a dataset by spec: `mnist1d`, `digits` or `npz:PATH`.
+    """Load a dataset by spec: `mnist1d`, `mnist1d:N`, `digits` or `npz:PATH`.
 
     `seed` picks the generated mnist1d dataset and the digits train/test split. The mnist1d
     cache lives in `cache_dir`, else `$P2PFL_CACHE_DIR`, else the user's cache directory.
     """
-    if spec == "mnist1d":
-        return _load_mnist1d(seed, cache_dir if cache_dir is not None else default_cache_dir())
-    if spec == "digits":
+    parsed = parse_dataset_spec(spec)
+    if parsed.kind == "mnist1d":
+        cache = cache_dir if cache_dir is not None else default_cache_dir()
+        return _load_mnist1d(seed, cache, parsed.samples)
+    if parsed.kind == "digits":
         return _load_digits(seed)
-    if spec.startswith("npz:") and len(spec) > 4:
-        return _load_npz(Path(spec[4:]).expanduser())
-    raise DatasetError(f"{spec!r} is unknown: choose one of {', '.join(DATASETS)}")
+    assert parsed.path is not None
+    return _load_npz(parsed.path)
 
 
 def default_cache_dir() -> Path:
@@ -92,21 +151,86 @@ def _mnist1d_args(seed: int) -> dict[str, object]:
     return args
 
 
-def _load_mnist1d(seed: int, cache_dir: Path) -> Dataset:
+def _load_mnist1d(seed: int, cache_dir: Path, samples: int | None = None) -> Dataset:
+    """`mnist1d` (the package's 5,000 samples), or `mnist1d:N` when `samples` is given."""
     # The file name carries a digest of the generator's version, so a package upgrade (which
     # may change its defaults) produces a new file instead of silently reusing old data. The
     # version, not the arguments: reading them imports mnist1d, which imports matplotlib and
     # scipy (+74 MB in every daemon) only to find the cached file.
     version = importlib.metadata.version("mnist1d")
-    digest = hashlib.sha256(
-        json.dumps([_MNIST1D_CACHE_VERSION, version, seed]).encode()
-    ).hexdigest()[:12]
-    path = cache_dir / f"mnist1d-seed{seed}-{digest}.npz"
+    key: list[object] = [_MNIST1D_CACHE_VERSION, version, seed]
+    if samples is not None:  # plain mnist1d keeps its file name and arrays
+        key += [samples, _MNIST1D_CHUNK, _MNIST1D_MAX_TEST]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+    size = "" if samples is None else f"{samples}-"
+    path = cache_dir / f"mnist1d-{size}seed{seed}-{digest}.npz"
     arrays = _read_cache(path)
     if arrays is None:
-        arrays = _generate_mnist1d(_mnist1d_args(seed))
+        if samples is None:
+            arrays = _generate_mnist1d(_mnist1d_args(seed))
+        else:
+            arrays = _generate_mnist1d_samples(seed, samples, path)
         _write_atomic(path, arrays)
-    return _validated("mnist1d", arrays, n_classes=10)
+    name = "mnist1d" if samples is None else f"mnist1d:{samples}"
+    return _validated(name, arrays, n_classes=10)
+
+
+def _generate_mnist1d_samples(seed: int, samples: int, path: Path) -> dict[str, np.ndarray]:
+    """`samples` MNIST-1D samples by the package's own recipe (`get_dataset_args()` with
+    `num_samples`), split as the package splits (its `train_split`, 0.8: a fifth to test), with
+    the test set capped at `_MNIST1D_MAX_TEST` samples, the size of plain mnist1d's: every node
+    evaluates on the whole test set every round, so a fifth of 100,000 would cost 20 times
+    plain mnist1d's evaluation for no better estimate. Test samples past the cap go to train.
+
+    Up to `_MNIST1D_CHUNK` samples this is one call of the generator with `seed`, so
+    `mnist1d:5000` equals `mnist1d`. Above it, the samples are cut into near-equal chunks
+    (multiples of 10), chunk 0 generated with `seed` and chunk i with a seed derived from
+    (seed, i) by numpy's SeedSequence; each chunk is shuffled, standardized and split by the
+    generator itself. The test set is the chunks' test parts in chunk order up to the cap; the
+    train set is each chunk's train part followed by its test samples past the cap.
+    """
+    chunks = -(-samples // _MNIST1D_CHUNK)
+    tens, extra = divmod(samples // 10, chunks)
+    sizes = [10 * (tens + (i < extra)) for i in range(chunks)]
+    train_split = float(cast(float, _mnist1d_args(seed)["train_split"]))
+    n_test = sum(size - int(size * train_split) for size in sizes)  # the generator's expression
+    totals = {
+        "train": samples - min(n_test, _MNIST1D_MAX_TEST),
+        "test": min(n_test, _MNIST1D_MAX_TEST),
+    }
+    level = logging.WARNING if samples >= _MNIST1D_LOUD else logging.INFO
+    log.log(level, "generating %d MNIST-1D samples (cached for next time) path=%s", samples, path)
+    out: dict[str, np.ndarray] = {}
+    filled = {"train": 0, "test": 0}
+
+    def put(split: str, x: np.ndarray, y: np.ndarray) -> None:
+        if f"x_{split}" not in out:
+            out[f"x_{split}"] = np.empty((totals[split], *x.shape[1:]), np.float32)
+            out[f"y_{split}"] = np.empty(totals[split], np.int64)
+        at = filled[split]
+        out[f"x_{split}"][at : at + len(y)] = x
+        out[f"y_{split}"][at : at + len(y)] = y
+        filled[split] += len(y)
+
+    for i, size in enumerate(sizes):
+        args = _mnist1d_args(seed if i == 0 else _chunk_seed(seed, i))
+        args["num_samples"] = size
+        chunk = _generate_mnist1d(args)
+        put("train", chunk["x_train"], chunk["y_train"])
+        room = totals["test"] - filled["test"]
+        put("test", chunk["x_test"][:room], chunk["y_test"][:room])
+        put("train", chunk["x_test"][room:], chunk["y_test"][room:])
+        if chunks > 1:
+            log.log(
+                level, "generated MNIST-1D samples done=%d of=%d", sum(filled.values()), samples
+            )
+    assert filled == totals, f"mnist1d split {filled}, expected {totals}"
+    return out
+
+
+def _chunk_seed(seed: int, index: int) -> int:
+    """A seed for chunk `index` of `mnist1d:N`, fixed by (seed, index), within numpy's range."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def _generate_mnist1d(args: dict[str, object]) -> dict[str, np.ndarray]:
