@@ -478,11 +478,20 @@ class Membership:
     def _entry(self, data: bytes) -> tuple[str, PresenceRecord] | None:
         """A shuffled presence record, verified (None: one we need not read); ProtocolError
         when it does not verify, is not an online trainer's, or is older than the TTL."""
-        header = peek(data)
-        if header.src == self.node_id or header.src in self.view:
+        sampler = self.sampler
+        assert sampler is not None
+        known = sampler.verified(data)
+        if known is not None:  # these very bytes verified before: records circulate
+            src, ts, record = known
+        else:
+            header = peek(data)
+            src, ts, record = header.src, header.ts, None
+        if src == self.node_id or src in self.view:
             return None  # we hear our view members ourselves
-        if abs(time.time() - header.ts) > self.config.presence_ttl:
+        if abs(time.time() - ts) > self.config.presence_ttl:
             raise ProtocolError("stale presence record")
+        if record is not None:
+            return src, record
         if self.trust is not None:
             self.trust.check(
                 data, replay=False, cert=lambda: presence_certificate(data, max_size=_MAX_PRESENCE)
@@ -493,6 +502,7 @@ class Membership:
             raise ProtocolError(f"wrong network: {env.net!r}")
         if not record.online or record.role != "trainer":
             raise ProtocolError("not an online trainer's presence record")
+        sampler.remember(data, env.src, env.ts, record)
         return env.src, record
 
     async def _send_shuffle(self, op: str, peer: str, broker: str, sent: list[str]) -> None:

@@ -15,13 +15,14 @@ Which entries go out and which are kept is :mod:`p2pfl.discovery.sampling`; the 
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from p2pfl.config import NodeConfig
 from p2pfl.discovery import sampling
-from p2pfl.discovery.presence import MAX_PRESENCE
+from p2pfl.discovery.presence import MAX_PRESENCE, PresenceRecord
 from p2pfl.protocol.envelope import Envelope, Signer, pack_envelope
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.topics import SEED_BUCKETS
@@ -41,6 +42,11 @@ keeps its random part mixed."""
 MAX_HINTS = 8
 """Senders not in the view whose models suggest they are ring neighbours, shuffled with next."""
 _MAX_OFFERS = 8  # offers awaiting an answer (a partner that never answers is forgotten)
+_MAX_VERIFIED = 512  # shuffled records known to verify, by digest
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def encode_shuffle(
@@ -88,6 +94,8 @@ class Sampler:
         self._near: tuple[str, ...] = ()
         self._near_tick = 0  # our shuffle count when the ring neighbours last changed
         self.hints: dict[str, None] = {}
+        # digests of shuffled records that verified: the same record comes round many times
+        self._verified: OrderedDict[bytes, tuple[str, float, PresenceRecord]] = OrderedDict()
 
     def choose(self, view: Sequence[str], received: Sequence[str], sent: Sequence[str]) -> set[str]:
         """The view to keep after learning of ``received`` (having handed over ``sent``)."""
@@ -137,6 +145,17 @@ class Sampler:
         near = tuple(sampling.near(self.node_id, view, self.rings, 1))
         if near != self._near:
             self._near, self._near_tick = near, self.ticks
+
+    def verified(self, data: bytes) -> tuple[str, float, PresenceRecord] | None:
+        """``(src, ts, record)`` of a record whose exact bytes verified before, or None."""
+        entry = self._verified.get(_digest(data))
+        return entry
+
+    def remember(self, data: bytes, src: str, ts: float, record: PresenceRecord) -> None:
+        """Note that ``data`` verified (the oldest notes go beyond a few views' worth)."""
+        self._verified[_digest(data)] = (src, ts, record)
+        while len(self._verified) > _MAX_VERIFIED:
+            self._verified.popitem(last=False)
 
     def hint(self, peer: str) -> bool:
         """A sender not in the view: shuffle with it next (False: enough hints pending)."""
