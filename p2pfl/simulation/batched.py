@@ -311,7 +311,7 @@ class _BatchedRun:
                     values.append(share)
             mixing = torch.sparse_coo_tensor(
                 torch.tensor([rows, cols]), torch.tensor(values, dtype=torch.float64),
-                (len(receivers), len(self.ids)),
+                (len(receivers), len(self.ids)), check_invariants=False,
             )  # fmt: skip
             mixed = torch.sparse.mm(mixing, sent.double()).float()
             self.models.flat[torch.tensor(receivers)] = mixed

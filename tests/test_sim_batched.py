@@ -1,0 +1,294 @@
+"""The batched engine: stacked training equals per-node training, its merges equal the rules',
+its faults, its records, and `p2pfl sim --engine batched` end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from p2pfl.learning.datasets import Dataset
+from p2pfl.learning.merge import average, parse_merge
+from p2pfl.learning.models import build_model
+from p2pfl.learning.torch_learner import TorchLearner, make_loaders
+from p2pfl.simulation.attacks import poison
+from p2pfl.simulation.batched import BatchedSimulation, _BatchedRun, refusal
+from p2pfl.simulation.engine import _record
+from p2pfl.simulation.scenario import load_scenario
+from p2pfl.simulation.stacked import StackedModels
+
+pytestmark = pytest.mark.timeout(300)
+
+TINY = """
+name = "tiny"
+nodes = 5
+engine = "batched"
+compare = ["ring", "random-walk", "partial-mesh"]
+
+[node]
+mode = "sync"
+rounds = 3
+model = "mlp"
+local_epochs = 1
+degree = 2
+merge = "average"
+seed = 0
+"""
+
+
+def scenario(tmp_path: Path, text: str = TINY, **overrides: object):  # type: ignore[no-untyped-def]
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return load_scenario(path, overrides)
+
+
+def toy_data(sizes: list[int], features: int = 6, classes: int = 3) -> tuple[Dataset, list]:
+    rng = np.random.default_rng(0)
+    total = sum(sizes)
+    data = Dataset(
+        "toy",
+        rng.normal(size=(total, features)).astype(np.float32),
+        rng.integers(0, classes, total).astype(np.int64),
+        rng.normal(size=(20, features)).astype(np.float32),
+        rng.integers(0, classes, 20).astype(np.int64),
+        classes,
+    )
+    bounds = np.cumsum([0, *sizes])
+    shards = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+    return data, shards
+
+
+def stacked(model: torch.nn.Module, data: Dataset, shards: list) -> StackedModels:
+    models = StackedModels(model, len(shards))
+    labels = torch.tensor(data.y_train).expand(len(shards), -1)
+    models.set_data(data.x_train, labels, shards)
+    return models
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d"])
+def test_one_full_batch_per_epoch_equals_torch_learner(name: str) -> None:
+    """Batch size >= every shard: each epoch is one batch, whatever the order, so the stacked
+    step must match the daemon's own learner (SGD, momentum, weight decay, FedProx) exactly."""
+    data, shards = toy_data([5, 9, 12], features=16)
+    models = stacked(build_model(name, (16,), 3, seed=1), data, shards)
+    opts = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "mu": 0.5}
+    models.fit(
+        torch.arange(3), epochs=3, batch_size=16, generator=torch.Generator().manual_seed(0),
+        **opts,
+    )  # fmt: skip
+    for i, shard in enumerate(shards):
+        train, test = make_loaders(data, shard, batch_size=16)
+        learner = TorchLearner(
+            build_model(name, (16,), 3, seed=1), train, test, n_classes=3, local_epochs=3,
+            **opts,  # type: ignore[arg-type]
+        )  # fmt: skip
+        learner.fit()
+        got = models.weights(models.flat[i].numpy())
+        for key, want in learner.get_weights().items():
+            np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_minibatches_of_uneven_shards_equal_a_per_node_loop() -> None:
+    """Shards of 3, 7 and 10 samples in batches of 4: same batches -> same weights, and a node
+    whose shard ran out takes no step (its momentum does not move it either)."""
+    data, shards = toy_data([3, 7, 10])
+    init = build_model("mlp", (6,), 3, seed=2)
+    models = stacked(init, data, shards)
+    models.fit(torch.arange(3), epochs=2, batch_size=4, lr=0.05, momentum=0.9,
+               generator=torch.Generator().manual_seed(7))  # fmt: skip
+    # The same draws: one key per padded slot per epoch, padding sorted last.
+    g = torch.Generator().manual_seed(7)
+    sizes = torch.tensor([3, 7, 10])
+    orders = []
+    for _ in range(2):
+        keys = torch.rand(3, 10, generator=g).masked_fill(torch.arange(10) >= sizes[:, None], 2.0)
+        orders.append(keys.argsort(dim=1))
+    x, y = torch.tensor(data.x_train), torch.tensor(data.y_train)
+    for i, shard in enumerate(shards):
+        model = build_model("mlp", (6,), 3, seed=2)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for order in orders:
+            mine = [int(p) for p in order[i] if p < len(shard)]
+            for start in range(0, len(mine), 4):
+                batch = torch.tensor(shard[mine[start : start + 4]])
+                sgd.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+                sgd.step()
+        got = models.weights(models.flat[i].numpy())
+        for key, want in model.state_dict().items():
+            np.testing.assert_allclose(got[key], want.numpy(), rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_average_mixing_step_equals_the_merge_rule(tmp_path: Path) -> None:
+    """The sparse mixing step gives each node `merge.average` of its own and received models."""
+    sc = scenario(tmp_path, schedule="partial-mesh")
+    from p2pfl.learning.datasets import load_dataset
+
+    run = _BatchedRun(sc, "partial-mesh", load_dataset("mnist1d", seed=0), None)
+    run.models.flat += torch.randn_like(run.models.flat)  # every node a different model
+    live = list(range(5))
+    sent = run._sent(live)
+    inbound = run._deliver(live, 1)
+    assert any(inbound.values())
+    expected = {
+        i: average([run.models.weights(sent[j].numpy()) for j in (i, *inbound[i])]) for i in live
+    }
+    merged = run._merge(live, sent, inbound)
+    for i in live:
+        assert merged[i] == len(inbound[i]) == 2  # degree 2
+        got = run.models.weights(run.models.flat[i].numpy())
+        for key in got:
+            np.testing.assert_allclose(got[key], expected[i][key], rtol=1e-5, atol=1e-6)
+
+
+def test_records_have_the_node_engines_fields_and_crashed_nodes_skip_rounds(
+    tmp_path: Path,
+) -> None:
+    text = (
+        TINY.replace('merge = "average"', 'merge = "clipped"')
+        + """
+[[faults.crashes]]
+node = "n02"
+at_round = 1
+restart_after_rounds = 1
+
+[[faults.crashes]]
+node = "n03"
+at_round = 2
+"""
+    )
+    sc = scenario(tmp_path, text, schedule="ring", rounds=4)
+    (run,) = BatchedSimulation(sc).run()
+    seen = {(r["node"], r["round"]): r for r in run.records}
+    assert ("n02", 2) not in seen and ("n02", 3) in seen  # down for one round, then back
+    assert seen[("n02", 3)]["restarts"] == 1 and seen[("n02", 1)]["restarts"] == 0
+    assert ("n03", 2) in seen and ("n03", 3) not in seen and ("n03", 4) not in seen
+    assert len(run.records) == 5 * 4 - 1 - 2
+    # ring: one model out and one in per live node per round
+    assert seen[("n01", 1)]["models_sent"] == 1 and seen[("n01", 1)]["merged"] == 1
+
+
+def test_record_fields_match_the_node_engine(tmp_path: Path) -> None:
+    from p2pfl.node import RoundReport
+    from p2pfl.simulation.engine import _Member
+    from p2pfl.store import StateDir
+
+    counters = dict.fromkeys(
+        ("models_sent", "models_received", "bytes_sent", "rejected", "membership_received"), 0
+    )
+    report = RoundReport(
+        node_id="n01", round=1, train_loss=0.0, test_loss=0.0, accuracy=0.0, peers=1, merged=0,
+        seconds=0.0, counters=counters, fit_seconds=0.0, eval_seconds=0.0, epsilon=None,
+    )  # fmt: skip
+    node_record = _record("ring", report, 0.0, _Member(0, "n01", True, StateDir(tmp_path)))
+    (run,) = BatchedSimulation(scenario(tmp_path, schedule="ring", rounds=1)).run()
+    assert set(run.records[0]) == set(node_record)
+
+
+def test_network_loss_drops_edges_and_counts_them(tmp_path: Path) -> None:
+    sc = scenario(tmp_path, TINY + "\n[network]\nloss = 1.0\n", schedule="partial-mesh")
+    (run,) = BatchedSimulation(sc).run()
+    assert all(r["merged"] == 0 and r["models_received"] == 0 for r in run.records)
+    assert all(r["models_sent"] > 0 for r in run.records)  # sent, and lost on the way
+    assert run.dropped["loss"] == 5 * 2 * 3 and run.dropped["delivered"] == 0
+
+
+def test_byzantine_nodes_send_the_attack_functions_models(tmp_path: Path) -> None:
+    text = TINY + '\n[faults.byzantine]\ncount = 1\nbehaviour = "sign-flip"\n'
+    sc = scenario(tmp_path, text, schedule="ring")
+    from p2pfl.learning.datasets import load_dataset
+
+    run = _BatchedRun(sc, "ring", load_dataset("mnist1d", seed=0), None)
+    (bad,) = run.byzantine
+    sent = run._sent(list(range(5)))
+    own = run.models.weights(run.models.flat[bad].numpy())
+    want = poison(own, "sign-flip", rng=np.random.default_rng(0))
+    for key, value in run.models.weights(sent[bad].numpy()).items():
+        np.testing.assert_array_equal(value, want[key])
+    honest = [i for i in range(5) if i != bad]
+    assert torch.equal(sent[honest], run.models.flat[honest])
+    (result,) = BatchedSimulation(sc).run()
+    assert {r["node"] for r in result.records if not r["honest"]} == {run.ids[bad]}
+
+
+def test_clipped_rule_is_called_per_node_with_its_own_state(tmp_path: Path) -> None:
+    sc = scenario(tmp_path, TINY.replace('"average"', '"clipped"'), schedule="partial-mesh")
+    from p2pfl.learning.datasets import load_dataset
+
+    run = _BatchedRun(sc, "partial-mesh", load_dataset("mnist1d", seed=0), None)
+    assert len({id(rule) for rule in run.rules}) == 5
+    assert run.rules[0].name == parse_merge("clipped").name
+    run.run()
+    assert all(rule.tau is not None for rule in run.rules)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [(["--rounds", "0"], "node.rounds"), (["--dp-epsilon", "4"], "node.dp_epsilon")],
+)
+def test_refusal_is_one_line_with_exit_2(tmp_path: Path, extra: list[str], field: str) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.replace('mode = "sync"', 'mode = "sync"\nduration = 60.0'))
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(path), "--engine", "batched", *extra,
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "batched" in lines[0] and field in lines[0]
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_async_mode_and_batchnorm_models_are_refused(tmp_path: Path) -> None:
+    sc = scenario(tmp_path, TINY.replace('mode = "sync"', 'mode = "async"'))
+    assert "node.mode" in str(refusal(sc))
+    module = tmp_path / "bn_model.py"
+    module.write_text(
+        "from torch import nn\n"
+        "def make(in_shape, n_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_shape[0], 8), nn.BatchNorm1d(8),\n"
+        "                         nn.Linear(8, n_classes))\n"
+    )
+    path = tmp_path / "bn.toml"
+    path.write_text(TINY.replace('model = "mlp"', 'model = "bn_model:make"'))
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(path), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{Path.cwd()}"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "BatchNorm" in line and "--engine node" in line
+
+
+def test_sim_cli_engine_batched_prints_the_summary(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.replace('engine = "batched"\n', ""))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(path), "--engine", "batched", "--json",
+         "--out", str(out), "--no-plots"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert set(summary["schedules"]) == {"ring", "random-walk", "partial-mesh"}
+    for name, row in summary["schedules"].items():
+        assert row["nodes"] == 5 and row["rounds"] == 3, name
+        assert 0.2 < row["final_mean_accuracy"] <= 1.0, name  # learned: chance is 0.1
+        assert row["messages_sent"] > 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 5 * 3
+    table = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(path), "--engine", "batched",
+         "--schedule", "ring", "--out", str(out), "--no-plots"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert table.returncode == 0 and "ring" in table.stdout and "mean" in table.stdout
