@@ -65,8 +65,7 @@ def toy_data(sizes: list[int], features: int = 6, classes: int = 3) -> tuple[Dat
 
 def stacked(model: torch.nn.Module, data: Dataset, shards: list) -> StackedModels:
     models = StackedModels(model, len(shards))
-    labels = torch.tensor(data.y_train).expand(len(shards), -1)
-    models.set_data(data.x_train, labels, shards)
+    models.set_data(data.x_train, data.y_train, shards)
     return models
 
 
@@ -292,3 +291,19 @@ def test_sim_cli_engine_batched_prints_the_summary(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert table.returncode == 0 and "ring" in table.stdout and "mean" in table.stdout
+
+
+def test_label_flippers_train_on_flipped_labels_of_their_own_shard(tmp_path: Path) -> None:
+    text = TINY + '\n[faults.byzantine]\ncount = 2\nbehaviour = "label-flip"\n'
+    sc = scenario(tmp_path, text, schedule="ring")
+    from p2pfl.learning.datasets import load_dataset
+    from p2pfl.learning.partition import partition
+
+    data = load_dataset("mnist1d", seed=0)
+    run = _BatchedRun(sc, "ring", data, None)
+    parts = partition(data.y_train, 5, sc.node.partition, seed=0)
+    labels = run.models.labels.numpy()
+    for i, part in enumerate(parts):
+        want = 9 - data.y_train[part] if i in run.byzantine else data.y_train[part]
+        np.testing.assert_array_equal(labels[part], want)
+    assert len(run.byzantine) == 2

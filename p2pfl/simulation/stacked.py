@@ -126,11 +126,13 @@ class StackedModels:
 
     # ---- data ----------------------------------------------------------------------------------
 
-    def set_data(self, x: np.ndarray, labels: torch.Tensor, shards: Sequence[np.ndarray]) -> None:
-        """Training samples `x`; `labels` `[N, S]` (each node's labels of all samples, so a
-        label-flipping node can have its own); `shards[i]` the sample indices of node i."""
+    def set_data(self, x: np.ndarray, y: np.ndarray, shards: Sequence[np.ndarray]) -> None:
+        """Training samples `x` and labels `y`; `shards[i]` the sample indices of node i.
+
+        Shards are disjoint, so `y` may hold each node's own labels (a label-flipping node's
+        flipped ones)."""
         self.x = torch.tensor(np.asarray(x))
-        self.labels = labels
+        self.labels = torch.tensor(np.asarray(y), dtype=torch.long)
         self.sizes = torch.tensor([len(s) for s in shards], dtype=torch.long)
         width = max(1, int(self.sizes.max()))
         self.index = torch.zeros(self.n, width, dtype=torch.long)
@@ -192,7 +194,6 @@ class StackedModels:
         p, buf = self.flat[chunk], self.momentum[chunk]
         anchor = p.clone() if mu > 0 else None
         sizes, index = self.sizes[chunk], self.index[chunk]
-        labels = self.labels[chunk]
         width = index.shape[1]
         steps = math.ceil(int(sizes.max()) / batch_size) if len(chunk) else 0
         padding = torch.arange(width)[None, :] >= sizes[:, None]
@@ -202,19 +203,25 @@ class StackedModels:
             order = keys.argsort(dim=1)  # the node's samples in random order, padding last
             loss_sum.zero_()
             for step in range(steps):
-                pos = order[:, step * batch_size : (step + 1) * batch_size]
-                w = (pos < sizes[:, None]).float()
-                samples = index.gather(1, pos)
-                y = labels.gather(1, samples)
-                g, loss = self._grads(self.views(p), self.x[samples], y, w)
+                # Only the nodes with samples left this epoch compute (and step) at all.
+                rows = (sizes > step * batch_size).nonzero().flatten()
+                every = len(rows) == len(chunk)
+                p_rows, buf_rows = (p, buf) if every else (p[rows], buf[rows])
+                pos = order[rows, step * batch_size : (step + 1) * batch_size]
+                w = (pos < sizes[rows, None]).float()
+                samples = index[rows].gather(1, pos)
+                g, loss = self._grads(self.views(p_rows), self.x[samples], self.labels[samples], w)
                 if weight_decay:
-                    g = g + weight_decay * p
+                    g = g + weight_decay * p_rows
                 if anchor is not None:
-                    g = g + mu * (p - anchor)
-                stepping = (w.sum(dim=1) > 0)[:, None]
-                buf = torch.where(stepping, momentum * buf + g if momentum else g, buf)
-                p = torch.where(stepping, p - lr * buf, p)
-                loss_sum += loss.double() * w.sum(dim=1).double()
+                    g = g + mu * (p_rows - anchor[rows])
+                buf_rows = momentum * buf_rows + g if momentum else g
+                p_rows = p_rows - lr * buf_rows
+                if every:
+                    p, buf = p_rows, buf_rows
+                else:
+                    p[rows], buf[rows] = p_rows, buf_rows
+                loss_sum[rows] += loss.double() * w.sum(dim=1).double()
         self.flat[chunk] = p
         self.momentum[chunk] = buf
         return loss_sum / sizes.clamp(min=1).double()
