@@ -307,3 +307,28 @@ def test_label_flippers_train_on_flipped_labels_of_their_own_shard(tmp_path: Pat
         want = 9 - data.y_train[part] if i in run.byzantine else data.y_train[part]
         np.testing.assert_array_equal(labels[part], want)
     assert len(run.byzantine) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_fidelity_default_scenario_batched_within_2_points_of_node_engine(tmp_path: Path) -> None:
+    """Issue 15: on the default scenario (16 nodes, each schedule, seed 0) the batched engine's
+    mean honest accuracy per round stays within 2 points of the node engine's."""
+    curves = {}
+    for engine in ("node", "batched"):
+        out = tmp_path / engine
+        result = subprocess.run(
+            [sys.executable, "-m", "p2pfl", "sim", "--engine", engine, "--out", str(out),
+             "--no-plots", "--json"],
+            capture_output=True, text=True, timeout=1500,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        by_round: dict[tuple[str, int], list[float]] = {}
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            by_round.setdefault((r["schedule"], r["round"]), []).append(r["accuracy"])
+        curves[engine] = {k: sum(v) / len(v) for k, v in by_round.items()}
+    assert curves["node"].keys() == curves["batched"].keys()
+    gaps = {k: abs(curves["node"][k] - curves["batched"][k]) for k in curves["node"]}
+    worst = max(gaps, key=gaps.__getitem__)
+    assert gaps[worst] <= 0.02, f"worst gap {gaps[worst]:.3f} at {worst}"
