@@ -90,6 +90,12 @@ def test_one_full_batch_per_epoch_equals_torch_learner(name: str) -> None:
         got = models.weights(models.flat[i].numpy())
         for key, want in learner.get_weights().items():
             np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-5, err_msg=key)
+        accuracy, loss = models.evaluate(
+            torch.tensor([i]), torch.tensor(data.x_test), torch.tensor(data.y_test)
+        )
+        result = learner.evaluate()
+        assert float(accuracy[0]) == pytest.approx(result.accuracy)
+        assert float(loss[0]) == pytest.approx(result.loss, rel=1e-4)
 
 
 def test_minibatches_of_uneven_shards_equal_a_per_node_loop() -> None:

@@ -46,7 +46,7 @@ from p2pfl.simulation.attacks import alie, alie_z, flip_labels, ipm, poison
 from p2pfl.simulation.engine import Record, ScheduleRun, node_ids
 from p2pfl.simulation.network import LinkDelay
 from p2pfl.simulation.scenario import Scenario
-from p2pfl.simulation.stacked import StackedModels, activation_width, unbatchable
+from p2pfl.simulation.stacked import StackedModels, unbatchable
 from p2pfl.topology import node_schedule
 
 __all__ = ["BATCHED_FROM", "BatchedSimulation", "engine_for", "model_refusal", "refusal"]
@@ -149,12 +149,12 @@ class _BatchedRun:
         tested = _test_subset(len(dataset.y_test), seed)
         self.x_test = torch.tensor(np.asarray(dataset.x_test[tested]))
         self.y_test = torch.tensor(np.asarray(dataset.y_test[tested]), dtype=torch.long)
-        self.width = activation_width(model, dataset.in_shape)
         self.generator = torch.Generator().manual_seed(seed)
         self.rngs = [np.random.default_rng(seed + i) for i in range(len(ids))]
         initial = self.models.flat[0].clone()
         self.stale = initial  # what a free rider re-sends: the first model it had
-        self.rules = [self._rule(initial) for _ in ids]
+        start = self.models.weights(initial.numpy().copy())  # read by every rule, never written
+        self.rules = [self._rule(start) for _ in ids]
         self.samples = np.array([len(p) for p in parts]) * config.local_epochs
         self.model_bytes = len(
             encode_model(
@@ -188,10 +188,10 @@ class _BatchedRun:
                 y[parts[i]] = flipped[parts[i]]
         return y
 
-    def _rule(self, start: torch.Tensor) -> Merge:
+    def _rule(self, start: Weights) -> Merge:
         """A node's merge rule, anchored at the model it starts from (clipped remembers it)."""
         rule = parse_merge(self.config.merge)
-        rule.anchor(self.models.weights(start.numpy().copy()))
+        rule.anchor(start)
         return rule
 
     # ---- the round loop --------------------------------------------------------------------------
@@ -222,9 +222,7 @@ class _BatchedRun:
         merged = self._merge(live, sent, inbound)
         eval_started = time.perf_counter()
         nodes = torch.tensor(live, dtype=torch.long)
-        accuracy, test_loss = self.models.evaluate(
-            nodes, self.x_test, self.y_test, width=self.width
-        )
+        accuracy, test_loss = self.models.evaluate(nodes, self.x_test, self.y_test)
         eval_seconds = time.perf_counter() - eval_started
         now, took = round(self.elapsed(), 4), time.perf_counter() - started
         for k, i in enumerate(live):
@@ -343,7 +341,7 @@ class _BatchedRun:
                 del self.back_at[i]
                 self.restarts[i] += 1
                 self.models.momentum[i] = 0.0
-                self.rules[i] = self._rule(self.models.flat[i])
+                self.rules[i] = self._rule(self.models.weights(self.models.flat[i].numpy().copy()))
 
 
 def _test_subset(n: int, seed: int) -> np.ndarray:

@@ -27,12 +27,10 @@ from torch.nn import functional as F
 
 from p2pfl.learning.merge import Weights
 
-__all__ = ["StackedModels", "activation_width", "unbatchable"]
+__all__ = ["StackedModels", "unbatchable"]
 
 # Nodes trained in one vmap call (bounds gradient and activation memory for 10,000 nodes).
 _TRAIN_CHUNK = 2048
-# Floats of activations one evaluation chunk may hold (nodes x test samples x widest layer).
-_EVAL_FLOATS = 32_000_000
 
 
 def unbatchable(model: nn.Module, in_shape: tuple[int, ...], n_classes: int) -> str | None:
@@ -49,24 +47,6 @@ def unbatchable(model: nn.Module, in_shape: tuple[int, ...], n_classes: int) -> 
     except Exception as exc:  # any failure of vmap/functional_call on this model
         return f"torch.func.vmap cannot run it ({type(exc).__name__}: {exc})".splitlines()[0]
     return None
-
-
-def activation_width(model: nn.Module, in_shape: tuple[int, ...]) -> int:
-    """The most floats any layer of `model` outputs per sample (sizes evaluation chunks)."""
-    widths = [math.prod(in_shape)]
-    hooks = [m.register_forward_hook(lambda _m, _i, out: widths.append(_per_sample(out)))
-             for m in model.modules()]  # fmt: skip
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *in_shape))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return max(widths)
-
-
-def _per_sample(out: object) -> int:
-    return out[0].numel() if isinstance(out, torch.Tensor) and out.dim() else 0
 
 
 class StackedModels:
@@ -88,7 +68,6 @@ class StackedModels:
         self.flat = init.repeat(n, 1).contiguous()
         self.momentum = torch.zeros_like(self.flat)
         self._grad_fn = vmap(grad(self._loss, has_aux=True))
-        self._forward = vmap(self._logits, in_dims=(0, None))
 
     @property
     def size(self) -> int:
@@ -230,22 +209,22 @@ class StackedModels:
 
     @torch.no_grad()
     def evaluate(
-        self, nodes: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, width: int
+        self, nodes: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accuracy and mean cross-entropy of each of `nodes` on (`x`, `y`); `width` is the
-        model's widest activation per sample, to size the chunks of nodes."""
-        per_chunk = max(1, _EVAL_FLOATS // max(1, len(y) * width))
+        """Accuracy and mean cross-entropy of each of `nodes` on (`x`, `y`).
+
+        One node at a time: with the whole test set as one batch, the model's own kernels are
+        several times faster than their `vmap`ped (grouped) form, which only pays off for the
+        small batches of training.
+        """
         accuracy = torch.empty(len(nodes), dtype=torch.float64)
         loss = torch.empty(len(nodes), dtype=torch.float64)
-        done = 0
-        for chunk in nodes.split(per_chunk):
-            logits = self._forward(self.views(self.flat[chunk]), x)  # [rows, T, C]
-            rows = len(chunk)
-            ce = F.cross_entropy(
-                logits.reshape(rows * len(y), -1), y.repeat(rows), reduction="none"
-            )
-            loss[done : done + rows] = ce.view(rows, -1).double().mean(dim=1)
-            hits = (logits.argmax(dim=-1) == y[None, :]).double()
-            accuracy[done : done + rows] = hits.mean(dim=1)
-            done += rows
+        for k, i in enumerate(nodes.tolist()):
+            logits = self._logits(self.weights_of(i), x)
+            loss[k] = F.cross_entropy(logits, y).double()
+            accuracy[k] = (logits.argmax(dim=-1) == y).double().mean()
         return accuracy, loss
+
+    def weights_of(self, i: int) -> dict[str, torch.Tensor]:
+        """Node `i`'s parameters as named tensors (views)."""
+        return {name: view[0] for name, view in self.views(self.flat[i : i + 1]).items()}
