@@ -338,3 +338,16 @@ def test_fidelity_default_scenario_batched_within_2_points_of_node_engine(tmp_pa
     gaps = {k: abs(curves["node"][k] - curves["batched"][k]) for k in curves["node"]}
     worst = max(gaps, key=gaps.__getitem__)
     assert gaps[worst] <= 0.02, f"worst gap {gaps[worst]:.3f} at {worst}"
+
+
+@pytest.mark.parametrize("schedule", ["ring", "random-walk", "partial-mesh"])
+def test_targets_are_the_schedules_plans_over_the_live_view(tmp_path: Path, schedule: str) -> None:
+    from p2pfl.learning.datasets import load_dataset
+
+    sc = scenario(tmp_path, TINY.replace("nodes = 5", "nodes = 9"), schedule=schedule)
+    run = _BatchedRun(sc, schedule, load_dataset("mnist1d", seed=0), None)
+    for view in (run.ids, [n for n in run.ids if n != "n04"]):
+        for r in (1, 2, 3):
+            want = {n: tuple(run.schedule.plan(n, view, r).send_to) for n in view}
+            got = {n: tuple(t) for n, t in run._targets(list(view), r).items()}
+            assert got == want
