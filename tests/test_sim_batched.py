@@ -351,3 +351,13 @@ def test_targets_are_the_schedules_plans_over_the_live_view(tmp_path: Path, sche
             want = {n: tuple(run.schedule.plan(n, view, r).send_to) for n in view}
             got = {n: tuple(t) for n, t in run._targets(list(view), r).items()}
             assert got == want
+
+
+def test_default_engine_is_node_under_128_nodes_and_batched_from_128_when_it_can() -> None:
+    from p2pfl.simulation.cli import prepare
+
+    assert prepare(None, {})[0].engine == "node"  # the default scenario: 16 nodes
+    assert prepare(None, {"nodes": 128})[0].engine == "batched"
+    assert prepare(None, {"nodes": 128, "engine": "node"})[0].engine == "node"
+    assert prepare(None, {"nodes": 128, "dp_epsilon": 8.0})[0].engine == "node"  # can't: DP
+    assert prepare(None, {"nodes": 16, "engine": "batched"})[0].engine == "batched"
