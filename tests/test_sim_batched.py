@@ -65,7 +65,7 @@ def toy_data(sizes: list[int], features: int = 6, classes: int = 3) -> tuple[Dat
 
 def stacked(model: torch.nn.Module, data: Dataset, shards: list) -> StackedModels:
     models = StackedModels(model, len(shards))
-    models.set_data(data.x_train, data.y_train, shards)
+    models.set_data(data.x_train, data.y_train, shards, seeds=[100 + i for i in range(len(shards))])
     return models
 
 
@@ -76,10 +76,7 @@ def test_one_full_batch_per_epoch_equals_torch_learner(name: str) -> None:
     data, shards = toy_data([5, 9, 12], features=16)
     models = stacked(build_model(name, (16,), 3, seed=1), data, shards)
     opts = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "mu": 0.5}
-    models.fit(
-        torch.arange(3), epochs=3, batch_size=16, generator=torch.Generator().manual_seed(0),
-        **opts,
-    )  # fmt: skip
+    models.fit(torch.arange(3), epochs=3, batch_size=16, **opts)
     for i, shard in enumerate(shards):
         train, test = make_loaders(data, shard, batch_size=16)
         learner = TorchLearner(
@@ -98,35 +95,24 @@ def test_one_full_batch_per_epoch_equals_torch_learner(name: str) -> None:
         assert float(loss[0]) == pytest.approx(result.loss, rel=1e-4)
 
 
-def test_minibatches_of_uneven_shards_equal_a_per_node_loop() -> None:
-    """Shards of 3, 7 and 10 samples in batches of 4: same batches -> same weights, and a node
-    whose shard ran out takes no step (its momentum does not move it either)."""
+def test_minibatches_of_uneven_shards_equal_the_daemons_learner() -> None:
+    """Shards of 3, 7 and 10 samples in batches of 4, seeded as the node's loader: the same
+    batches, so the same weights as `TorchLearner` (a node whose shard ran out waits)."""
     data, shards = toy_data([3, 7, 10])
-    init = build_model("mlp", (6,), 3, seed=2)
-    models = stacked(init, data, shards)
-    models.fit(torch.arange(3), epochs=2, batch_size=4, lr=0.05, momentum=0.9,
-               generator=torch.Generator().manual_seed(7))  # fmt: skip
-    # The same draws: one key per padded slot per epoch, padding sorted last.
-    g = torch.Generator().manual_seed(7)
-    sizes = torch.tensor([3, 7, 10])
-    orders = []
-    for _ in range(2):
-        keys = torch.rand(3, 10, generator=g).masked_fill(torch.arange(10) >= sizes[:, None], 2.0)
-        orders.append(keys.argsort(dim=1))
-    x, y = torch.tensor(data.x_train), torch.tensor(data.y_train)
+    models = stacked(build_model("mlp", (6,), 3, seed=2), data, shards)
+    for _ in range(2):  # two fits: the optimizer state and the batch order carry over
+        models.fit(torch.arange(3), epochs=2, batch_size=4, lr=0.05, momentum=0.9)
     for i, shard in enumerate(shards):
-        model = build_model("mlp", (6,), 3, seed=2)
-        sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        for order in orders:
-            mine = [int(p) for p in order[i] if p < len(shard)]
-            for start in range(0, len(mine), 4):
-                batch = torch.tensor(shard[mine[start : start + 4]])
-                sgd.zero_grad()
-                torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-                sgd.step()
+        train, test = make_loaders(data, shard, batch_size=4, seed=100 + i)
+        learner = TorchLearner(
+            build_model("mlp", (6,), 3, seed=2), train, test, n_classes=3, local_epochs=2,
+            lr=0.05, momentum=0.9, seed=100 + i,
+        )  # fmt: skip
+        learner.fit()
+        learner.fit()
         got = models.weights(models.flat[i].numpy())
-        for key, want in model.state_dict().items():
-            np.testing.assert_allclose(got[key], want.numpy(), rtol=1e-4, atol=1e-6, err_msg=key)
+        for key, want in learner.get_weights().items():
+            np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def test_average_mixing_step_equals_the_merge_rule(tmp_path: Path) -> None:

@@ -145,11 +145,12 @@ class _BatchedRun:
         self.byzantine = {self.position[b] for b in faults.byzantine_ids(ids, seed)}
         z = self.attack.z
         self.z = z if z is not None else alie_z(len(ids), len(self.byzantine))
-        self.models.set_data(dataset.x_train, self._labels(dataset, parts), parts)
+        # Each node's batch order seeded as `learner_from_config` seeds its loader.
+        seeds = [seed * 1000 + i for i in range(len(ids))]
+        self.models.set_data(dataset.x_train, self._labels(dataset, parts), parts, seeds)
         tested = _test_subset(len(dataset.y_test), seed)
         self.x_test = torch.tensor(np.asarray(dataset.x_test[tested]))
         self.y_test = torch.tensor(np.asarray(dataset.y_test[tested]), dtype=torch.long)
-        self.generator = torch.Generator().manual_seed(seed)
         self.rngs = [np.random.default_rng(seed + i) for i in range(len(ids))]
         initial = self.models.flat[0].clone()
         self.stale = initial  # what a free rider re-sends: the first model it had
@@ -215,7 +216,6 @@ class _BatchedRun:
         losses = self.models.fit(
             torch.tensor(training, dtype=torch.long), epochs=c.local_epochs,
             batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, mu=c.mu,
-            generator=self.generator,
         )  # fmt: skip
         fit_seconds = time.perf_counter() - started
         sent = self._sent(live)
@@ -356,6 +356,7 @@ class _BatchedRun:
                 del self.back_at[i]
                 self.restarts[i] += 1
                 self.models.momentum[i] = 0.0
+                self.models.reseed(i)
                 self.rules[i] = self._rule(self.models.weights(self.models.flat[i].numpy().copy()))
 
 

@@ -7,11 +7,12 @@ call. Each node keeps its own SGD momentum buffer, so a step is `TorchLearner`'s
 weight decay, FedProx's proximal term) done for all nodes at once.
 
 Different shard sizes: a node's shard is a row of global sample indices padded to the largest
-shard. Each epoch every node draws a fresh random order of its own samples (the padding sorts
-last), and step k takes positions [kB, (k+1)B) of that order, masked past the node's size: the
-same epochs and batches a shuffled `DataLoader` gives, with the last batch short. Nodes whose
-shard has run out in an epoch take no step (their momentum does not move either), exactly as a
-per-node loop that stopped earlier.
+shard. Each epoch every node draws the order of its own samples from its own generator, as
+`torch.randperm` in a shuffled `DataLoader` does (`make_loaders`: seeded the same, the same
+batches as the node engine's learner), and step k takes positions [kB, (k+1)B) of that order,
+masked past the node's size, the last batch short. Only nodes with samples left in the epoch
+compute and step at all; the others wait (their momentum does not move them either), exactly
+as a per-node loop that stopped earlier.
 """
 
 from __future__ import annotations
@@ -105,11 +106,16 @@ class StackedModels:
 
     # ---- data ----------------------------------------------------------------------------------
 
-    def set_data(self, x: np.ndarray, y: np.ndarray, shards: Sequence[np.ndarray]) -> None:
-        """Training samples `x` and labels `y`; `shards[i]` the sample indices of node i.
+    def set_data(
+        self, x: np.ndarray, y: np.ndarray, shards: Sequence[np.ndarray], seeds: Sequence[int]
+    ) -> None:
+        """Training samples `x` and labels `y`; `shards[i]` the sample indices of node i,
+        shuffled each epoch by a generator seeded with `seeds[i]` (see `reseed`).
 
         Shards are disjoint, so `y` may hold each node's own labels (a label-flipping node's
         flipped ones)."""
+        self.seeds = list(seeds)
+        self.generators = [torch.Generator().manual_seed(seed) for seed in self.seeds]
         self.x = torch.tensor(np.asarray(x))
         self.labels = torch.tensor(np.asarray(y), dtype=torch.long)
         self.sizes = torch.tensor([len(s) for s in shards], dtype=torch.long)
@@ -117,6 +123,22 @@ class StackedModels:
         self.index = torch.zeros(self.n, width, dtype=torch.long)
         for i, shard in enumerate(shards):
             self.index[i, : len(shard)] = torch.from_numpy(np.asarray(shard, dtype=np.int64))
+
+    def reseed(self, i: int) -> None:
+        """Node `i`'s batch order starts over, as a restarted learner's loader does."""
+        self.generators[i] = torch.Generator().manual_seed(self.seeds[i])
+
+    def _orders(self, chunk: torch.Tensor, width: int) -> torch.Tensor:
+        """One epoch's sample order of each node of `chunk`: `torch.randperm` of its shard
+        from its own generator (what a shuffled `DataLoader` draws), padding after it."""
+        order = torch.arange(width).repeat(len(chunk), 1)
+        for k, i in enumerate(chunk.tolist()):
+            size = int(self.sizes[i])
+            order[k, :size] = torch.randperm(size, generator=self.generators[i])
+            # RandomSampler draws one more permutation per epoch and keeps none of it
+            # (`[: num_samples % n]`): drawn too, so the next epoch's order matches.
+            torch.randperm(size, generator=self.generators[i])
+        return order
 
     # ---- training ------------------------------------------------------------------------------
 
@@ -148,14 +170,13 @@ class StackedModels:
         momentum: float,
         weight_decay: float = 0.0,
         mu: float = 0.0,
-        generator: torch.Generator,
     ) -> torch.Tensor:
         """Train `nodes` (indices) for `epochs` epochs of SGD each on its own shard; returns
         the mean training loss of each node's last epoch (`[N]`, NaN for the others)."""
         losses = torch.full((self.n,), float("nan"), dtype=torch.float64)
         for chunk in nodes.split(_TRAIN_CHUNK):
             losses[chunk] = self._fit_chunk(
-                chunk, epochs, batch_size, lr, momentum, weight_decay, mu, generator
+                chunk, epochs, batch_size, lr, momentum, weight_decay, mu
             )
         return losses
 
@@ -168,18 +189,15 @@ class StackedModels:
         momentum: float,
         weight_decay: float,
         mu: float,
-        generator: torch.Generator,
     ) -> torch.Tensor:
         p, buf = self.flat[chunk], self.momentum[chunk]
         anchor = p.clone() if mu > 0 else None
         sizes, index = self.sizes[chunk], self.index[chunk]
         width = index.shape[1]
         steps = math.ceil(int(sizes.max()) / batch_size) if len(chunk) else 0
-        padding = torch.arange(width)[None, :] >= sizes[:, None]
         loss_sum = torch.zeros(len(chunk), dtype=torch.float64)
         for _ in range(epochs):
-            keys = torch.rand(len(chunk), width, generator=generator).masked_fill(padding, 2.0)
-            order = keys.argsort(dim=1)  # the node's samples in random order, padding last
+            order = self._orders(chunk, width)
             loss_sum.zero_()
             for step in range(steps):
                 # Only the nodes with samples left this epoch compute (and step) at all.
