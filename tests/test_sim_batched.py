@@ -347,3 +347,13 @@ def test_default_engine_is_node_under_128_nodes_and_batched_from_128_when_it_can
     assert prepare(None, {"nodes": 128, "engine": "node"})[0].engine == "node"
     assert prepare(None, {"nodes": 128, "dp_epsilon": 8.0})[0].engine == "node"  # can't: DP
     assert prepare(None, {"nodes": 16, "engine": "batched"})[0].engine == "batched"
+
+
+def test_an_unknown_engine_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", "--engine", "fast", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("config error: engine:") and "batched" in line
