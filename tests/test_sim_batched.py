@@ -15,7 +15,7 @@ import torch
 from p2pfl.learning.datasets import Dataset
 from p2pfl.learning.merge import average, parse_merge
 from p2pfl.learning.models import build_model
-from p2pfl.learning.torch_learner import TorchLearner, make_loaders
+from p2pfl.learning.torch_learner import TorchLearner, build_learner, make_loaders
 from p2pfl.simulation.attacks import poison
 from p2pfl.simulation.batched import BatchedSimulation, _BatchedRun, refusal
 from p2pfl.simulation.engine import _record
@@ -103,10 +103,10 @@ def test_minibatches_of_uneven_shards_equal_the_daemons_learner() -> None:
     for _ in range(2):  # two fits: the optimizer state and the batch order carry over
         models.fit(torch.arange(3), epochs=2, batch_size=4, lr=0.05, momentum=0.9)
     for i, shard in enumerate(shards):
-        train, test = make_loaders(data, shard, batch_size=4, seed=100 + i)
-        learner = TorchLearner(
-            build_model("mlp", (6,), 3, seed=2), train, test, n_classes=3, local_epochs=2,
-            lr=0.05, momentum=0.9, seed=100 + i,
+        # the daemon's and the node engine's path (`learner_from_config` calls it so)
+        learner = build_learner(
+            "mlp", data, shard, batch_size=4, seed=100 + i, init_seed=2, local_epochs=2,
+            lr=0.05, momentum=0.9,
         )  # fmt: skip
         learner.fit()
         learner.fit()

@@ -134,10 +134,13 @@ class StackedModels:
         order = torch.arange(width).repeat(len(chunk), 1)
         for k, i in enumerate(chunk.tolist()):
             size = int(self.sizes[i])
-            order[k, :size] = torch.randperm(size, generator=self.generators[i])
-            # RandomSampler draws one more permutation per epoch and keeps none of it
-            # (`[: num_samples % n]`): drawn too, so the next epoch's order matches.
-            torch.randperm(size, generator=self.generators[i])
+            g = self.generators[i]
+            # A DataLoader's iterator first draws its base seed from the loader's generator,
+            # which its RandomSampler shares; the sampler then draws one permutation it uses
+            # and one more it keeps none of (`[: num_samples % n]`). All drawn, in that order.
+            torch.empty((), dtype=torch.int64).random_(generator=g)
+            order[k, :size] = torch.randperm(size, generator=g)
+            torch.randperm(size, generator=g)
         return order
 
     # ---- training ------------------------------------------------------------------------------
