@@ -218,6 +218,7 @@ class _BatchedRun:
             batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, mu=c.mu,
         )  # fmt: skip
         fit_seconds = time.perf_counter() - started
+        trained = set(training)
         sent = self._sent(live)
         inbound = self._deliver(live, r)
         merged = self._merge(live, sent, inbound)
@@ -240,7 +241,7 @@ class _BatchedRun:
                 "rejected": 0,
                 "membership_received": 0,  # no presence traffic: membership is the engine's
                 # the shared steps' time, split evenly between the nodes that took part
-                "fit_seconds": fit_seconds / max(1, len(training)) if i in training else 0.0,
+                "fit_seconds": fit_seconds / max(1, len(training)) if i in trained else 0.0,
                 "eval_seconds": eval_seconds / len(live),
                 "round_seconds": took,
                 "honest": i not in self.byzantine,
@@ -285,12 +286,15 @@ class _BatchedRun:
                 j = self.position[target]
                 self.counters["models_sent"][i] += 1
                 self.counters["bytes_sent"][i] += self.model_bytes
-                lost = self.delay is not None and self.delay(self.ids[i], target, self.model_bytes)
-                if lost is None:
+                if self._lost(self.ids[i], target):
                     continue
                 inbound[j].append(i)
                 self.counters["models_received"][j] += 1
         return {j: sorted(senders) for j, senders in inbound.items()}
+
+    def _lost(self, src: str, dst: str) -> bool:
+        """Whether the network model drops this model on its way (loss, partition)."""
+        return self.delay is not None and self.delay(src, dst, self.model_bytes) is None
 
     def _targets(self, view: list[str], r: int) -> dict[str, Sequence[str]]:
         """Each live node's `send_to` this round: `plan()` per node, or, for the seeded
