@@ -141,6 +141,7 @@ Examples:
   p2pfl sim sim/default.toml --seed 0 --json > summary.json
   p2pfl sim sim/attacks.toml --matrix         # attack x merge rule x schedule, one table
   p2pfl sim sim/dp.toml                       # accuracy against the DP budget epsilon
+  p2pfl sim sim/batched.toml                  # 1,024 nodes, batched engine
   p2pfl sim --schedule partial-mesh --dp-epsilon 8 --dp-delta 1e-5
   p2pfl sim sim/default.toml --broker mqtt://10.0.0.5:1883 --processes 2 --shard 0/2
                                               # machine A; machine B runs --shard 1/2
@@ -159,6 +160,13 @@ def sim(
         None, help="Run only this schedule instead of the scenario's compare list."
     ),
     rounds: int | None = typer.Option(None, help="Rounds per node."),
+    engine: str | None = typer.Option(
+        None,
+        help="node | batched: real daemons on an in-memory bus, or every model as rows of "
+        "stacked tensors trained together (sync rounds; for hundreds to thousands of nodes). "
+        "[default: the scenario's engine; else batched from 128 nodes when it can run the "
+        "scenario, else node]",
+    ),
     seed: int | None = typer.Option(None, help="Seed: data split, init, schedule, faults."),
     merge: str | None = typer.Option(
         None,
@@ -209,7 +217,8 @@ def sim(
     from p2pfl.simulation.shard import ShardError, parse_shard
     from p2pfl.transport.base import TransportError
 
-    overrides = {"nodes": nodes, "schedule": schedule, "rounds": rounds, "seed": seed,
+    overrides = {"nodes": nodes, "schedule": schedule, "rounds": rounds, "engine": engine,
+                 "seed": seed,
                  "merge": merge, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
                  "dp_max_grad_norm": dp_max_grad_norm}  # fmt: skip
     loaded, matrix = _load_or_exit(

@@ -53,6 +53,7 @@ def test_mesh_from_full_knowledge_is_symmetric_connected_and_bounded(
             assert p in neighbours[q], f"{p} -> {q} but not back"
             graph.add_edge(p, q)
     assert nx.is_connected(graph)  # each ring alone is a cycle through every id
+    assert S.mesh_adjacency(ids, degree, seed) == neighbours  # all at once, the same
 
 
 @settings(max_examples=60, deadline=None)

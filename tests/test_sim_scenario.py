@@ -45,6 +45,9 @@ def test_shipped_scenarios_show_what_they_promise() -> None:
     assert by_name["churn"].faults.churn > 0
     assert by_name["byzantine"].faults.byzantine_ids(by_name["byzantine"].node_ids, 0)
     assert by_name["partition"].network.partitions
+    batched = by_name["batched"]
+    assert (batched.engine, batched.nodes, batched.node.rounds) == ("batched", 1024, 100)
+    assert (batched.node.model, batched.node.dataset) == ("cnn1d", "mnist1d:102400")
     mesh = by_name["mesh16"]
     assert (mesh.nodes, mesh.compare, mesh.node.rounds, mesh.node.mode) == (
         16,

@@ -103,6 +103,19 @@ def mesh_neighbours(own: str, view: Iterable[str], degree: int, seed: int = 0) -
     return tuple(sorted(found))
 
 
+def mesh_adjacency(ids: Iterable[str], degree: int, seed: int = 0) -> dict[str, tuple[str, ...]]:
+    """:func:`mesh_neighbours` of every id at once (each ring sorted once, not once per id)."""
+    everyone = sorted(set(ids))
+    found: dict[str, set[str]] = {peer: set() for peer in everyone}
+    if len(everyone) < 2:
+        return {peer: () for peer in everyone}
+    for key in ring_keys("partial-mesh", degree=degree, seed=seed):
+        ring = sorted(everyone, key=key)  # type: ignore[arg-type]
+        for i, peer in enumerate(ring):
+            found[peer].update((ring[i - 1], ring[(i + 1) % len(ring)]))
+    return {peer: tuple(sorted(found[peer] - {peer})) for peer in everyone}
+
+
 def near(own: str, ids: Iterable[str], rings: Sequence[Key], count: int) -> list[str]:
     """The near part: on each ring, ``count`` successors and predecessors, nearest first,
     interleaved, each id once."""

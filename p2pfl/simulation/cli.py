@@ -27,10 +27,11 @@ from rich.progress import (
 )
 
 from p2pfl.config_file import ConfigError
-from p2pfl.learning.datasets import load_dataset
+from p2pfl.learning.datasets import DatasetError, load_dataset
 from p2pfl.learning.models import check_model
 from p2pfl.learning.privacy import PrivacyError
 from p2pfl.logs import setup_logging
+from p2pfl.simulation.batched import BatchedSimulation, engine_for, model_refusal, refusal
 from p2pfl.simulation.engine import Record, Simulation, check_privacy
 from p2pfl.simulation.matrix import (
     Cell,
@@ -66,7 +67,8 @@ def prepare(
     matrix: bool = False,
     shard: str | None = None,
 ) -> tuple[Scenario, bool]:
-    """The scenario `p2pfl sim` runs, and whether as the attack bench (`--matrix`).
+    """The scenario `p2pfl sim` runs, its `engine` resolved, and whether as the attack bench
+    (`--matrix`).
 
     Raises ConfigError, one line naming the problem, for anything unusable before it runs.
     """
@@ -85,11 +87,31 @@ def prepare(
             raise ValueError("--matrix runs on the in-memory bus only; drop --broker")
         check_model(loaded.node.model)
         check_privacy(loaded)
+        loaded = loaded.model_copy(update={"engine": _engine(loaded, broker, matrix)})
+    except DatasetError as exc:
+        raise ConfigError(f"config error: dataset {exc}") from None
     except PrivacyError as exc:  # a model DP-SGD cannot train: said before anything runs
         raise ConfigError(f"config error: node.{exc}") from None
     except ValueError as exc:
         raise ConfigError(f"config error: {exc}") from None
     return loaded, matrix
+
+
+def _engine(scenario: Scenario, broker: str | None, matrix: bool) -> str:
+    """The engine to run with. One the scenario (or --engine) names must be able to run it
+    (ValueError saying why not); an automatic choice of `batched` falls back to `node`."""
+    chosen = engine_for(scenario, broker=broker, matrix=matrix)
+    if chosen != "batched":
+        return chosen
+    why = refusal(scenario, broker=broker, matrix=matrix)
+    if why is None:
+        node = scenario.node
+        why = model_refusal(scenario, load_dataset(node.dataset, seed=node.seed))
+    if why is None:
+        return "batched"
+    if scenario.engine == "batched":
+        raise ValueError(why)
+    return "node"
 
 
 def run_sim(
@@ -142,7 +164,9 @@ def run_sim(
             mean = sum(accs) / len(accs) if accs else 0.0
             progress.update(tasks[name], advance=1, acc=f"{mean:.3f}")
 
-        if shard is not None and broker is not None:
+        if scenario.engine == "batched":
+            runs = BatchedSimulation(scenario, on_record=on_record, dataset=dataset).run()
+        elif shard is not None and broker is not None:
             runs = run_shard(
                 scenario, shard, broker=broker, processes=processes, on_record=on_record,
                 dataset=dataset,

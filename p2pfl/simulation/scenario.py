@@ -1,12 +1,13 @@
 """Scenarios: what a simulation runs, as one validated, immutable pydantic model from TOML.
 
-A scenario file has top-level `name`, `description`, `nodes` and `compare` (the schedules to
-run it with, one run each), optionally `attacks` and `compare_merges` (the attack bench: every
-Byzantine behaviour with every merge rule, see `p2pfl.simulation.matrix`) and `compare_dp` (DP
-budgets to compare, e.g. `[1, 4, 16, "none"]`, in the same table), a `[node]` table
-with the knobs of `p2pfl run` (validated by `NodeConfig` itself, so defaults and messages are
-the same), a `[network]` table (`NetworkModel`) and a `[faults]` table (`FaultPlan`). The
-built-in default is embedded below and shipped as `sim/default.toml` too.
+A scenario file has top-level `name`, `description`, `nodes`, `engine` (`node` or `batched`)
+and `compare` (the schedules to run it with, one run each), optionally `attacks` and
+`compare_merges` (the attack bench: every Byzantine behaviour with every merge rule, see
+`p2pfl.simulation.matrix`) and `compare_dp` (DP budgets to compare, e.g. `[1, 4, 16, "none"]`,
+in the same table), a `[node]` table with the knobs of `p2pfl run` (validated by `NodeConfig`
+itself, so defaults and messages are the same), a `[network]` table (`NetworkModel`) and a
+`[faults]` table (`FaultPlan`). The built-in default is embedded below and shipped as
+`sim/default.toml` too.
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ class Scenario(BaseModel):
     name: str = Field(min_length=1)
     description: str = ""
     nodes: int = Field(default=16, ge=2)
+    # Which simulator runs it: `node` (real daemons on a memory bus) or `batched` (all models
+    # as stacked tensors, see `p2pfl.simulation.batched`); None: batched from 128 nodes when
+    # it can run the scenario, else node.
+    engine: Literal["node", "batched"] | None = None
     compare: tuple[ScheduleName, ...] = ("ring", "random-walk", "partial-mesh")
     # The attack bench (`p2pfl sim --matrix`): each behaviour with each merge rule and each
     # schedule, same seed and rounds; empty: the [faults.byzantine] behaviour, the node's merge.
@@ -295,9 +300,9 @@ class Scenario(BaseModel):
 def load_scenario(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Scenario:
     """Read a scenario file (None: the built-in default), apply CLI overrides, validate.
 
-    Overrides (None = not given): `nodes`; `schedule` (a name or a list; replaces `compare`);
-    `merge` (replaces `compare_merges` too); `dp_epsilon` (replaces `compare_dp`); `name`,
-    `description`; any other key (`rounds`, `seed`, ...) goes to `[node]`.
+    Overrides (None = not given): `nodes`; `engine`; `schedule` (a name or a list; replaces
+    `compare`); `merge` (replaces `compare_merges` too); `dp_epsilon` (replaces `compare_dp`);
+    `name`, `description`; any other key (`rounds`, `seed`, ...) goes to `[node]`.
     Raises ConfigError with one line per problem, naming the key.
     """
     if path is None:
@@ -325,7 +330,7 @@ def _override(data: dict[str, Any], key: str, value: Any) -> None:
         data.pop("compare_dp", None)  # likewise, one DP budget
     if key == "schedule":
         data["compare"] = [value] if isinstance(value, str) else list(value)
-    elif key in ("nodes", "name", "description", "compare"):
+    elif key in ("nodes", "engine", "name", "description", "compare"):
         data[key] = value
     else:
         if not isinstance(data.get("node"), dict):

@@ -1,0 +1,251 @@
+"""Many copies of one model trained together: stacked parameters, `torch.func`, one SGD each.
+
+The batched engine's training half (`p2pfl.simulation.batched`). Node i's parameters are row i
+of one `[N, P]` tensor; `torch.func.functional_call` runs the model on each row's views and
+`torch.func.vmap(torch.func.grad(...))` takes every node's gradient on its own minibatch in one
+call. Each node keeps its own SGD momentum buffer, so a step is `TorchLearner`'s SGD (momentum,
+weight decay, FedProx's proximal term) done for all nodes at once.
+
+Different shard sizes: a node's shard is a row of global sample indices padded to the largest
+shard. Each epoch every node draws the order of its own samples from its own generator, as
+`torch.randperm` in a shuffled `DataLoader` does (`make_loaders`: seeded the same, the same
+batches as the node engine's learner), and step k takes positions [kB, (k+1)B) of that order,
+masked past the node's size, the last batch short. Only nodes with samples left in the epoch
+compute and step at all; the others wait (their momentum does not move them either), exactly
+as a per-node loop that stopped earlier.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+from p2pfl.learning.merge import Weights
+
+__all__ = ["StackedModels", "unbatchable"]
+
+# Nodes trained in one vmap call (bounds gradient and activation memory for 10,000 nodes).
+_TRAIN_CHUNK = 2048
+
+
+def unbatchable(model: nn.Module, in_shape: tuple[int, ...], n_classes: int) -> str | None:
+    """Why `model` cannot be trained stacked (None: it can): buffers (BatchNorm's running
+    statistics are per forward call, not per node), or a forward that `vmap` cannot take."""
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        return f"it has buffers ({', '.join(buffers[:3])}), e.g. BatchNorm"
+    try:
+        probe = StackedModels(model, 2)
+        x = torch.zeros(2, 2, *in_shape)
+        y = torch.zeros(2, 2, dtype=torch.long).clamp(max=n_classes - 1)
+        probe._grads(probe.views(probe.flat), x, y, torch.ones(2, 2))
+    except Exception as exc:  # any failure of vmap/functional_call on this model
+        return f"torch.func.vmap cannot run it ({type(exc).__name__}: {exc})".splitlines()[0]
+    return None
+
+
+class StackedModels:
+    """N copies of `model` as one `[N, P]` parameter tensor, with per-node SGD state.
+
+    All copies start from `model`'s parameters. `fit` trains chosen nodes on their shards (set
+    with `set_data`); `evaluate` tests chosen nodes on one shared test set.
+    """
+
+    def __init__(self, model: nn.Module, n: int) -> None:
+        self.model = model
+        named = [(name, p.detach()) for name, p in model.named_parameters()]
+        self.names = [name for name, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        sizes = [p.numel() for _, p in named]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.n = n
+        init = torch.cat([p.reshape(-1).float() for _, p in named])
+        self.flat = init.repeat(n, 1).contiguous()
+        self.momentum = torch.zeros_like(self.flat)
+        self._grad_fn = vmap(grad(self._loss, has_aux=True))
+
+    @property
+    def size(self) -> int:
+        """Parameters per model."""
+        return self.offsets[-1]
+
+    # ---- layout --------------------------------------------------------------------------------
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named `[rows, *shape]` views into a `[rows, P]` tensor."""
+        rows = flat.shape[0]
+        return {
+            name: flat[:, self.offsets[k] : self.offsets[k + 1]].view(rows, *self.shapes[k])
+            for k, name in enumerate(self.names)
+        }
+
+    def weights(self, flat: np.ndarray) -> Weights:
+        """One model as named arrays: views into a `[P]` row (e.g. `tensor[i].numpy()`)."""
+        return {
+            name: flat[self.offsets[k] : self.offsets[k + 1]].reshape(self.shapes[k])
+            for k, name in enumerate(self.names)
+        }
+
+    def row(self, weights: Weights) -> torch.Tensor:
+        """A model given as named arrays, as one `[P]` row (ValueError on another layout)."""
+        if list(weights) != self.names and sorted(weights) != sorted(self.names):
+            raise ValueError(f"weights do not match the model: {sorted(weights)}")
+        parts = []
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            array = np.asarray(weights[name], dtype=np.float32)
+            if array.shape != shape:
+                raise ValueError(f"tensor {name!r} has shape {array.shape}, expected {shape}")
+            parts.append(torch.from_numpy(np.ascontiguousarray(array)).reshape(-1))
+        return torch.cat(parts)
+
+    # ---- data ----------------------------------------------------------------------------------
+
+    def set_data(
+        self, x: np.ndarray, y: np.ndarray, shards: Sequence[np.ndarray], seeds: Sequence[int]
+    ) -> None:
+        """Training samples `x` and labels `y`; `shards[i]` the sample indices of node i,
+        shuffled each epoch by a generator seeded with `seeds[i]` (see `reseed`).
+
+        Shards are disjoint, so `y` may hold each node's own labels (a label-flipping node's
+        flipped ones)."""
+        self.seeds = list(seeds)
+        self.generators = [torch.Generator().manual_seed(seed) for seed in self.seeds]
+        self.x = torch.tensor(np.asarray(x))
+        self.labels = torch.tensor(np.asarray(y), dtype=torch.long)
+        self.sizes = torch.tensor([len(s) for s in shards], dtype=torch.long)
+        width = max(1, int(self.sizes.max()))
+        self.index = torch.zeros(self.n, width, dtype=torch.long)
+        for i, shard in enumerate(shards):
+            self.index[i, : len(shard)] = torch.from_numpy(np.asarray(shard, dtype=np.int64))
+
+    def reseed(self, i: int) -> None:
+        """Node `i`'s batch order starts over, as a restarted learner's loader does."""
+        self.generators[i] = torch.Generator().manual_seed(self.seeds[i])
+
+    def _orders(self, chunk: torch.Tensor, width: int) -> torch.Tensor:
+        """One epoch's sample order of each node of `chunk`: `torch.randperm` of its shard
+        from its own generator (what a shuffled `DataLoader` draws), padding after it."""
+        order = torch.arange(width).repeat(len(chunk), 1)
+        for k, i in enumerate(chunk.tolist()):
+            size = int(self.sizes[i])
+            g = self.generators[i]
+            # A DataLoader's iterator first draws its base seed from the loader's generator,
+            # which its RandomSampler shares; the sampler then draws one permutation it uses
+            # and one more it keeps none of (`[: num_samples % n]`). All drawn, in that order.
+            torch.empty((), dtype=torch.int64).random_(generator=g)
+            order[k, :size] = torch.randperm(size, generator=g)
+            torch.randperm(size, generator=g)
+        return order
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def _logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, params, (x,))
+
+    def _loss(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ce = F.cross_entropy(self._logits(params, x), y, reduction="none")
+        loss = (ce * w).sum() / w.sum().clamp(min=1.0)
+        return loss, loss.detach()
+
+    def _grads(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's gradient (flat `[rows, P]`) and loss on its own minibatch."""
+        grads, loss = self._grad_fn(params, x, y, w)
+        rows = x.shape[0]
+        return torch.cat([grads[name].reshape(rows, -1) for name in self.names], dim=1), loss
+
+    def fit(
+        self,
+        nodes: torch.Tensor,
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        momentum: float,
+        weight_decay: float = 0.0,
+        mu: float = 0.0,
+    ) -> torch.Tensor:
+        """Train `nodes` (indices) for `epochs` epochs of SGD each on its own shard; returns
+        the mean training loss of each node's last epoch (`[N]`, NaN for the others)."""
+        losses = torch.full((self.n,), float("nan"), dtype=torch.float64)
+        for chunk in nodes.split(_TRAIN_CHUNK):
+            losses[chunk] = self._fit_chunk(
+                chunk, epochs, batch_size, lr, momentum, weight_decay, mu
+            )
+        return losses
+
+    def _fit_chunk(
+        self,
+        chunk: torch.Tensor,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        mu: float,
+    ) -> torch.Tensor:
+        p, buf = self.flat[chunk], self.momentum[chunk]
+        anchor = p.clone() if mu > 0 else None
+        sizes, index = self.sizes[chunk], self.index[chunk]
+        width = index.shape[1]
+        steps = math.ceil(int(sizes.max()) / batch_size) if len(chunk) else 0
+        loss_sum = torch.zeros(len(chunk), dtype=torch.float64)
+        for _ in range(epochs):
+            order = self._orders(chunk, width)
+            loss_sum.zero_()
+            for step in range(steps):
+                # Only the nodes with samples left this epoch compute (and step) at all.
+                rows = (sizes > step * batch_size).nonzero().flatten()
+                every = len(rows) == len(chunk)
+                p_rows, buf_rows = (p, buf) if every else (p[rows], buf[rows])
+                pos = order[rows, step * batch_size : (step + 1) * batch_size]
+                w = (pos < sizes[rows, None]).float()
+                samples = index[rows].gather(1, pos)
+                g, loss = self._grads(self.views(p_rows), self.x[samples], self.labels[samples], w)
+                if weight_decay:
+                    g = g + weight_decay * p_rows
+                if anchor is not None:
+                    g = g + mu * (p_rows - anchor[rows])
+                buf_rows = momentum * buf_rows + g if momentum else g
+                p_rows = p_rows - lr * buf_rows
+                if every:
+                    p, buf = p_rows, buf_rows
+                else:
+                    p[rows], buf[rows] = p_rows, buf_rows
+                loss_sum[rows] += loss.double() * w.sum(dim=1).double()
+        self.flat[chunk] = p
+        self.momentum[chunk] = buf
+        return loss_sum / sizes.clamp(min=1).double()
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(
+        self, nodes: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accuracy and mean cross-entropy of each of `nodes` on (`x`, `y`).
+
+        One node at a time: with the whole test set as one batch, the model's own kernels are
+        several times faster than their `vmap`ped (grouped) form, which only pays off for the
+        small batches of training.
+        """
+        accuracy = torch.empty(len(nodes), dtype=torch.float64)
+        loss = torch.empty(len(nodes), dtype=torch.float64)
+        for k, i in enumerate(nodes.tolist()):
+            logits = self._logits(self.weights_of(i), x)
+            loss[k] = F.cross_entropy(logits, y).double()
+            accuracy[k] = (logits.argmax(dim=-1) == y).double().mean()
+        return accuracy, loss
+
+    def weights_of(self, i: int) -> dict[str, torch.Tensor]:
+        """Node `i`'s parameters as named tensors (views)."""
+        return {name: view[0] for name, view in self.views(self.flat[i : i + 1]).items()}
