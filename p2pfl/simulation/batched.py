@@ -304,7 +304,8 @@ class _BatchedRun:
         schedule = self.schedule
         if isinstance(schedule, PartialMesh) and schedule.sampled:  # the hashed rings
             if self._mesh is None or self._mesh[0] != view:
-                self._mesh = (view, sampling.mesh_adjacency(view, schedule.degree, schedule.seed))
+                rings = sampling.mesh_adjacency(view, schedule.degree, schedule.seed)
+                self._mesh = (view, dict(rings))
             return self._mesh[1]
         if isinstance(schedule, PartialMesh) and schedule.graph is None:
             if self._mesh is None or self._mesh[0] != view:
