@@ -411,7 +411,7 @@ class Membership:
         if record.role != "trainer":
             return  # a sampled view holds trainers: they alone shuffle and train
         if peer_id in self.view:
-            sampler.records[peer_id] = (bytes(payload), time.time())
+            sampler.keep(peer_id, bytes(payload))
             await self._heard(peer_id, record)
             return
         await self._resample({peer_id: (record, bytes(payload))}, ())
@@ -430,7 +430,7 @@ class Membership:
                 self.view.remove(peer, "resampled")
         for peer, (record, payload) in new.items():
             if peer in keep:
-                sampler.records[peer] = (payload, time.time())
+                sampler.keep(peer, payload)
                 await self._heard(peer, record)
         sampler.forget(set(self.view.live()))
         await self._watch()

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from p2pfl.config import NodeConfig
 from p2pfl.discovery import sampling
 from p2pfl.discovery.presence import MAX_PRESENCE, PresenceRecord
-from p2pfl.protocol.envelope import Envelope, Signer, pack_envelope
+from p2pfl.protocol.envelope import Envelope, Signer, pack_envelope, peek
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.topics import SEED_BUCKETS
 from p2pfl.topology.base import stable_seed
@@ -84,7 +84,7 @@ class Sampler:
         self.rings = sampling.ring_keys(config.schedule, degree=config.degree, seed=config.seed)
         self.rng = random.Random(stable_seed("sampling", config.seed, node_id))
         self.ttl = config.presence_ttl
-        # view members' latest presence records, and when they were made (their ts)
+        # view members' latest presence records, and when their subjects made them (ts)
         self.records: dict[str, tuple[bytes, float]] = {}
         self._seqs: dict[str, int] = {}  # and their seqs
         self.offered: OrderedDict[str, list[str]] = OrderedDict()
@@ -163,6 +163,10 @@ class Sampler:
             return False
         self.hints[peer] = None
         return True
+
+    def keep(self, peer: str, record: bytes) -> None:
+        """Keep a view member's latest presence record (verified) to pass on, with its age."""
+        self.records[peer] = (record, peek(record).ts)
 
     def newer(self, peer: str, seq: int) -> bool:
         """Whether a record of ``peer`` with ``seq`` is newer than the last one taken (and
