@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sys
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,12 @@ from rich.progress import (
 )
 
 from p2pfl.config_file import ConfigError
-from p2pfl.learning.datasets import DatasetError, load_dataset
+from p2pfl.learning.datasets import Dataset, DatasetError, load_dataset
 from p2pfl.learning.models import check_model
 from p2pfl.learning.privacy import PrivacyError
 from p2pfl.logs import setup_logging
 from p2pfl.simulation.batched import BatchedSimulation, engine_for, model_refusal, refusal
-from p2pfl.simulation.engine import Record, Simulation, check_privacy
+from p2pfl.simulation.engine import Record, ScheduleRun, Simulation, check_privacy
 from p2pfl.simulation.matrix import (
     Cell,
     axes,
@@ -164,20 +164,7 @@ def run_sim(
             mean = sum(accs) / len(accs) if accs else 0.0
             progress.update(tasks[name], advance=1, acc=f"{mean:.3f}")
 
-        if scenario.engine == "batched":
-            runs = BatchedSimulation(scenario, on_record=on_record, dataset=dataset).run()
-        elif shard is not None and broker is not None:
-            runs = run_shard(
-                scenario, shard, broker=broker, processes=processes, on_record=on_record,
-                dataset=dataset,
-            )  # fmt: skip
-        elif processes > 1 and broker is not None:
-            runs = run_in_processes(
-                scenario, broker=broker, processes=processes, on_record=on_record
-            )
-        else:
-            simulation = Simulation(scenario, on_record=on_record, broker=broker, dataset=dataset)
-            runs = asyncio.run(simulation.run())
+        runs = _run_engine(scenario, dataset, on_record, broker, processes, shard)
 
     if shard is not None and shard.index > 0:
         line = f"shard {shard}: {shown} nodes done; shard 0 writes the summary"
@@ -201,6 +188,28 @@ def run_sim(
         stdout.print(f"[dim]wrote {files} in {out}[/dim]")
     logging.getLogger(__name__).debug("sim done scenario=%s", scenario.name)
     return summary
+
+
+def _run_engine(
+    scenario: Scenario,
+    dataset: Dataset,
+    on_record: Callable[[Record], None],
+    broker: str | None,
+    processes: int,
+    shard: Shard | None,
+) -> list[ScheduleRun]:
+    """Every schedule's run, by the engine and placement asked for."""
+    if scenario.engine == "batched":
+        return BatchedSimulation(scenario, on_record=on_record, dataset=dataset).run()
+    if shard is not None and broker is not None:
+        return run_shard(
+            scenario, shard, broker=broker, processes=processes, on_record=on_record,
+            dataset=dataset,
+        )  # fmt: skip
+    if processes > 1 and broker is not None:
+        return run_in_processes(scenario, broker=broker, processes=processes, on_record=on_record)
+    simulation = Simulation(scenario, on_record=on_record, broker=broker, dataset=dataset)
+    return asyncio.run(simulation.run())
 
 
 class _CellRecorder:
