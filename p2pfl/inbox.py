@@ -222,7 +222,7 @@ class Inbox:
                 src = header.src
                 shuffle = header.kind == "shuffle" and self.on_shuffle is not None
                 if shuffle and len(data) > MAX_SHUFFLE:
-                    raise ProtocolError(f"oversize shuffle: {len(data)} bytes")
+                    raise ProtocolError(f"oversize: a view exchange of {len(data)} bytes")
                 if self.trust is not None:
                     await _off_loop_if(big, self.trust.verify, header)
                 if self.admitted is not None and not shuffle and not self.admitted(src):

@@ -312,3 +312,24 @@ def test_sim_with_sampled_views_runs_every_round_with_true_neighbours(tmp_path: 
         # its own partial view found them, and theirs found it
         merged = {(r["node"], r["round"]): r["merged"] for r in mine}
         assert merged == {(p, r): neighbours[p] for p in ids for r in (1, 2)}, schedule
+
+
+async def test_an_oversize_shuffle_is_refused_before_its_signature_is_checked() -> None:
+    from p2pfl.inbox import Inbox, NodeCounters
+
+    counters = NodeCounters()
+    inbox = Inbox(NodeConfig(network=NET, id="victim"), counters, clock=time.monotonic)
+    taken: list[Envelope] = []
+
+    async def take(env: Envelope) -> None:
+        taken.append(env)
+
+    inbox.on_shuffle = take
+    inbox.trust = Trust("tofu")
+    big = encode_shuffle(
+        "offer", [b"x" * 60_000] * 12, net=NET, src="mallory", seq=1, signer=Identity.generate()
+    )
+    await inbox.accept(big + b"\0" * 200_000, lowest=0, highest=10)  # padded past the bound
+    assert not taken
+    assert counters.rejected == {"oversize": 1}
+    assert counters.membership_received == 0

@@ -148,8 +148,7 @@ class Sampler:
 
     def verified(self, data: bytes) -> tuple[str, float, PresenceRecord] | None:
         """``(src, ts, record)`` of a record whose exact bytes verified before, or None."""
-        entry = self._verified.get(_digest(data))
-        return entry
+        return self._verified.get(_digest(data))
 
     def remember(self, data: bytes, src: str, ts: float, record: PresenceRecord) -> None:
         """Note that ``data`` verified (the oldest notes go beyond a few views' worth)."""
