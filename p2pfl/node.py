@@ -96,6 +96,9 @@ class Node:
         # Above every seq of an earlier run of this node, so peers never take ours for replays.
         self._seq = time.time_ns() // 1000
         self._stop = asyncio.Event()
+        # Why the node is paused by hand (`p2pfl pause`), or None; eligibility (`--when`) adds
+        # its own reasons on top.
+        self.held: str | None = None
         self.started = clock()
         self._trust(identity, trust)
         self.inbox = Inbox(config, self.counters, clock=clock)
@@ -178,6 +181,19 @@ class Node:
         """Ask the node to finish: stop taking work, checkpoint, say bye, close."""
         self._stop.set()
         self.inbox.arrived.set()  # wakes a wait for peers' models or a token at once
+
+    def pause(self, reason: str = "manual") -> None:
+        """Pause by hand (`p2pfl pause`): the node stops training at its next round boundary."""
+        self.held = reason
+
+    def resume(self) -> None:
+        """Undo `pause`: the node trains again once it is eligible."""
+        self.held = None
+
+    @property
+    def paused(self) -> str | None:
+        """Why the node does not train now (``manual``, ``window``, ...), or None."""
+        return self.held
 
     @property
     def stopping(self) -> bool:
