@@ -51,9 +51,8 @@ def dataset() -> Dataset:
 
 def idle_node(dataset: Dataset, clock: FakeClock, **overrides: Any) -> Node:
     """A node that is not running: its parts are driven by hand, on a fake clock."""
-    config = make_config(
-        "me", mode="async", discovery=("static", "presence"), presence_ttl=TTL, **overrides
-    )
+    fields: dict[str, Any] = {"discovery": ("static", "presence"), **overrides}
+    config = make_config("me", mode="async", presence_ttl=TTL, **fields)
     node = Node(
         config, make_learner(dataset, 0), MemoryTransport(MemoryBus(), "me"), node_id="me",
         home_broker=BUS, schedule=make_schedule("ring"), clock=clock,
@@ -207,3 +206,25 @@ async def test_a_sybil_flood_gets_a_bounded_view_no_round_and_no_merge(
         assert node.round == node.counters.rounds, "one round per step: none adopted"
         assert not task.done()
     await attacker.close()
+
+
+async def test_a_model_flood_from_self_made_keys_holds_at_most_max_peers_senders(
+    dataset: Dataset,
+) -> None:
+    """Sampled views admit a model from a sender outside the view (its first model may come
+    before its record): 40 senders with keys of their own each send one, and what the node keeps
+    stays bounded by `max_peers` senders and a few hints, the oldest dropped first."""
+    from p2pfl.discovery.shuffle import MAX_HINTS
+
+    node = idle_node(dataset, FakeClock(100.0), discovery=("presence",), view_size=16, max_peers=8)
+    assert node.membership.sampled and node.membership.sampler is not None
+    own = dict(weights(node))
+    flood = [f"flood{i:02d}" for i in range(40)]
+    for src in flood:
+        KEYS[src] = Identity.generate()
+        await node.inbox.accept(model_message(own, src, 1), lowest=0, highest=20)
+    held = {m.src for m in node.inbox.take(1)}
+    assert held == set(flood[-8:])  # the newest `max_peers` contacts; the rest forgotten
+    assert node.counters.models_received == 40
+    assert len(node._contacts) == 8
+    assert len(node.membership.sampler.hints) == MAX_HINTS
