@@ -1,4 +1,5 @@
-"""The `p2pfl` command line: `run | sim | monitor | peers | doctor | keys | topology`."""
+"""The `p2pfl` command line: `run | sim | monitor | peers | doctor | keys | topology`, and
+`status | pause | resume | stop` for a node running here."""
 
 from __future__ import annotations
 
@@ -414,6 +415,16 @@ def _register_keys() -> None:
 
 
 _register_keys()
+
+
+def _register_control() -> None:
+    from p2pfl import control_command as control
+
+    for command in (control.status, control.pause, control.resume, control.stop):
+        app.command(epilog=verbatim(control.EPILOG))(command)
+
+
+_register_control()
 
 
 def _register_monitor() -> None:
