@@ -1,5 +1,4 @@
-"""The `p2pfl` command line: `run | sim | monitor | peers | doctor | keys | topology`, and
-`status | pause | resume | stop` for a node running here."""
+"""The `p2pfl` command line: `run | sim | monitor | peers | doctor | keys | topology`."""
 
 from __future__ import annotations
 

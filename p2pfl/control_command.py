@@ -119,7 +119,7 @@ def _print_status(s: ControlStatus) -> None:
         "node": f"{s.id} (pid {s.pid}, up {s.uptime or 0:.0f} s)",
         "run": s.run or "-",
         "state": f"paused: {s.paused}" if s.paused else "eligible",
-        "round": f"{s.round} ({s.rounds or 0} local steps, {s.mode} {s.schedule})",
+        "round": f"{s.round} ({s.mode}, {s.schedule}; local steps: {s.rounds or 0})",
         "peers": f"{len(s.peers)}: {', '.join(s.peers)}" if s.peers else "0",
         "accuracy": "n/a" if s.accuracy is None else f"{s.accuracy:.4f}",
         "models": f"sent {s.models_sent}, received {s.models_received}",
