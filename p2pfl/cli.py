@@ -416,6 +416,16 @@ def _register_keys() -> None:
 _register_keys()
 
 
+def _register_control() -> None:
+    from p2pfl import control_command as control
+
+    for command in (control.status, control.pause, control.resume, control.stop):
+        app.command(epilog=verbatim(control.EPILOG))(command)
+
+
+_register_control()
+
+
 def _register_monitor() -> None:
     from p2pfl.monitor.command import EPILOG as MONITOR_EPILOG
     from p2pfl.monitor.command import monitor as monitor_command

@@ -21,6 +21,7 @@ from pathlib import Path
 from p2pfl.broker_auth import BrokerGate, login_password
 from p2pfl.certs import own_certificate
 from p2pfl.config import NodeConfig, default_state_dir, parse_host_port
+from p2pfl.control import NodeControl, control_socket
 from p2pfl.discovery.addresses import (
     OwnBroker,
     advertised_hosts,
@@ -34,6 +35,7 @@ from p2pfl.learning.datasets import load_dataset
 from p2pfl.learning.partition import partition
 from p2pfl.learning.torch_learner import TorchLearner, learner_from_config
 from p2pfl.node import Node, NodeCounters, RoundReport
+from p2pfl.sd_notify import notify
 from p2pfl.store import StateDir
 from p2pfl.telemetry import LogForwarder
 from p2pfl.topology import node_schedule
@@ -220,12 +222,19 @@ def on_signal(node: Node, state: StateDir, sig: int) -> None:
     written is complete (the previous one stays valid either way: writes are atomic)."""
     if not node.stopping:
         log.info("stopping on %s (send it again to exit at once)", signal.Signals(sig).name)
-        node.stop()
+        stop_gracefully(node)
         return
     log.warning("second %s: exiting now", signal.Signals(sig).name)
     state.quiesce(timeout=5.0)
     logging.shutdown()
     os._exit(128 + sig)
+
+
+def stop_gracefully(node: Node) -> None:
+    """SIGTERM's and `p2pfl stop`'s way out: the node checkpoints, says bye and closes."""
+    if not node.stopping:
+        notify("STOPPING=1")
+    node.stop()
 
 
 def report_round(report: RoundReport) -> None:
@@ -358,8 +367,10 @@ async def _run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, node, state, sig)
     announce_reachability(config, node.node_id, home)
+    control = NodeControl(node, trust=config.trust, stop=lambda: stop_gracefully(node))
     try:
-        async with mdns_discovery(config, node, home):
+        async with control_socket(state.path, control), mdns_discovery(config, node, home):
+            notify("READY=1")  # systemd (Type=notify): up, and answering p2pfl status
             return await node.run()
     finally:
         if metrics is not None:
