@@ -246,3 +246,11 @@ def test_two_nodes_gossip_through_the_shared_broker(tmp_path: Path, shared_broke
         assert not any(r.get("rejected") for n in nodes for r in n.rounds()), logs()
     finally:
         stop_all(nodes)
+
+
+def test_the_shared_brokers_rules_are_the_embedded_mosquittos() -> None:
+    from p2pfl.transport.mosquitto import MosquittoBroker
+
+    lines = (DEPLOY / "mosquitto.acl").read_text().splitlines()
+    rules = [line for line in lines if line and not line.startswith("#")]
+    assert rules == MosquittoBroker._acl("lab").splitlines()

@@ -290,14 +290,19 @@ class MosquittoBroker(LocalBroker):
     @staticmethod
     def _acl(net: str) -> str:
         """The embedded broker's topic rules as far as Mosquitto patterns go (a user may also
-        publish to its own inbox; retained messages are not budgeted)."""
+        publish to its own inbox; retained messages are not budgeted). Every rule is a
+        ``pattern``: Mosquitto applies ``topic`` lines written before any ``user`` line to
+        anonymous clients only. deploy/mosquitto.acl holds the same rules for network "lab"."""
         base = f"p2pfl/v1/{net}"
+        kinds = ("presence", "telemetry", "log")
         return "\n".join(
             [
                 f"pattern read {base}/node/%u/inbox",
-                f"topic write {base}/node/+/inbox",
-                *(f"pattern write {base}/{kind}/%u" for kind in ("presence", "telemetry", "log")),
-                *(f"topic read {base}/{kind}/+" for kind in ("presence", "telemetry", "log")),
+                f"pattern write {base}/node/+/inbox",
+                *(f"pattern write {base}/{kind}/%u" for kind in kinds),
+                *(f"pattern read {base}/{kind}/+" for kind in kinds),
+                f"pattern write {base}/seed/+/%u",
+                f"pattern read {base}/seed/+/+",
                 "",
             ]
         )
