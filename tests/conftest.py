@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +85,16 @@ def blobs() -> Dataset:
     x_train, y_train = draw(120)
     x_test, y_test = draw(45)
     return Dataset("blobs", x_train, y_train, x_test, y_test, 3)
+
+
+@pytest.fixture(scope="session")
+def default_sim(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """`p2pfl sim` with no arguments (the built-in scenario, the node engine), run once for the
+    slow tests that read it: its stdout and its output folder."""
+    cwd = tmp_path_factory.mktemp("default-sim")
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim"], capture_output=True, text=True, cwd=cwd,
+        timeout=1700,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, cwd / "p2pfl-sim"
