@@ -436,6 +436,16 @@ def _register_monitor() -> None:
 _register_monitor()
 
 
+def _register_export() -> None:
+    from p2pfl.export_command import EPILOG as EXPORT_EPILOG
+    from p2pfl.export_command import export
+
+    app.command(name="export", epilog=verbatim(EXPORT_EPILOG))(export)
+
+
+_register_export()
+
+
 def _register_bench() -> None:
     from p2pfl.bench.command import EPILOG as BENCH_EPILOG
     from p2pfl.bench.command import bench as bench_command

@@ -347,7 +347,8 @@ class Node:
         self.round = max(r, self.round)
         self.counters.rounds += 1
         if self.state is not None:
-            await resume.save_checkpoint(self.state, self.learner, self.round)
+            meta = resume.checkpoint_meta(self.config)
+            await resume.save_checkpoint(self.state, self.learner, self.round, meta)
         report = RoundReport(
             node_id=self.node_id, round=self.round, train_loss=fit.loss, test_loss=result.loss,
             accuracy=result.accuracy, peers=len(self.view.live()), merged=merged,

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
+from p2pfl.config import NodeConfig
 from p2pfl.learning.learner import FitResult, Learner, PrivacyAccount
 from p2pfl.protocol.model import ExpectedSpec
 from p2pfl.store import StateDir, StateDirError
@@ -53,7 +56,16 @@ def fit(learner: Learner, privacy: PrivacyAccount | None, state: StateDir | None
     return learner.fit()
 
 
-async def save_checkpoint(state: StateDir, learner: Learner, round: int) -> None:
-    """After a round: the model, as the checkpoint of `round`."""
+async def save_checkpoint(
+    state: StateDir, learner: Learner, round: int, meta: Mapping[str, Any] | None = None
+) -> None:
+    """After a round: the model, as the checkpoint of `round` (with `meta`, e.g. its spec)."""
     # Copying the model is work too: do it in the worker thread, not on the loop.
-    await asyncio.to_thread(lambda: state.save_checkpoint(round, learner.get_weights()))
+    await asyncio.to_thread(lambda: state.save_checkpoint(round, learner.get_weights(), meta))
+
+
+def checkpoint_meta(config: NodeConfig) -> dict[str, Any]:
+    """What a checkpoint records besides its weights: what builds the model (`p2pfl export`
+    writes it into the exported file) and the run's name."""
+    spec = {"model": config.model, "dataset": config.dataset, "seed": config.seed}
+    return {"spec": spec, "run_name": config.run_name}

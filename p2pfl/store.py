@@ -203,16 +203,10 @@ class StateDir:
         """
         paths = self._checkpoints()
         for path in reversed(paths):
-            reason: str | None
             try:
-                ckpt = _read_checkpoint(path)
-            except _UNREADABLE as exc:
-                reason = f"unreadable ({type(exc).__name__}: {exc})"
-            else:
-                reason = _misfit(ckpt.weights, expected)
-                if reason is None:
-                    return ckpt
-            log.warning("refusing checkpoint path=%s reason=%s", path, reason)
+                return read_checkpoint(path, expected)
+            except CheckpointError as exc:
+                log.warning("refusing checkpoint path=%s reason=%s", path, exc)
         if paths:
             log.warning(
                 "no usable checkpoint in %s (%d refused): starting fresh",
@@ -248,13 +242,34 @@ class StateDir:
         with os.fdopen(fd, "a") as fh:
             fh.write(json.dumps(record, separators=(",", ":")) + "\n")
 
-    def _checkpoints(self) -> list[Path]:
-        found = []
+    def checkpoints(self) -> dict[int, Path]:
+        """The checkpoint files kept, by round, oldest first (none: empty)."""
+        found = {}
         for path in self.checkpoint_dir.iterdir():
             m = _CKPT_RE.match(path.name)
             if m:
-                found.append((int(m.group(1)), path))
-        return [p for _, p in sorted(found)]
+                found[int(m.group(1))] = path
+        return dict(sorted(found.items()))
+
+    def _checkpoints(self) -> list[Path]:
+        return list(self.checkpoints().values())
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says why."""
+
+
+def read_checkpoint(path: Path, expected: ExpectedSpec | None = None) -> Checkpoint:
+    """Read one checkpoint; CheckpointError when it is unreadable, holds NaN/Inf, or does not
+    fit `expected` (see `StateDir.latest_checkpoint`)."""
+    try:
+        ckpt = _read_checkpoint(path)
+    except _UNREADABLE as exc:
+        raise CheckpointError(f"unreadable ({type(exc).__name__}: {exc})") from None
+    reason = _misfit(ckpt.weights, expected)
+    if reason is not None:
+        raise CheckpointError(reason)
+    return ckpt
 
 
 def _read_checkpoint(path: Path) -> Checkpoint:
