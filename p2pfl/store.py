@@ -4,7 +4,7 @@ Layout of ``--state-dir``::
 
     identity.json            the node id (stable across restarts)
     lock                     held (flock) while a node runs, so two nodes never share a directory
-    checkpoints/ckpt-000042.npz    weights + round metadata, last N kept
+    checkpoints/ckpt-000042.npz    weights + round, model spec, run name; last N kept
     privacy.json             with DP: the privacy accountant's history (what was spent)
     metrics.jsonl            one JSON object per round
 
