@@ -44,23 +44,29 @@ class Exported:
 
     weights: dict[str, np.ndarray]
     metadata: dict[str, str]
+    source: str  # the checkpoint file(s) read
     skipped: tuple[str, ...] = ()  # newer checkpoints refused: "path: reason"
 
 
 def export_node(state_dir: Path, round: int | None = None) -> Exported:
     """The checkpoint of `round` (default: the newest good one) of the node in `state_dir`."""
     state = _state(state_dir)
-    kept = state.checkpoints()
+    try:
+        kept = state.checkpoints()
+    except OSError as exc:
+        raise ExportError(f"cannot read {state.checkpoint_dir}: {exc.strerror or exc}") from None
     if not kept:
         raise ExportError(f"no checkpoint in {state.checkpoint_dir}")
     skipped: list[str] = []
+    path: Path
     if round is not None:
         if round not in kept:
             rounds = ", ".join(str(r) for r in kept)
             raise ExportError(
                 f"no checkpoint of round {round} in {state.checkpoint_dir}; rounds kept: {rounds}"
             )
-        ckpt = _read(kept[round])
+        path = kept[round]
+        ckpt = _read(path)
     else:
         for path in reversed(kept.values()):
             try:
@@ -70,7 +76,7 @@ def export_node(state_dir: Path, round: int | None = None) -> Exported:
                 skipped.append(f"{path}: {exc}")
         else:
             raise ExportError(f"no usable checkpoint in {state.checkpoint_dir}: {skipped[0]}")
-    return Exported(ckpt.weights, _metadata(state, ckpt), tuple(skipped))
+    return Exported(ckpt.weights, _metadata(state, ckpt), str(path), tuple(skipped))
 
 
 def export_consensus(state_dirs: Sequence[Path], round: int | None = None) -> Exported:
@@ -100,7 +106,8 @@ def export_consensus(state_dirs: Sequence[Path], round: int | None = None) -> Ex
     hashes = {n.metadata.get("config_hash") for n in nodes}
     if len(hashes) == 1 and None not in hashes:
         metadata["config_hash"] = first["config_hash"]
-    return Exported(weights, metadata, tuple(s for n in nodes for s in n.skipped))
+    source = ", ".join(n.source for n in nodes)
+    return Exported(weights, metadata, source, tuple(s for n in nodes for s in n.skipped))
 
 
 def write(exported: Exported, out: Path, fmt: Format) -> None:
@@ -134,7 +141,10 @@ def _write_onnx(exported: Exported, tensors: Mapping[str, Any], out: Path) -> No
 
     meta = exported.metadata
     if not meta.get("model") or not meta.get("dataset"):
-        raise ExportError("the checkpoint records no model spec: cannot build the ONNX graph")
+        raise ExportError(
+            f"{exported.source} records no model spec (written before p2pfl export existed): "
+            "cannot build its ONNX graph"
+        )
     try:
         data = load_dataset(meta["dataset"], seed=int(meta["seed"] or 0))
         model = build_model(meta["model"], data.in_shape, data.n_classes)
@@ -180,10 +190,8 @@ def _state(state_dir: Path) -> StateDir:
 def _read(path: Path) -> Checkpoint:
     try:
         return read_checkpoint(path)
-    except CheckpointError as exc:
+    except CheckpointError as exc:  # unreadable (gone meanwhile, too), or NaN/Inf
         raise ExportError(f"{path}: {exc}") from None
-    except OSError as exc:  # pragma: no cover - raced with the node pruning it
-        raise ExportError(f"cannot read {path}: {exc}") from None
 
 
 def _metadata(state: StateDir, ckpt: Checkpoint) -> dict[str, str]:

@@ -214,3 +214,23 @@ def test_format_onnx_without_the_extra_says_how_to_install_it(
     fails("--state-dir", tmp_path / "n1", "--format", "onnx", "--out", out,
           match="pip install 'p2pfl[onnx]'")  # fmt: skip
     assert not out.exists()
+
+
+def test_nan_checkpoints_are_refused_and_one_without_a_spec_exports_weights_only(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "m.safetensors"
+    weights = model_weights("logreg", 0)
+    with StateDir(tmp_path / "old") as state:
+        state.save_checkpoint(1, weights)  # as written before checkpoints recorded their spec
+        broken = {**weights, "1.bias": np.full_like(weights["1.bias"], np.nan)}
+        state.save_checkpoint(2, broken)
+    fails("--state-dir", tmp_path / "old", "--round", "2", "--out", out,
+          match="ckpt-000002.npz: non-finite values (NaN/Inf) in 1.bias")  # fmt: skip
+    code, _printed, err = export("--state-dir", tmp_path / "old", "--out", out)
+    assert code == 0 and "skipped checkpoint" in err, err
+    with safe_open(str(out), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["round"] == "1" and meta["model"] == "" and meta["run"] == ""
+    fails("--state-dir", tmp_path / "old", "--round", "1", "--format", "onnx",
+          "--out", tmp_path / "m.onnx", match="ckpt-000001.npz records no model spec")  # fmt: skip
