@@ -88,10 +88,12 @@ def export_consensus(state_dirs: Sequence[Path], round: int | None = None) -> Ex
     for d, node in zip(state_dirs[1:], nodes[1:], strict=True):
         for key in _SPEC_KEYS:
             if node.metadata.get(key) != first.get(key):
-                raise ExportError(
-                    f"{d}: model spec differs from {state_dirs[0]} in {key}: "
-                    f"{node.metadata.get(key)!r} != {first.get(key)!r}"
+                what = (
+                    "tensor names, dtypes or shapes"
+                    if key == "layout"
+                    else f"{node.metadata.get(key)!r} != {first.get(key)!r}"
                 )
+                raise ExportError(f"{d}: model spec differs from {state_dirs[0]} in {key}: {what}")
     weights = average([n.weights for n in nodes])
     rounds = [int(n.metadata["round"]) for n in nodes]
     runs = sorted({n.metadata["run"] for n in nodes})
