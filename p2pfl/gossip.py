@@ -71,9 +71,9 @@ class Gossip:
     # ---- the round's plan --------------------------------------------------------------------
 
     def round_view(self, r: int) -> list[str]:
-        """The peers of round `r`'s plan: the live ones, and in sync mode those that finished
-        round `r` and left."""
-        live = self.view.live()
+        """The peers of round `r`'s plan: the live ones that are not paused, and in sync mode
+        those that finished round `r` and left."""
+        live = self.view.training()
         finished = self.membership.finished
         if self.config.mode == "sync" and finished:
             # A peer that finished round r and left already did its part in round r: keep it
@@ -242,6 +242,19 @@ class Gossip:
         # beyond the ceiling (the inbox took no model above it, but the view may have changed).
         top = min(max(m.round for m in fresh), self.round_ceiling())
         return len(fresh), top - 1
+
+    def peers_round(self) -> int:
+        """The round a node that paused resumes at: its peers' (median, never beyond the
+        ceiling), or its own when that is further."""
+        own = self._current_round()
+        rounds = sorted(
+            info.round
+            for p in self.view.live()
+            if (info := self.view.get(p)) is not None and info.round is not None
+        )
+        if not rounds:
+            return own
+        return max(own, min(rounds[len(rounds) // 2], self.round_ceiling() - 1))
 
     def round_ceiling(self) -> int:
         """The highest round a model may claim: ours, or the median of ours and the
