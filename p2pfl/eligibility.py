@@ -20,7 +20,8 @@ import subprocess
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
+
+from p2pfl.discovery.addresses import default_route_interface
 
 log = logging.getLogger(__name__)
 
@@ -121,19 +122,6 @@ def in_window(minute: int, window: tuple[int, int]) -> bool:
     return minute >= start or minute < end
 
 
-def default_interface(route_table: str) -> str | None:
-    """The interface of the default route in /proc/net/route's text (the lowest metric)."""
-    best: tuple[int, str] | None = None
-    for line in route_table.splitlines()[1:]:
-        cols = line.split()
-        if len(cols) < 8 or cols[1] != "00000000" or cols[7] != "00000000":
-            continue
-        metric = int(cols[6]) if cols[6].isdigit() else 0
-        if best is None or metric < best[0]:
-            best = (metric, cols[0])
-    return None if best is None else best[1]
-
-
 def rest_after_fit(fit_seconds: float, max_cpu: float | None) -> float:
     """Seconds to rest after a fit of `fit_seconds` so training takes about `max_cpu` % of the
     time (0 without a limit)."""
@@ -183,13 +171,6 @@ class _OtherCpu:
         return max(0.0, total - own)
 
 
-def _route_interface() -> str | None:
-    try:
-        return default_interface(Path("/proc/net/route").read_text())
-    except OSError:
-        return None
-
-
 def _nm_metered(interface: str) -> bool | None:
     """NetworkManager's metered flag of `interface` (None: no nmcli, or it does not know)."""
     nmcli = shutil.which("nmcli")
@@ -214,7 +195,7 @@ class Readers:
     minute: Callable[[], int] = _minute_now
     on_power: Callable[[], bool] = _on_power
     other_cpu: Callable[[], float] | None = None  # None: psutil, started on first need
-    interface: Callable[[], str | None] = _route_interface
+    interface: Callable[[], str | None] = default_route_interface
     metered: Callable[[str], bool | None] = _nm_metered
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)
 

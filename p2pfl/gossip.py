@@ -244,8 +244,8 @@ class Gossip:
         return len(fresh), top - 1
 
     def peers_round(self) -> int:
-        """The round a node that paused resumes at: its peers' (median, never beyond the
-        ceiling), or its own when that is further."""
+        """The round a node that paused resumes at: the furthest peer's (never beyond the
+        ceiling, so one peer cannot claim any round), or its own when that is further."""
         own = self._current_round()
         rounds = sorted(
             info.round
@@ -254,7 +254,7 @@ class Gossip:
         )
         if not rounds:
             return own
-        return max(own, min(rounds[len(rounds) // 2], self.round_ceiling() - 1))
+        return max(own, min(rounds[-1], self.round_ceiling() - 1))
 
     def round_ceiling(self) -> int:
         """The highest round a model may claim: ours, or the median of ours and the

@@ -262,6 +262,7 @@ class Node:
             if await self.pausing.hold(self.membership.announce, lambda: self.stopping):
                 self.round = self.gossip.peers_round()  # catch up with the network
                 self.inbox.drop_models()
+                await self.membership.announce()
                 continue
             if walkers and not self.tokens.holding:
                 await self.tokens.wait(deadline, lambda: self.stopping)

@@ -81,7 +81,8 @@ class Pausing:
         self, announce: Callable[[], Awaitable[None]], stopping: Callable[[], bool]
     ) -> bool:
         """At a round boundary: while paused, wait (re-checking), announcing each change of
-        reason; True when the node was paused (it should catch up with its peers)."""
+        reason; True when the node was paused: it then catches up with its peers and
+        announces itself (not paused, at its new round)."""
         reason = await self.check()
         if reason is None:
             return False
@@ -101,7 +102,6 @@ class Pausing:
         self.active = None
         if not stopping():
             log.info("resumed")
-            await announce()
         return True
 
     def rest(self, fit_seconds: float) -> float:

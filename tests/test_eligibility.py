@@ -11,7 +11,6 @@ from p2pfl.eligibility import (
     Conditions,
     Eligibility,
     Readers,
-    default_interface,
     in_window,
     parse_when,
     parse_window,
@@ -84,18 +83,6 @@ def test_window_examples() -> None:
     night = parse_window("22:00-06:00")
     assert in_window(23 * 60, night) and in_window(0, night) and in_window(5 * 60 + 59, night)
     assert not in_window(6 * 60, night) and not in_window(12 * 60, night)
-
-
-ROUTES = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
-wlan0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0
-eth0\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0
-eth0\t0001A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0
-"""
-
-
-def test_default_interface_lowest_metric() -> None:
-    assert default_interface(ROUTES) == "eth0"
-    assert default_interface(ROUTES.splitlines()[0]) is None
 
 
 def _check(when: str, metered_list: tuple[str, ...] = (), **read: object) -> str | None:
