@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -47,7 +48,7 @@ def test_presence_round_trips_the_paused_reason() -> None:
 
 @pytest.mark.parametrize("bad", ["x" * 33, "", "tab\there", "é", 7, b"window", ["window"]])
 def test_presence_with_a_hostile_paused_field_is_refused(bad: object) -> None:
-    data = encode_presence(NET, "a", 1, online=True, role="trainer", broker=BUS, paused=bad)  # type: ignore[arg-type]
+    data = encode_presence(NET, "a", 1, online=True, role="trainer", broker=BUS, paused=bad)
     with pytest.raises(ProtocolError, match="paused"):
         parse_presence(unpack_envelope(data))
 
@@ -63,7 +64,7 @@ async def test_a_hostile_paused_field_is_dropped_and_counted(
         mallory = await bus_client(bus, "mallory")
         for seq, paused in enumerate(("x" * 500, 12), start=1):
             record = encode_presence(NET, "mallory", seq, online=True, role="trainer",
-                                     broker=BUS, paused=paused)  # type: ignore[arg-type]  # fmt: skip
+                                     broker=BUS, paused=paused)  # fmt: skip
             await mallory.publish(topics.presence(NET, "mallory"), record, qos=1)
         await wait_until(lambda: node.counters.rejected.get("presence", 0) == 2)
         assert "mallory" not in node.view
@@ -81,8 +82,8 @@ async def test_a_paused_node_is_routed_around_and_catches_up_on_resume(
     ids = ["n0", "n1", "n2"]
     reports = Reports()
     # A round that ended on its timeout says whom it missed: never the paused node.
-    common = dict(peers=dict.fromkeys(ids, BUS), discovery=("static", "presence"),
-                  round_timeout=3.0, presence_ttl=3.0, trust="open")  # fmt: skip
+    common: dict[str, Any] = dict(peers=dict.fromkeys(ids, BUS), trust="open",
+        discovery=("static", "presence"), round_timeout=3.0, presence_ttl=3.0)  # fmt: skip
     nodes = [
         make_node(
             dataset,
@@ -92,7 +93,7 @@ async def test_a_paused_node_is_routed_around_and_catches_up_on_resume(
             on_round=reports.hook(i),
             when=[window_excluding_now()] if i == "n2" else [],
             **common,
-        )  # type: ignore[arg-type]  # fmt: skip
+        )
         for k, i in enumerate(ids)
     ]
     paused = nodes[2]
