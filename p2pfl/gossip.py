@@ -243,14 +243,41 @@ class Gossip:
         top = min(max(m.round for m in fresh), self.round_ceiling())
         return len(fresh), top - 1
 
+    async def rejoin(self) -> int:
+        """Sync mode, back from a pause: the round the network is in, from the first models
+        peers send us (every round some peer's plan targets us), waiting at most a round's
+        timeout; the furthest peer's round as heard in presence when none comes.
+
+        Starting from a round the network left would have each side wait for the other's
+        model of a round it will not send again, until the round timeout.
+        """
+        deadline = self.clock() + self.config.round_timeout
+        while not self._stopping() and not self.inbox and self.clock() < deadline:
+            self.inbox.arrived.clear()
+            try:
+                async with asyncio.timeout(min(1.0, max(0.0, deadline - self.clock()))):
+                    await self.inbox.arrived.wait()
+            except TimeoutError:
+                pass
+        heard = max((self.inbox.newest_round(p) for p in self.view.live()), default=0)
+        if heard == 0:
+            return self.peers_round()
+        return max(self._current_round(), min(heard, self.round_ceiling()) - 1)
+
     def peers_round(self) -> int:
         """The round a node that paused resumes at: the furthest peer's (never beyond the
         ceiling, so one peer cannot claim any round), or its own when that is further."""
         own = self._current_round()
+        # A peer that finished its rounds and left tells how far the network got too.
         rounds = sorted(
-            info.round
-            for p in self.view.live()
-            if (info := self.view.get(p)) is not None and info.round is not None
+            [
+                *(
+                    info.round
+                    for p in self.view.live()
+                    if (info := self.view.get(p)) is not None and info.round is not None
+                ),
+                *self.membership.finished.values(),
+            ]
         )
         if not rounds:
             return own

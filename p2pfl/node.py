@@ -81,7 +81,8 @@ class Node:
     ) -> None:
         """``limit_new_peers=False`` lets every new peer join the view at once (the simulator,
         whose peers are all its own); the cap of ``max_peers`` holds either way. ``eligible``
-        says why the node may not train now (default: ``config.when``'s conditions)."""
+        says why the node may not train now (default: ``config.when``'s conditions; one given
+        here is called on the loop, so must not block)."""
         self.config, self.learner, self.transport, self.state = config, learner, transport, state
         self.node_id, self.home_broker, self.schedule = node_id, home_broker, schedule
         self.on_round, self.clock, self.net = on_round, clock, config.network
@@ -260,9 +261,11 @@ class Node:
             if deadline is not None and self.clock() >= deadline:
                 break
             if await self.pausing.hold(self.membership.announce, lambda: self.stopping):
-                self.round = self.gossip.peers_round()  # catch up with the network
                 self.inbox.drop_models()
+                self.round = self.gossip.peers_round()  # catch up with the network
                 await self.membership.announce()
+                if self.config.mode == "sync":
+                    self.round = await self.gossip.rejoin()
                 continue
             if walkers and not self.tokens.holding:
                 await self.tokens.wait(deadline, lambda: self.stopping)

@@ -31,10 +31,12 @@ class Pausing:
         *,
         max_cpu: float | None = None,
         interval: float = CHECK_INTERVAL,
+        blocking: bool = True,
     ) -> None:
-        """``eligible`` says why the node may not train now (None: it may); it may block, and
-        is called off the loop. None: no conditions, only pauses by hand."""
+        """``eligible`` says why the node may not train now (None: it may); ``blocking``: it
+        may block, so it is called off the loop. None: no conditions, only pauses by hand."""
         self.eligible = eligible
+        self.blocking = blocking
         self.max_cpu = max_cpu
         self.interval = interval
         self.held: str | None = None
@@ -47,7 +49,9 @@ class Pausing:
     def of(cls, config: NodeConfig, eligible: Callable[[], str | None] | None = None) -> Pausing:
         """A node's pausing: ``eligible``, or else the conditions of ``config.when``."""
         conditions = parse_when(config.when)
-        if eligible is None and conditions.any:
+        if eligible is not None:  # the simulator's script: cheap, read on the loop
+            return cls(eligible, max_cpu=conditions.max_cpu, blocking=False)
+        if conditions.any:
             eligible = Eligibility(conditions, config.metered_interfaces).check
         return cls(eligible, max_cpu=conditions.max_cpu)
 
@@ -72,7 +76,10 @@ class Pausing:
     async def check(self) -> str | None:
         """Read the conditions again (off the loop: nmcli may be slow); the reason now."""
         if self.eligible is not None:
-            self.ineligible = await asyncio.to_thread(self.eligible)
+            blocking = self.blocking
+            self.ineligible = (
+                await asyncio.to_thread(self.eligible) if blocking else self.eligible()
+            )
             if self.ineligible is None:
                 self.overridden = False  # eligible again: the conditions rule from now on
         return self.reason

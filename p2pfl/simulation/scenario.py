@@ -224,6 +224,15 @@ class Scenario(BaseModel):
                 resolve_node(crash.node, ids)
             except ValueError as exc:
                 problem(("faults", "crashes", i, "node"), str(exc), crash.node)
+        for i, pause in enumerate(self.faults.pauses):
+            try:
+                resolve_node(pause.node, ids)
+            except ValueError as exc:
+                problem(("faults", "pauses", i, "node"), str(exc), pause.node)
+            if pause.to_round <= pause.from_round:
+                problem(
+                    ("faults", "pauses", i, "to_round"), "must be after from_round", pause.to_round
+                )
         for i, partition in enumerate(self.network.partitions):
             try:
                 resolve_groups(partition, ids)
