@@ -243,6 +243,13 @@ class Gossip:
         top = min(max(m.round for m in fresh), self.round_ceiling())
         return len(fresh), top - 1
 
+    async def catch_up(self) -> int:
+        """Back from a pause: forget what came before, say we train again, and return the
+        round to go on from (the network's)."""
+        self.inbox.drop_models()
+        await self.membership.announce()
+        return await self.rejoin() if self.config.mode == "sync" else self.peers_round()
+
     async def rejoin(self) -> int:
         """Sync mode, back from a pause: the round the network is in, from the first models
         peers send us (every round some peer's plan targets us), waiting at most a round's

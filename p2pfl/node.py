@@ -261,11 +261,7 @@ class Node:
             if deadline is not None and self.clock() >= deadline:
                 break
             if await self.pausing.hold(self.membership.announce, lambda: self.stopping):
-                self.inbox.drop_models()
-                self.round = self.gossip.peers_round()  # catch up with the network
-                await self.membership.announce()
-                if self.config.mode == "sync":
-                    self.round = await self.gossip.rejoin()
+                self.round = await self.gossip.catch_up()
                 continue
             if walkers and not self.tokens.holding:
                 await self.tokens.wait(deadline, lambda: self.stopping)

@@ -86,6 +86,11 @@ class _Member:
     def running(self) -> bool:
         return self.task is not None and not self.task.done()
 
+    @property
+    def training(self) -> bool:
+        """Running and not paused (`[faults] pauses`, `eligible_fraction`)."""
+        return self.running and self.node is not None and self.node.pausing.active is None
+
 
 @dataclass
 class ScheduleRun:
@@ -332,8 +337,9 @@ class _ScheduleRun:
 
     def eligible(self, member: _Member) -> str | None:
         """Why `member` may not train the network's next round (`[faults] pauses`,
-        `eligible_fraction`); never once the others are done, nobody would bring it back."""
-        if not any(m.running for m in self.members if m is not member):
+        `eligible_fraction`); never once no other node trains: nothing would move the network
+        on to a round the node is eligible for."""
+        if not any(m.training for m in self.members if m is not member):
             return None
         faults = self.scenario.faults
         return faults.paused(member.node_id, self.network_round + 1, self.ids, self.seed)
