@@ -246,6 +246,8 @@ class Gossip:
     async def catch_up(self) -> int:
         """Back from a pause: forget what came before, say we train again, and return the
         round to go on from (the network's)."""
+        if self._stopping():  # it stopped while paused: it did not train, its round stays
+            return self._current_round()
         self.inbox.drop_models()
         await self.membership.announce()
         return await self.rejoin() if self.config.mode == "sync" else self.peers_round()

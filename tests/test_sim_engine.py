@@ -167,3 +167,17 @@ def test_the_batched_engine_refuses_pauses() -> None:
         why = refusal(Scenario.model_validate({**base, "faults": faults}))
         assert why is not None and "pauses" in why
     assert refusal(Scenario.model_validate(base)) is None
+
+
+@pytest.mark.parametrize(
+    "pause",
+    [{"node": 9, "from_round": 2, "to_round": 3}, {"node": 1, "from_round": 4, "to_round": 3}],
+)
+def test_a_bad_pause_is_refused_naming_it(pause: dict[str, int]) -> None:
+    from pydantic import ValidationError
+
+    from p2pfl.simulation.scenario import Scenario
+
+    scenario = {"name": "p", "nodes": 4, "node": {"rounds": 3}, "faults": {"pauses": [pause]}}
+    with pytest.raises(ValidationError, match="pauses"):
+        Scenario.model_validate(scenario)
