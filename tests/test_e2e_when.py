@@ -53,3 +53,25 @@ def test_a_node_outside_its_window_pauses_and_its_peers_go_on(tmp_path: Path) ->
     done = paused[0].done()
     assert done is not None, paused[0].tail()
     assert done["models_sent"] == 0 and done["round"] == 0, paused[0].tail()
+
+
+def test_a_node_on_a_metered_interface_pauses_until_stopped(tmp_path: Path) -> None:
+    """`--when unmetered --metered-interfaces IF`: the default route's interface is metered."""
+    from p2pfl.discovery.addresses import default_route_interface
+
+    interface = default_route_interface()
+    if interface is None:
+        pytest.skip("no IPv4 default route on this machine: nothing can be metered")
+    (port,) = free_ports(1)
+    node = NodeProcess("alone", [
+        *FAST, "--id", "alone", "--network", "e2e-metered", "--state-dir", str(tmp_path / "s"),
+        "--listen", f"127.0.0.1:{port}", "--interface", "127.0.0.1", "--discovery", "static",
+        "--min-peers", "0", "--when", "unmetered", "--metered-interfaces", f"lo,{interface}",
+    ], tmp_path).start()  # fmt: skip
+    try:
+        wait_until(lambda: any("paused: unmetered" in str(r.get("msg")) for r in node.records()),
+                   within=90, what="the node to pause", logs=node.tail)  # fmt: skip
+    finally:
+        stop_all([node])
+    done = node.done()
+    assert done is not None and done["rounds"] == 0 and done["models_sent"] == 0, node.tail()

@@ -150,3 +150,16 @@ async def test_resume_by_hand_overrides_eligibility_until_it_turns_eligible() ->
     assert await pausing.check() == "manual"
     pausing.resume()
     assert await pausing.check() is None
+
+
+def test_the_round_line_ends_with_why_the_node_pauses(caplog: pytest.LogCaptureFixture) -> None:
+    from p2pfl.daemon import report_round
+    from p2pfl.status import RoundReport
+
+    caplog.set_level(logging.INFO, logger="p2pfl")
+    counters = NodeCounters().as_dict()
+    for paused in ("window", None):
+        report_round(RoundReport("a", 3, 0.5, 0.6, 0.7, 2, 1, 0.1, counters, paused=paused))
+    first, second = (r.getMessage() for r in caplog.records[-2:])
+    assert first.startswith("round 3 ") and first.endswith(" paused: window")
+    assert "paused" not in second
