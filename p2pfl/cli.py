@@ -83,6 +83,8 @@ _RUN_FLAGS = {
     "id": Flag("--id"),
     "peers": Flag("--peer"),
     "discovery": Flag(split=","),
+    "when": Flag(split=","),
+    "metered_interfaces": Flag(split=","),
     "interfaces": Flag("--interface"),
     "tags": Flag("--tag"),
 }

@@ -300,6 +300,18 @@ class NodeConfig(BaseModel):
         ge=1024,
         description="Split models into MQTT messages of at most this many bytes (1 MiB).",
     )
+    # eligibility (eligibility.py): train only while the machine can spare it
+    when: tuple[str, ...] = Field(
+        (),
+        description="Train only when: comma list of charging, idle[:PCT], unmetered, "
+        "window=HH:MM-HH:MM (local time), max-cpu=PCT (throttle own training). An ineligible "
+        "node pauses at its next round boundary. [default: always]",
+    )
+    metered_interfaces: tuple[str, ...] = Field(
+        (),
+        description="Network interfaces (names, comma list) that --when unmetered treats as "
+        "metered, besides those NetworkManager flags.",
+    )
     state_dir: Path | None = Field(
         None,
         description="Identity, checkpoints, metrics. [default: ~/.local/state/p2pfl/NET/ID]",
@@ -386,6 +398,24 @@ class NodeConfig(BaseModel):
 
             parse_codec(value)
         return value
+
+    @field_validator("when", "metered_interfaces", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        return value.split(",") if isinstance(value, str) else value
+
+    @field_validator("when")
+    @classmethod
+    def _check_when(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from p2pfl.eligibility import parse_when
+
+        parse_when(value)
+        return tuple(item.strip().lower() for item in value if item.strip())
+
+    @field_validator("metered_interfaces")
+    @classmethod
+    def _check_metered(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(item.strip() for item in value if item.strip())
 
     @field_validator("discovery")
     @classmethod

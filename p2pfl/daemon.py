@@ -30,6 +30,7 @@ from p2pfl.discovery.addresses import (
     is_wildcard,
 )
 from p2pfl.discovery.mdns import Mdns
+from p2pfl.eligibility import parse_when, torch_threads
 from p2pfl.identity import Identity, fingerprint, load_identity, parse_key
 from p2pfl.learning.datasets import load_dataset
 from p2pfl.learning.partition import partition
@@ -53,6 +54,11 @@ def build_torch_learner(config: NodeConfig) -> TorchLearner:
     """Load the dataset, take this node's partition, build the model. Blocking.
 
     PrivacyError when DP is on and the model or data cannot be trained with DP-SGD."""
+    import torch
+
+    threads = torch_threads(parse_when(config.when).max_cpu, os.cpu_count() or 1)
+    if threads is not None:  # --when max-cpu=PCT: torch uses that share of the cores
+        torch.set_num_threads(threads)
     dataset = load_dataset(config.dataset, seed=config.seed)
     parts = partition(dataset.y_train, config.num_partitions, config.partition, seed=config.seed)
     return learner_from_config(config, dataset, parts[config.partition_index])
@@ -242,6 +248,8 @@ def report_round(report: RoundReport) -> None:
     fields = report.as_dict()
     # With DP, the epsilon spent so far on this node's samples closes the line.
     privacy = "" if report.epsilon is None else f" epsilon={report.epsilon:.3f}"
+    # A node that will not train next round (--when, p2pfl pause) says why.
+    privacy += "" if report.paused is None else f" paused: {report.paused}"
     progress.info(
         "round %d loss=%.4f acc=%.4f peers=%d merged=%d sent=%d recv=%d rejected=%d%s",
         report.round,

@@ -71,9 +71,9 @@ class Gossip:
     # ---- the round's plan --------------------------------------------------------------------
 
     def round_view(self, r: int) -> list[str]:
-        """The peers of round `r`'s plan: the live ones, and in sync mode those that finished
-        round `r` and left."""
-        live = self.view.live()
+        """The peers of round `r`'s plan: the live ones that are not paused, and in sync mode
+        those that finished round `r` and left."""
+        live = self.view.training()
         finished = self.membership.finished
         if self.config.mode == "sync" and finished:
             # A peer that finished round r and left already did its part in round r: keep it
@@ -242,6 +242,55 @@ class Gossip:
         # beyond the ceiling (the inbox took no model above it, but the view may have changed).
         top = min(max(m.round for m in fresh), self.round_ceiling())
         return len(fresh), top - 1
+
+    async def catch_up(self) -> int:
+        """Back from a pause: forget what came before, say we train again, and return the
+        round to go on from (the network's)."""
+        if self._stopping():  # it stopped while paused: it did not train, its round stays
+            return self._current_round()
+        self.inbox.drop_models()
+        await self.membership.announce()
+        return await self.rejoin() if self.config.mode == "sync" else self.peers_round()
+
+    async def rejoin(self) -> int:
+        """Sync mode, back from a pause: the round the network is in, from the first models
+        peers send us (every round some peer's plan targets us), waiting at most a round's
+        timeout; the furthest peer's round as heard in presence when none comes.
+
+        Starting from a round the network left would have each side wait for the other's
+        model of a round it will not send again, until the round timeout.
+        """
+        deadline = self.clock() + self.config.round_timeout
+        while not self._stopping() and not self.inbox and self.clock() < deadline:
+            self.inbox.arrived.clear()
+            try:
+                async with asyncio.timeout(min(1.0, max(0.0, deadline - self.clock()))):
+                    await self.inbox.arrived.wait()
+            except TimeoutError:
+                pass
+        heard = max((self.inbox.newest_round(p) for p in self.view.live()), default=0)
+        if heard == 0:
+            return self.peers_round()
+        return max(self._current_round(), min(heard, self.round_ceiling()) - 1)
+
+    def peers_round(self) -> int:
+        """The round a node that paused resumes at: the furthest peer's (never beyond the
+        ceiling, so one peer cannot claim any round), or its own when that is further."""
+        own = self._current_round()
+        # A peer that finished its rounds and left tells how far the network got too.
+        rounds = sorted(
+            [
+                *(
+                    info.round
+                    for p in self.view.live()
+                    if (info := self.view.get(p)) is not None and info.round is not None
+                ),
+                *self.membership.finished.values(),
+            ]
+        )
+        if not rounds:
+            return own
+        return max(own, min(rounds[-1], self.round_ceiling() - 1))
 
     def round_ceiling(self) -> int:
         """The highest round a model may claim: ours, or the median of ours and the

@@ -75,6 +75,7 @@ _REASONS = (
     ("presence", "presence"),
     ("mismatch", "layout"),
     ("tensor", "layout"),
+    ("node paused", "paused"),
 )
 
 
@@ -146,6 +147,9 @@ class Inbox:
     on_secagg: Callable[[Envelope], Awaitable[None]] | None = None
     """Takes a verified ``secagg`` message (secure aggregation's seed requests and reveals);
     None: such messages are refused."""
+    paused: Callable[[], bool] | None = None
+    """While it says True the node does not train (`--when`, `p2pfl pause`): models that come
+    are dropped, counted ``paused``, not kept to merge later. None: never paused."""
     on_shuffle: Callable[[Envelope], Awaitable[None]] | None = None
     """Takes a verified ``shuffle`` message (peer sampling), from any signed sender: a node
     shuffles with peers that do not know it yet. None: such messages are refused."""
@@ -259,6 +263,8 @@ class Inbox:
                 raise ProtocolError(f"stale round: {model.round} < {lowest}")
             if model.round > highest:
                 raise ProtocolError(f"future round: {model.round} > {highest}")
+            if self.paused is not None and self.paused():
+                raise ProtocolError("node paused: models are not kept while it does not train")
         except ProtocolError as exc:
             self.reject(src, exc.reason)
             return
@@ -301,6 +307,10 @@ class Inbox:
         if model.codec != "raw":
             raise ProtocolError("secagg payload: a masked model travels raw")
         return model
+
+    def drop_models(self) -> None:
+        """Forget every buffered model (the node pauses: they would be stale when it resumes)."""
+        self._models = {}
 
     def __bool__(self) -> bool:
         return any(self._models.values())

@@ -30,6 +30,7 @@ from p2pfl.identity import Identity
 from p2pfl.inbox import Inbox, NodeCounters
 from p2pfl.learning.learner import EvalResult, FitResult, Learner, privacy_of
 from p2pfl.learning.merge import parse_merge
+from p2pfl.pausing import Pausing
 from p2pfl.peer_watch import LONELY_ROUNDS, PeerWatch
 from p2pfl.protocol import topics
 from p2pfl.protocol.model import layout
@@ -76,9 +77,12 @@ class Node:
         identity: Identity | None = None,
         trust: Trust | None = None,
         limit_new_peers: bool = True,
+        eligible: Callable[[], str | None] | None = None,
     ) -> None:
         """``limit_new_peers=False`` lets every new peer join the view at once (the simulator,
-        whose peers are all its own); the cap of ``max_peers`` holds either way."""
+        whose peers are all its own); the cap of ``max_peers`` holds either way. ``eligible``
+        says why the node may not train now (default: ``config.when``'s conditions; one given
+        here is called on the loop, so must not block)."""
         self.config, self.learner, self.transport, self.state = config, learner, transport, state
         self.node_id, self.home_broker, self.schedule = node_id, home_broker, schedule
         self.on_round, self.clock, self.net = on_round, clock, config.network
@@ -96,9 +100,8 @@ class Node:
         # Above every seq of an earlier run of this node, so peers never take ours for replays.
         self._seq = time.time_ns() // 1000
         self._stop = asyncio.Event()
-        # Why the node is paused by hand (`p2pfl pause`), or None; eligibility (`--when`) adds
-        # its own reasons on top.
-        self.held: str | None = None
+        # A pause by hand (`p2pfl pause`) and eligibility (`--when`): see p2pfl.pausing.
+        self.pausing = Pausing.of(config, eligible)
         self.started = clock()
         self._trust(identity, trust)
         self.inbox = Inbox(config, self.counters, clock=clock)
@@ -141,13 +144,14 @@ class Node:
             home_broker=self.home_broker, next_seq=self._next_seq,
             current_round=lambda: self.round, reject=self.inbox.reject, clock=self.clock,
             advertised=advertised, own_broker=own_broker, signer=self.signer, trust=self.trust,
-            certificate=self.trust.certificate,
+            certificate=self.trust.certificate, paused=lambda: self.pausing.active,
         )  # fmt: skip
         # Only peers of the view steer this node: they alone get models merged, and what is
         # kept for a peer goes when it leaves.
         self.view.on_refuse = self.inbox.reject
         self.view.on_leave = self._peer_left
         self.inbox.admitted = self._admitted
+        self.inbox.paused = lambda: self.pausing.active is not None
         if self.membership.sampled:
             self.inbox.on_shuffle = self.membership.on_shuffle
         # A sampled network: trainers that sent us models though not in our view (a random
@@ -181,19 +185,26 @@ class Node:
         """Ask the node to finish: stop taking work, checkpoint, say bye, close."""
         self._stop.set()
         self.inbox.arrived.set()  # wakes a wait for peers' models or a token at once
+        self.pausing.changed.set()  # and a paused node's wait
 
     def pause(self, reason: str = "manual") -> None:
         """Pause by hand (`p2pfl pause`): the node stops training at its next round boundary."""
-        self.held = reason
+        self.pausing.pause(reason)
 
     def resume(self) -> None:
-        """Undo `pause`: the node trains again once it is eligible."""
-        self.held = None
+        """Undo `pause`, and override `--when` until its conditions next turn eligible: the
+        node trains again from its next check (within a few seconds)."""
+        self.pausing.resume()
+
+    @property
+    def held(self) -> str | None:
+        """Why the node was paused by hand, or None."""
+        return self.pausing.held
 
     @property
     def paused(self) -> str | None:
         """Why the node does not train now (``manual``, ``window``, ...), or None."""
-        return self.held
+        return self.pausing.reason
 
     @property
     def stopping(self) -> bool:
@@ -249,6 +260,9 @@ class Node:
                 break
             if deadline is not None and self.clock() >= deadline:
                 break
+            if await self.pausing.hold(self.membership.announce, lambda: self.stopping):
+                self.round = await self.gossip.catch_up()
+                continue
             if walkers and not self.tokens.holding:
                 await self.tokens.wait(deadline, lambda: self.stopping)
                 continue
@@ -298,6 +312,7 @@ class Node:
         fit = await asyncio.to_thread(resume.fit, self.learner, self.privacy, self.state)
         if self.privacy is not None:
             self.epsilon = self.privacy.spent
+        await self._sleep(self.pausing.rest(fit.seconds))  # max-cpu
         if self.stopping:
             return None
         weights = await asyncio.to_thread(self.learner.get_weights)
@@ -354,6 +369,7 @@ class Node:
             accuracy=result.accuracy, peers=len(self.view.live()), merged=merged,
             seconds=self.clock() - started, counters=self.counters.as_dict(),
             fit_seconds=fit.seconds, eval_seconds=eval_seconds, epsilon=self.epsilon,
+            paused=self.paused,
         )  # fmt: skip
         await self.peer_watch.after_round(report.peers)
         if self.state is not None:
@@ -419,7 +435,7 @@ class Node:
             models_received=c.models_received, bytes_sent=c.bytes_sent,
             bytes_received=c.bytes_received, rejected=dict(sorted(c.rejected.items())),
             uptime=self.clock() - self.started, peers=tuple(self.view.live()),
-            sent_to=self.sent_to, epsilon=self.epsilon,
+            sent_to=self.sent_to, epsilon=self.epsilon, paused=self.paused,
         )  # fmt: skip
 
     async def _sleep(self, seconds: float) -> None:

@@ -151,6 +151,8 @@ class NodeStatus(BaseModel):
     projection: Projection | None = None
     epsilon: Number | None = None
     """Differential privacy: spent on the node's own samples; None without DP."""
+    paused: Label | None = None
+    """Why the node does not train now (`--when`, `p2pfl pause`); None: it trains."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -248,6 +250,7 @@ class NodeStatus(BaseModel):
             "uptime": self.uptime,
             "samples": self.samples,
             "epsilon": self.epsilon,
+            "paused": self.paused,
             "schedule": self.schedule,
             "mode": self.mode,
             "run": self.run,
@@ -281,6 +284,7 @@ class RoundReport:
     fit_seconds: float = 0.0
     eval_seconds: float = 0.0
     epsilon: float | None = None  # DP: epsilon spent so far on this node's samples
+    paused: str | None = None  # why the node will not train next round (--when, pause)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -296,5 +300,6 @@ class RoundReport:
             "fit_seconds": round(self.fit_seconds, 4),
             "eval_seconds": round(self.eval_seconds, 4),
             "epsilon": None if self.epsilon is None else round(self.epsilon, 6),
+            "paused": self.paused,
             **self.counters,
         }

@@ -49,7 +49,7 @@ def lan_host(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     }
     monkeypatch.setattr(addresses.psutil, "net_if_addrs", lambda: ifaces)
     monkeypatch.setattr(addresses.psutil, "net_if_stats", lambda: stats)
-    monkeypatch.setattr(addresses, "_default_route_interface", lambda: "eth0")
+    monkeypatch.setattr(addresses, "default_route_interface", lambda: "eth0")
     monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
     yield
 
@@ -96,15 +96,15 @@ def test_interfaces_report_flags_and_put_the_default_route_first(lan_host: None)
     assert addresses.local_addresses() == ["10.77.0.1", "172.17.0.1", "127.0.0.1"]
 
 
-def test_default_route_interface_is_read_from_the_routing_table(tmp_path: Path) -> None:
+def testdefault_route_interface_is_read_from_the_routing_table(tmp_path: Path) -> None:
     table = tmp_path / "route"
     table.write_text(
         "Iface\tDestination\tGateway\tFlags\n"
         "eth1\t004D0A0A\t00000000\t0001\n"
         "wlan0\t00000000\t0101A8C0\t0003\n"
     )
-    assert addresses._default_route_interface(table) == "wlan0"
-    assert addresses._default_route_interface(tmp_path / "missing") is None
+    assert addresses.default_route_interface(table) == "wlan0"
+    assert addresses.default_route_interface(tmp_path / "missing") is None
 
 
 def test_broker_uris_bracket_ipv6() -> None:

@@ -134,6 +134,11 @@ SETTINGS: dict[str, tuple[list[str], str]] = {
     "metrics_host": one("metrics_host", "0.0.0.0", '"0.0.0.0"'),
     "run_name": one("run_name", "trial 1", '"trial 1"'),
     "tags": (["--tag", "a", "--tag", "b c"], 'tags = ["a", "b c"]'),
+    "when": (["--when", "charging,window=22:00-06:00"], 'when = "charging,window=22:00-06:00"'),
+    "metered_interfaces": (
+        ["--metered-interfaces", "wwan0,usb0"],
+        'metered_interfaces = ["wwan0", "usb0"]',
+    ),
     "log_format": one("log_format", "json", '"json"'),
     "log_level": one("log_level", "debug", '"debug"'),
 }
@@ -203,10 +208,12 @@ INVALID: dict[str, tuple[list[str], str]] = {
     "log_level": one("log_level", "loud", '"loud"'),
     # A monitor drops a telemetry record whose tag it cannot show: refused at start instead.
     "tags": (["--tag", "x" * 65], f'tags = ["{"x" * 65}"]'),
+    "when": (["--when", "idle:0"], 'when = ["idle:0"]'),
 }
 # Any value is a valid one: free text, a path only used later, a switch, or a name the node
 # resolves when it starts (a model it cannot load, or a dataset file, is reported then).
 ANY_VALUE = {
+    "metered_interfaces",  # an interface that does not exist is never the default route
     "ca",
     "cert",
     "key",

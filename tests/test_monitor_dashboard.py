@@ -16,7 +16,12 @@ WALL = 1_800_000_000.0
 
 
 def network(
-    n: int, *, long_ids: bool = False, logs: int = 10, epsilon: float | None = None
+    n: int,
+    *,
+    long_ids: bool = False,
+    logs: int = 10,
+    epsilon: float | None = None,
+    paused: str | None = None,
 ) -> dict[str, Any]:
     now = [0.0]
     state = NetworkState("demo", stale_after=3.0, clock=lambda: now[0], wall=lambda: WALL + now[0])
@@ -28,6 +33,7 @@ def network(
             "bytes_out": 98_765_432_100, "bytes_in": 12_345_678_900, "cpu": 187.0,
             "rss": 3 << 30, "peers": ["x"] * 40, "sent_to": [f"n{(i + 1) % n}", f"n{(i + 2) % n}"],
             "projection": [float(i)] * 32, "epsilon": epsilon,
+            "paused": paused if i == 1 else None,
         }  # fmt: skip
         # The first node reported long ago: it is stale by now.
         state.on_telemetry(node_id, body, sent_at=WALL - (10 if i == 0 else 0), retained=True)
@@ -111,3 +117,14 @@ def test_the_plot_is_written(tmp_path: Path) -> None:
     out = tmp_path / "sub" / "acc.png"
     write_plot(history, out, "demo")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_paused_node_shows_why_in_the_table() -> None:
+    lines = render(network(3, logs=0, paused="window"))
+    header = next(line for line in lines if "node" in line and "round" in line)
+    assert "paused" in header and "bytes o/i" not in header
+    row = next(line for line in lines if line.startswith("n1 "))
+    assert "window" in row
+    assert max(len(line) for line in lines) <= 80
+    plain = "\n".join(render(network(3, logs=0)))
+    assert "paused" not in plain and "bytes o/i" in plain

@@ -132,3 +132,52 @@ def test_a_crashed_node_comes_back_when_nobody_else_is_left(tmp_path: Path) -> N
     # It came back after n01 had finished: its rounds after the crash start where n01 ended.
     first_back = next(i for i, r in enumerate(records) if r["restarts"] == 1)
     assert [r["node"] for r in records[:first_back]].count("n01") == 3
+
+
+def test_a_scripted_pause_skips_the_nodes_rounds_and_it_catches_up(tmp_path: Path) -> None:
+    """`[faults] pauses`: n03 trains no round 2 to 4 of the network; the others do not wait
+    for it (a timeout far beyond the test's), and it comes back at the round they reached."""
+    path = tmp_path / "pause.toml"
+    text = SMALL.format(rounds=6).replace("nodes = 3", "nodes = 4")
+    text += "round_timeout = 300.0\n"
+    text += '\n[faults]\npauses = [{ node = "n03", from_round = 2, to_round = 5 }]\n'
+    path.write_text(text)
+    records: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        async with asyncio.timeout(90):
+            await Simulation(load_scenario(path, {}), on_record=records.append).run()
+
+    asyncio.run(main())
+    rounds = {n: [r["round"] for r in records if r["node"] == n] for n in ("n01", "n02", "n04")}
+    assert rounds == {n: [1, 2, 3, 4, 5, 6] for n in rounds}
+    paused = [r["round"] for r in records if r["node"] == "n03"]
+    assert paused[0] == 1 and not {2, 3} & set(paused) and paused[-1] == 6
+    n03 = [r for r in records if r["node"] == "n03"]
+    assert n03[0]["models_sent"] == n03[1]["models_sent"] - 1  # nothing sent while paused
+
+
+def test_the_batched_engine_refuses_pauses() -> None:
+    from p2pfl.simulation.batched import refusal
+    from p2pfl.simulation.scenario import Scenario
+
+    base = {"name": "p", "nodes": 4, "node": {"mode": "sync", "rounds": 3}}
+    for faults in ({"pauses": [{"node": 1, "from_round": 2, "to_round": 3}]},
+                   {"eligible_fraction": 0.5}):  # fmt: skip
+        why = refusal(Scenario.model_validate({**base, "faults": faults}))
+        assert why is not None and "pauses" in why
+    assert refusal(Scenario.model_validate(base)) is None
+
+
+@pytest.mark.parametrize(
+    "pause",
+    [{"node": 9, "from_round": 2, "to_round": 3}, {"node": 1, "from_round": 4, "to_round": 3}],
+)
+def test_a_bad_pause_is_refused_naming_it(pause: dict[str, int]) -> None:
+    from pydantic import ValidationError
+
+    from p2pfl.simulation.scenario import Scenario
+
+    scenario = {"name": "p", "nodes": 4, "node": {"rounds": 3}, "faults": {"pauses": [pause]}}
+    with pytest.raises(ValidationError, match="pauses"):
+        Scenario.model_validate(scenario)

@@ -215,3 +215,21 @@ def test_wrappers_reject_bad_arguments() -> None:
         StragglerLearner(LinearLearner(), slowdown=0.5)
     with pytest.raises(ValueError, match="behaviour"):
         ByzantineLearner(LinearLearner(), "nice")  # type: ignore[arg-type]
+
+
+def test_pauses_and_the_eligible_fraction_are_deterministic() -> None:
+    from p2pfl.simulation.faults import Pause
+
+    ids = [f"n{i:02d}" for i in range(10)]
+    plan = FaultPlan(pauses=(Pause(node=3, from_round=2, to_round=5),))
+    assert [plan.paused("n03", r, ids, 0) for r in range(1, 7)] == [
+        None, "scripted", "scripted", "scripted", None, None
+    ]  # fmt: skip
+    assert plan.paused("n04", 3, ids, 0) is None
+    half = FaultPlan(eligible_fraction=0.5)
+    for r in range(1, 6):
+        out = [n for n in ids if half.paused(n, r, ids, seed=7) is not None]
+        assert len(out) == 5 and all(half.paused(n, r, ids, 7) == "not-drawn" for n in out)
+        assert out == [n for n in ids if half.paused(n, r, ids, seed=7)]  # same seed, same draw
+    draws = {tuple(n for n in ids if half.paused(n, r, ids, 7)) for r in range(1, 6)}
+    assert len(draws) > 1  # a new draw each round

@@ -135,7 +135,7 @@ def statuses(draw: st.DrawFn) -> NodeStatus:
         uptime=draw(optional() | finite), peers=tuple(draw(st.lists(node_ids, max_size=5))),
         sent_to=tuple(draw(st.lists(node_ids, max_size=3))),
         projection=tuple(draw(st.lists(finite, min_size=1, max_size=40))) if full else None,
-        epsilon=draw(optional() | st.floats(0, 1e6)),
+        epsilon=draw(optional() | st.floats(0, 1e6)), paused=draw(optional() | labels),
     )  # fmt: skip
 
 
@@ -182,6 +182,7 @@ CORRUPTIONS: list[tuple[str, st.SearchStrategy[Any]]] = [
     ("tags", st.just([""]) | st.just(["x" * 65]) | st.just(["t"] * 101)),
     ("id", node_ids.filter(lambda i: i != "n0")),
     ("detail", st.just("off") | st.just("everything") | st.just(1)),
+    ("paused", st.just("") | st.just("x" * 65) | st.integers() | st.just(["window"])),
 ]
 
 

@@ -49,7 +49,7 @@ def is_wildcard(host: str) -> bool:
     return host in WILDCARDS
 
 
-def _default_route_interface(routes: Path = Path("/proc/net/route")) -> str | None:
+def default_route_interface(routes: Path = Path("/proc/net/route")) -> str | None:
     """The interface of the IPv4 default route (Linux), or None."""
     try:
         lines = routes.read_text().splitlines()[1:]
@@ -80,7 +80,7 @@ def interfaces() -> list[Interface]:
                 loopback=loopback,
             )
         )
-    first = _default_route_interface()
+    first = default_route_interface()
     return sorted(found, key=lambda i: (i.loopback, i.name != first))
 
 

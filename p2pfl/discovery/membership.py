@@ -96,6 +96,7 @@ class Membership:
         trust: Trust | None = None,
         certificate: bytes | None = None,
         agreement_key: bytes | None = None,
+        paused: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -114,6 +115,7 @@ class Membership:
         self._hosting = own_broker is not None
         self._next_seq = next_seq
         self._round = current_round
+        self._paused = paused  # why we do not train now, said in our presence
         self._reject = reject
         self._clock = clock
         # Brokers our presence goes to every heartbeat: those of the configured peers, and of
@@ -216,6 +218,7 @@ class Membership:
             meta={
                 **({"pk": record.pk} if record.pk else {}),
                 **({"xk": record.xk} if record.xk else {}),
+                **({"paused": record.paused} if record.paused else {}),
             },
         )  # fmt: skip
         self._note(peer_id, usable)
@@ -663,6 +666,7 @@ class Membership:
             signer=self.signer,
             cert=self.certificate,
             xk=self.agreement_key,
+            paused=self._paused(),
         )
         return Message(topics.presence(self.net, self.node_id), payload, retain=True)
 

@@ -61,6 +61,12 @@ class PeerInfo:
         """The broker URIs to try, in order."""
         return self.brokers or ((self.broker,) if self.broker else ())
 
+    @property
+    def paused(self) -> str | None:
+        """Why the peer does not train now (its presence says so), or None."""
+        reason = self.meta.get("paused")
+        return reason if isinstance(reason, str) else None
+
 
 class NewPeerBucket:
     """A token bucket for ids a view has not seen: ``burst`` at once, then ``rate`` per second."""
@@ -249,6 +255,15 @@ class PeerView:
         if cached is None or cached[0] != self._version:
             ids = sorted(p.id for p in self._peers.values() if role is None or p.role == role)
             cached = self._live_cache[role] = (self._version, ids)
+        return list(cached[1])
+
+    def training(self) -> list[str]:
+        """Sorted ids of the live trainers that are not paused: the ones rounds are planned
+        with (a paused peer stays in the view, but neither sends nor expects a model)."""
+        cached = self._live_cache.get("(training)")
+        if cached is None or cached[0] != self._version:
+            ids = [p for p in self.live() if self._peers[p].paused is None]
+            cached = self._live_cache["(training)"] = (self._version, ids)
         return list(cached[1])
 
     def established(self, age: float, role: str | None = "trainer") -> list[str]:

@@ -10,6 +10,10 @@ Under ``--trust ca`` every record carries the node's membership certificate (``c
 is how peers admit its key; :func:`presence_certificate` reads it once the signature checked.
 Under ``--secure-aggregation`` it carries ``xk``, the node's X25519 key for mask agreement
 (``p2pfl.secagg``): signed with the identity key like the rest of the record.
+
+A node that does not train now (``--when`` says it is not eligible, or it was paused by hand)
+says why in ``paused`` (``window``, ``manual``, ...): peers keep it in their view but plan no
+rounds with it. A record without the field is a node that trains.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ MAX_BROKERS = 16  # addresses a record may list: a host's interfaces, not a netw
 MAX_PRESENCE = 64 * 1024
 MAX_FIELDS = 64  # a presence record is a flat map of a few fields: no long containers in it
 XK_SIZE = 32  # an X25519 public key, raw
+MAX_PAUSED = 32  # why a node is paused: a word such as window or manual
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class PresenceRecord:
     pk: str = ""  # the fingerprint of the node's public key
     cert: bytes | None = None  # the node's membership certificate (--trust ca)
     xk: bytes | None = None  # the node's X25519 key for secure aggregation masks
+    paused: str | None = None  # why the node does not train now; None: it trains
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -75,13 +81,14 @@ def encode_presence(
     signer: Signer | None = None,
     cert: bytes | None = None,
     xk: bytes | None = None,
+    paused: str | None = None,
 ) -> bytes:
     """The presence envelope of `node_id`: online, a graceful `bye`, or (``graceful=False``)
     the offline record a will carries, which says the node died rather than stopped.
 
     ``brokers`` lists every address of the node's broker (``broker`` is the first of them);
     ``cert`` is the node's membership certificate; ``xk`` its X25519 key for secure
-    aggregation.
+    aggregation; ``paused`` why the node does not train now.
     """
     body: dict[str, str | int | list[str] | bytes] = {
         "state": "online" if online else "offline",
@@ -98,6 +105,8 @@ def encode_presence(
         body["cert"] = cert
     if xk is not None:
         body["xk"] = xk
+    if paused is not None:
+        body["paused"] = paused
     env = Envelope(
         v=PROTOCOL_VERSION,
         kind="presence" if online else "bye" if graceful else "will",
@@ -142,6 +151,9 @@ def parse_presence(env: Envelope) -> PresenceRecord:
     xk = body.get("xk")
     if xk is not None and (not isinstance(xk, bytes) or len(xk) != XK_SIZE):
         raise ProtocolError(f"presence xk must be {XK_SIZE} bytes")
+    paused = body.get("paused")
+    if paused is not None and not _is_reason(paused):
+        raise ProtocolError(f"presence paused must be a printable word of at most {MAX_PAUSED}")
     online = env.kind == "presence" and state == "online"
     return PresenceRecord(
         node_id=env.src,
@@ -154,6 +166,16 @@ def parse_presence(env: Envelope) -> PresenceRecord:
         pk=pk,
         cert=cert,
         xk=xk,
+        paused=paused,
+    )
+
+
+def _is_reason(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_PAUSED
+        and value.isascii()
+        and value.isprintable()
     )
 
 

@@ -42,6 +42,8 @@ _COLUMNS: tuple[tuple[str, JustifyMethod, int], ...] = (
 )
 _EPSILON_COLUMN: tuple[str, JustifyMethod, int] = ("eps", "right", 5)
 """With differential privacy on some node: epsilon spent, shown in place of memory (80 columns)."""
+_PAUSED_COLUMN: tuple[str, JustifyMethod, int] = ("paused", "right", 9)
+"""With some node paused (`--when`, `p2pfl pause`): why, shown in place of traffic."""
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -109,7 +111,12 @@ def nodes_table(nodes: Sequence[Mapping[str, Any]], max_rows: int | None = None)
         box=None, padding=(0, 1, 0, 0), pad_edge=False, header_style="bold reverse", expand=True
     )
     private = any(n.get("epsilon") is not None for n in nodes)
-    columns = [_EPSILON_COLUMN if private and c[0] == "mem" else c for c in _COLUMNS]
+    paused = any(n.get("paused") for n in nodes)
+    swap = {
+        "mem": _EPSILON_COLUMN if private else None,
+        "bytes o/i": _PAUSED_COLUMN if paused else None,
+    }
+    columns = [swap.get(c[0]) or c for c in _COLUMNS]
     for title, justify, width in columns:
         table.add_column(title, justify=justify, max_width=width, no_wrap=True, overflow="ellipsis")
     shown = list(nodes)
@@ -135,7 +142,7 @@ def nodes_table(nodes: Sequence[Mapping[str, Any]], max_rows: int | None = None)
             fmt_num(n.get("loss")),
             "-" if n.get("peers") is None else str(n["peers"]),
             models,
-            traffic,
+            (n.get("paused") or "-") if paused else traffic,
             "-" if n.get("cpu") is None else f"{n['cpu']:.0f}%",
             fmt_num(n.get("epsilon"), 2) if private else fmt_bytes(n.get("rss")),
             _seen(n),

@@ -69,6 +69,10 @@ def refusal(scenario: Scenario, *, broker: str | None = None, matrix: bool = Fal
             "node.dp_epsilon: it does not train with DP-SGD",
         ),
         (node.secure_aggregation, "node.secure_aggregation: it does not mask models"),
+        (
+            bool(scenario.faults.pauses) or scenario.faults.eligible_fraction < 1,
+            "faults.pauses / faults.eligible_fraction: it does not pause nodes",
+        ),
         (node.optimizer != "sgd", f"node.optimizer = {node.optimizer!r}: it trains with sgd only"),
         (node.codec != "raw", f"node.codec = {node.codec!r}: it sends models uncompressed only"),
         (node.rounds == 0, "node.rounds: it needs a number of rounds (not a duration)"),

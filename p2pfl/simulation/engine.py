@@ -58,6 +58,7 @@ from p2pfl.transport.mqtt import MqttTransport
 log = logging.getLogger(__name__)
 
 HOME = "memory://sim"
+PAUSE_CHECK = 0.1  # seconds between a paused node's checks: simulated rounds are short
 Record = dict[str, Any]
 
 
@@ -84,6 +85,11 @@ class _Member:
     @property
     def running(self) -> bool:
         return self.task is not None and not self.task.done()
+
+    @property
+    def training(self) -> bool:
+        """Running and not paused (`[faults] pauses`, `eligible_fraction`)."""
+        return self.running and self.node is not None and self.node.pausing.active is None
 
 
 @dataclass
@@ -311,7 +317,7 @@ class _ScheduleRun:
             min_peers=self.wanted if member.restarts == 0 else 0,
             telemetry_interval=0.0,  # nobody watches; the engine records every round
         )
-        return Node(
+        node = Node(
             config,
             self.learner(member, config),
             self.transport(member),
@@ -324,7 +330,19 @@ class _ScheduleRun:
             # Every simulated peer is the user's own and all start together: rationing
             # new peers would only delay a large run's start by minutes.
             limit_new_peers=False,
+            eligible=functools.partial(self.eligible, member),
         )
+        node.pausing.interval = PAUSE_CHECK
+        return node
+
+    def eligible(self, member: _Member) -> str | None:
+        """Why `member` may not train the network's next round (`[faults] pauses`,
+        `eligible_fraction`); never once no other node trains: nothing would move the network
+        on to a round the node is eligible for."""
+        if not any(m.training for m in self.members if m is not member):
+            return None
+        faults = self.scenario.faults
+        return faults.paused(member.node_id, self.network_round + 1, self.ids, self.seed)
 
     def learner(self, member: _Member, config: NodeConfig) -> Learner:
         """The member's learner, wrapped in its faults (slow, Byzantine) or watched by them."""

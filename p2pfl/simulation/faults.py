@@ -1,4 +1,6 @@
-"""The fault plan: crashes and restarts, churn, stragglers and Byzantine peers.
+"""The fault plan: crashes and restarts, churn, stragglers, Byzantine peers, and pauses
+(eligibility, as `--when` makes a daemon pause: scripted per node, or a fraction of the nodes
+eligible each round, as in Gboard's federated learning).
 
 Faults are placed by rounds, not seconds, so a sync run with a fixed seed stays deterministic.
 Which nodes are stragglers or Byzantine, and when churn strikes, are pure functions of the seed.
@@ -28,6 +30,7 @@ __all__ = [
     "Crash",
     "DelegatingLearner",
     "FaultPlan",
+    "Pause",
     "StragglerLearner",
     "Stragglers",
     "choose_nodes",
@@ -82,6 +85,18 @@ class Byzantine(BaseModel):
     epsilon: float = Field(default=0.1, gt=0)  # ipm: send -epsilon * the honest mean
 
 
+class Pause(BaseModel):
+    """`node` (an id, or an index into the sorted ids) does not train the network's rounds
+    `from_round` to `to_round - 1`: it pauses at its round boundary once the network is about
+    to start `from_round`, and resumes (catching up) once it is about to start `to_round`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    node: str | int
+    from_round: int = Field(ge=1)
+    to_round: int = Field(ge=2)
+
+
 class FaultPlan(BaseModel):
     """Everything that goes wrong during a run."""
 
@@ -93,6 +108,26 @@ class FaultPlan(BaseModel):
     churn_downtime: int = Field(default=5, ge=1)
     stragglers: Stragglers = Field(default_factory=Stragglers)
     byzantine: Byzantine = Field(default_factory=Byzantine)
+    pauses: tuple[Pause, ...] = ()
+    # Each round a seeded draw of this fraction of the nodes is eligible; the others pause.
+    eligible_fraction: float = Field(default=1.0, gt=0, le=1)
+
+    def paused(
+        self, node_id: str, next_round: int, node_ids: Sequence[str], seed: int
+    ) -> str | None:
+        """Why `node_id` does not train the network's round `next_round` (None: it does)."""
+        for p in self.pauses:
+            if (
+                resolve_node(p.node, node_ids) == node_id
+                and p.from_round <= next_round < p.to_round
+            ):
+                return "scripted"
+        if self.eligible_fraction < 1:
+            drawn = choose_nodes(node_ids, fraction=self.eligible_fraction, seed=seed,
+                                 salt=f"eligible:{next_round}")  # fmt: skip
+            if node_id not in drawn:
+                return "not-drawn"
+        return None
 
     def crash_events(self, node_ids: Sequence[str], rounds: int, seed: int) -> list[Crash]:
         """The explicit crashes plus churn, with node ids resolved, ordered by round then id."""

@@ -224,6 +224,7 @@ class Scenario(BaseModel):
                 resolve_node(crash.node, ids)
             except ValueError as exc:
                 problem(("faults", "crashes", i, "node"), str(exc), crash.node)
+        self._check_pauses(problem)
         for i, partition in enumerate(self.network.partitions):
             try:
                 resolve_groups(partition, ids)
@@ -245,6 +246,19 @@ class Scenario(BaseModel):
         if errors:
             raise ValidationError.from_exception_data("scenario", errors)
         return self
+
+    def _check_pauses(self, problem: Callable[[tuple[str | int, ...], str, Any], None]) -> None:
+        """`[faults] pauses`: known nodes, and a pause that ends after it starts."""
+        ids = self.node_ids
+        for i, pause in enumerate(self.faults.pauses):
+            try:
+                resolve_node(pause.node, ids)
+            except ValueError as exc:
+                problem(("faults", "pauses", i, "node"), str(exc), pause.node)
+            if pause.to_round <= pause.from_round:
+                problem(
+                    ("faults", "pauses", i, "to_round"), "must be after from_round", pause.to_round
+                )
 
     def _check_schedules(self, problem: Callable[[tuple[str | int, ...], str, Any], None]) -> None:
         """Schedule-dependent rules (e.g. walkers) are NodeConfig's: check each schedule."""
