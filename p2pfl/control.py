@@ -63,8 +63,6 @@ class Request(BaseModel):
 class ControlStatus(NodeStatus):
     """The answer to `status`: the node's status record, and what only the node itself says."""
 
-    paused: Text | None = None
-    """Why the node does not train now (``manual``, ``window``, ...); None: it is eligible."""
     trust: Text = ""
     """The node's trust policy (tofu, allowlist, ca, open)."""
     pid: Count = 0
@@ -92,7 +90,7 @@ class NodeControl:
     def status(self) -> ControlStatus:
         record = self.node.status()
         return ControlStatus.model_construct(
-            **dict(record), paused=self.node.paused, trust=self.trust, pid=os.getpid()
+            **dict(record), trust=self.trust, pid=os.getpid()
         )
 
     def run(self, command: Command) -> dict[str, Any]:
@@ -118,7 +116,11 @@ def answer(line: bytes, control: NodeControl) -> dict[str, Any]:
         request = Request.model_validate_json(line)
     except ValidationError as exc:
         return _error(_why(exc))
-    return {"ok": True, **control.run(request.command)}
+    try:
+        return {"ok": True, **control.run(request.command)}
+    except Exception as exc:  # a bug of ours: say so, and keep the node and its socket up
+        log.exception("local control: %s failed", request.command)
+        return _error(f"{request.command} failed in the node: {exc}")
 
 
 def _error(message: str) -> dict[str, Any]:

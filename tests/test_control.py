@@ -46,7 +46,7 @@ class FakeNode:
     def status(self) -> NodeStatus:
         return NodeStatus(
             id="n1", run="lab-1", round=7, rounds=7, accuracy=0.75, peers=("n2", "n3"),
-            rejected={"bad-signature": 2, "replay": 1},
+            rejected={"bad-signature": 2, "replay": 1}, paused=self.paused,
         )  # fmt: skip
 
     def pause(self, reason: str = "manual") -> None:
