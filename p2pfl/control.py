@@ -89,9 +89,7 @@ class NodeControl:
 
     def status(self) -> ControlStatus:
         record = self.node.status()
-        return ControlStatus.model_construct(
-            **dict(record), trust=self.trust, pid=os.getpid()
-        )
+        return ControlStatus.model_construct(**dict(record), trust=self.trust, pid=os.getpid())
 
     def run(self, command: Command) -> dict[str, Any]:
         """Carry out ``command``; the reply's fields besides ``ok``."""
