@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -129,19 +128,15 @@ def test_ca_a_node_with_a_certificate_joins_one_without_cannot(tmp_path: Path) -
     ca_file = tmp_path / "net.key"
     network_key = keys("ca", "init", "--network", NET, "--ca-file", str(ca_file),
                        home=tmp_path).strip()  # fmt: skip
-    policy = ["--trust", "ca", "--ca-key", network_key]
-    # without a certificate, a node under ca refuses to start, and says what to do
-    lone = NodeProcess("n3-ca", [*FAST, "--id", "n3", "--state-dir", str(tmp_path / "n3"),
-                                 *policy], tmp_path).start()  # fmt: skip
-
-    def certify(node: str) -> None:
+    for node in ("n1", "n2"):
         cert = tmp_path / f"{node}.cert"
         keys("ca", "admit", str(public_key(tmp_path, node)), "--id", node, "--ca-file",
              str(ca_file), "--out", str(cert), home=tmp_path)  # fmt: skip
         keys("ca", "install", str(cert), "--state-dir", str(tmp_path / node), home=tmp_path)
-
-    with ThreadPoolExecutor(2) as pool:  # while the lone node starts up: the members' commands
-        list(pool.map(certify, ("n1", "n2")))
+    policy = ["--trust", "ca", "--ca-key", network_key]
+    # without a certificate, a node under ca refuses to start, and says what to do
+    lone = NodeProcess("n3-ca", [*FAST, "--id", "n3", "--state-dir", str(tmp_path / "n3"),
+                                 *policy], tmp_path).start()  # fmt: skip
     assert lone.wait(60) == 2, lone.tail()
     assert "keys ca" in lone.log_path.read_text(), lone.tail()
     ports = dict(zip(("n1", "n2", "n3"), free_ports(3), strict=True))
