@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,20 +47,16 @@ def p2pfl(
 def test_sim_with_dp_flags_reports_epsilon_within_the_budget(tmp_path: Path) -> None:
     (tmp_path / "tiny.toml").write_text(TINY)
     out = tmp_path / "out"
-    result = p2pfl(
-        "sim",
-        str(tmp_path / "tiny.toml"),
-        "--dp-epsilon",
-        "3",
-        "--dp-delta",
-        "1e-5",
-        "--dp-max-grad-norm",
-        "1",
-        "--json",
-        "--no-plots",
-        "--out",
-        str(out),
-    )
+    with ThreadPoolExecutor(2) as pool:  # the same scenario with and without DP, side by side
+        private = pool.submit(
+            p2pfl, "sim", str(tmp_path / "tiny.toml"), "--dp-epsilon", "3", "--dp-delta", "1e-5",
+            "--dp-max-grad-norm", "1", "--json", "--no-plots", "--out", str(out),
+        )  # fmt: skip
+        public = pool.submit(
+            p2pfl, "sim", str(tmp_path / "tiny.toml"), "--json", "--no-plots",
+            "--out", str(tmp_path / "plain"),
+        )  # fmt: skip
+        result, plain = private.result(), public.result()
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)["schedules"]["partial-mesh"]
     assert 0 < summary["max_epsilon"] <= 3.0
@@ -70,8 +67,6 @@ def test_sim_with_dp_flags_reports_epsilon_within_the_budget(tmp_path: Path) -> 
                  if r["node"] == node]  # fmt: skip
         assert spent == sorted(spent) and 0 < spent[0] < spent[-1] <= 3.0, node
     # Without the flag, no epsilon anywhere.
-    plain = p2pfl("sim", str(tmp_path / "tiny.toml"), "--json", "--no-plots",
-                  "--out", str(tmp_path / "plain"))  # fmt: skip
     assert plain.returncode == 0, plain.stderr
     assert json.loads(plain.stdout)["schedules"]["partial-mesh"]["max_epsilon"] is None
 
@@ -93,7 +88,9 @@ def test_compare_dp_prints_one_table_and_a_plot(tmp_path: Path) -> None:
 
 def test_a_crashed_node_keeps_what_it_spent(tmp_path: Path) -> None:
     text = TINY.replace('compare = ["partial-mesh"]', 'compare = ["ring"]')
-    text = text.replace("rounds = 3", "rounds = 6").replace("seed = 0", "seed = 0\ndp_epsilon = 2")
+    # A neighbour of the crashed node waits out a round timeout for its model: 8 s, not 30.
+    text = text.replace("rounds = 3", "rounds = 6")
+    text = text.replace("seed = 0", "seed = 0\ndp_epsilon = 2\nround_timeout = 8")
     text += '\n[[faults.crashes]]\nnode = "n02"\nat_round = 2\nrestart_after_rounds = 1\n'
     (tmp_path / "crash.toml").write_text(text)
     (run,) = asyncio.run(Simulation(load_scenario(tmp_path / "crash.toml", {})).run())
@@ -156,16 +153,22 @@ def build(in_shape, n_classes):
 def test_a_model_dp_sgd_cannot_train_is_refused_at_start(tmp_path: Path) -> None:
     (tmp_path / "bnmodel.py").write_text(BATCHNORM_MODEL)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
-    run = p2pfl("run", "--dp-epsilon", "8", "--rounds", "2", "--model", "bnmodel:build",
-                "--state-dir", str(tmp_path / "st"), "--discovery", "static",
-                "--listen", "127.0.0.1:0", "--log-level", "error", env=env)  # fmt: skip
-    assert run.returncode == 2, run.stderr
-    assert run.stderr.startswith("config error: dp_epsilon:") and "BatchNorm" in run.stderr
-    assert run.stderr.count("\n") == 1
     (tmp_path / "bn.toml").write_text(
         TINY.replace('model = "logreg"', 'model = "bnmodel:build"\ndp_epsilon = 8')
     )
-    sim = p2pfl("sim", str(tmp_path / "bn.toml"), "--out", str(tmp_path / "o"), env=env)
+    with ThreadPoolExecutor(2) as pool:  # two independent start-ups (torch, Opacus): together
+        running = pool.submit(
+            p2pfl, "run", "--dp-epsilon", "8", "--rounds", "2", "--model", "bnmodel:build",
+            "--state-dir", str(tmp_path / "st"), "--discovery", "static",
+            "--listen", "127.0.0.1:0", "--log-level", "error", env=env,
+        )  # fmt: skip
+        simulated = pool.submit(
+            p2pfl, "sim", str(tmp_path / "bn.toml"), "--out", str(tmp_path / "o"), env=env
+        )
+        run, sim = running.result(), simulated.result()
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("config error: dp_epsilon:") and "BatchNorm" in run.stderr
+    assert run.stderr.count("\n") == 1
     assert sim.returncode == 2, sim.stderr
     assert sim.stderr.startswith("config error: node.dp_epsilon:") and "BatchNorm" in sim.stderr
     assert sim.stderr.count("\n") == 1

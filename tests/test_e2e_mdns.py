@@ -20,7 +20,10 @@ from tests.nodeproc import NodeProcess, stop_all, wait_until
 pytestmark = pytest.mark.timeout(240)
 
 LOOPBACK = ["--interface", "127.0.0.1", "--listen", "127.0.0.1:0"]
-FAST = ["--model", "mlp", "--local-epochs", "1", "--seed", "0", "--presence-ttl", "6"]
+# A short pause between local steps: four nodes training flat out would starve the commands
+# the test runs meanwhile (and a late node's start-up) of the CPU.
+FAST = ["--model", "mlp", "--local-epochs", "1", "--seed", "0", "--presence-ttl", "6",
+        "--period", "0.2"]  # fmt: skip
 
 
 def peers_json(network: str) -> list[dict[str, object]]:
@@ -31,6 +34,14 @@ def peers_json(network: str) -> list[dict[str, object]]:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def keys_show(state_dir: Path) -> subprocess.Popen[str]:
+    """`p2pfl keys show --json` on a state dir, started (the caller reads its output)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "p2pfl", "keys", "show", "--json", "--state-dir", str(state_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
 
 
 def test_nodes_discover_each_other_over_mdns_and_train_a_ring(tmp_path: Path) -> None:
@@ -68,17 +79,15 @@ def test_nodes_discover_each_other_over_mdns_and_train_a_ring(tmp_path: Path) ->
                 break
         assert sorted(p["id"] for p in listed) == ["d0", "d1", "d2"], listed
         assert {p["role"] for p in listed} == {"trainer"}
-        for peer in listed:  # each announces the fingerprint of the key in its state dir
-            shown = subprocess.run(
-                [sys.executable, "-m", "p2pfl", "keys", "show", "--json",
-                 "--state-dir", str(tmp_path / str(peer["id"]))],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
-            assert peer["pk"] == json.loads(shown.stdout)["fingerprint"], shown.stderr
+        late = node("d3")  # it starts up (seconds) while the keys are checked
+        everyone.append(late)
+        # each announces the fingerprint of the key in its state dir
+        shows = [keys_show(tmp_path / str(peer["id"])) for peer in listed]
+        for peer, show in zip(listed, shows, strict=True):
+            out, err = show.communicate(timeout=60)
+            assert peer["pk"] == json.loads(out)["fingerprint"], err
         assert stranger.rounds()[-1]["peers"] == 0  # never saw, never contacted, the demo nodes
 
-        late = node("d3")
-        everyone.append(late)
         wait_until(
             lambda: all(n.rounds() and n.rounds()[-1]["peers"] == 3 for n in [*nodes, late]),
             60,

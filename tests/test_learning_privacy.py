@@ -37,7 +37,8 @@ def _private(
     )
 
 
-@settings(max_examples=8, deadline=None)
+# Each example is one Opacus noise search (1 to 8 s): a few spread over the space say as much.
+@settings(max_examples=4, deadline=None)
 @given(
     epsilon=st.floats(0.5, 32.0),
     sample_rate=st.floats(0.01, 0.5),

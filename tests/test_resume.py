@@ -24,8 +24,9 @@ from tests.nodeproc import NodeProcess, stop_all, wait_until
 pytestmark = pytest.mark.timeout(300)
 
 RESUMED = re.compile(r"resumed from checkpoint round=(\d+)")
-LIVES = 8
-"""Node starts in the kill test; each costs a few seconds of start-up (torch, data)."""
+LIVES = 4
+"""Kills in the kill test, half of them mid-write, half at a random moment; each restart costs
+a few seconds of start-up (torch, data)."""
 
 
 def solo(workdir: Path, state: Path, name: str) -> NodeProcess:
