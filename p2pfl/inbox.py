@@ -149,7 +149,8 @@ class Inbox:
     None: such messages are refused."""
     paused: Callable[[], bool] | None = None
     """While it says True the node does not train (`--when`, `p2pfl pause`): models that come
-    are dropped, counted ``paused``, not kept to merge later. None: never paused."""
+    are dropped, counted ``paused``, before reassembly or decoding (nothing kept to merge
+    later). None: never paused."""
     on_shuffle: Callable[[Envelope], Awaitable[None]] | None = None
     """Takes a verified ``shuffle`` message (peer sampling), from any signed sender: a node
     shuffles with peers that do not know it yet. None: such messages are refused."""
@@ -235,6 +236,8 @@ class Inbox:
             src = env.src
             if env.net != self.net:
                 raise ProtocolError(f"wrong network: {env.net!r}")
+            if env.kind in ("model", "chunk") and self.paused is not None and self.paused():
+                raise ProtocolError("node paused: models are not kept while it does not train")
             if env.kind == "chunk":
                 self._reassembler.expire()
                 complete = self._reassembler.feed(env.src, env)
@@ -263,8 +266,6 @@ class Inbox:
                 raise ProtocolError(f"stale round: {model.round} < {lowest}")
             if model.round > highest:
                 raise ProtocolError(f"future round: {model.round} > {highest}")
-            if self.paused is not None and self.paused():
-                raise ProtocolError("node paused: models are not kept while it does not train")
         except ProtocolError as exc:
             self.reject(src, exc.reason)
             return

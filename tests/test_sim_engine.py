@@ -110,6 +110,18 @@ def test_a_node_failing_unexpectedly_ends_the_run_with_its_error(
     assert max(r["round"] for r in records) < rounds / 4
 
 
+def run_records(path: Path) -> list[dict[str, Any]]:
+    """Run the scenario at `path` (within 90 s): every record its nodes reported."""
+    records: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        async with asyncio.timeout(90):
+            await Simulation(load_scenario(path, {}), on_record=records.append).run()
+
+    asyncio.run(main())
+    return records
+
+
 def test_a_crashed_node_comes_back_when_nobody_else_is_left(tmp_path: Path) -> None:
     """Its restart is due at round 51, which nobody will reach: the supervisor, woken by the
     last other node's end, brings it back to finish its own rounds."""
@@ -118,13 +130,7 @@ def test_a_crashed_node_comes_back_when_nobody_else_is_left(tmp_path: Path) -> N
     text += "round_timeout = 5.0\n"
     text += '\n[[faults.crashes]]\nnode = "n02"\nat_round = 1\nrestart_after_rounds = 50\n'
     path.write_text(text)
-    records: list[dict[str, Any]] = []
-
-    async def main() -> None:
-        async with asyncio.timeout(90):
-            await Simulation(load_scenario(path, {}), on_record=records.append).run()
-
-    asyncio.run(main())
+    records = run_records(path)
     n01 = [r["round"] for r in records if r["node"] == "n01"]
     n02 = [(r["restarts"], r["round"]) for r in records if r["node"] == "n02"]
     assert n01 == [1, 2, 3]
@@ -142,13 +148,7 @@ def test_a_scripted_pause_skips_the_nodes_rounds_and_it_catches_up(tmp_path: Pat
     text += "round_timeout = 300.0\n"
     text += '\n[faults]\npauses = [{ node = "n03", from_round = 2, to_round = 5 }]\n'
     path.write_text(text)
-    records: list[dict[str, Any]] = []
-
-    async def main() -> None:
-        async with asyncio.timeout(90):
-            await Simulation(load_scenario(path, {}), on_record=records.append).run()
-
-    asyncio.run(main())
+    records = run_records(path)
     rounds = {n: [r["round"] for r in records if r["node"] == n] for n in ("n01", "n02", "n04")}
     assert rounds == {n: [1, 2, 3, 4, 5, 6] for n in rounds}
     paused = [r["round"] for r in records if r["node"] == "n03"]

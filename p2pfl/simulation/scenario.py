@@ -13,7 +13,7 @@ itself, so defaults and messages are the same), a `[network]` table (`NetworkMod
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -22,7 +22,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from p2pfl.config import NodeConfig, ScheduleName
 from p2pfl.config_file import load_model, read_toml
-from p2pfl.simulation.faults import BEHAVIOURS, FaultPlan, resolve_node
+from p2pfl.simulation.faults import BEHAVIOURS, Crash, FaultPlan, Pause, resolve_node
 from p2pfl.simulation.network import NetworkModel, resolve_groups
 
 __all__ = ["DEFAULT_SCENARIO_TOML", "SIM_EXCLUDED_KEYS", "Attack", "Scenario", "load_scenario"]
@@ -219,12 +219,7 @@ class Scenario(BaseModel):
                 str(self.node.topology_file),
             )
         ids = self.node_ids
-        for i, crash in enumerate(self.faults.crashes):
-            try:
-                resolve_node(crash.node, ids)
-            except ValueError as exc:
-                problem(("faults", "crashes", i, "node"), str(exc), crash.node)
-        self._check_pauses(problem)
+        self._check_fault_nodes(problem)
         for i, partition in enumerate(self.network.partitions):
             try:
                 resolve_groups(partition, ids)
@@ -247,14 +242,21 @@ class Scenario(BaseModel):
             raise ValidationError.from_exception_data("scenario", errors)
         return self
 
-    def _check_pauses(self, problem: Callable[[tuple[str | int, ...], str, Any], None]) -> None:
-        """`[faults] pauses`: known nodes, and a pause that ends after it starts."""
+    def _check_fault_nodes(
+        self, problem: Callable[[tuple[str | int, ...], str, Any], None]
+    ) -> None:
+        """`[faults] crashes` and `pauses`: known nodes, and a pause that ends after it starts."""
         ids = self.node_ids
+        scripted: list[tuple[str, Sequence[Crash | Pause]]] = [
+            ("crashes", self.faults.crashes), ("pauses", self.faults.pauses),
+        ]  # fmt: skip
+        for table, entries in scripted:
+            for i, entry in enumerate(entries):
+                try:
+                    resolve_node(entry.node, ids)
+                except ValueError as exc:
+                    problem(("faults", table, i, "node"), str(exc), entry.node)
         for i, pause in enumerate(self.faults.pauses):
-            try:
-                resolve_node(pause.node, ids)
-            except ValueError as exc:
-                problem(("faults", "pauses", i, "node"), str(exc), pause.node)
             if pause.to_round <= pause.from_round:
                 problem(
                     ("faults", "pauses", i, "to_round"), "must be after from_round", pause.to_round
