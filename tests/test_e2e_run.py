@@ -76,7 +76,7 @@ def test_four_nodes_sync_rounds_on_embedded_brokers(tmp_path: Path, schedule: li
         # last may miss a neighbour that finished first; see the closing note of stop 10)
         assert all(r["merged"] >= 1 for r in node.rounds()[1:-1]), node.tail()
         assert done["models_received"] >= rounds - 1
-        assert done["rejected"] == 0
+        assert done["rejected"] == 0, (done.get("rejected_by_reason"), logs(nodes))
 
 
 def test_random_walk_async_for_a_time_budget(tmp_path: Path) -> None:
