@@ -379,9 +379,11 @@ class Node:
 
     def _admitted(self, src: str) -> bool:
         """Whether the inbox may take a model from `src`: a trainer of the view, or a peer
-        whose verified presence is being dialled (its first model would race its admission)."""
+        whose verified presence is being dialled (its first model would race its admission).
+        A message of a peer of the view proves it alive, as its presence does."""
         info = self.view.get(src)
         if info is not None:
+            self.view.touch(src)
             return info.role == "trainer"
         if self.membership.sampled:
             self.membership.hint(src)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import uuid
 from pathlib import Path
 
 import psutil
@@ -21,6 +22,8 @@ def start_cluster(
 ) -> list[NodeProcess]:
     ports = free_ports(n)
     ids = [f"n{i}" for i in range(n)]
+    # A network of its own: nodes of another run on this machine (mDNS on loopback) are not ours
+    network = f"e2e-{uuid.uuid4().hex[:8]}"
     nodes = []
     for i, node_id in enumerate(ids):
         if broker is None:
@@ -34,7 +37,7 @@ def start_cluster(
         else:
             where, peers = ["--broker", broker], []
         args = [
-            "--id", node_id, "--network", "e2e", "--state-dir", str(tmp_path / node_id),
+            "--id", node_id, "--network", network, "--state-dir", str(tmp_path / node_id),
             "--num-partitions", str(n), "--partition-index", str(i),
             "--presence-ttl", "6", "--interface", "127.0.0.1", *where, *peers, *extra,
         ]  # fmt: skip

@@ -119,6 +119,24 @@ async def test_only_trainers_of_the_view_and_pending_peers_are_admitted(dataset:
     ]
 
 
+async def test_a_peer_whose_models_keep_coming_stays_in_the_view_past_its_presence_ttl(
+    dataset: Dataset,
+) -> None:
+    # A busy peer's heartbeats may come late (its loop training, a loaded machine): its
+    # signed models prove it alive as well as its presence does.
+    clock = FakeClock(100.0)
+    node = idle_node(dataset, clock)
+    await presence(node, "busy")
+    await presence(node, "quiet")
+    own = dict(weights(node))
+    for r in (1, 2, 3):
+        clock.now += TTL / 2
+        await node.inbox.accept(model_message(own, "busy", r), lowest=0, highest=20)
+    assert node.view.expire() == ["quiet"]
+    assert "busy" in node.view
+    assert node.counters.rejected_total == 0
+
+
 async def test_a_model_from_outside_the_view_is_never_merged(dataset: Dataset) -> None:
     node = idle_node(dataset, FakeClock(100.0))
     node.membership._pending.add("dialled")  # admitted while its dial runs, then refused
