@@ -45,6 +45,7 @@ from p2pfl.simulation.matrix import (
     write_matrix,
 )
 from p2pfl.simulation.procs import run_in_processes
+from p2pfl.simulation.html_report import overlays, write_html
 from p2pfl.simulation.report import (
     MetricsWriter,
     plot,
@@ -123,8 +124,10 @@ def run_sim(
     broker: str | None = None,
     processes: int = 1,
     shard: Shard | None = None,
+    html: bool = False,
 ) -> dict[str, Any]:
-    """Run the scenario with a progress bar; write metrics, summary and plots into `out`.
+    """Run the scenario with a progress bar; write metrics, summary and plots into `out`, and
+    with `html` the self-contained `report.html`.
 
     With `shard` (and `broker`), only this machine's shard of the nodes runs here; shard 0
     gathers the others' records and writes the summary, the others return `{}`.
@@ -177,6 +180,8 @@ def run_sim(
         summary["schedules"][run.schedule]["network_drops"] = run.dropped
     write_summary(summary, out)
     written = plot(records, out) if plots else []
+    if html:
+        written.append(write_html(records, summary, scenario.name, overlays(scenario), out))
     if json_out:
         sys.stdout.write(summary_json(summary) + "\n")
     else:
