@@ -34,7 +34,8 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 # No internet here: without these, Chromium keeps trying to reach Google's services.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--window-size=1400,1500"]  # fmt: skip
+                  "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,1500"]  # fmt: skip
 FAST = ["--model", "mlp", "--local-epochs", "1", "--seed", "0", "--telemetry-interval", "1",
         "--num-partitions", "3", "--rounds", "60", "--run-name", "browser-demo",
         "--tag", "suite=web"]  # fmt: skip

@@ -33,6 +33,7 @@ from p2pfl.learning.privacy import PrivacyError
 from p2pfl.logs import setup_logging
 from p2pfl.simulation.batched import BatchedSimulation, engine_for, model_refusal, refusal
 from p2pfl.simulation.engine import Record, ScheduleRun, Simulation, check_privacy
+from p2pfl.simulation.html_report import overlays, write_html
 from p2pfl.simulation.matrix import (
     Cell,
     axes,
@@ -45,7 +46,6 @@ from p2pfl.simulation.matrix import (
     write_matrix,
 )
 from p2pfl.simulation.procs import run_in_processes
-from p2pfl.simulation.html_report import overlays, write_html
 from p2pfl.simulation.report import (
     MetricsWriter,
     plot,

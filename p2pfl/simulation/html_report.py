@@ -100,19 +100,22 @@ def render(
     data = report_data(records, overlays)
     header, rows = summary_rows(summary)
     esc = html.escape
-    table = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>\n" + "".join(
-        f'<tr class="{"best" if row[0] == summary.get("best") else ""}">'
+    best = summary.get("best")
+    table = "".join(
+        f'<tr class="{"best" if row[0] == best else ""}">'
         + "".join(f"<td>{esc(cell)}</td>" for cell in row)
         + "</tr>\n"
         for row in rows
     )
-    best = summary.get("best")
-    caption = "" if best is None else f"<p>best: <b>{esc(str(best))}</b> (accuracy of honest nodes at their last round)</p>"
+    table = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>\n" + table
+    caption = ""
+    if best is not None:
+        caption = f"<p>best: <b>{esc(str(best))}</b> (honest accuracy at the last round)</p>"
     sections = "".join(
         f'<section class="panel wide"><h2>{esc(s["name"])}</h2>'
         f'<div class="pair"><div id="curve-{i}" class="chart"></div>'
         f'<div id="nodes-{i}" class="chart"></div></div>'
-        f'<h2>overlay <small>who sends to whom at round 0; colour: final accuracy</small></h2>'
+        "<h2>overlay <small>who sends to whom at round 0; colour: final accuracy</small></h2>"
         f'<div id="topo-{i}" class="topology"></div></section>\n'
         for i, s in enumerate(data["schedules"])
     )
