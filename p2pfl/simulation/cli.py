@@ -126,8 +126,7 @@ def run_sim(
     shard: Shard | None = None,
     html: bool = False,
 ) -> dict[str, Any]:
-    """Run the scenario with a progress bar; write metrics, summary and plots into `out`, and
-    with `html` the self-contained `report.html`.
+    """Run the scenario with a progress bar; write metrics, summary, plots and report.html in `out`.
 
     With `shard` (and `broker`), only this machine's shard of the nodes runs here; shard 0
     gathers the others' records and writes the summary, the others return `{}`.
@@ -179,9 +178,7 @@ def run_sim(
     for run in runs:
         summary["schedules"][run.schedule]["network_drops"] = run.dropped
     write_summary(summary, out)
-    written = plot(records, out) if plots else []
-    if html:
-        written.append(write_html(records, summary, scenario.name, overlays(scenario), out))
+    written = _figures(records, summary, scenario, out, plots=plots, html=html)
     if json_out:
         sys.stdout.write(summary_json(summary) + "\n")
     else:
@@ -193,6 +190,22 @@ def run_sim(
         stdout.print(f"[dim]wrote {files} in {out}[/dim]")
     logging.getLogger(__name__).debug("sim done scenario=%s", scenario.name)
     return summary
+
+
+def _figures(
+    records: list[Record],
+    summary: dict[str, Any],
+    scenario: Scenario,
+    out: Path,
+    *,
+    plots: bool,
+    html: bool,
+) -> list[Path]:
+    """The PNG plots (`plots`) and report.html (`html`) written in `out`."""
+    written = plot(records, out) if plots else []
+    if html:
+        written.append(write_html(records, summary, scenario.name, overlays(scenario), out))
+    return written
 
 
 def _run_engine(
