@@ -6,6 +6,7 @@ fetched from another origin), the history's bound, and the flags' refusals as on
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -145,8 +146,6 @@ async def test_server_sent_events_deliver_the_current_state_then_each_update(
 
 
 async def _next_event(resp: aiohttp.ClientResponse) -> dict[str, Any]:
-    import json
-
     while True:
         line = (await resp.content.readline()).decode()
         if line.startswith("data: "):
@@ -210,3 +209,52 @@ def test_a_non_loopback_web_address_without_token_is_one_line_and_exit_2(tmp_pat
         assert out.returncode == 2, (flags, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and named in lines[0] and "Traceback" not in out.stderr, lines
+
+
+def test_a_taken_web_port_is_one_line_and_exit_1(tmp_path: Any) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "p2pfl", "monitor", "--network", "x", "--no-mdns",
+             "--state-dir", str(tmp_path), "--web", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(port) in lines[0], lines
+
+
+def test_p2pfl_monitor_web_with_a_token_serves_it_and_exits_cleanly(tmp_path: Any) -> None:
+    import signal
+    import time
+    import urllib.error
+    import urllib.request
+
+    err = tmp_path / "monitor.err"
+    with err.open("w") as sink:
+        monitor = subprocess.Popen(
+            [sys.executable, "-m", "p2pfl", "monitor", "--network", "x", "--no-mdns",
+             "--state-dir", str(tmp_path / "mon"), "--web", "127.0.0.1:0", "--web-token", TOKEN],
+            stdout=subprocess.DEVNULL, stderr=sink, text=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (said := [x for x in err.read_text().splitlines() if x.startswith("dash")]):
+            assert monitor.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.1)
+        url = said[0].removeprefix("dashboard: ").removesuffix("?token=...")
+        assert TOKEN not in said[0]  # a token is not written to logs
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url + "api/snapshot", timeout=10)
+        assert refused.value.code == 401
+        with urllib.request.urlopen(f"{url}api/snapshot?token={TOKEN}", timeout=10) as resp:
+            snap = json.loads(resp.read())
+        assert snap["network"] == "x" and snap["nodes"] == []
+    finally:
+        monitor.send_signal(signal.SIGTERM)
+        monitor.wait(30)
+    assert monitor.returncode == 0, err.read_text()
