@@ -12,8 +12,8 @@ what a terminal cannot: the global metrics and every node's accuracy over time.
 
 Access. By default it binds 127.0.0.1. With a token (`--web-token`) every request must carry it,
 as `?token=TOKEN` or `Authorization: Bearer TOKEN`, or is answered 401. Binding an address that
-is not loopback without a token is refused (`check_exposure`): the page shows the network's
-node ids, traffic and logs to whoever reaches the port.
+is not loopback without a token is refused (`p2pfl.monitor.config.check_exposure`): the page
+shows the network's node ids, traffic and logs to whoever reaches the port.
 
 History. The curves keep at most `MAX_POINTS` samples; when full, every second one is dropped
 and samples are taken half as often, so a long run keeps its whole shape at a coarser step.
@@ -26,7 +26,6 @@ import contextlib
 import hmac
 import html
 import json
-import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -38,12 +37,12 @@ from aiohttp import web
 from p2pfl.monitor.config import Bind, check_exposure
 from p2pfl.monitor.state import NetworkState
 
-log = logging.getLogger(__name__)
-
 ASSETS = Path(__file__).with_name("webui")
 MAX_POINTS = 1200
 SAMPLE_EVERY = 1.0
 """Seconds between history samples, until the history is first full."""
+PUSH_EVERY = 1.0
+"""Seconds between updates sent to the page (the monitor ticks faster for its terminal)."""
 CSP = (
     "default-src 'self'; script-src 'self'; connect-src 'self'; img-src 'self' data:; "
     "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
@@ -159,6 +158,7 @@ class WebDashboard:
         """The page data of the last update, as JSON text."""
         self._subscribers: set[asyncio.Queue[str | None]] = set()
         self._runner: web.AppRunner | None = None
+        self._pushed = float("-inf")
         self.port: int | None = None
 
     @property
@@ -167,7 +167,11 @@ class WebDashboard:
         return f"http://{host}:{self.port}/"
 
     def update(self, snap: Mapping[str, Any], state: NetworkState) -> None:
-        """Take a new snapshot: keep it as the page data and push it to every open stream."""
+        """Take a new snapshot: keep it as the page data and push it to every open stream;
+        at most once every `PUSH_EVERY` seconds (by the snapshot's time)."""
+        if snap["time"] - self._pushed < PUSH_EVERY:
+            return
+        self._pushed = snap["time"]
         self.history.add(snap)
         self.latest = json.dumps(page_data(snap, state, self.history), separators=(",", ":"))
         for queue in self._subscribers:
