@@ -81,3 +81,18 @@ def test_text_from_records_cannot_end_the_page_s_script_or_inject_markup() -> No
     page = render(records, summary, "<script>", {"ring": [("</script><b>x", "y")]})
     assert "</script><b>x" not in page and "<i>ring</i>" not in page
     assert page.count("<script") == page.count("</script>") == 4  # data and three scripts
+
+
+def test_sim_html_with_matrix_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(scenario), "--html", "--matrix", "--out",
+         str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "config error: --html reports a comparison run, not a --matrix"
+    ]
+    assert not (tmp_path / "out" / "report.html").exists()
