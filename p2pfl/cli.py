@@ -191,6 +191,12 @@ def sim(
     ),
     json_out: bool = typer.Option(False, "--json", help="Print summary.json to stdout."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
+    html: bool = typer.Option(
+        False,
+        "--html",
+        help="Also write report.html in --out: summary table, interactive curves and "
+        "topology in one self-contained file (no --matrix).",
+    ),
     broker: str | None = typer.Option(
         None, help="Run every node on this real broker (mqtt://HOST:PORT) instead of in memory."
     ),
@@ -229,12 +235,15 @@ def sim(
             scenario, overrides, broker=broker, processes=processes, matrix=matrix, shard=shard
         )
     )
+    if html and matrix:
+        typer.echo("config error: --html reports a comparison run, not a --matrix", err=True)
+        raise typer.Exit(code=2)
     try:
         if matrix:
             run_matrix(loaded, out=out, json_out=json_out, plots=not no_plots)
             return
         run_sim(
-            loaded, out=out, json_out=json_out, plots=not no_plots, broker=broker,
+            loaded, out=out, json_out=json_out, plots=not no_plots, broker=broker, html=html,
             processes=processes, shard=None if shard is None else parse_shard(shard, loaded.nodes),
         )  # fmt: skip
     except (ShardError, TransportError) as exc:  # the shards could not finish together

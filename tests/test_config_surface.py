@@ -351,6 +351,8 @@ MONITOR_SETTINGS: dict[str, tuple[list[str], str]] = {
     "trust": (["--trust", "open"], 'trust = "open"'),
     "ca_key": (["--ca-key", KEY], f'ca_key = "{KEY}"'),
     "state_dir": (["--state-dir", "{d}/mon"], 'state_dir = "{d}/mon"'),
+    "web": (["--web", "127.0.0.1:8088"], 'web = "127.0.0.1:8088"'),
+    "web_token": (["--web-token", "0123456789ab"], 'web_token = "0123456789ab"'),
 }
 
 
@@ -359,11 +361,13 @@ MONITOR_FLAGS_BEFORE = {
     "--wait", "--export", "--plot", "--metrics-port", "--metrics-host", "--stale-after",
     "--forget-after", "--log-level", "--trust", "--ca-key", "--state-dir",
 }  # fmt: skip
+MONITOR_FLAGS_ADDED = {"--web", "--web-token"}  # issue 16: the browser dashboard
 
 
 def test_monitor_keeps_every_flag_it_had() -> None:
     result = CliRunner().invoke(app, ["monitor", "--help"], terminal_width=200)
-    assert option_names(result.stdout) == MONITOR_FLAGS_BEFORE | {"--config", "-c", "--help"}
+    expected = MONITOR_FLAGS_BEFORE | MONITOR_FLAGS_ADDED | {"--config", "-c", "--help"}
+    assert option_names(result.stdout) == expected
 
 
 @pytest.fixture
@@ -416,6 +420,8 @@ def test_every_monitor_field_is_set_alike_by_its_flag_and_its_toml_key(
         (["--trust", "nobody"], 'trust = "nobody"', "trust"),
         (["--metrics-port", "70000"], "metrics_port = 70000", "metrics_port"),
         (["--log-level", "loud"], 'log_level = "loud"', "log_level"),
+        (["--web", "host:http"], 'web = "host:http"', "web"),
+        (["--web-token", "short"], 'web_token = "short"', "web_token"),
     ],
 )
 def test_monitor_refuses_a_bad_value_in_one_line_both_ways(

@@ -25,10 +25,12 @@ from rich.live import Live
 from p2pfl.certs import load_certificate
 from p2pfl.config import StaticPeer, default_state_dir
 from p2pfl.identity import load_identity, read_key_argument
+from p2pfl.monitor.config import Bind, check_exposure
 from p2pfl.monitor.dashboard import render_dashboard, render_report
 from p2pfl.monitor.monitor import Monitor
 from p2pfl.monitor.plot import write_plot
 from p2pfl.monitor.prometheus import MetricsServer, MonitorCollector, serve_metrics
+from p2pfl.monitor.web import WebDashboard
 from p2pfl.trust import Trust
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ def run_monitor(
     trust: str = "tofu",
     state_dir: Path | None = None,
     ca_key: str | None = None,
+    web: str | None = None,
+    web_token: str | None = None,
 ) -> int:
     """Run the monitor until done (`once`) or signalled; the process exit code.
 
@@ -75,6 +79,9 @@ def run_monitor(
         if metrics_port is not None and not 0 <= metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be 0-65535, got {metrics_port}")
         static = [StaticPeer.parse(text) for text in peers]
+        bind = None if web is None else Bind.parse(web)
+        if bind is not None:
+            check_exposure(bind, web_token)
         where = state_dir or default_state_dir(network, "monitor")
         identity = load_identity(where)  # one id and key across runs: nodes pin it once
         # Keys pinned on first use persist only in a state dir the user chose: a default one
@@ -102,6 +109,8 @@ def run_monitor(
     except (ValueError, OSError) as exc:
         raise MonitorConfigError(str(exc)) from None
     session = _Session(monitor, export=export, plot=plot, json_out=json_out)
+    if bind is not None:
+        session.web = WebDashboard(bind, token=web_token)
     return asyncio.run(session.run(once=once, wait=wait, metrics=(metrics_host, metrics_port)))
 
 
@@ -116,6 +125,7 @@ class _Session:
         self.latest: dict[str, Any] | None = None
         self.history: list[tuple[float, float | None, float | None]] = []
         self.stop = asyncio.Event()
+        self.web: WebDashboard | None = None
 
     def _on_signal(self, sig: int) -> None:
         """First SIGINT/SIGTERM: leave gracefully (bye on every broker). Second: exit now."""
@@ -125,6 +135,11 @@ class _Session:
 
     async def run(self, *, once: bool, wait: float, metrics: tuple[str, int | None]) -> int:
         server = self._serve(*metrics)
+        if self.web is not None:
+            url = await self.web.start()
+            hint = "?token=..." if self.web.token is not None else ""
+            sys.stderr.write(f"dashboard: {url}{hint}\n")
+            sys.stderr.flush()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -150,6 +165,8 @@ class _Session:
                 loop.remove_signal_handler(sig)
             if server is not None:
                 await asyncio.to_thread(server.shutdown)
+            if self.web is not None:
+                await self.web.stop()
         if self.plot is not None:
             await asyncio.to_thread(write_plot, self.history, self.plot, self.monitor.network)
         if once:
@@ -188,6 +205,8 @@ class _Session:
     async def _tick(self, *, export: bool, log_lines: int = 20) -> None:
         snap = self.monitor.snapshot(log_lines=log_lines)
         self.latest = snap
+        if self.web is not None:
+            self.web.update(snap, self.monitor.state)
         if not export:
             return
         if self.plot is not None:

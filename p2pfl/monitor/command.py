@@ -21,6 +21,7 @@ Examples:
   p2pfl monitor --network demo --once --json        # one snapshot for scripts
   p2pfl monitor --network demo --export run.jsonl --plot run.png --metrics-port 9100
   p2pfl monitor --config monitor.toml --once       # keys as the flags: network = "demo"
+  p2pfl monitor --network demo --web 8080           # and in a browser: http://127.0.0.1:8080/
 
 Flags override the keys of the TOML file given with --config (same names, with _ for -;
 --broker, --peer and --interface are the lists brokers, peers and interfaces).

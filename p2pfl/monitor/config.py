@@ -6,6 +6,8 @@ Read by the same loader as `NodeConfig` (`p2pfl.config_file.load_model`), so `p2
 
 from __future__ import annotations
 
+import ipaddress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,12 +15,54 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from p2pfl.config import Interfaces, NetworkName, StaticPeer, check_broker_uri
 
-__all__ = ["MonitorConfig"]
+__all__ = ["Bind", "MonitorConfig", "check_exposure"]
 
 # checked as a whole, so that an error names the key `brokers`, not one item of it
 BrokerUris = Annotated[
     tuple[str, ...], AfterValidator(lambda uris: tuple(map(check_broker_uri, uris)))
 ]
+
+
+@dataclass(frozen=True)
+class Bind:
+    """Where the dashboard listens: `--web HOST:PORT`, or `--web PORT` for 127.0.0.1."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Bind:
+        """`PORT`, `HOST:PORT` or `[IPV6]:PORT`; ValueError saying what is wrong."""
+        host, sep, port = text.strip().rpartition(":")
+        if not sep:
+            host = "127.0.0.1"
+        host = host.removeprefix("[").removesuffix("]")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected PORT or HOST:PORT (port 0-65535), got {text!r}")
+        return cls(host, int(port))
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name: where it resolves is not known here
+
+
+def check_exposure(bind: Bind, token: str | None) -> None:
+    """ValueError when the dashboard would be open to the network without a token."""
+    if token is None and not bind.loopback:
+        raise ValueError(
+            f"--web {bind.host}:{bind.port} is not a loopback address: give --web-token TOKEN, "
+            "or bind 127.0.0.1 and reach it over an SSH tunnel"
+        )
+
+
+def _bind(text: str) -> str:
+    Bind.parse(text)
+    return text
 
 
 class MonitorConfig(BaseModel):
@@ -60,6 +104,16 @@ class MonitorConfig(BaseModel):
         description="Serve Prometheus metrics on this port (0 = any free port).",
     )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds.")
+    web: Annotated[str, AfterValidator(_bind)] | None = Field(
+        None,
+        description="Serve the web dashboard on HOST:PORT (a PORT alone: 127.0.0.1:PORT).",
+    )
+    web_token: str | None = Field(
+        None,
+        min_length=8,
+        description="With --web: every request must carry ?token=TOKEN or "
+        "Authorization: Bearer TOKEN (needed to bind a non-loopback address).",
+    )
     stale_after: float | None = Field(
         None,
         gt=0,

@@ -33,6 +33,7 @@ from p2pfl.learning.privacy import PrivacyError
 from p2pfl.logs import setup_logging
 from p2pfl.simulation.batched import BatchedSimulation, engine_for, model_refusal, refusal
 from p2pfl.simulation.engine import Record, ScheduleRun, Simulation, check_privacy
+from p2pfl.simulation.html_report import overlays, write_html
 from p2pfl.simulation.matrix import (
     Cell,
     axes,
@@ -123,8 +124,9 @@ def run_sim(
     broker: str | None = None,
     processes: int = 1,
     shard: Shard | None = None,
+    html: bool = False,
 ) -> dict[str, Any]:
-    """Run the scenario with a progress bar; write metrics, summary and plots into `out`.
+    """Run the scenario with a progress bar; write metrics, summary, plots and report.html in `out`.
 
     With `shard` (and `broker`), only this machine's shard of the nodes runs here; shard 0
     gathers the others' records and writes the summary, the others return `{}`.
@@ -176,7 +178,7 @@ def run_sim(
     for run in runs:
         summary["schedules"][run.schedule]["network_drops"] = run.dropped
     write_summary(summary, out)
-    written = plot(records, out) if plots else []
+    written = _figures(records, summary, scenario, out, plots=plots, html=html)
     if json_out:
         sys.stdout.write(summary_json(summary) + "\n")
     else:
@@ -188,6 +190,22 @@ def run_sim(
         stdout.print(f"[dim]wrote {files} in {out}[/dim]")
     logging.getLogger(__name__).debug("sim done scenario=%s", scenario.name)
     return summary
+
+
+def _figures(
+    records: list[Record],
+    summary: dict[str, Any],
+    scenario: Scenario,
+    out: Path,
+    *,
+    plots: bool,
+    html: bool,
+) -> list[Path]:
+    """The PNG plots (`plots`) and report.html (`html`) written in `out`."""
+    written = plot(records, out) if plots else []
+    if html:
+        written.append(write_html(records, summary, scenario.name, overlays(scenario), out))
+    return written
 
 
 def _run_engine(
