@@ -116,6 +116,7 @@ class Membership:
         self._next_seq = next_seq
         self._round = current_round
         self._paused = paused  # why we do not train now, said in our presence
+        self.run: Callable[[], str | None] = lambda: None  # our run, said likewise
         self._reject = reject
         self._clock = clock
         # Brokers our presence goes to every heartbeat: those of the configured peers, and of
@@ -219,6 +220,7 @@ class Membership:
                 **({"pk": record.pk} if record.pk else {}),
                 **({"xk": record.xk} if record.xk else {}),
                 **({"paused": record.paused} if record.paused else {}),
+                **({"run": record.run} if record.run else {}),
             },
         )  # fmt: skip
         self._note(peer_id, usable)
@@ -667,6 +669,7 @@ class Membership:
             cert=self.certificate,
             xk=self.agreement_key,
             paused=self._paused(),
+            run=self.run(),
         )
         return Message(topics.presence(self.net, self.node_id), payload, retain=True)
 
