@@ -36,8 +36,14 @@ class RunSummary:
     records: list[RunRecord] = field(default_factory=list)
     curves: dict[str, dict[int, float]] = field(default_factory=dict)  # node -> round -> acc
     started: str = ""
-    ended: str | None = None
+    ends: dict[str, str | None] = field(default_factory=dict)  # node -> when it ended
     tags: tuple[str, ...] = ()
+
+    @property
+    def ended(self) -> str | None:
+        """When the last node ended the run; None while any has not (running, interrupted)."""
+        ends = list(self.ends.values())
+        return None if not ends or None in ends else max(e for e in ends if e)
 
     @property
     def status(self) -> str:
@@ -86,10 +92,7 @@ class RunSummary:
         self.curves[node] = curve
         if started and (not self.started or started < self.started):
             self.started = started
-        if status == "running":
-            self.ended = None
-        elif ended and (self.ended is None or ended > self.ended) and self.status != "running":
-            self.ended = ended
+        self.ends[node] = ended or None
         self.tags = tuple(sorted({*self.tags, *tags}))
 
 
@@ -179,7 +182,9 @@ def _from_export(path: Path, runs: dict[str, RunSummary]) -> None:
     for (run, node_id), (curve, first, last, live) in seen.items():
         summary = runs.setdefault(run, RunSummary(run))
         if node_id not in summary.nodes:  # a state dir's record knows better
-            summary.add(node_id, "running" if live else "ended", curve, first, last)
+            summary.add(
+                node_id, "running" if live else "ended", curve, first, None if live else last
+            )
 
 
 def _iso(ts: float) -> str:
