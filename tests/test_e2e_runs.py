@@ -107,6 +107,12 @@ def test_without_a_run_name_a_joining_node_adopts_the_run_it_hears(tmp_path: Pat
         assert joiner.proc is not None and joiner.proc.returncode == 0, joiner.tail()
         assert {r["run"] for r in events(joiner, "round")} == {run}, joiner.tail()
         assert [p.name for p in (tmp_path / "n1" / "runs").iterdir()] == [run]
+        # the first node's status (its telemetry record) names the run too
+        status = subprocess.run(
+            [sys.executable, "-m", "p2pfl", "status", "--state-dir", str(tmp_path / "n0"),
+             "--json"], capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert status.returncode == 0 and json.loads(status.stdout)["run"] == run, status
         first.signal(signal.SIGTERM)
         assert first.wait(30) == 0, first.tail()
     finally:

@@ -27,6 +27,7 @@ from p2pfl.inbox import reason_label
 from p2pfl.protocol import topics
 from p2pfl.protocol.envelope import PROTOCOL_VERSION, Envelope, pack_envelope, unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
+from p2pfl.protocol.topics import is_run_id
 from p2pfl.run_identity import RunIdentity
 from p2pfl.runs import (
     config_hash,
@@ -210,6 +211,20 @@ def test_presence_carries_the_run_and_an_absent_field_is_an_unknown_run() -> Non
     assert parse_presence(unpack_envelope(raw)).run == "r-1"
     old = encode_presence(NET, "p1", 1, online=True, role="trainer", broker=BROKER)
     assert parse_presence(unpack_envelope(old)).run is None
+
+
+@given(st.one_of(st.text(max_size=80), st.integers(), st.binary(max_size=8), st.none()))
+def test_presence_takes_a_run_id_or_refuses_the_record(run: object) -> None:
+    env = envelope({"state": "online", "role": "trainer", "broker": BROKER, "run": run})
+    try:
+        parsed = parse_presence(env).run
+    except ProtocolError as exc:
+        assert reason_label(exc.reason) == "presence"
+        assert not is_run_id(run)
+    else:
+        assert parsed == run and (run is None or is_run_id(run))
+        if run is not None:  # what a directory name may hold
+            assert "/" not in parsed and not parsed.startswith(".") and len(parsed) <= 64
 
 
 HOSTILE = ["", "../../etc", "a/b", "x" * 65, "ré", 7, b"run", ["r"], {"r": 1}, None]
