@@ -55,8 +55,10 @@ class RunSummary:
         return dict(self.records[0].config) if self.records else {}
 
     @property
-    def config_hashes(self) -> list[str]:
-        return sorted({r.config_hash for r in self.records if r.config_hash})
+    def config_hash(self) -> str | None:
+        """The configuration's hash; None when the nodes recorded none, or different ones."""
+        hashes = {r.config_hash for r in self.records}
+        return hashes.pop() if len(hashes) == 1 and "" not in hashes else None
 
     @property
     def rounds(self) -> int:
@@ -82,12 +84,20 @@ class RunSummary:
             "run": self.run, "status": self.status, "started": self.started,
             "ended": self.ended, "nodes": sorted(self.nodes), "rounds": self.rounds,
             "final_accuracy": self.final_accuracy, "tags": list(self.tags),
-            "config": self.config, "config_hash": self.config_hashes,
+            "config": self.config, "config_hash": self.config_hash,
             "accuracy": {str(r): round(a, 6) for r, a in self.curve.items()},
         }  # fmt: skip
 
-    def add(self, node: str, status: str, curve: dict[int, float], started: str,
-            ended: str | None, tags: Iterable[str] = ()) -> None:  # fmt: skip
+    def add(
+        self,
+        node: str,
+        status: str,
+        curve: dict[int, float],
+        started: str,
+        ended: str | None,
+        tags: Iterable[str] = (),
+    ) -> None:
+        """One node's part of the run."""
         self.nodes[node] = status
         self.curves[node] = curve
         if started and (not self.started or started < self.started):

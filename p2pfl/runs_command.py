@@ -102,7 +102,8 @@ def show(
     head = Table("field", "value", show_header=False)
     for key in ("run", "status", "started", "ended", "nodes", "rounds", "tags", "config_hash"):
         value = data[key]
-        head.add_row(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        head.add_row(key, "-" if shown in (None, "") else str(shown))
     head.add_row("final accuracy", _acc(summary.final_accuracy))
     console.print(head)
     config = Table("config", "value")

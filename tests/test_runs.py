@@ -317,7 +317,7 @@ def test_show_gives_the_record_config_and_accuracy_per_round(two_runs: list[Path
     code, out, err = runs_cli("show", "alpha", *state_args(two_runs), "--json")
     assert code == 0, err
     shown = json.loads(out)
-    assert shown["config"]["lr"] == 0.1 and len(shown["config_hash"]) == 1
+    assert shown["config"]["lr"] == 0.1 and len(shown["config_hash"]) == 64
     assert shown["accuracy"] == {"1": 0.5, "2": pytest.approx(0.65)}
     code, text, _ = runs_cli("show", "alpha", *state_args(two_runs))
     assert code == 0 and "lr" in text and "0.6500" in text
