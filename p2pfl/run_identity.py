@@ -14,11 +14,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from p2pfl.config import NodeConfig
-from p2pfl.discovery.peerview import PeerView
 from p2pfl.protocol.topics import is_run_id
 from p2pfl.runs import (
     RunRecord,
@@ -43,12 +42,13 @@ class RunIdentity:
         self,
         config: NodeConfig,
         state: StateDir | None,
-        view: PeerView,
+        heard: Callable[[], Iterable[str]],
         *,
         node_id: str,
         default_name: Callable[[str], str] = default_run_name,
     ) -> None:
-        self.config, self.state, self.view, self.node_id = config, state, view, node_id
+        self.config, self.state, self.node_id = config, state, node_id
+        self.heard = heard  # the runs the node's peers announce
         self.fixed: str | None = config.run_name or None
         self.own = config.run_name or default_name(config.network)
         self.config_data = learning_config(config)
@@ -59,8 +59,7 @@ class RunIdentity:
         """The run: the one kept, or the one this node would take now."""
         if self.fixed is not None:
             return self.fixed
-        heard = [str(p.meta["run"]) for p in self.view.peers() if is_run_id(p.meta.get("run"))]
-        return preferred([self.own, *heard])
+        return preferred([self.own, *(r for r in self.heard() if is_run_id(r))])
 
     def begin(self) -> None:
         """At start: the configured run, or the unfinished one of the state dir (an older

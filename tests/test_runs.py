@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from p2pfl.cli import app
 from p2pfl.config import ConfigError, NodeConfig, load_config
 from p2pfl.discovery.membership import Membership
-from p2pfl.discovery.peerview import PeerInfo, PeerView
+from p2pfl.discovery.peerview import PeerView
 from p2pfl.discovery.presence import encode_presence, parse_presence
 from p2pfl.inbox import reason_label
 from p2pfl.protocol import topics
@@ -45,18 +45,14 @@ NET = "runs"
 BROKER = "mqtt://10.77.0.2:1883"
 
 
-def identity(state: StateDir | None, view: PeerView | None = None, **cfg: object) -> RunIdentity:
+def identity(state: StateDir | None, heard: list[str] | None = None, **cfg: object) -> RunIdentity:
+    """A node's run; ``heard``: the runs its peers announce (as the test changes them)."""
     config = NodeConfig(network=NET, model="logreg", **cfg)  # type: ignore[arg-type]
+    peers: list[str] = [] if heard is None else heard
     return RunIdentity(
-        config, state, PeerView("me", ttl=15.0) if view is None else view, node_id="me",
+        config, state, lambda: peers, node_id="me",
         default_name=lambda net: f"{net}-20261202T051200Z",
     )  # fmt: skip
-
-
-def heard(view: PeerView, peer: str, run: str | None) -> None:
-    meta = {} if run is None else {"run": run}
-    view.upsert(PeerInfo(id=peer, role="trainer", broker=BROKER, source="presence",
-                         last_seen=time.monotonic(), meta=meta))  # fmt: skip
 
 
 # ---- the configuration and its hash -----------------------------------------------------------
@@ -127,18 +123,17 @@ def test_every_node_hearing_the_same_runs_prefers_the_same_one(names: list[str],
 
 
 def test_without_a_run_name_a_node_adopts_its_peers_run_until_it_writes(tmp_path: Path) -> None:
-    view = PeerView("me", ttl=15.0)
+    heard: list[str] = []
     with StateDir(tmp_path) as state:
-        run = identity(state, view)
+        run = identity(state, heard)
         run.begin()
         assert run.id == f"{NET}-20261202T051200Z" and state.run is None  # nothing written
-        heard(view, "p1", "runs-20261202T050000Z")  # started earlier
-        heard(view, "p2", "runs-20261202T060000Z")
-        heard(view, "p3", "../../etc")  # not a run id: ignored
+        heard += ["runs-20261202T050000Z", "runs-20261202T060000Z"]  # the first started earlier
+        heard.append("../../etc")  # not a run id: ignored
         assert run.id == "runs-20261202T050000Z"
         meta = run.checkpoint_meta()  # the first write settles the run
         assert meta["run"] == "runs-20261202T050000Z" == state.run
-        heard(view, "p4", "runs-20261202T000000Z")
+        heard.append("runs-20261202T000000Z")
         assert run.id == "runs-20261202T050000Z", "a node that wrote keeps its run"
         record = read_record(state.run_path)
     assert record is not None and record.status == "running" and record.node == "me"
@@ -255,8 +250,7 @@ async def test_a_hostile_run_is_counted_and_dropped_and_the_node_goes_on() -> No
     assert rejected == Counter({"presence": 4}) and "p1" not in view
     good = encode_presence(NET, "p2", 9, online=True, role="trainer", broker=peer, run="r-2")
     await membership.on_message(Message(topics.presence(NET, "p2"), good, True))
-    info = view.get("p2")
-    assert info is not None and info.meta["run"] == "r-2"
+    assert "p2" in view and membership.heard_runs() == ["r-2"]
 
 
 # ---- p2pfl runs ----------------------------------------------------------------------------------
@@ -268,7 +262,7 @@ def node_run(state_dir: Path, node: str, run: str, accs: list[float], status: st
     with StateDir(state_dir) as state:
         state.node_id(node)
         config = NodeConfig(network=NET, run_name=run, **cfg)  # type: ignore[arg-type]
-        rid = RunIdentity(config, state, PeerView(node, ttl=15.0), node_id=node)
+        rid = RunIdentity(config, state, list, node_id=node)
         rid.begin()
         for r, acc in enumerate(accs, 1):
             state.save_checkpoint(r, {"w": np.full(2, acc, np.float32)}, rid.checkpoint_meta())
