@@ -108,7 +108,7 @@ class Node:
         self.inbox = Inbox(config, self.counters, clock=clock)
         self.inbox.trust = self.trust
         self._peers(advertised, own_broker)
-        self.runs = RunIdentity(config, state, self.view, node_id=node_id)
+        self.runs = RunIdentity(config, state, self.membership.heard_runs, node_id=node_id)
         self.membership.run = lambda: self.runs.id  # announced in our presence
         self.gossip = Gossip(
             config, transport, node_id=node_id, view=self.view, membership=self.membership,
