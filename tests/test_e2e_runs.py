@@ -21,8 +21,8 @@ import pytest
 from tests.nodeproc import NodeProcess, free_ports, stop_all, wait_until
 from tests.test_e2e_run import FAST, finish, logs
 
-# Each test starts four processes (torch, data: a few seconds each on 2 cores): 35-45 s.
-pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+# Each test starts four processes (torch, data): 15-20 s on 2 idle cores, 35-45 s on busy ones.
+pytestmark = pytest.mark.timeout(240)
 
 
 def node(tmp_path: Path, i: int, n: int, ports: list[int], net: str, name: str,
