@@ -365,7 +365,7 @@ def doctor(
 def _register() -> None:
     """The commands whose code lives in modules of their own, in the order --help lists them."""
     from p2pfl import control_command as control
-    from p2pfl import export_command, keys_command, topology_command
+    from p2pfl import export_command, keys_command, runs_command, topology_command
     from p2pfl.bench import command as bench
     from p2pfl.monitor import command as monitor
 
@@ -375,6 +375,7 @@ def _register() -> None:
         app.command(epilog=verbatim(control.EPILOG))(command)
     app.command(name="monitor", epilog=verbatim(monitor.EPILOG))(monitor.monitor)
     app.command(name="export", epilog=verbatim(export_command.EPILOG))(export_command.export)
+    app.add_typer(runs_command.app, name="runs", epilog=verbatim(runs_command.EPILOG))
     app.command(name="bench", epilog=verbatim(bench.EPILOG))(bench.bench)
 
 

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from p2pfl.config_file import ConfigError, format_error, load_model, read_toml
-from p2pfl.protocol.topics import validate_name
+from p2pfl.protocol.topics import validate_name, validate_run_name
 
 # What a monitor accepts in a telemetry record (p2pfl.status): longer tags would void it.
 MAX_TAG = 64
@@ -333,7 +333,11 @@ class NodeConfig(BaseModel):
         None, ge=0, le=65535, description="Serve Prometheus metrics (p2pfl_*) on this port."
     )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
-    run_name: str = Field("", description="A name for this run, shown by monitors.")
+    run_name: Annotated[str, AfterValidator(validate_run_name)] = Field(
+        "",
+        description="The run this node takes part in (1-64 of A-Za-z0-9._+-). [default: the "
+        "run its peers announce, or a new one named NETWORK-UTCTIMESTAMP]",
+    )
     tags: tuple[Annotated[str, Field(min_length=1, max_length=MAX_TAG)], ...] = Field(
         (), max_length=MAX_TAGS, description="A tag for this run (repeatable)."
     )

@@ -162,8 +162,8 @@ async def mdns_discovery(config: NodeConfig, node: Node, home: HomeBroker) -> As
         addresses=[h for h in map(_uri_host, home.advertised) if _is_ip(h)],
         interfaces=config.interfaces,
         round=node.round,
-        on_peer=node.discovered,
-        on_gone=node.vanished,
+        on_peer=node.membership.discovered,  # on the node's loop
+        on_gone=node.membership.vanished,
     )
     try:
         await mdns.start()
@@ -251,7 +251,7 @@ def report_round(report: RoundReport) -> None:
     # A node that will not train next round (--when, p2pfl pause) says why.
     privacy += "" if report.paused is None else f" paused: {report.paused}"
     progress.info(
-        "round %d loss=%.4f acc=%.4f peers=%d merged=%d sent=%d recv=%d rejected=%d%s",
+        "round %d loss=%.4f acc=%.4f peers=%d merged=%d sent=%d recv=%d rejected=%d run=%s%s",
         report.round,
         report.train_loss,
         report.accuracy,
@@ -260,6 +260,7 @@ def report_round(report: RoundReport) -> None:
         fields["models_sent"],
         fields["models_received"],
         fields["rejected"],
+        report.run,
         privacy,
         extra={"fields": fields, "text_fields": False},
     )
@@ -379,7 +380,14 @@ async def _run(
     try:
         async with control_socket(state.path, control), mdns_discovery(config, node, home):
             notify("READY=1")  # systemd (Type=notify): up, and answering p2pfl status
-            return await node.run()
+            try:
+                counters = await node.run()
+            except Exception:
+                await asyncio.to_thread(node.runs.finish, "failed")
+                raise
+            # Stopped before its rounds were done (a signal, p2pfl stop): resumable, running.
+            await asyncio.to_thread(node.runs.finish, "running" if node.stopping else "finished")
+            return counters
     finally:
         if metrics is not None:
             await asyncio.to_thread(metrics.shutdown)
@@ -392,13 +400,15 @@ def _report_done(node: Node, node_id: str, counters: NodeCounters) -> None:
     """The node's last line: rounds, final accuracy and its counters."""
     final = node.last_eval
     progress.info(
-        "done rounds=%d accuracy=%s",
+        "done rounds=%d accuracy=%s run=%s",
         node.round,
         "n/a" if final is None else f"{final.accuracy:.4f}",
+        node.runs.id,
         extra={
             "fields": {
                 "event": "done",
                 "node": node_id,
+                "run": node.runs.id,
                 "round": node.round,
                 "accuracy": None if final is None else final.accuracy,
                 **counters.as_dict(),

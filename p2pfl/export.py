@@ -1,11 +1,13 @@
 """Take a learned model out of a node's state dir: `p2pfl export`.
 
-A node's checkpoint (``checkpoints/ckpt-NNNNNN.npz``, see `p2pfl.store`) holds its weights and
-what builds the model (`p2pfl.resume.checkpoint_meta`). Export writes those weights as
+A node's checkpoint (``runs/<run>/checkpoints/ckpt-NNNNNN.npz``, see `p2pfl.store`: the run
+given, else the one started last, or an older version's flat ``checkpoints/``) holds its
+weights and what builds the model (`p2pfl.resume.checkpoint_meta`). Export writes those weights as
 safetensors (default), a torch ``state_dict`` (``pt``) or an ONNX graph (``onnx``), with
 string metadata: ``run``, ``round``, ``node``, ``model``, ``dataset``, ``seed``, ``layout``
 (tensor name -> [dtype, shape], the model's `ExpectedSpec`) and ``config_hash`` when the
-checkpoint records one. The consensus of several nodes is the plain average of their
+checkpoint records one; the run's record (``run.json``, `p2pfl.runs`) gives the run id and
+config hash when there is one. The consensus of several nodes is the plain average of their
 checkpoints (`p2pfl.learning.merge.average`), which needs one model spec.
 
 Every expected failure is an `ExportError` whose message names the file.
@@ -27,6 +29,7 @@ import numpy as np
 
 from p2pfl.learning.merge import average
 from p2pfl.protocol.model import layout
+from p2pfl.runs import RunRecord, read_record, run_dirs
 from p2pfl.store import Checkpoint, CheckpointError, StateDir, atomic_write, read_checkpoint
 
 Format = Literal["safetensors", "pt", "onnx"]
@@ -48,9 +51,10 @@ class Exported:
     skipped: tuple[str, ...] = ()  # newer checkpoints refused: "path: reason"
 
 
-def export_node(state_dir: Path, round: int | None = None) -> Exported:
-    """The checkpoint of `round` (default: the newest good one) of the node in `state_dir`."""
-    state = _state(state_dir)
+def export_node(state_dir: Path, round: int | None = None, run: str | None = None) -> Exported:
+    """The checkpoint of `round` (default: the newest good one) of `run` (default: the one
+    started last) of the node in `state_dir`."""
+    state = _state(state_dir, run)
     try:
         kept = state.checkpoints()
     except OSError as exc:
@@ -76,14 +80,17 @@ def export_node(state_dir: Path, round: int | None = None) -> Exported:
                 skipped.append(f"{path}: {exc}")
         else:
             raise ExportError(f"no usable checkpoint in {state.checkpoint_dir}: {skipped[0]}")
-    return Exported(ckpt.weights, _metadata(state, ckpt), str(path), tuple(skipped))
+    record = read_record(state.run_path) if state.run is not None else None
+    return Exported(ckpt.weights, _metadata(state, ckpt, record), str(path), tuple(skipped))
 
 
-def export_consensus(state_dirs: Sequence[Path], round: int | None = None) -> Exported:
+def export_consensus(
+    state_dirs: Sequence[Path], round: int | None = None, run: str | None = None
+) -> Exported:
     """The average of the nodes' checkpoints (each as `export_node` picks it); one model spec."""
     if not state_dirs:
         raise ExportError("--consensus needs at least one state dir")
-    nodes = [export_node(d, round) for d in state_dirs]
+    nodes = [export_node(d, round, run) for d in state_dirs]
     first = nodes[0].metadata
     for d, node in zip(state_dirs[1:], nodes[1:], strict=True):
         for key in _SPEC_KEYS:
@@ -180,10 +187,18 @@ def _write_file(out: Path, write: Callable[[IO[bytes]], object]) -> None:
     os.chmod(out, 0o644)  # a model to share, not a secret like the state dir
 
 
-def _state(state_dir: Path) -> StateDir:
+def _state(state_dir: Path, run: str | None) -> StateDir:
+    """The state dir, reading the checkpoints of ``run`` (default: the run started last)."""
     state = StateDir(state_dir)
     if not state_dir.is_dir():
         raise ExportError(f"no state dir at {state_dir}")
+    runs = run_dirs(state_dir)
+    if run is not None and run not in runs:
+        known = ", ".join(runs) or "none"
+        raise ExportError(f"no run {run!r} in {state_dir}; runs: {known}")
+    chosen = run or next(reversed(runs), None)
+    if chosen is not None and runs[chosen] != state_dir:  # else the flat layout of old
+        state.run = chosen
     if not state.checkpoint_dir.is_dir():
         raise ExportError(f"no checkpoints in {state_dir} (not a node's --state-dir, or empty)")
     return state
@@ -196,7 +211,7 @@ def _read(path: Path) -> Checkpoint:
         raise ExportError(f"{path}: {exc}") from None
 
 
-def _metadata(state: StateDir, ckpt: Checkpoint) -> dict[str, str]:
+def _metadata(state: StateDir, ckpt: Checkpoint, record: RunRecord | None) -> dict[str, str]:
     spec = ckpt.meta.get("spec")
     spec = spec if isinstance(spec, dict) else {}
     shapes = {k: [str(dt), list(shape)] for k, (dt, shape) in layout(ckpt.weights).items()}
@@ -211,6 +226,10 @@ def _metadata(state: StateDir, ckpt: Checkpoint) -> dict[str, str]:
     }
     if ckpt.meta.get("config_hash"):
         metadata["config_hash"] = str(ckpt.meta["config_hash"])
+    if record is not None:  # the run's record has the last word
+        metadata["run"] = record.run
+        if record.config_hash:
+            metadata["config_hash"] = record.config_hash
     return metadata
 
 

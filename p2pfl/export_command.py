@@ -1,7 +1,6 @@
 """`p2pfl export`: write a node's learned model (or the average of several) to a file.
 
-There is no ``--run`` yet: a state dir holds one run today, and its checkpoints record only the
-run's name (written as the ``run`` metadata); ``--run`` comes with run ids in the state dir.
+``--run RUN`` picks the run of the state dir (default: the one started last; `p2pfl runs list`).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ Examples:
 
   p2pfl export --state-dir st/n1 --out model.safetensors          # newest good checkpoint
   p2pfl export --state-dir st/n1 --round 20 --out r20.safetensors
+  p2pfl export --state-dir st/n1 --run trial-2 --out t2.safetensors # a run other than the last
   p2pfl export --state-dir st/n1 --format pt --out model.pt        # torch state_dict
   p2pfl export --state-dir st/n1 --format onnx --out model.onnx    # pip install 'p2pfl[onnx]'
   p2pfl export --consensus st/n1 st/n2 st/n3 --out avg.safetensors # the nodes' average
@@ -26,6 +26,9 @@ Exit status: 0 written, 2 a state dir, checkpoint or output that cannot be used.
 def export(
     state_dir: Path | None = typer.Option(
         None, "--state-dir", help="The node's state dir (as given to p2pfl run)."
+    ),
+    run: str | None = typer.Option(
+        None, "--run", help="This run's checkpoints. [default: the run started last]"
     ),
     round: int | None = typer.Option(
         None, "--round", min=0, help="This round's checkpoint. [default: the newest good one]"
@@ -51,13 +54,13 @@ def export(
         if consensus:
             if state_dir is not None:
                 raise ExportError("give --state-dir or --consensus, not both")
-            exported = export_consensus([*consensus, *(more_dirs or ())], round)
+            exported = export_consensus([*consensus, *(more_dirs or ())], round, run)
         else:
             if more_dirs:
                 raise ExportError(f"unexpected argument {str(more_dirs[0])!r}")
             if state_dir is None:
                 raise ExportError("give --state-dir DIR (or --consensus DIR...)")
-            exported = export_node(state_dir, round)
+            exported = export_node(state_dir, round, run)
         for skipped in exported.skipped:
             typer.echo(f"warning: skipped checkpoint {skipped}", err=True)
         write(exported, out, format)

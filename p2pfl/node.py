@@ -34,6 +34,7 @@ from p2pfl.pausing import Pausing
 from p2pfl.peer_watch import LONELY_ROUNDS, PeerWatch
 from p2pfl.protocol import topics
 from p2pfl.protocol.model import layout
+from p2pfl.run_identity import RunIdentity
 from p2pfl.secure_round import SecureAggregation
 from p2pfl.status import NodeStatus, RoundReport
 from p2pfl.store import StateDir
@@ -107,6 +108,8 @@ class Node:
         self.inbox = Inbox(config, self.counters, clock=clock)
         self.inbox.trust = self.trust
         self._peers(advertised, own_broker)
+        self.runs = RunIdentity(config, state, self.membership.heard_runs, node_id=node_id)
+        self.membership.run = lambda: self.runs.id  # announced in our presence
         self.gossip = Gossip(
             config, transport, node_id=node_id, view=self.view, membership=self.membership,
             inbox=self.inbox, schedule=schedule, learner=learner, merge=self._merge,
@@ -215,6 +218,7 @@ class Node:
         weights = await asyncio.to_thread(self.learner.get_weights)
         self.inbox.layout = layout(weights)
         if self.state is not None:
+            await asyncio.to_thread(self.runs.begin)  # the run, whose checkpoint we resume
             resumed = await resume.resume(self.state, self.learner, self.inbox.layout)
             if resumed is not None:
                 self.round = resumed
@@ -362,14 +366,14 @@ class Node:
         self.round = max(r, self.round)
         self.counters.rounds += 1
         if self.state is not None:
-            meta = resume.checkpoint_meta(self.config)
+            meta = await asyncio.to_thread(self.runs.checkpoint_meta)  # the run settles
             await resume.save_checkpoint(self.state, self.learner, self.round, meta)
         report = RoundReport(
             node_id=self.node_id, round=self.round, train_loss=fit.loss, test_loss=result.loss,
             accuracy=result.accuracy, peers=len(self.view.live()), merged=merged,
             seconds=self.clock() - started, counters=self.counters.as_dict(),
             fit_seconds=fit.seconds, eval_seconds=eval_seconds, epsilon=self.epsilon,
-            paused=self.paused,
+            paused=self.paused, run=self.runs.id,
         )  # fmt: skip
         await self.peer_watch.after_round(report.peers)
         if self.state is not None:
@@ -409,14 +413,6 @@ class Node:
         self.inbox.forget(info.id, models=not keep)
         self.membership.forget(info)
 
-    def discovered(self, info: PeerInfo) -> None:
-        """A discovery source (mDNS) found a peer; call it on the node's loop."""
-        self.membership.discovered(info)
-
-    def vanished(self, peer_id: str) -> None:
-        """A discovery source saw a peer leave (e.g. an mDNS goodbye)."""
-        self.membership.vanished(peer_id)
-
     # ---- status -----------------------------------------------------------------------------
 
     def status(self) -> NodeStatus:
@@ -428,7 +424,7 @@ class Node:
         if ev is not None and cfg.telemetry_detail == "full":
             confusion = tuple(tuple(row) for row in ev.confusion.tolist())
         return NodeStatus.model_construct(
-            id=self.node_id, detail=cfg.telemetry_detail, role=cfg.role, run=cfg.run_name,
+            id=self.node_id, detail=cfg.telemetry_detail, role=cfg.role, run=self.runs.id,
             tags=tuple(cfg.tags), schedule=self.schedule.name, mode=cfg.mode,
             broker=self.membership.advertised[0], round=self.round, rounds=c.rounds,
             train_loss=self.last_loss, test_loss=None if ev is None else ev.loss,

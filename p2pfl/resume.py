@@ -66,6 +66,6 @@ async def save_checkpoint(
 
 def checkpoint_meta(config: NodeConfig) -> dict[str, Any]:
     """What a checkpoint records besides its weights: what builds the model (`p2pfl export`
-    writes it into the exported file) and the run's name."""
+    writes it into the exported file) and the run (a node's: `RunIdentity.checkpoint_meta`)."""
     spec = {"model": config.model, "dataset": config.dataset, "seed": config.seed}
-    return {"spec": spec, "run_name": config.run_name}
+    return {"spec": spec, "run": config.run_name}

@@ -285,11 +285,13 @@ class RoundReport:
     eval_seconds: float = 0.0
     epsilon: float | None = None  # DP: epsilon spent so far on this node's samples
     paused: str | None = None  # why the node will not train next round (--when, pause)
+    run: str = ""  # the run the node takes part in (p2pfl.run_identity)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "event": "round",
             "node": self.node_id,
+            "run": self.run,
             "round": self.round,
             "train_loss": round(self.train_loss, 6),
             "test_loss": round(self.test_loss, 6),

@@ -4,9 +4,16 @@ Layout of ``--state-dir``::
 
     identity.json            the node id (stable across restarts)
     lock                     held (flock) while a node runs, so two nodes never share a directory
-    checkpoints/ckpt-000042.npz    weights + round, model spec, run name; last N kept
     privacy.json             with DP: the privacy accountant's history (what was spent)
-    metrics.jsonl            one JSON object per round
+    runs/<run>/run.json      a run's record: its configuration, hash, status (p2pfl.runs)
+    runs/<run>/checkpoints/ckpt-000042.npz  weights + round, model spec, run id; last N kept
+    runs/<run>/metrics.jsonl one JSON object per round, each naming the run
+
+Node-wide things (identity, keys, trust store, control socket, DP budget: it is spent on the
+node's data whatever the run) stay at the top. Until a run is chosen (`use_run`), checkpoints
+and metrics are those of the flat layout of older versions (``checkpoints/``,
+``metrics.jsonl`` at the top), which a starting node moves into a run once
+(`p2pfl.runs.migrate_legacy`).
 
 Checkpoints are ``.npz`` files loaded with ``allow_pickle=False`` (no code runs from a
 checkpoint), written to a temp file, fsynced, renamed, and the directory fsynced, so a crash or a
@@ -84,14 +91,30 @@ class StateDir:
         self.keep = keep
         self._lock: IO[str] | None = None
         self._writing = threading.Lock()  # held while a checkpoint is being written
+        self.run: str | None = None  # the run written to (None: the legacy flat layout)
+
+    @property
+    def run_path(self) -> Path:
+        """Where the current run's files go: ``runs/<run>`` (the top before `use_run`)."""
+        return self.path if self.run is None else self.path / "runs" / self.run
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.path / "checkpoints"
+        return self.run_path / "checkpoints"
 
     @property
     def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.run_path / "metrics.jsonl"
+
+    def use_run(self, run: str) -> None:
+        """Write checkpoints and metrics into ``runs/<run>/`` from now on (made if missing)."""
+        self.run = run
+        try:
+            for directory in (self.path / "runs", self.run_path, self.checkpoint_dir):
+                directory.mkdir(mode=_DIR_MODE, exist_ok=True)
+        except OSError as exc:
+            raise StateDirError(f"cannot use state dir {self.path}: {exc}") from exc
+        self._remove_orphans()
 
     def __enter__(self) -> StateDir:
         self.open()
@@ -136,6 +159,8 @@ class StateDir:
     def _remove_orphans(self) -> None:
         removed = []
         for directory in (self.path, self.checkpoint_dir):
+            if not directory.is_dir():
+                continue
             for entry in os.scandir(directory):
                 if _is_temp_name(entry.name) and not entry.is_dir(follow_symlinks=False):
                     Path(entry.path).unlink(missing_ok=True)
@@ -237,7 +262,9 @@ class StateDir:
         return data
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
-        """Append one JSON line to the metrics log."""
+        """Append one JSON line to the metrics log (naming the run, when there is one)."""
+        if self.run is not None:
+            record = {"run": self.run, **record}
         fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
         with os.fdopen(fd, "a") as fh:
             fh.write(json.dumps(record, separators=(",", ":")) + "\n")

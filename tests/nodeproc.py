@@ -85,3 +85,10 @@ def stop_all(nodes: Iterable[NodeProcess], grace: float = 30.0) -> None:
 
 # Process tests wait without an event loop; the name their modules import.
 wait_until = wait_until_blocking
+
+
+def run_dir(state: Path) -> Path:
+    """The one run directory of a node's state dir (``runs/<run>``, p2pfl.runs)."""
+    runs = sorted(p for p in (state / "runs").iterdir() if p.is_dir())
+    assert len(runs) == 1, f"expected one run in {state}, found {[p.name for p in runs]}"
+    return runs[0]

@@ -14,6 +14,7 @@ import pytest
 
 from p2pfl.protocol import topics
 from p2pfl.transport.base import LocalBroker
+from tests.nodeproc import run_dir
 from tests.test_monitor_discovery import client, presence, telemetry
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,7 +42,7 @@ def test_a_node_runs_with_the_new_flags_and_keeps_as_many_checkpoints_as_told(
     rounds = [json.loads(line) for line in out.stderr.splitlines() if '"round"' in line]
     assert any(r.get("round") == 2 for r in rounds), out.stderr[-2000:]
     # Two rounds were checkpointed; --checkpoints-keep 1 left the last one only.
-    assert [p.name for p in (state / "checkpoints").iterdir()] == ["ckpt-000002.npz"]
+    assert [p.name for p in (run_dir(state) / "checkpoints").iterdir()] == ["ckpt-000002.npz"]
 
 
 @pytest.mark.parametrize(

@@ -132,7 +132,7 @@ SETTINGS: dict[str, tuple[list[str], str]] = {
     "telemetry_detail": one("telemetry_detail", "metrics", '"metrics"'),
     "metrics_port": one("metrics_port", "9100"),
     "metrics_host": one("metrics_host", "0.0.0.0", '"0.0.0.0"'),
-    "run_name": one("run_name", "trial 1", '"trial 1"'),
+    "run_name": one("run_name", "trial-1", '"trial-1"'),
     "tags": (["--tag", "a", "--tag", "b c"], 'tags = ["a", "b c"]'),
     "when": (["--when", "charging,window=22:00-06:00"], 'when = "charging,window=22:00-06:00"'),
     "metered_interfaces": (
@@ -208,6 +208,8 @@ INVALID: dict[str, tuple[list[str], str]] = {
     "log_level": one("log_level", "loud", '"loud"'),
     # A monitor drops a telemetry record whose tag it cannot show: refused at start instead.
     "tags": (["--tag", "x" * 65], f'tags = ["{"x" * 65}"]'),
+    # A run names a directory of the state dir (runs/<run>/): no spaces, slashes, dots first.
+    "run_name": one("run_name", "trial 1", '"trial 1"'),
     "when": (["--when", "idle:0"], 'when = ["idle:0"]'),
 }
 # Any value is a valid one: free text, a path only used later, a switch, or a name the node
@@ -220,7 +222,6 @@ ANY_VALUE = {
     "username",
     "password",
     "state_dir",
-    "run_name",
     "metrics_host",
     "secure_aggregation",
     "model",

@@ -23,7 +23,7 @@ from p2pfl.discovery.presence import PresenceRecord, parse_presence
 from p2pfl.protocol.envelope import unpack_envelope
 from p2pfl.transport.base import LocalBroker
 from tests.helpers import wait_until
-from tests.nodeproc import NodeProcess, stop_all
+from tests.nodeproc import NodeProcess, run_dir, stop_all
 from tests.test_control import FakeNode
 
 pytestmark = pytest.mark.timeout(180)
@@ -100,7 +100,7 @@ async def test_status_pause_resume_and_stop_a_running_node(
         stopped = await asyncio.to_thread(p2pfl, "stop", "--state-dir", str(state))
         assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
         assert node.wait(5) == 0, node.tail()
-        assert list((state / "checkpoints").glob("ckpt-*.npz")), node.tail()
+        assert list((run_dir(state) / "checkpoints").glob("ckpt-*.npz")), node.tail()
         assert not sock.exists()
         await wait_until(lambda: any(not r.online for r in seen), 10, what="a bye on the broker")
         bye = next(r for r in seen if not r.online)

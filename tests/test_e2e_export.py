@@ -46,7 +46,8 @@ def accuracy(path: Path, data: Dataset) -> float:
 
 def reported(state_dir: Path, round: int) -> float:
     """The accuracy the node wrote in its metrics log for `round` (its last line of it)."""
-    lines = [json.loads(line) for line in (state_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = state_dir / "runs" / "export-e2e" / "metrics.jsonl"  # the run's (p2pfl.runs)
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     return float([r for r in lines if r["round"] == round][-1]["accuracy"])
 
 

@@ -23,7 +23,7 @@ from p2pfl.protocol.envelope import Envelope, pack_envelope
 from p2pfl.protocol.model import encode_model, model_digest
 from p2pfl.transport.base import LocalBroker
 from p2pfl.transport.mosquitto import MosquittoBroker
-from tests.nodeproc import NodeProcess, free_ports, stop_all, wait_until
+from tests.nodeproc import NodeProcess, free_ports, run_dir, stop_all, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -275,5 +275,5 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path: Path) -> None:
     assert node.wait(30) == 0, node.tail()
     done = node.done()
     assert done is not None
-    ckpts = sorted((tmp_path / "solo" / "checkpoints").glob("ckpt-*.npz"))
+    ckpts = sorted((run_dir(tmp_path / "solo") / "checkpoints").glob("ckpt-*.npz"))
     assert ckpts and ckpts[-1].name == f"ckpt-{done['round']:06d}.npz"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from p2pfl.transport.mosquitto import MosquittoBroker, find_mosquitto
-from tests.nodeproc import NodeProcess, free_ports, stop_all, wait_until
+from tests.nodeproc import NodeProcess, free_ports, run_dir, stop_all, wait_until
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -81,7 +81,7 @@ def kill_together(tmp: Path, run: int, *, broker_first: bool) -> None:
                 raise AssertionError(f"{node.name} still running\n{tails()}") from None
             assert code == 0, f"{node.name} exited {code}\n{tails()}"
         for j, node in enumerate(nodes):
-            checkpoints = list((tmp / name / f"s{j}" / "checkpoints").glob("ckpt-*.npz"))
+            checkpoints = list((run_dir(tmp / name / f"s{j}") / "checkpoints").glob("ckpt-*.npz"))
             assert checkpoints, f"{node.name} left no checkpoint\n{tails()}"
             assert any("node stopped" in r.get("msg", "") for r in node.records()), tails()
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.nodeproc import NodeProcess, stop_all, wait_until
+from tests.nodeproc import NodeProcess, run_dir, stop_all, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -60,19 +60,19 @@ def checkpoint_warnings(node: NodeProcess) -> list[str]:
 
 
 def temp_files(state: Path) -> list[Path]:
-    dirs = (state, state / "checkpoints")
+    dirs = (state, run_dir(state) / "checkpoints")
     return [p for d in dirs for p in d.iterdir() if p.name.startswith(".") and p.suffix == ".tmp"]
 
 
 def checkpoints(state: Path) -> list[Path]:
-    return sorted((state / "checkpoints").glob("ckpt-*.npz"))
+    return sorted((run_dir(state) / "checkpoints").glob("ckpt-*.npz"))
 
 
 def kill_mid_write(node: NodeProcess, state: Path, within: float = 60.0) -> None:
     """SIGKILL `node` while a checkpoint is being written, not merely near it: freeze the process
     (SIGSTOP) the moment a temp file appears, and kill it if the file is still there; otherwise
     let it go on and try the next round."""
-    ckpts = state / "checkpoints"
+    ckpts = run_dir(state) / "checkpoints"
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if not any(p.name.startswith(".ckpt-") for p in ckpts.iterdir()):
@@ -191,7 +191,7 @@ def test_a_bad_newest_checkpoint_is_refused_and_the_previous_one_used(
     shutil.copytree(trained_state, state)
     *_, previous, newest = checkpoints(state)
     reason = damage(newest)
-    orphans = [state / "checkpoints" / ".ckpt-x1y2z3.tmp", state / ".identity.json-q9w8e7.tmp"]
+    orphans = [newest.parent / ".ckpt-x1y2z3.tmp", state / ".identity.json-q9w8e7.tmp"]
     orphans[0].write_bytes(newest.read_bytes()[:100])
     orphans[1].write_text('{"id": "so')
     good_round = int(previous.stem.split("-")[1])

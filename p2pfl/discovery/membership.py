@@ -116,6 +116,8 @@ class Membership:
         self._next_seq = next_seq
         self._round = current_round
         self._paused = paused  # why we do not train now, said in our presence
+        self.run: Callable[[], str | None] = lambda: None  # our run, said likewise
+        self._runs: dict[str, str] = {}  # the run each peer announced, for peers of the view
         self._reject = reject
         self._clock = clock
         # Brokers our presence goes to every heartbeat: those of the configured peers, and of
@@ -209,6 +211,7 @@ class Membership:
         """A verified online record of ``peer_id``: it joins the view (or is refreshed), once
         one of its broker's addresses is known to work."""
         self.finished.pop(peer_id, None)
+        self._note_run(peer_id, record.run)
         usable = self._usable(peer_id, record.candidates)
         if usable is None:
             return
@@ -281,6 +284,21 @@ class Membership:
                 del self.finished[next(iter(self.finished))]
         if self.view.remove(peer_id, "offline"):
             log.info("peer left id=%s", peer_id)
+
+    def heard_runs(self) -> list[str]:
+        """The runs the peers of the view announce (p2pfl.run_identity)."""
+        return [run for peer, run in self._runs.items() if peer in self.view]
+
+    def _note_run(self, peer_id: str, run: str | None) -> None:
+        """Remember the run ``peer_id`` announces: at most one per peer the view may hold."""
+        if run is None:
+            self._runs.pop(peer_id, None)
+            return
+        if peer_id not in self._runs and len(self._runs) >= self.config.max_peers:
+            self._runs = {p: r for p, r in self._runs.items() if p in self.view}
+            if len(self._runs) >= self.config.max_peers:
+                return
+        self._runs[peer_id] = run
 
     def pending(self, peer_id: str) -> bool:
         """Whether a verified presence record of ``peer_id`` waits for a probe of its
@@ -667,6 +685,7 @@ class Membership:
             cert=self.certificate,
             xk=self.agreement_key,
             paused=self._paused(),
+            run=self.run(),
         )
         return Message(topics.presence(self.net, self.node_id), payload, retain=True)
 

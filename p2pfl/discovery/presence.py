@@ -14,6 +14,9 @@ Under ``--secure-aggregation`` it carries ``xk``, the node's X25519 key for mask
 A node that does not train now (``--when`` says it is not eligible, or it was paused by hand)
 says why in ``paused`` (``window``, ``manual``, ...): peers keep it in their view but plan no
 rounds with it. A record without the field is a node that trains.
+
+``run`` is the run the node takes part in (`p2pfl.run_identity`): a run id of at most 64 of
+``A-Za-z0-9._+-``; a record without it is a node of an unknown run (an older version).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from p2pfl.protocol.envelope import (
     unpack_envelope,
 )
 from p2pfl.protocol.errors import ProtocolError
+from p2pfl.protocol.topics import MAX_RUN, is_run_id
 from p2pfl.transport.address import parse_broker_uri
 
 ROLES = ("trainer", "monitor")
@@ -59,6 +63,7 @@ class PresenceRecord:
     cert: bytes | None = None  # the node's membership certificate (--trust ca)
     xk: bytes | None = None  # the node's X25519 key for secure aggregation masks
     paused: str | None = None  # why the node does not train now; None: it trains
+    run: str | None = None  # the run the node takes part in; None: unknown (older version)
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -82,13 +87,14 @@ def encode_presence(
     cert: bytes | None = None,
     xk: bytes | None = None,
     paused: str | None = None,
+    run: str | None = None,
 ) -> bytes:
     """The presence envelope of `node_id`: online, a graceful `bye`, or (``graceful=False``)
     the offline record a will carries, which says the node died rather than stopped.
 
     ``brokers`` lists every address of the node's broker (``broker`` is the first of them);
     ``cert`` is the node's membership certificate; ``xk`` its X25519 key for secure
-    aggregation; ``paused`` why the node does not train now.
+    aggregation; ``paused`` why the node does not train now; ``run`` the run it is in.
     """
     body: dict[str, str | int | list[str] | bytes] = {
         "state": "online" if online else "offline",
@@ -107,6 +113,8 @@ def encode_presence(
         body["xk"] = xk
     if paused is not None:
         body["paused"] = paused
+    if run:
+        body["run"] = run
     env = Envelope(
         v=PROTOCOL_VERSION,
         kind="presence" if online else "bye" if graceful else "will",
@@ -154,6 +162,9 @@ def parse_presence(env: Envelope) -> PresenceRecord:
     paused = body.get("paused")
     if paused is not None and not _is_reason(paused):
         raise ProtocolError(f"presence paused must be a printable word of at most {MAX_PAUSED}")
+    run = body.get("run")
+    if run is not None and not is_run_id(run):
+        raise ProtocolError(f"presence run must be a run id of at most {MAX_RUN} characters")
     online = env.kind == "presence" and state == "online"
     return PresenceRecord(
         node_id=env.src,
@@ -167,6 +178,7 @@ def parse_presence(env: Envelope) -> PresenceRecord:
         cert=cert,
         xk=xk,
         paused=paused,
+        run=run,
     )
 
 

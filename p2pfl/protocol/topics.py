@@ -5,6 +5,7 @@ so they may not contain ``/``, ``+`` or ``#``.
 """
 
 import functools
+import re
 import unicodedata
 from typing import Literal
 
@@ -25,6 +26,25 @@ _RECORD_KINDS: dict[str, TopicKind] = {
 
 
 _SEED_LEVELS = frozenset(str(b) for b in range(SEED_BUCKETS))
+
+# A run id names a directory of the state dir too (p2pfl.runs): a plain word, no dots first.
+MAX_RUN = 64
+_RUN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def is_run_id(value: object) -> bool:
+    """Whether ``value`` can name a run: 1-64 of ``A-Za-z0-9._+-``, a letter or digit first."""
+    return isinstance(value, str) and _RUN_RE.fullmatch(value) is not None
+
+
+def validate_run_name(value: str) -> str:
+    """``run_name`` as configured: empty (the default run) or a run id; else ValueError."""
+    if value and not is_run_id(value):
+        raise ValueError(
+            f"{value!r} is not a run name: 1-{MAX_RUN} letters, digits and ._+- "
+            "(a letter or digit first)"
+        )
+    return value
 
 
 def validate_name(value: str, what: str) -> str:
