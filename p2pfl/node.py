@@ -425,7 +425,8 @@ class Node:
             confusion = tuple(tuple(row) for row in ev.confusion.tolist())
         return NodeStatus.model_construct(
             id=self.node_id, detail=cfg.telemetry_detail, role=cfg.role, run=self.runs.id,
-            tags=tuple(cfg.tags), schedule=self.schedule.name, mode=cfg.mode,
+            tags=tuple(cfg.tags), config=self.runs.config_data, config_hash=self.runs.config_hash,
+            schedule=self.schedule.name, mode=cfg.mode,
             broker=self.membership.advertised[0], round=self.round, rounds=c.rounds,
             train_loss=self.last_loss, test_loss=None if ev is None else ev.loss,
             accuracy=None if ev is None else ev.accuracy, confusion=confusion,

@@ -36,6 +36,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -53,6 +54,7 @@ MAX_IDS = 10_000
 MAX_TEXT = 2000
 MAX_LABEL = MAX_TAG
 MAX_LABELS = MAX_TAGS
+MAX_CONFIG = 64  # keys of a run's learning configuration (p2pfl.runs.LEARNING_KEYS: 31)
 
 
 def _printable(value: str) -> str:
@@ -91,6 +93,7 @@ Number = Annotated[StrictFloat, AfterValidator(_finite_or_none)]
 """A float, or None when it is not finite (NaN, inf)."""
 NodeId = Annotated[StrictStr, AfterValidator(_node_id)]
 Ids = Annotated[tuple[NodeId, ...], Field(max_length=MAX_IDS)]
+ConfigValue = StrictBool | StrictInt | Number | Text | None
 ConfusionRow = Annotated[tuple[Count, ...], Field(max_length=MAX_CLASSES)]
 Confusion = Annotated[tuple[ConfusionRow, ...], Field(max_length=MAX_CLASSES)]
 Projection = Annotated[
@@ -113,6 +116,9 @@ class NodeStatus(BaseModel):
     role: Text = "trainer"
     run: Text | None = None
     tags: Annotated[tuple[Label, ...], Field(max_length=MAX_LABELS)] = ()
+    config: Annotated[dict[Label, ConfigValue], Field(max_length=MAX_CONFIG)] = {}
+    """The run's learning configuration, as its run.json records it (`p2pfl.runs`)."""
+    config_hash: Text | None = None
     schedule: Text | None = None
     mode: Text | None = None
     broker: Text = ""

@@ -124,7 +124,10 @@ def test_a_browser_shows_a_live_network_of_three_nodes(
         topology = driver.find_element(By.ID, "topology")
         wait.until(lambda _: int(topology.get_attribute("data-edges")) >= 3, message=logs())
         assert topology.get_attribute("data-nodes") == "3"
-        assert driver.find_element(By.ID, "run-name").text == "browser-demo"
+        name = driver.find_element(By.ID, "run-name")
+        wait.until(lambda _: name.text == "browser-demo", message=logs())
+        conf = driver.find_element(By.ID, "run-config")
+        wait.until(lambda _: "mlp" in conf.text and "model" in conf.text, message=logs())
 
         shown = driver.find_element(By.ID, "g-accuracy")
         wait.until(lambda _: shown.text not in ("", "–"), message=logs())

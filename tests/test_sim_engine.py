@@ -142,15 +142,22 @@ def test_a_crashed_node_comes_back_when_nobody_else_is_left(tmp_path: Path) -> N
 
 def test_a_scripted_pause_skips_the_nodes_rounds_and_it_catches_up(tmp_path: Path) -> None:
     """`[faults] pauses`: n03 trains no round 2 to 4 of the network; the others do not wait
-    for it (a timeout far beyond the test's), and it comes back at the round they reached."""
+    for it (no round of theirs runs into the timeout), and it comes back at the round they
+    reached."""
+    timeout = 30.0
     path = tmp_path / "pause.toml"
     text = SMALL.format(rounds=6).replace("nodes = 3", "nodes = 4")
-    text += "round_timeout = 300.0\n"
+    # Not beyond the test's time: as n03 resumes, a sync peer may still wait once for a
+    # model of a round n03 skipped (a known problem: see the README's known problems);
+    # never for n03 while it is paused.
+    text += f"round_timeout = {timeout}\n"
     text += '\n[faults]\npauses = [{ node = "n03", from_round = 2, to_round = 5 }]\n'
     path.write_text(text)
     records = run_records(path)
     rounds = {n: [r["round"] for r in records if r["node"] == n] for n in ("n01", "n02", "n04")}
     assert rounds == {n: [1, 2, 3, 4, 5, 6] for n in rounds}
+    while_paused = [r for r in records if r["node"] != "n03" and r["round"] in (2, 3)]
+    assert all(r["round_seconds"] < timeout for r in while_paused), while_paused
     paused = [r["round"] for r in records if r["node"] == "n03"]
     assert paused[0] == 1 and not {2, 3} & set(paused) and paused[-1] == 6
     n03 = [r for r in records if r["node"] == "n03"]

@@ -84,6 +84,8 @@ async def test_node_status_is_read_on_the_loop_for_telemetry_and_for_prometheus(
     assert b'p2pfl_round{node="n0"}' in text
     assert [body["id"] for body in published] == ["n0", "n0"]
     assert published[-1]["projection"] is not None  # the thread's part is there too
+    # the run's learning configuration travels with it (the web dashboard shows it)
+    assert published[-1]["config"]["mode"] == "async" and len(published[-1]["config_hash"]) == 64
     assert len(calls) >= 3  # two records and a scrape
     assert set(calls) == {(loop_thread, True)}
 
@@ -125,6 +127,9 @@ def statuses(draw: st.DrawFn) -> NodeStatus:
     return NodeStatus(
         id=draw(node_ids), detail=detail, role=draw(st.sampled_from(["trainer", "monitor"])),
         run=draw(optional() | text), tags=tuple(draw(st.lists(labels, max_size=4))),
+        config=draw(st.dictionaries(labels, st.none() | st.booleans() | counts | finite | text,
+                                    max_size=6)),
+        config_hash=draw(optional() | text),
         schedule=draw(optional() | text), mode=draw(optional() | text), broker=draw(text),
         round=draw(counts), rounds=draw(optional() | counts), train_loss=draw(optional() | finite),
         test_loss=draw(optional() | finite), accuracy=draw(optional() | finite),
@@ -183,6 +188,14 @@ CORRUPTIONS: list[tuple[str, st.SearchStrategy[Any]]] = [
     ("id", node_ids.filter(lambda i: i != "n0")),
     ("detail", st.just("off") | st.just("everything") | st.just(1)),
     ("paused", st.just("") | st.just("x" * 65) | st.integers() | st.just(["window"])),
+    (
+        "config",
+        st.just({"lr": [0.1]})
+        | st.just({"": 1})
+        | st.just({f"k{i}": i for i in range(65)})
+        | st.just({"model": {"nested": 1}})
+        | st.just(["lr"]),
+    ),
 ]
 
 
