@@ -5,11 +5,12 @@ A run's nodes are the state dirs that hold it (``runs/<run>/``, `p2pfl.runs`); i
 any was stopped early or killed, else ``finished``. Its accuracy curve is, per round, the mean
 of the accuracies its nodes logged for that round; its final accuracy the mean of each node's
 last one. A monitor's export (``p2pfl monitor --export``: one snapshot per line) gives runs
-from telemetry: nodes, rounds and accuracy, no configuration.
+from telemetry: nodes, rounds, accuracy, tags, and the configuration the nodes report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from statistics import fmean
 from typing import Any
+
+from pydantic import ValidationError
 
 from p2pfl.runs import RunRecord, read_record, run_dirs, shown_status
 
@@ -173,12 +176,14 @@ def _from_export(path: Path, runs: dict[str, RunSummary]) -> None:
     except OSError as exc:
         raise RunsError(f"cannot read {path}: {exc.strerror or exc}") from None
     seen: dict[tuple[str, str], tuple[dict[int, float], str, str, bool]] = {}
+    records: dict[tuple[str, str], RunRecord] = {}  # what the node said of its run's config
     for line in lines:
         try:
             snap = json.loads(line)
             when = _iso(float(snap["time"]))
             nodes = list(snap["nodes"])
-        except (ValueError, KeyError, TypeError):
+            configs = snap.get("configs") or {}
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue
         for node in nodes:
             if not isinstance(node, dict) or not node.get("run"):
@@ -189,12 +194,23 @@ def _from_export(path: Path, runs: dict[str, RunSummary]) -> None:
             if isinstance(rnd, int) and isinstance(acc, (int, float)) and rnd > 0:
                 curve[rnd] = float(acc)
             seen[key] = (curve, first, when, not node.get("offline") and not node.get("stale"))
+            digest = node.get("config_hash")
+            if isinstance(configs, dict) and isinstance(configs.get(digest), dict):
+                with contextlib.suppress(ValidationError):
+                    records[key] = RunRecord.model_validate(
+                        {"run": key[0], "node": key[1], "tags": node.get("tags") or (),
+                         "config": configs[digest], "config_hash": digest}
+                    )  # fmt: skip
     for (run, node_id), (curve, first, last, live) in seen.items():
         summary = runs.setdefault(run, RunSummary(run))
         if node_id not in summary.nodes:  # a state dir's record knows better
+            record = records.get((run, node_id))
+            if record is not None:
+                summary.records.append(record)
             summary.add(
-                node_id, "running" if live else "ended", curve, first, None if live else last
-            )
+                node_id, "running" if live else "ended", curve, first, None if live else last,
+                record.tags if record is not None else (),
+            )  # fmt: skip
 
 
 def _iso(ts: float) -> str:

@@ -260,6 +260,8 @@ class NodeStatus(BaseModel):
             "schedule": self.schedule,
             "mode": self.mode,
             "run": self.run,
+            "tags": list(self.tags),
+            "config_hash": self.config_hash,
             "sent_to": list(self.sent_to),
             "confusion": None if self.confusion is None else [list(r) for r in self.confusion],
             "projection": None if self.projection is None else list(self.projection),
@@ -268,7 +270,7 @@ class NodeStatus(BaseModel):
 
 def unknown_summary() -> dict[str, Any]:
     """`NodeStatus.summary()`'s keys for a node that has sent no status: nothing known."""
-    return {key: [] if key in ("peer_ids", "sent_to") else None for key in _SUMMARY_KEYS}
+    return {key: [] if key in ("peer_ids", "sent_to", "tags") else None for key in _SUMMARY_KEYS}
 
 
 _SUMMARY_KEYS = tuple(NodeStatus(id="x").summary())

@@ -371,3 +371,34 @@ def test_runs_a_monitor_saw_are_read_from_its_export(tmp_path: Path) -> None:
     assert row["run"] == "gamma" and row["nodes"] == ["a", "b"] and row["rounds"] == 3
     assert row["status"] == "running"  # node a was live in the last snapshot
     assert row["final_accuracy"] == pytest.approx(0.35)
+
+
+def test_a_monitor_export_carries_each_runs_config_and_tags_from_telemetry(
+    tmp_path: Path,
+) -> None:
+    from p2pfl.monitor.state import NetworkState
+    from p2pfl.status import NodeStatus
+
+    configs = {
+        run: learning_config(NodeConfig.model_validate({"network": "lab", "lr": lr}))
+        for run, lr in (("alpha", 0.05), ("beta", 0.01))
+    }
+    state = NetworkState("lab")
+    for node, run in (("a", "alpha"), ("b", "alpha"), ("c", "beta")):
+        status = NodeStatus(
+            id=node, run=run, tags=("team=vision",), round=2, accuracy=0.5,
+            config=configs[run], config_hash=config_hash(configs[run]),
+        )  # fmt: skip
+        assert state.on_telemetry(node, status.wire(), sent_at=time.time())
+    snap = state.snapshot()
+    assert len(snap["configs"]) == 2  # one per configuration, not one per node
+    export = tmp_path / "monitor.jsonl"
+    export.write_text(json.dumps(snap) + "\n")
+    code, out, err = runs_cli("list", "--export", export, "--json")
+    assert code == 0, err
+    rows = {row["run"]: row for row in json.loads(out)}
+    assert rows["alpha"]["nodes"] == ["a", "b"] and rows["alpha"]["tags"] == ["team=vision"]
+    assert rows["alpha"]["config_hash"] == config_hash(configs["alpha"])
+    assert rows["beta"]["config"]["lr"] == 0.01
+    code, out, err = runs_cli("compare", "alpha", "beta", "--export", export)
+    assert code == 0 and "lr" in out and "0.05" in out and "0.01" in out, out + err

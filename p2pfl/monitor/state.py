@@ -287,6 +287,14 @@ class NetworkState:
         }
         return [list(edge) for edge in sorted(edges)]
 
+    def configs(self) -> dict[str, dict[str, Any]]:
+        """The learning configurations the nodes report, once each: config hash -> config."""
+        return {
+            t.config_hash: dict(t.config)
+            for n in self.nodes()
+            if (t := n.telemetry) is not None and t.config_hash and t.config
+        }
+
     def snapshot(self, *, log_lines: int = 20) -> dict[str, Any]:
         """The whole picture as plain JSON-ready data; forgets expired nodes first."""
         self.expire()
@@ -298,6 +306,7 @@ class NetworkState:
             "global": self.global_metrics().as_dict(),
             "excluded_from_global": self.excluded_from_global(),
             "overlay": self.overlay(),
+            "configs": self.configs(),
             "logs": [line.as_dict() for line in self.logs(log_lines)],
             "rejected": dict(sorted(self.rejected.items())),
         }
