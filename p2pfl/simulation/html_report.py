@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.simulation.engine import node_ids
-from p2pfl.simulation.report import Record, _curve, _fmt, _group, human_bytes
+from p2pfl.simulation.report import Record, _curve, _group, summary_cells
 from p2pfl.simulation.scenario import Scenario
 from p2pfl.topology import node_schedule, overlay
 
@@ -75,18 +75,7 @@ def summary_rows(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
         header.append("max epsilon")
     rows = []
     for name, s in summary["schedules"].items():
-        row = [
-            name,
-            _fmt(s["final_mean_accuracy"], ".4f"),
-            _fmt(s["final_min_accuracy"], ".4f"),
-            _fmt(s["rounds_to_80pct"], "d"),
-            _fmt(s["seconds_to_80pct"], ".1f", " s"),
-            _fmt(s["messages_sent"], ","),
-            human_bytes(s["bytes_sent"]),
-            _fmt(s["rejected"], ","),
-            _fmt(s["wall_seconds"], ".1f", " s"),
-        ]
-        rows.append([*row, _fmt(s.get("max_epsilon"), ".3f")] if private else row)
+        rows.append(summary_cells(name, s, private=private))
     return header, rows
 
 

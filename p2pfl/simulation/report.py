@@ -248,6 +248,22 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def summary_cells(name: str, s: Mapping[str, Any], *, private: bool) -> list[str]:
+    """One schedule's row of the summary table (the terminal's and report.html's)."""
+    row = [
+        name,
+        _fmt(s["final_mean_accuracy"], ".4f"),
+        _fmt(s["final_min_accuracy"], ".4f"),
+        _fmt(s["rounds_to_80pct"], "d"),
+        _fmt(s["seconds_to_80pct"], ".1f", " s"),
+        _fmt(s["messages_sent"], ","),
+        human_bytes(s["bytes_sent"]),
+        _fmt(s["rejected"], ","),
+        _fmt(s["wall_seconds"], ".1f", " s"),
+    ]
+    return [*row, _fmt(s.get("max_epsilon"), ".3f")] if private else row
+
+
 def _fmt(value: Any, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
@@ -279,18 +295,8 @@ def summary_table(summary: Mapping[str, Any], scenario: str) -> Table:
     if private:
         table.add_column("max\nepsilon", justify="right", no_wrap=True)
     for name, s in summary["schedules"].items():
-        dp = [_fmt(s.get("max_epsilon"), ".3f")] if private else []
         table.add_row(
-            name,
-            _fmt(s["final_mean_accuracy"], ".4f"),
-            _fmt(s["final_min_accuracy"], ".4f"),
-            _fmt(s["rounds_to_80pct"], "d"),
-            _fmt(s["seconds_to_80pct"], ".1f", " s"),
-            _fmt(s["messages_sent"], ","),
-            human_bytes(s["bytes_sent"]),
-            _fmt(s["rejected"], ","),
-            _fmt(s["wall_seconds"], ".1f", " s"),
-            *dp,
+            *summary_cells(name, s, private=private),
             style="bold" if name == summary.get("best") else None,
         )
     if summary.get("best") is not None:
