@@ -30,6 +30,10 @@ from p2pfl.transport.base import Payload, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
+# Seconds a sync node still waits for a peer's round-r model once the peer's presence says it
+# is past round r (see `Gossip._still_coming`).
+SKIPPED_GRACE = 2.0
+
 
 class Gossip:
     """Sends this node's model to its round's targets and merges the models it takes in."""
@@ -72,15 +76,20 @@ class Gossip:
 
     def round_view(self, r: int) -> list[str]:
         """The peers of round `r`'s plan: the live ones that are not paused, and in sync mode
-        those that finished round `r` and left."""
+        those that finished round `r` and left or paused after it."""
         live = self.view.training()
-        finished = self.membership.finished
-        if self.config.mode == "sync" and finished:
-            # A peer that finished round r and left already did its part in round r: keep it
-            # in round r's plan so its departure does not reshuffle who merges what.
-            done = [p for p, last in finished.items() if last >= r and p not in live]
-            live = sorted([*live, *done])
-        return live
+        if self.config.mode != "sync":
+            return live
+        # A peer that finished round r and left (or paused) already did its part in round r:
+        # keep it in round r's plan so its departure does not reshuffle who merges what (a
+        # re-planned peer would wait for a model of round r that nobody sends any more).
+        done = [p for p, last in self.membership.finished.items() if last >= r]
+        for p in self.view.live():
+            info = self.view.get(p)
+            if info is not None and info.paused is not None and (info.round or 0) >= r:
+                done.append(p)
+        extra = set(done) - set(live)
+        return sorted([*live, *extra]) if extra else live
 
     def plan_targets(self, r: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Whom to send round `r`'s model to, and whose round-`r` models to expect."""
@@ -190,10 +199,20 @@ class Gossip:
         """Sync mode: wait for the expected senders' round-r models, re-planning on view changes."""
         deadline = self.clock() + self.config.round_timeout
         view_version = self.view.version
+        members = set(self.round_view(r))
+        _, first = self.plan_targets(r)
+        past: dict[str, float] = {}  # expected senders whose presence says they left round r
         while not self._stopping():
             _, expect = self.plan_targets(r)
+            if members <= set(self.round_view(r)):
+                # Nobody left, but a peer may have joined or resumed: the senders the new plan
+                # adds sent their round-r model as planned before (or come back past round r),
+                # so only the ones expected from the start are waited for. A departure re-plans
+                # in full: the departed sender's successor sends to us instead.
+                expect = tuple(p for p in expect if p in first)
             if self.secure is None:
                 missing = [p for p in expect if self.inbox.newest_round(p) < r]
+                missing = self._still_coming(missing, r, past)
             else:  # masked for the senders we expect now: a sender that left, re-planned
                 missing = self.secure.missing(expect, r, self.inbox.model)
             if not missing:
@@ -212,6 +231,21 @@ class Gossip:
                 # A neighbour joined or left: our new successor may not have our model yet.
                 view_version = self.view.version
                 await self.send_planned(r, payload, sent)
+
+    def _still_coming(self, missing: list[str], r: int, past: dict[str, float]) -> list[str]:
+        """The missing senders whose round-r model may still come: not one whose presence (or
+        bye) has said for `SKIPPED_GRACE` s that it is past round r (it resumed from a pause at
+        a later round and will not send round r; its model of a round it did train was sent
+        before its presence moved on, so the grace only covers a late delivery)."""
+        now = self.clock()
+        coming = []
+        for p in missing:
+            info = self.view.get(p)
+            said = info.round if info is not None else self.membership.finished.get(p)
+            if said is not None and said >= r and now - past.setdefault(p, now) >= SKIPPED_GRACE:
+                continue
+            coming.append(p)
+        return coming
 
     async def merge_received(
         self, own: dict[str, np.ndarray], r: int, own_age: float
@@ -261,7 +295,10 @@ class Gossip:
         model of a round it will not send again, until the round timeout.
         """
         deadline = self.clock() + self.config.round_timeout
+        rounds = self.config.rounds
         while not self._stopping() and not self.inbox and self.clock() < deadline:
+            if rounds and self.peers_round() >= rounds:
+                break  # the network finished its rounds: no model will come any more
             self.inbox.arrived.clear()
             try:
                 async with asyncio.timeout(min(1.0, max(0.0, deadline - self.clock()))):

@@ -162,6 +162,9 @@ class Inbox:
         self.layout: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}
         self.arrived = asyncio.Event()
         self._models: dict[str, dict[int, ReceivedModel]] = {}
+        # The newest round merged from each sender: a model taken early (a node catching up
+        # takes a model from rounds ahead at once) still counts as that round's model.
+        self._merged: dict[str, int] = {}
         self._logged: set[tuple[str, str]] = set()
         self._reassembler = chunking.Reassembler(
             max_pending_bytes_per_sender=2 * config.max_message_size,
@@ -210,6 +213,7 @@ class Inbox:
         entries and (``models``) its buffered models."""
         if models:
             self._models.pop(src, None)
+            self._merged.pop(src, None)
         self._reassembler.forget(src)
         self._logged = {entry for entry in self._logged if entry[0] != src}
         self._logged.discard(("", ""))  # room again: the next new one is logged
@@ -312,13 +316,14 @@ class Inbox:
     def drop_models(self) -> None:
         """Forget every buffered model (the node pauses: they would be stale when it resumes)."""
         self._models = {}
+        self._merged = {}
 
     def __bool__(self) -> bool:
         return any(self._models.values())
 
     def newest_round(self, src: str) -> int:
-        """The newest round buffered from `src` (0 if none)."""
-        return max(self._models.get(src, ()), default=0)
+        """The newest round buffered or merged from `src` (0 if none)."""
+        return max([self._merged.get(src, 0), *self._models.get(src, ())])
 
     def model(self, src: str, r: int) -> ReceivedModel | None:
         """The round-r model buffered from `src`, if any."""
@@ -341,7 +346,9 @@ class Inbox:
             else:
                 now.extend(m for rr, m in by_round.items() if rr == r + 1)
             if now:
-                taken.append(max(now, key=lambda m: m.round))
+                newest = max(now, key=lambda m: m.round)
+                taken.append(newest)
+                self._merged[src] = max(self._merged.get(src, 0), newest.round)
         self._models = kept
         # Merge in a fixed order: float sums then do not depend on arrival order.
         return sorted(taken, key=lambda m: m.src)

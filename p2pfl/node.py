@@ -266,6 +266,7 @@ class Node:
                 break
             if await self.pausing.hold(self.membership.announce, lambda: self.stopping):
                 self.round = await self.gossip.catch_up()
+                await self.membership.announce()  # peers stop waiting for rounds we skipped
                 continue
             if walkers and not self.tokens.holding:
                 await self.tokens.wait(deadline, lambda: self.stopping)
@@ -355,6 +356,8 @@ class Node:
         """Merge the round's models that came; the node catches up to the round they reached."""
         merged, caught_up = await self.gossip.merge_received(own, r, own_age)
         self.round = max(self.round, caught_up)
+        if caught_up > r:  # rounds skipped: a sync peer must not wait for our model of them
+            await self.membership.announce()
         return merged
 
     async def _end_round(self, r: int, fit: FitResult, merged: int, started: float) -> None:

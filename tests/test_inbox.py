@@ -168,3 +168,20 @@ def test_log_once_entries_are_bounded_whatever_ids_peers_make_up(
     assert [r.getMessage() for r in caplog.records] == [
         "message rejected peer=newcomer reason=stale round: 1 < 3"
     ]
+
+
+async def test_a_model_taken_ahead_of_its_round_still_counts_as_that_rounds_model() -> None:
+    """A node catching up at round 4 takes a peer's round-6 model at once; at round 6 it must
+    not wait for that peer's round-6 model again (it merged it already)."""
+    box = inbox()
+    model = encode_model(weights(), net=NET, src="peer", seq=1, round=6, age=1.0)
+    await box.accept(bytes(model), lowest=0, highest=10)
+    assert [m.round for m in box.take(4)] == [6]
+    assert box.newest_round("peer") == 6 and not box  # nothing buffered, round 6 merged
+    box.drop_models()  # a pause: what was merged before it no longer counts
+    assert box.newest_round("peer") == 0
+    again = encode_model(weights(), net=NET, src="peer", seq=2, round=6, age=1.0)
+    await box.accept(bytes(again), lowest=0, highest=10)
+    box.take(4)
+    box.forget("peer")
+    assert box.newest_round("peer") == 0

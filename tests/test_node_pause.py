@@ -8,14 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
+from p2pfl.discovery.peerview import PeerInfo
 from p2pfl.discovery.presence import encode_presence, parse_presence
+from p2pfl.gossip import SKIPPED_GRACE
 from p2pfl.inbox import NodeCounters
 from p2pfl.learning.datasets import Dataset
+from p2pfl.node import Node
 from p2pfl.protocol import topics
 from p2pfl.protocol.envelope import unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
@@ -163,3 +167,72 @@ def test_the_round_line_ends_with_why_the_node_pauses(caplog: pytest.LogCaptureF
     first, second = (r.getMessage() for r in caplog.records[-2:])
     assert first.startswith("round 3 ") and first.endswith(" paused: window")
     assert "paused" not in second
+
+
+# ---- who a sync round waits for, as peers pause and resume ------------------------------------
+
+
+def peer(peer_id: str, round: int, paused: str | None = None) -> PeerInfo:
+    meta = {} if paused is None else {"paused": paused}
+    return PeerInfo(id=peer_id, role="trainer", broker=BUS, source="presence",
+                    last_seen=time.monotonic(), round=round, meta=meta)  # fmt: skip
+
+
+def sync_node(dataset: Dataset, *peers: PeerInfo) -> Node:
+    """n0 of a sync ring (not running) whose view holds `peers`; a round timeout far beyond
+    the tests' own, so a wait that ends proves it did not run into it."""
+    node = make_node(dataset, MemoryTransport(MemoryBus(), "n0"), "n0", 0, trust="open",
+                     round_timeout=600.0)  # fmt: skip
+    for info in peers:
+        node.view.upsert(info)
+    return node
+
+
+def test_a_peer_that_paused_after_round_r_stays_in_round_rs_plan(dataset: Dataset) -> None:
+    """It sent its round-r model before pausing: a peer still in round r keeps expecting it
+    (re-planning without it would have that peer wait for a model nobody sends)."""
+    node = sync_node(dataset, peer("n1", 1, paused="window"), peer("n2", 1))
+    assert node.gossip.round_view(1) == ["n1", "n2"]
+    assert node.gossip.plan_targets(1)[1] == ("n1",)  # n0's predecessor on the ring
+    assert node.gossip.round_view(2) == ["n2"]  # from round 2 on it is routed around
+    assert node.gossip.plan_targets(2)[1] == ("n2",)
+
+
+async def test_a_peer_paused_as_the_round_began_is_not_waited_for_when_it_resumes(
+    dataset: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    """n1 resumes while n0 waits in round 1: n0's ring now has n1 as its predecessor, but n1
+    comes back at the round its peers send it, maybe past 1, so n0 does not wait for it (a
+    sender a grown view adds to the plan is not waited for; a departure still re-plans)."""
+    caplog.set_level(logging.INFO, logger="p2pfl")
+    node = sync_node(dataset, peer("n1", 0, paused="window"), peer("n2", 0))
+    assert node.gossip.plan_targets(1)[1] == ("n2",)
+    weights = node.learner.get_weights()
+    payload = node.gossip.encode(weights, 1, 1.0)
+    waiting = asyncio.create_task(node.gossip.wait_for_round(1, payload, {"n1", "n2"}))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # n2's model has not come
+    node.view.upsert(peer("n1", 0))  # resumed
+    assert node.gossip.plan_targets(1)[1] == ("n1",)
+    await asyncio.wait_for(waiting, 10)
+    assert "round timeout" not in caplog.text
+
+
+async def test_a_sender_whose_presence_is_past_the_round_is_waited_for_only_a_grace(
+    dataset: Dataset,
+) -> None:
+    """n1's presence says round 3 while n0 waits for its round-2 model: it skipped round 2
+    (back from a pause at a later round), so n0 waits only `SKIPPED_GRACE` for it; a sender
+    still at round 1 is waited for."""
+    node = sync_node(dataset, peer("n1", 3))
+    assert node.gossip.plan_targets(2)[1] == ("n1",)
+    payload = node.gossip.encode(node.learner.get_weights(), 2, 1.0)
+    started = time.monotonic()
+    await asyncio.wait_for(node.gossip.wait_for_round(2, payload, {"n1"}), 10)
+    assert time.monotonic() - started >= SKIPPED_GRACE  # the grace, for a late delivery
+
+    behind = sync_node(dataset, peer("n1", 1))
+    waiting = asyncio.create_task(behind.gossip.wait_for_round(2, payload, {"n1"}))
+    await asyncio.sleep(SKIPPED_GRACE + 1.5)
+    assert not waiting.done()
+    waiting.cancel()

@@ -147,17 +147,16 @@ def test_a_scripted_pause_skips_the_nodes_rounds_and_it_catches_up(tmp_path: Pat
     timeout = 30.0
     path = tmp_path / "pause.toml"
     text = SMALL.format(rounds=6).replace("nodes = 3", "nodes = 4")
-    # Not beyond the test's time: as n03 resumes, a sync peer may still wait once for a
-    # model of a round n03 skipped (a known problem: see the README's known problems);
-    # never for n03 while it is paused.
+    # Far beyond what a round takes: no round, neither while n03 is paused nor as it
+    # resumes at a later round than the one its peers wait in, comes near it.
     text += f"round_timeout = {timeout}\n"
     text += '\n[faults]\npauses = [{ node = "n03", from_round = 2, to_round = 5 }]\n'
     path.write_text(text)
     records = run_records(path)
     rounds = {n: [r["round"] for r in records if r["node"] == n] for n in ("n01", "n02", "n04")}
     assert rounds == {n: [1, 2, 3, 4, 5, 6] for n in rounds}
-    while_paused = [r for r in records if r["node"] != "n03" and r["round"] in (2, 3)]
-    assert all(r["round_seconds"] < timeout for r in while_paused), while_paused
+    waited = [r for r in records if r["round_seconds"] >= timeout / 2]
+    assert waited == [], waited
     paused = [r["round"] for r in records if r["node"] == "n03"]
     assert paused[0] == 1 and not {2, 3} & set(paused) and paused[-1] == 6
     n03 = [r for r in records if r["node"] == "n03"]
