@@ -27,7 +27,7 @@ from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.model import ModelMessage, container_limit, model_from_envelope
 from p2pfl.secagg import MAX_SENDERS, masked_layout
 from p2pfl.transport.base import Payload
-from p2pfl.trust import TRUST_REASONS, Trust
+from p2pfl.trust import TRUST_REASONS, Duplicate, Trust
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,8 @@ class Inbox:
                 raise ProtocolError(f"future round: {model.round} > {highest}")
         except ProtocolError as exc:
             self.reject(src, exc.reason)
+            return
+        except Duplicate:  # delivered twice (MQTT QoS 1): taken already, nothing refused
             return
         self.counters.models_received += 1
         by_round = self._models.setdefault(src, {})

@@ -23,7 +23,9 @@ Replays: per sender, each ``seq`` is taken once (chunks of one transfer share th
 window of :data:`REPLAY_WINDOW` below the highest seen, as IPsec does: messages may arrive out
 of order. The timestamp must be within ``max_skew`` seconds of ours. A node's wills
 are published by a broker long after they were signed, so kind ``will`` is exempt: replaying a
-captured will drops a live node from views until its next heartbeat.
+captured will drops a live node from views until its next heartbeat. An exact copy of the
+message taken last from a sender is no replay but a :class:`Duplicate` (MQTT delivers at least
+once): the caller drops it without counting a refusal.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -63,6 +65,27 @@ highest one accepted from a sender is still taken, once."""
 _WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
 KEYS_PER_PEER = 16
 """Keys pinned (and replay windows kept) per place in the view: room for churn over a long run."""
+
+
+class Duplicate(Exception):
+    """A copy of the message last taken from its sender: the same seq and signed bytes.
+
+    MQTT delivers at least once (a broker's retained copy and the live publish racing a new
+    subscription, or one record announced on two brokers): taking it again would change
+    nothing, and neither does an attacker re-sending it. Not a ``ProtocolError``: the caller
+    drops it without counting a refusal.
+    """
+
+
+class _Window(NamedTuple):
+    """What is remembered of one sender's seqs (bounded: one per sender)."""
+
+    highest: int
+    """The highest seq taken."""
+    seen: int
+    """Bit ``i`` set: seq ``highest - i`` was taken (for the :data:`REPLAY_WINDOW` below)."""
+    last: tuple[int, bytes]
+    """The seq and digest of the message taken last: a copy of it is a :class:`Duplicate`."""
 
 
 class Trust:
@@ -110,8 +133,7 @@ class Trust:
                 source = self._known = TrustedKeys(state_dir, KNOWN_FILE)
             if source is not None:
                 self._keys = {e.node_id: public_bytes(e.key) for e in source.load()}
-        # per sender: the highest seq accepted, and a bitmask of the REPLAY_WINDOW before it
-        self._windows: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
         self._warned: set[str] = set()
         # An embedded broker's auth plugin asks from its own thread (admit_key).
         self._lock = threading.Lock()
@@ -143,7 +165,8 @@ class Trust:
 
         Under ``ca``, a key not yet certified for ``header.src`` needs a certificate: once the
         signature has verified, and only then, ``cert()`` is called to read it from the
-        message's body (None or no ``cert``: refused).
+        message's body (None or no ``cert``: refused). Raises :class:`Duplicate` for a copy of
+        the message taken last from ``header.src`` (``replay=True`` only).
         """
         if self.policy == "open":
             return header
@@ -151,9 +174,10 @@ class Trust:
             raise ProtocolError(f"unsigned message from {header.src!r}")
         with self._lock:
             pending = self._check_key(header.src, header.pk)
+        digest = header.digest()
         try:
             key = Ed25519PublicKey.from_public_bytes(header.pk)
-            key.verify(header.sig, SIG_DOMAIN + header.digest())
+            key.verify(header.sig, SIG_DOMAIN + digest)
         except (InvalidSignature, ValueError):
             raise ProtocolError(f"bad signature on a message from {header.src!r}") from None
         if pending:
@@ -161,7 +185,7 @@ class Trust:
         with self._lock:
             self._pin(header.src, header.pk)
             if replay and header.kind != "will":
-                self._check_fresh(header)
+                self._check_fresh(header, digest)
         return header
 
     def admit_key(self, node_id: str, pk: bytes, cert: bytes | None = None) -> None:
@@ -271,7 +295,7 @@ class Trust:
             # appended (no rewrite, no fsync): a node pins each peer once, on its loop
             self._known.append(src, Ed25519PublicKey.from_public_bytes(pk), "pinned on first use")
 
-    def _check_fresh(self, header: Header) -> None:
+    def _check_fresh(self, header: Header, digest: bytes) -> None:
         skew = header.ts - self._clock()
         if abs(skew) > self.max_skew:
             raise ProtocolError(
@@ -279,25 +303,29 @@ class Trust:
                 f"clock (more than {self.max_skew:g} s)"
             )
         window = self._windows.get(header.src)
+        last = (header.seq, digest)
         if window is None:
             if len(self._windows) >= self.max_keys:
                 self._windows.popitem(last=False)
-            self._windows[header.src] = (header.seq, 1)
+            self._windows[header.src] = _Window(header.seq, 1, last)
             return
         self._windows.move_to_end(header.src)
-        highest, seen = window
+        highest, seen, previous = window
         if header.seq > highest:
             shift = header.seq - highest
             seen = ((seen << shift) | 1) & _WINDOW_MASK if shift < REPLAY_WINDOW else 1
-            self._windows[header.src] = (header.seq, seen)
+            self._windows[header.src] = _Window(header.seq, seen, last)
             return
         age = highest - header.seq
         if age >= REPLAY_WINDOW:
             raise ProtocolError(f"replay: {header.src!r} sent seq {header.seq}, long after")
         bit = 1 << age
         if seen & bit and header.kind != "chunk":  # chunks of one transfer share their seq
+            if last == previous:
+                log.debug("duplicate dropped id=%s seq=%d", header.src, header.seq)
+                raise Duplicate(f"{header.src!r} sent seq {header.seq} twice")
             raise ProtocolError(f"replay: {header.src!r} sent seq {header.seq} again")
-        self._windows[header.src] = (highest, seen | bit)
+        self._windows[header.src] = _Window(highest, seen | bit, last)
 
 
 def trust_label(reason: str) -> str | None:

@@ -68,22 +68,25 @@ def hostile_payloads(net: str) -> list[bytes]:
     rng = np.random.default_rng(0)
     weights = mlp_weights()
     # The attacker signs with a key of its own (any LAN host can make one): under tofu its id
-    # gets pinned, so these reach the checks behind the signature. Repeats are replays.
+    # gets pinned, so these reach the checks behind the signature. Repeats of older ones are
+    # replays.
     seq = now_seq()
     sign = {"src": "evil", "round": 1, "age": 1.0, "signer": EVIL}
     valid = bytes(encode_model(weights, net=net, seq=seq + 1, **sign))  # type: ignore[arg-type]
     wrong_shape = {k: np.zeros((3, 3), np.float32) for k in weights}
     wrong = bytes(encode_model(wrong_shape, net=net, seq=seq + 2, **sign))  # type: ignore[arg-type]
     # Sequence numbers rise in the order the payloads go out: each first copy is new to the
-    # victim's replay window (its checks behind it are reached), every repeat a replay.
+    # victim's replay window (its checks behind it are reached). The repeats that follow are of
+    # records older than the last one taken, so each is a replay: a copy of the last one taken
+    # (other_net here) would be a duplicate delivery, dropped as harmless and not counted.
     nan = nan_model(weights, net=net, seq=seq + 3)
     other_net = bytes(encode_model(weights, net="other", seq=seq + 4, **sign))  # type: ignore[arg-type]
     payloads: list[bytes] = []
     payloads += [rng.bytes(int(rng.integers(1, 2000))) for _ in range(415)]
     payloads += [valid[: int(rng.integers(1, len(valid) - 1))] for _ in range(300)]
-    payloads += [wrong] * 100
-    payloads += [nan] * 100
-    payloads += [other_net] * 80
+    payloads += [wrong, nan, other_net]
+    payloads += [wrong] * 139
+    payloads += [nan] * 138
     payloads += [os.urandom(MAX_MESSAGE + 100_000)] * 5  # each costs the sender its connection
     assert len(payloads) == 1000
     return payloads

@@ -79,11 +79,10 @@ def test_four_nodes_sync_rounds_on_embedded_brokers(tmp_path: Path, schedule: li
         # last may miss a neighbour that finished first; see the closing note of stop 10)
         assert all(r["merged"] >= 1 for r in node.rounds()[1:-1]), node.tail()
         assert done["models_received"] >= rounds - 1
-        # Known: a peer's first presence record can reach a node twice at start (seen once in
-        # about 40 runs: the same seq, within a millisecond of the peer joining), counted as a
-        # replay today; see the closing note of stop 16. Nothing else may be refused.
-        refused = done["rejected_by_reason"]
-        assert set(refused) <= {"replay"} and done["rejected"] <= 1, (refused, logs(nodes))
+        # Nothing is refused in a benign network. A record delivered twice (MQTT is at least
+        # once: a peer's first presence record, retained and live, can reach a node twice at
+        # start) is a duplicate, dropped uncounted, not a replay (p2pfl.trust.Duplicate).
+        assert done["rejected"] == 0, (done.get("rejected_by_reason"), logs(nodes))
 
 
 def test_random_walk_async_for_a_time_budget(tmp_path: Path) -> None:

@@ -129,6 +129,23 @@ async def test_an_unknown_sender_is_refused_before_reassembly_or_decoding() -> N
     assert box.counters.models_received == 1
 
 
+async def test_a_model_delivered_twice_is_taken_once_and_refuses_nothing() -> None:
+    """MQTT QoS 1 may deliver a message twice: the copy is dropped, not counted a replay; the
+    seq again with another body still is one."""
+    box = inbox()
+    box.trust = Trust("tofu")
+    key, seq = Identity.generate(), time.time_ns() // 1000
+    model = bytes(
+        encode_model(weights(), net=NET, src="peer", seq=seq, round=1, age=1.0, signer=key)
+    )
+    await box.accept(model, lowest=0, highest=5)
+    await box.accept(model, lowest=0, highest=5)
+    assert box.counters.models_received == 1 and box.counters.rejected_total == 0
+    other = encode_model(weights(), net=NET, src="peer", seq=seq, round=2, age=1.0, signer=key)
+    await box.accept(bytes(other), lowest=0, highest=5)
+    assert dict(box.counters.rejected) == {"replay": 1} and box.newest_round("peer") == 1
+
+
 async def test_forget_drops_what_is_kept_for_a_peer() -> None:
     box = inbox()
     for part in chunks(NET, src="peer"):

@@ -18,11 +18,14 @@ from p2pfl.discovery.addresses import OwnBroker
 from p2pfl.discovery.membership import Membership
 from p2pfl.discovery.peerview import PeerInfo, PeerView
 from p2pfl.discovery.presence import encode_presence
+from p2pfl.identity import Identity
 from p2pfl.inbox import reason_label
 from p2pfl.protocol import topics
 from p2pfl.transport.base import Message
 from p2pfl.transport.memory import MemoryBus, MemoryTransport
+from p2pfl.trust import Trust
 from tests.conftest import WaitUntil
+from tests.helpers import FakeClock
 from tests.nodeproc import free_ports
 
 NET = "memb"
@@ -32,10 +35,13 @@ OURS = "mqtt://10.77.0.1:1883"
 class Harness:
     """One node's `Membership` on a memory bus, with its refusals counted by label."""
 
-    def __init__(self, own: OwnBroker | None = None, **config: Any) -> None:
+    def __init__(
+        self, own: OwnBroker | None = None, *, trust: Trust | None = None, **config: Any
+    ) -> None:
         self.config = NodeConfig(network=NET, id="me", **config)
         self.transport = MemoryTransport(MemoryBus(), "me")
-        self.view = PeerView("me", ttl=15.0)
+        self.clock = FakeClock(100.0)  # the view's: when a peer was last heard
+        self.view = PeerView("me", ttl=15.0, clock=self.clock)
         self.rejected: Counter[str] = Counter()
         self.membership = Membership(
             self.config,
@@ -49,6 +55,7 @@ class Harness:
             clock=lambda: 0.0,
             advertised=[OURS],
             own_broker=own,
+            trust=trust,
         )
 
     async def presence(self, peer_id: str, brokers: list[str]) -> None:
@@ -250,3 +257,39 @@ async def test_a_peer_the_view_refuses_is_not_announced_to() -> None:
         await h.presence("b", ["mqtt://10.77.0.8:1883"])
     assert "b" not in h.view and h.rejected == {"max-peers": 1}
     assert "mqtt://10.77.0.8:1883" not in h.membership._announced
+
+
+# -- the same record twice: MQTT delivers at least once ---------------------------------------
+
+
+async def test_a_presence_record_delivered_twice_is_taken_once_and_refuses_nothing() -> None:
+    """A broker's retained copy and the live publish (or one record announced on two brokers)
+    reach a node twice: the copy is dropped unremarked, and refreshes nothing either (an
+    attacker re-sending a peer's latest record cannot keep it alive). A different record under
+    a seq already taken, or an older record, is still a replay."""
+    key = Identity.generate()
+    h = Harness(trust=Trust("tofu"), discovery=("static", "presence"))
+
+    def record(seq: int, round: int) -> Message:
+        payload = encode_presence(
+            NET, "a", seq, online=True, role="trainer", broker="mqtt://10.77.0.6:1883",
+            round=round, signer=key,
+        )  # fmt: skip
+        return Message(topics.presence(NET, "a"), payload, True)
+
+    first = record(10, round=1)
+    async with started(h):
+        await h.membership.on_message(first)
+        heard = h.view.get("a")
+        assert heard is not None and heard.last_seen == 100.0
+        h.clock.now += 5
+        await h.membership.on_message(first)
+        assert h.view.get("a") == heard and not h.rejected
+
+        await h.membership.on_message(record(10, round=2))  # the seq again, another body
+        assert h.rejected == {"replay": 1}
+        await h.membership.on_message(record(11, round=2))  # its next heartbeat
+        refreshed = h.view.get("a")
+        assert refreshed is not None and refreshed.last_seen == 105.0 and refreshed.round == 2
+        await h.membership.on_message(first)  # an old record replayed
+        assert h.rejected == {"replay": 2} and h.view.get("a") == refreshed

@@ -532,6 +532,9 @@ async def test_forged_presence_cannot_remove_a_peer_or_steer_the_round(
             signer=KEYS["v1"],
         )  # fmt: skip
         await peer.publish(topics.presence(NET, "v1"), newer)
+        # Taken before the attacker replays `old`: `old` is then no copy of the record taken
+        # last (a copy of that would be dropped as a harmless duplicate, not refused).
+        await wait_until(lambda: getattr(a.view.get("v1"), "round", None) == 3)
         for payload in (forged_bye, hijack, old):
             await attacker.publish(topics.presence(NET, "v1"), payload)
         await wait_until(lambda: a.counters.rejected_total >= 3)

@@ -15,7 +15,7 @@ from p2pfl.discovery.presence import presence_certificate
 from p2pfl.identity import Identity, TrustedKeys, public_bytes
 from p2pfl.protocol.envelope import Envelope, pack_envelope
 from p2pfl.protocol.errors import ProtocolError
-from p2pfl.trust import KEYS_PER_PEER, REPLAY_WINDOW, Trust, trust_label
+from p2pfl.trust import KEYS_PER_PEER, REPLAY_WINDOW, Duplicate, Trust, trust_label
 
 NOW = 1_000_000.0
 
@@ -93,14 +93,39 @@ def test_replays_and_stale_or_future_messages_are_refused() -> None:
     t = trust()
     first = message(me, seq=10_000)
     t.check(first)
-    assert refused(t, first).startswith("replay")  # the same message again
-    t.check(message(me, seq=9_990))  # late, out of order: taken once
-    assert refused(t, message(me, seq=9_990)).startswith("replay")
+    # the seq again with another body: not a copy of what was taken
+    assert refused(t, message(me, seq=10_000, body={"x": 2})).startswith("replay")
+    late = message(me, seq=9_990)
+    t.check(late)  # late, out of order: taken once
+    t.check(message(me, seq=10_001))
+    assert refused(t, late).startswith("replay")  # a message taken before the last one
+    assert refused(t, first).startswith("replay")
     assert refused(t, message(me, seq=10_000 - REPLAY_WINDOW)).startswith("replay")  # too old
     assert refused(t, message(me, seq=10_001, ts=NOW - 3600)).startswith("replay")
     assert refused(t, message(me, seq=10_002, ts=NOW + 3600)).startswith("replay")
     t.check(message(me, seq=10_003, ts=NOW + 10))  # small skew is fine
     t.check(message(me, seq=10_003 + 5 * REPLAY_WINDOW))  # a jump ahead resets the window
+
+
+def test_a_copy_of_the_last_message_taken_is_a_duplicate_not_a_replay() -> None:
+    """MQTT delivers at least once: the very message taken last, arriving again, is dropped as
+    a Duplicate (no refusal to count); an altered or older one is still a replay."""
+    me = Identity.generate()
+    t = trust()
+    record = message(me, seq=5000)
+    t.check(record)
+    for _ in range(2):
+        with pytest.raises(Duplicate):
+            t.check(record)
+    assert refused(t, message(me, seq=5000, body={"x": 2})).startswith("replay")
+    newer = message(me, seq=5001)
+    t.check(newer)
+    assert refused(t, record).startswith("replay")  # an old record replayed
+    with pytest.raises(Duplicate):
+        t.check(newer)
+    # A message never taken is no duplicate of anything: refused like before.
+    assert refused(t, message(me, seq=5001 - REPLAY_WINDOW)).startswith("replay")
+    assert refused(t, message(me, seq=5002, ts=NOW - 3600)).startswith("replay")
 
 
 def test_chunks_of_one_transfer_share_a_seq_and_wills_are_exempt() -> None:
@@ -122,6 +147,7 @@ def test_the_number_of_keys_is_bounded_and_old_replay_windows_make_room() -> Non
     assert refused(t, message(Identity.generate(), src="late")).startswith("untrusted")
     # a known sender is still heard; its window stays, so a replay of it is still refused
     t.check(message(senders[0], src="n0", seq=101))
+    t.check(message(senders[0], src="n0", seq=102))
     assert refused(t, message(senders[0], src="n0", seq=101)).startswith("replay")
 
 
@@ -171,7 +197,8 @@ def test_ca_admits_a_certified_key_and_then_its_messages_without_certificate() -
     assert t.check(data, cert=body_cert(data)).src == "n1"
     assert t.knows("n1")
     assert t.check(message(node, seq=2, kind="model")).src == "n1"  # no certificate needed now
-    assert refused(t, message(node, seq=2, kind="model")).startswith("replay")  # still checked
+    # still checked: the seq again, with another body
+    assert refused(t, message(node, seq=2, kind="model", body={})).startswith("replay")
 
 
 def test_ca_refuses_keys_without_a_certificate_from_the_network_key() -> None:

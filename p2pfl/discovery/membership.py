@@ -47,7 +47,7 @@ from p2pfl.protocol.envelope import Envelope, peek, unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.transport.address import parse_broker_uri
 from p2pfl.transport.base import Message, Transport, TransportError
-from p2pfl.trust import Trust
+from p2pfl.trust import Duplicate, Trust
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,9 @@ class Membership:
         try:
             # A sampled node re-subscribes to members' retained records as its view changes:
             # it orders records itself (Sampler.newer), and a repeat is dropped unremarked.
+            # Others drop a record delivered twice (a Duplicate) likewise: no refusal, no news.
             record = self._verified(peer_id, message.payload, replay=self.sampler is None)
-        except _Repeat:
+        except (_Repeat, Duplicate):
             return
         except ProtocolError as exc:
             self._reject(peer_id, exc.reason)
