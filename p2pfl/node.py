@@ -15,20 +15,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Container, Sequence
-from typing import NamedTuple
 
 import numpy as np
 
 from p2pfl import resume
+from p2pfl.admission import Admission
 from p2pfl.config import NodeConfig
 from p2pfl.discovery.membership import Membership
-from p2pfl.discovery.peerview import NewPeerBucket, PeerInfo, PeerView
+from p2pfl.discovery.peerview import NewPeerBucket, PeerView
 from p2pfl.gossip import Gossip
 from p2pfl.identity import Identity
 from p2pfl.inbox import Inbox, NodeCounters
-from p2pfl.learning.learner import EvalResult, FitResult, Learner, privacy_of
+from p2pfl.learning.learner import EvalResult, FitResult, Learner
 from p2pfl.learning.merge import parse_merge
 from p2pfl.pausing import Pausing
 from p2pfl.peer_watch import LONELY_ROUNDS, PeerWatch
@@ -41,20 +40,13 @@ from p2pfl.store import StateDir
 from p2pfl.telemetry import LogForwarder, TelemetryPublisher
 from p2pfl.tokens import Tokens
 from p2pfl.topology import Schedule
+from p2pfl.training import LocalTraining
 from p2pfl.transport.base import Payload, Transport
 from p2pfl.trust import Trust
 
 __all__ = ["LONELY_ROUNDS", "Node", "NodeCounters", "RoundReport"]
 
 log = logging.getLogger(__name__)
-
-
-class _Trained(NamedTuple):
-    """A round's training: the fit, the model to share, and its payload (None: none to send)."""
-
-    fit: FitResult
-    weights: dict[str, np.ndarray]
-    payload: Payload | None
 
 
 class Node:
@@ -95,7 +87,6 @@ class Node:
         self.counters = NodeCounters()
         self.round = 0
         self.last_eval: EvalResult | None = None
-        self.last_loss: float | None = None
         self.sent_to: tuple[str, ...] = ()
         self._merge = parse_merge(config.merge)
         # Above every seq of an earlier run of this node, so peers never take ours for replays.
@@ -116,16 +107,16 @@ class Node:
             counters=self.counters, signer=self.signer, next_seq=self._next_seq,
             current_round=lambda: self.round, stopping=lambda: self.stopping, clock=clock,
         )  # fmt: skip
-        self.secure = self.gossip.secure = self._secure_aggregation()
-        self._last_good: dict[str, np.ndarray] | None = None
+        self.training = LocalTraining(
+            learner, state=state, counters=self.counters, pausing=self.pausing,
+            encode=self.gossip.encode, sleep=self._sleep, stopping=lambda: self.stopping,
+        )  # fmt: skip
+        self.secure = self.gossip.secure = self.training.secure = self._secure_aggregation()
         self.telemetry = TelemetryPublisher(
             config, transport, node_id=node_id, status=self.status, weights=learner.get_weights,
             next_seq=self._next_seq, signer=self.signer, logs=logs, clock=clock,
         )  # fmt: skip
         self.tokens = Tokens(config, self.inbox, self.view, node_id=node_id, clock=clock)
-        # DP: the learner's budget; `epsilon` is what it spent, as of the last fit.
-        self.privacy = privacy_of(learner)
-        self.epsilon: float | None = None
 
     def _trust(self, identity: Identity | None, trust: Trust | None) -> None:
         self.identity = identity or Identity.generate()
@@ -149,17 +140,13 @@ class Node:
             advertised=advertised, own_broker=own_broker, signer=self.signer, trust=self.trust,
             certificate=self.trust.certificate, paused=lambda: self.pausing.active,
         )  # fmt: skip
-        # Only peers of the view steer this node: they alone get models merged, and what is
-        # kept for a peer goes when it leaves.
+        self.admission = Admission(self.config, self.view, self.membership, self.inbox)
         self.view.on_refuse = self.inbox.reject
-        self.view.on_leave = self._peer_left
-        self.inbox.admitted = self._admitted
+        self.view.on_leave = self.admission.peer_left
+        self.inbox.admitted = self.admission.admits
         self.inbox.paused = lambda: self.pausing.active is not None
         if self.membership.sampled:
             self.inbox.on_shuffle = self.membership.on_shuffle
-        # A sampled network: trainers that sent us models though not in our view (a random
-        # walk's pick from theirs), the least recently heard forgotten beyond max_peers.
-        self._contacts: OrderedDict[str, None] = OrderedDict()
         self.peer_watch = PeerWatch(
             self.config, self.view, self.membership, node_id=self.node_id, stop=self._stop,
             clock=self.clock,
@@ -223,9 +210,7 @@ class Node:
             if resumed is not None:
                 self.round = resumed
                 weights = await asyncio.to_thread(self.learner.get_weights)
-        if self.privacy is not None:
-            self.epsilon = await asyncio.to_thread(resume.restore_privacy, self.state, self.privacy)
-        self._last_good = weights
+        await self.training.begin(weights)
         self._merge.anchor(weights)
         await self.transport.connect(will=self.membership.will())
         await self.transport.subscribe(topics.inbox(self.net, self.node_id))
@@ -282,7 +267,7 @@ class Node:
         (sync), merge them into ours."""
         started = self.clock()
         r = self.round + 1
-        trained = await self._train(r)
+        trained = await self.training.train(r)
         if trained is None:
             return
         fit, weights, payload = trained
@@ -298,7 +283,7 @@ class Node:
         started = self.clock()
         adopted = await self._adopt_tokens()
         r = self.round + 1
-        trained = await self._train(r)
+        trained = await self.training.train(r)
         if trained is None:
             return
         fit, _, payload = trained
@@ -311,37 +296,6 @@ class Node:
         adopted, top = await self.tokens.adopt(self.learner, self._merge)
         self.round = max(self.round, min(top, self.gossip.round_ceiling()))
         return adopted
-
-    async def _train(self, r: int) -> _Trained | None:
-        """Train for round `r`; None when the node stopped meanwhile."""
-        fit = await asyncio.to_thread(resume.fit, self.learner, self.privacy, self.state)
-        if self.privacy is not None:
-            self.epsilon = self.privacy.spent
-        await self._sleep(self.pausing.rest(fit.seconds))  # max-cpu
-        if self.stopping:
-            return None
-        weights = await asyncio.to_thread(self.learner.get_weights)
-        payload: Payload | None = None
-        try:
-            payload = await asyncio.to_thread(self.gossip.encode, weights, r, fit.samples)
-            self._last_good = weights
-        except ValueError as exc:
-            # Training diverged (NaN/inf): peers would refuse it. Fall back to the last good
-            # model, so neighbours waiting for us in sync mode are not left to time out.
-            self.counters.diverged += 1
-            log.error("local model diverged round=%d reason=%s", r, exc)
-            if self._last_good is not None:
-                weights = self._last_good
-                await asyncio.to_thread(self.learner.set_weights, weights)
-                payload = await asyncio.to_thread(self.gossip.encode, weights, r, fit.samples)
-        if self.secure is not None and payload is not None:
-            try:
-                await self.secure.start_round(r, weights, float(fit.samples))
-            except ValueError as exc:  # values too large for fixed point: nothing to send
-                log.error("cannot mask the model round=%d reason=%s", r, exc)
-                payload = None
-        self.last_loss = fit.loss
-        return _Trained(fit, weights, payload)
 
     async def _share(self, r: int, payload: Payload) -> set[str]:
         """Send round `r`'s model as planned (sync: and wait for the expected ones); to whom."""
@@ -375,7 +329,7 @@ class Node:
             node_id=self.node_id, round=self.round, train_loss=fit.loss, test_loss=result.loss,
             accuracy=result.accuracy, peers=len(self.view.live()), merged=merged,
             seconds=self.clock() - started, counters=self.counters.as_dict(),
-            fit_seconds=fit.seconds, eval_seconds=eval_seconds, epsilon=self.epsilon,
+            fit_seconds=fit.seconds, eval_seconds=eval_seconds, epsilon=self.training.epsilon,
             paused=self.paused, run=self.runs.id,
         )  # fmt: skip
         await self.peer_watch.after_round(report.peers)
@@ -383,38 +337,6 @@ class Node:
             await asyncio.to_thread(self.state.append_metrics, report.as_dict())
         if self.on_round is not None:
             self.on_round(report)
-
-    def _admitted(self, src: str) -> bool:
-        """Whether the inbox may take a model from `src`: a trainer of the view, or a peer
-        whose verified presence is being dialled (its first model would race its admission).
-        A message of a peer of the view proves it alive, as its presence does."""
-        info = self.view.get(src)
-        if info is not None:
-            self.view.touch(src)
-            return info.role == "trainer"
-        if self.membership.sampled:
-            self.membership.hint(src)
-            self._contacts[src] = None
-            self._contacts.move_to_end(src)
-            while len(self._contacts) > self.config.max_peers:
-                gone, _ = self._contacts.popitem(last=False)
-                if gone not in self.view:
-                    self.inbox.forget(gone)
-            return True
-        return self.membership.pending(src)
-
-    def _peer_left(self, info: PeerInfo) -> None:
-        """Drop what is kept for a peer that left the view (`PeerView.on_leave`)."""
-        # Its buffered models stay when it finished its rounds (sync rounds up to its last
-        # count on them), and with walkers: a token that reached us is ours to carry on.
-        # A sampled view swaps members all the time: a model that came stays for the merge.
-        keep = (
-            info.id in self.membership.finished
-            or self.config.walkers > 0
-            or self.membership.sampled
-        )
-        self.inbox.forget(info.id, models=not keep)
-        self.membership.forget(info)
 
     # ---- status -----------------------------------------------------------------------------
 
@@ -431,13 +353,13 @@ class Node:
             tags=tuple(cfg.tags), config=self.runs.config_data, config_hash=self.runs.config_hash,
             schedule=self.schedule.name, mode=cfg.mode,
             broker=self.membership.advertised[0], round=self.round, rounds=c.rounds,
-            train_loss=self.last_loss, test_loss=None if ev is None else ev.loss,
+            train_loss=self.training.last_loss, test_loss=None if ev is None else ev.loss,
             accuracy=None if ev is None else ev.accuracy, confusion=confusion,
             samples=self.learner.num_samples, models_sent=c.models_sent,
             models_received=c.models_received, bytes_sent=c.bytes_sent,
             bytes_received=c.bytes_received, rejected=dict(sorted(c.rejected.items())),
             uptime=self.clock() - self.started, peers=tuple(self.view.live()),
-            sent_to=self.sent_to, epsilon=self.epsilon, paused=self.paused,
+            sent_to=self.sent_to, epsilon=self.training.epsilon, paused=self.paused,
         )  # fmt: skip
 
     async def _sleep(self, seconds: float) -> None:

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: a clock the test moves by hand, and waiting for a condition.
+"""Helpers shared by the tests: clocks the test moves by hand, and waiting for a condition.
 
 Wait for what you expect with `wait_until` (async tests) or `wait_until_blocking` (tests that
 drive processes), never with a sleep of a guessed length: a slow machine then fails the test,
@@ -29,6 +29,33 @@ class FakeClock:
         now = self.now
         self.now += self.tick
         return now
+
+
+class MonitorClock:
+    """A monotonic and a wall clock moved by hand together (``clock.t += 5``), as a monitor's
+    `NetworkState` reads them (``clock=clock.mono, wall=clock.wall``)."""
+
+    WALL = 1_800_000_000.0
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def mono(self) -> float:
+        return self.t
+
+    def wall(self) -> float:
+        return self.WALL + self.t
+
+
+def small_scenario(name: str, nodes: int, *, degree: int = 2, **node: object) -> str:
+    """A `p2pfl sim` scenario of a few seconds: ring and partial mesh compared, two sync rounds
+    of one local epoch of `logreg`, seed 0; ``node`` adds keys to its ``[node]`` table."""
+    extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in node.items())
+    return (
+        f'name = "{name}"\nnodes = {nodes}\ncompare = ["ring", "partial-mesh"]\n\n'
+        f'[node]\nmode = "sync"\nrounds = 2\nmodel = "logreg"\nlocal_epochs = 1\n'
+        f"degree = {degree}\n{extra}seed = 0\n"
+    )
 
 
 def _timed_out(within: float, what: object, logs: Callable[[], str] | str) -> AssertionError:

@@ -37,6 +37,7 @@ from p2pfl.protocol.errors import ProtocolError
 from p2pfl.simulation.engine import node_ids
 from p2pfl.transport.memory import MemoryBus, MemoryTransport
 from p2pfl.trust import Trust
+from tests.helpers import small_scenario
 
 NET = "sampled"
 HOME = "memory://sampled"
@@ -271,21 +272,7 @@ async def test_an_answer_is_merged_and_an_offer_answered_with_our_entries(lone: 
     assert "friend" in lone.peer.membership.sampler.records
 
 
-SAMPLED = """
-name = "sampled"
-nodes = 40
-compare = ["ring", "partial-mesh"]
-
-[node]
-mode = "sync"
-rounds = 2
-model = "logreg"
-local_epochs = 1
-degree = 4
-view_size = 16
-shuffle_interval = 0.25
-seed = 0
-"""
+SAMPLED = small_scenario("sampled", 40, degree=4, view_size=16, shuffle_interval=0.25)
 
 
 def test_sim_with_sampled_views_runs_every_round_with_true_neighbours(tmp_path: Path) -> None:

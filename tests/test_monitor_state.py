@@ -15,25 +15,11 @@ from hypothesis import strategies as st
 from p2pfl.discovery.presence import PresenceRecord
 from p2pfl.monitor import metrics
 from p2pfl.monitor.state import DEFAULT_STALE, MIN_STALE, NetworkState
-
-WALL = 1_800_000_000.0
-
-
-class Clock:
-    """Monotonic and wall clock moved by hand, together."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def mono(self) -> float:
-        return self.t
-
-    def wall(self) -> float:
-        return WALL + self.t
+from tests.helpers import MonitorClock
 
 
-def make_state(**kwargs: Any) -> tuple[NetworkState, Clock]:
-    clock = Clock()
+def make_state(**kwargs: Any) -> tuple[NetworkState, MonitorClock]:
+    clock = MonitorClock()
     return NetworkState("net", clock=clock.mono, wall=clock.wall, **kwargs), clock
 
 

@@ -20,20 +20,10 @@ from p2pfl.monitor.config import Bind
 from p2pfl.monitor.state import NetworkState
 from p2pfl.monitor.web import History, WebDashboard
 from p2pfl.status import NodeStatus
+from tests.helpers import MonitorClock
 
 TOKEN = "s3cret-t0ken"
 URL = re.compile(r"https?://[^\s\"'`)<>]*")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def mono(self) -> float:
-        return self.t
-
-    def wall(self) -> float:
-        return 1_800_000_000.0 + self.t
 
 
 def report(node_id: str, accuracy: float, sent_to: tuple[str, ...], **extra: Any) -> dict:
@@ -54,7 +44,7 @@ def report(node_id: str, accuracy: float, sent_to: tuple[str, ...], **extra: Any
     ).wire()
 
 
-def network(clock: Clock) -> NetworkState:
+def network(clock: MonitorClock) -> NetworkState:
     state = NetworkState("webnet", clock=clock.mono, wall=clock.wall)
     ring = {"a": ("b",), "b": ("c",), "c": ("a",)}
     for i, (node_id, targets) in enumerate(ring.items()):
@@ -65,8 +55,8 @@ def network(clock: Clock) -> NetworkState:
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[WebDashboard, NetworkState, Clock]]:
-    clock = Clock()
+async def served() -> AsyncIterator[tuple[WebDashboard, NetworkState, MonitorClock]]:
+    clock = MonitorClock()
     state = network(clock)
     web = WebDashboard(Bind("127.0.0.1", 0))
     await web.start()
@@ -78,7 +68,7 @@ async def served() -> AsyncIterator[tuple[WebDashboard, NetworkState, Clock]]:
 
 
 async def test_api_snapshot_has_the_run_every_node_the_globals_topology_logs_and_history(
-    served: tuple[WebDashboard, NetworkState, Clock],
+    served: tuple[WebDashboard, NetworkState, MonitorClock],
 ) -> None:
     web, state, _ = served
     assert web.url.startswith("http://127.0.0.1:") and web.port
@@ -129,7 +119,7 @@ async def test_a_token_is_needed_on_every_request_as_query_or_bearer() -> None:
 
 
 async def test_server_sent_events_deliver_the_current_state_then_each_update(
-    served: tuple[WebDashboard, NetworkState, Clock],
+    served: tuple[WebDashboard, NetworkState, MonitorClock],
 ) -> None:
     web, state, clock = served
     async with aiohttp.ClientSession() as http, http.get(web.url + "api/events") as resp:
@@ -153,7 +143,7 @@ async def _next_event(resp: aiohttp.ClientResponse) -> dict[str, Any]:
 
 
 async def test_the_page_and_its_assets_are_served_and_name_no_other_origin(
-    served: tuple[WebDashboard, NetworkState, Clock],
+    served: tuple[WebDashboard, NetworkState, MonitorClock],
 ) -> None:
     web, _, _ = served
     async with aiohttp.ClientSession() as http:

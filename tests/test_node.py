@@ -21,13 +21,14 @@ from p2pfl.config import NodeConfig
 from p2pfl.discovery.presence import encode_presence
 from p2pfl.identity import Identity
 from p2pfl.learning.datasets import Dataset, load_dataset
-from p2pfl.learning.learner import EvalResult, FitResult, Learner
+from p2pfl.learning.learner import FitResult, Learner
 from p2pfl.learning.torch_learner import build_learner
 from p2pfl.node import LONELY_ROUNDS, Node, NodeCounters, RoundReport
 from p2pfl.protocol import chunking, topics
 from p2pfl.protocol.codec import DTYPES, TensorEntry
 from p2pfl.protocol.envelope import Envelope, pack_envelope, unpack_envelope
 from p2pfl.protocol.model import decode_model, encode_model, model_digest
+from p2pfl.simulation.faults import DelegatingLearner
 from p2pfl.store import StateDir
 from p2pfl.topology import make_schedule
 from p2pfl.transport.base import LocalBroker, Message, Transport
@@ -549,30 +550,7 @@ async def test_forged_presence_cannot_remove_a_peer_or_steer_the_round(
 # ---- 5. resume from the state dir ------------------------------------------------------------
 
 
-class WrappedLearner:
-    """A learner that hands everything to an inner one; tests override what they watch."""
-
-    def __init__(self, inner: Learner) -> None:
-        self.inner = inner
-
-    @property
-    def num_samples(self) -> int:
-        return self.inner.num_samples
-
-    def get_weights(self) -> Weights:
-        return self.inner.get_weights()
-
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        self.inner.set_weights(weights)
-
-    def fit(self) -> FitResult:
-        return self.inner.fit()
-
-    def evaluate(self) -> EvalResult:
-        return self.inner.evaluate()
-
-
-class FirstFitWeights(WrappedLearner):
+class FirstFitWeights(DelegatingLearner):
     """A learner that remembers its weights as its first fit starts."""
 
     def __init__(self, inner: Learner) -> None:

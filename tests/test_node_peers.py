@@ -111,7 +111,7 @@ async def test_only_trainers_of_the_view_and_pending_peers_are_admitted(dataset:
     await presence(node, "peer")
     await presence(node, "watcher", role="monitor")
     node.membership._pending.add("dialling")  # its presence verified; its addresses probed
-    assert [node._admitted(p) for p in ("peer", "watcher", "dialling", "stranger")] == [
+    assert [node.admission.admits(p) for p in ("peer", "watcher", "dialling", "stranger")] == [
         True,
         False,
         True,
@@ -244,5 +244,5 @@ async def test_a_model_flood_from_self_made_keys_holds_at_most_max_peers_senders
     held = {m.src for m in node.inbox.take(1)}
     assert held == set(flood[-8:])  # the newest `max_peers` contacts; the rest forgotten
     assert node.counters.models_received == 40
-    assert len(node._contacts) == 8
+    assert len(node.admission.contacts) == 8
     assert len(node.membership.sampler.hints) == MAX_HINTS

@@ -11,13 +11,13 @@ import pytest
 from p2pfl.learning.datasets import Dataset, load_dataset
 from p2pfl.learning.learner import FitResult, Learner
 from p2pfl.node import Node
+from p2pfl.simulation.faults import DelegatingLearner
 from p2pfl.topology import initial_token_holders
 from p2pfl.transport.memory import MemoryBus, MemoryTransport
 from tests.test_node import (
     BUS,
     Reports,
     WaitUntil,
-    WrappedLearner,
     make_learner,
     make_node,
     running,
@@ -67,7 +67,7 @@ async def test_one_token_visits_every_node_in_turn(dataset: Dataset) -> None:
     assert order == [IDS[(start + i) % 3] for i in range(6)]
 
 
-class StuckLearner(WrappedLearner):
+class StuckLearner(DelegatingLearner):
     """Its first fit blocks until released: the node holds its token and never passes it on."""
 
     def __init__(self, inner: Learner) -> None:

@@ -12,23 +12,12 @@ from pathlib import Path
 import pytest
 
 from p2pfl.simulation.html_report import render
+from tests.helpers import small_scenario
 from tests.test_monitor_web_browser import _browser_missing, _chromium
 
 pytestmark = pytest.mark.timeout(300)
 
-TINY = """
-name = "tiny-html"
-nodes = 3
-compare = ["ring", "partial-mesh"]
-
-[node]
-mode = "sync"
-rounds = 2
-model = "logreg"
-local_epochs = 1
-degree = 2
-seed = 0
-"""
+TINY = small_scenario("tiny-html", 3)
 
 
 def test_sim_html_writes_one_self_contained_report_with_the_summary(tmp_path: Path) -> None:

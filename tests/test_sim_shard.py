@@ -23,22 +23,11 @@ from p2pfl.simulation.shard import parse_shard, run_id
 from p2pfl.simulation.shard_board import ResultBoard, Shard, ShardError
 from p2pfl.transport.base import LocalBroker
 from p2pfl.transport.mqtt import MqttTransport
+from tests.helpers import small_scenario
 
 pytestmark = pytest.mark.timeout(240)
 
-TINY = """
-name = "tiny"
-nodes = 4
-compare = ["ring", "partial-mesh"]
-
-[node]
-mode = "sync"
-rounds = 2
-model = "logreg"
-local_epochs = 1
-degree = 2
-seed = 0
-"""
+TINY = small_scenario("tiny", 4)
 
 
 def _sim(*args: str) -> subprocess.Popen[str]:

@@ -21,9 +21,9 @@ async def client(bus: MemoryBus, cid: str) -> MemoryTransport:
 
 def drain(t: MemoryTransport) -> list[Message]:
     """Everything queued for `t` right now (delivery is synchronous without a delay hook)."""
-    out = []
-    while not t._inbox.empty():
-        item = t._inbox.get_nowait()
+    out, queue = [], t._inbox._queue
+    while not queue.empty():
+        item = queue.get_nowait()
         assert isinstance(item, Message)
         out.append(item)
     return out

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Self, runtime_checkable
+from typing import Final, Protocol, Self, runtime_checkable
 
 from p2pfl.transport.address import BrokerAddress
 
@@ -50,6 +50,43 @@ class TransportStats:
     received_bytes: int = 0
     dropped: int = 0
     reconnects: int = 0
+
+
+_CLOSED: Final = object()
+
+
+class ReceivedMessages:
+    """Messages a transport received and its node has not read yet, bounded in number and in
+    payload bytes (0: no bound); once closed, every reader ends, now and later."""
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages, self.max_bytes = max_messages, max_bytes
+        self.bytes = 0
+        self._queue: asyncio.Queue[Message | object] = asyncio.Queue()
+
+    def put(self, message: Message) -> str | None:
+        """Queue `message`; or why not, when it would overflow a bound (the caller drops it)."""
+        size = len(message.payload)
+        if 0 < self.max_messages <= self._queue.qsize():
+            return "inbox is full (the node reads too slowly)"
+        if 0 < self.max_bytes < self.bytes + size:
+            return "inbox holds too many bytes (the node reads too slowly)"
+        self.bytes += size
+        self._queue.put_nowait(message)
+        return None
+
+    async def get(self) -> Message | None:
+        """The next message; None once closed."""
+        item = await self._queue.get()
+        if item is _CLOSED:
+            self._queue.put_nowait(_CLOSED)  # later readers end too
+            return None
+        assert isinstance(item, Message)
+        self.bytes -= len(item.payload)
+        return item
+
+    def close(self) -> None:
+        self._queue.put_nowait(_CLOSED)
 
 
 @runtime_checkable

@@ -23,7 +23,6 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Final
 
 from p2pfl.transport.base import (
     MAX_INBOX,
@@ -31,6 +30,7 @@ from p2pfl.transport.base import (
     MAX_PAYLOAD,
     Message,
     Payload,
+    ReceivedMessages,
     TransportError,
     TransportStats,
     topic_matches,
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 DelayHook = Callable[[str, str, int], float | None]
 """`(src_id, dst_id, payload_len) -> delay in seconds`, or None to drop the message."""
-
-_CLOSED: Final = object()
 
 
 class _TrieNode:
@@ -204,10 +202,7 @@ class MemoryTransport:
         self.client_id = client_id
         self.stats = TransportStats()
         self.max_payload = max_payload
-        self._max_inbox = max_inbox
-        self._max_inbox_bytes = max_inbox_bytes
-        self._inbox_bytes = 0
-        self._inbox: asyncio.Queue[Message | object] = asyncio.Queue()
+        self._inbox = ReceivedMessages(max_inbox, max_inbox_bytes)
         self._patterns: dict[str, None] = {}
         self._will: Message | None = None
         self._state = "new"
@@ -218,7 +213,7 @@ class MemoryTransport:
     @property
     def inbox_bytes(self) -> int:
         """Payload bytes received and not yet taken by `messages()`."""
-        return self._inbox_bytes
+        return self._inbox.bytes
 
     async def connect(self, will: Message | None = None) -> None:
         """Join the bus; `will` is published when this client aborts."""
@@ -266,14 +261,8 @@ class MemoryTransport:
 
     async def messages(self) -> AsyncIterator[Message]:
         """Messages for this client's subscriptions, until it is closed or aborted."""
-        while True:
-            item = await self._inbox.get()
-            if item is _CLOSED:
-                self._inbox.put_nowait(_CLOSED)  # later iterators end too
-                return
-            assert isinstance(item, Message)
-            self._inbox_bytes -= len(item.payload)
-            yield item
+        while (message := await self._inbox.get()) is not None:
+            yield message
 
     async def close(self) -> None:
         """Leave the bus without publishing the will."""
@@ -293,7 +282,7 @@ class MemoryTransport:
             self.bus._detach(self)
         self._patterns.clear()
         self._state = "closed"
-        self._inbox.put_nowait(_CLOSED)
+        self._inbox.close()
 
     def _check_connected(self) -> None:
         if self._state != "connected":
@@ -304,14 +293,8 @@ class MemoryTransport:
         # A delayed delivery may land after this client left; the network lost it.
         if self._state != "connected":
             return
-        size = len(message.payload)
-        if 0 < self._max_inbox <= self._inbox.qsize():
-            self.stats.dropped += 1
-            return
-        if 0 < self._max_inbox_bytes < self._inbox_bytes + size:
+        if self._inbox.put(message) is not None:
             self.stats.dropped += 1
             return
         self.stats.received_messages += 1
-        self.stats.received_bytes += size
-        self._inbox_bytes += size
-        self._inbox.put_nowait(message)
+        self.stats.received_bytes += len(message.payload)

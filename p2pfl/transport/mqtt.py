@@ -21,7 +21,6 @@ import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator
-from typing import Final
 
 import aiomqtt
 
@@ -29,6 +28,7 @@ from p2pfl.transport.address import BrokerAddress, parse_broker_uri
 from p2pfl.transport.base import (
     Message,
     Payload,
+    ReceivedMessages,
     TransportError,
     TransportStats,
     topic_matches,
@@ -41,8 +41,6 @@ from p2pfl.transport.options import MqttOptions
 from p2pfl.transport.outbox import Outgoing
 
 log = logging.getLogger(__name__)
-
-_CLOSED: Final = object()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -66,8 +64,7 @@ class MqttTransport:
         self.options = options or MqttOptions()
         self.stats = TransportStats()
         self._patterns: dict[str, None] = {}
-        self._inbox: asyncio.Queue[Message | object] = asyncio.Queue()
-        self._inbox_bytes = 0  # payload bytes in _inbox, bounded by options.max_inbox_bytes
+        self._inbox = ReceivedMessages(self.options.max_inbox, self.options.max_inbox_bytes)
         self._links: dict[BrokerAddress, Link] = {}
         self._running: set[Link] = set()
         self._home_link: Link | None = None
@@ -92,7 +89,7 @@ class MqttTransport:
     @property
     def inbox_bytes(self) -> int:
         """Payload bytes received and not yet taken by `messages()`."""
-        return self._inbox_bytes
+        return self._inbox.bytes
 
     @property
     def brokers(self) -> list[str]:
@@ -193,16 +190,10 @@ class MqttTransport:
 
     async def messages(self) -> AsyncIterator[Message]:
         """Messages for the subscriptions, until the transport is closed."""
-        while True:
-            item = await self._inbox.get()
-            if item is _CLOSED:
-                self._inbox.put_nowait(_CLOSED)  # later iterators end too
-                if self._failure is not None:
-                    raise TransportError(f"{self.client_id}: transport failed") from self._failure
-                return
-            assert isinstance(item, Message)
-            self._inbox_bytes -= len(item.payload)
-            yield item
+        while (message := await self._inbox.get()) is not None:
+            yield message
+        if self._failure is not None:
+            raise TransportError(f"{self.client_id}: transport failed") from self._failure
 
     async def close(self) -> None:
         """Flush queued messages (up to `drain_timeout`), then disconnect; no will."""
@@ -243,17 +234,12 @@ class MqttTransport:
         """
         if not self.wanted(message.topic):
             return
-        size = len(message.payload)
-        if 0 < self.options.max_inbox <= self._inbox.qsize():
-            self.dropped(1, "inbox is full (the node reads too slowly)")
-            return
-        if 0 < self.options.max_inbox_bytes < self._inbox_bytes + size:
-            self.dropped(1, "inbox holds too many bytes (the node reads too slowly)")
+        refused = self._inbox.put(message)
+        if refused is not None:
+            self.dropped(1, refused)
             return
         self.stats.received_messages += 1
-        self.stats.received_bytes += size
-        self._inbox_bytes += size
-        self._inbox.put_nowait(message)
+        self.stats.received_bytes += len(message.payload)
 
     def dropped(self, count: int, reason: str) -> None:
         """Count `count` lost messages; the first loss for each reason is logged as a warning."""
@@ -373,4 +359,4 @@ class MqttTransport:
             return
         self._state = "closed"
         self._links.clear()
-        self._inbox.put_nowait(_CLOSED)
+        self._inbox.close()
