@@ -107,7 +107,7 @@ async def test_nodes_find_each_other_and_ignore_other_networks(
     assert got.meta == {"net": net, "addresses": ["127.0.0.1"], "pk": "ab12cd"}
     assert seen_b.peers[a_id].broker == "mqtt://127.0.0.1:1001"
     assert seen_b.peers[a_id].round is None
-    assert a.instance_name == f"{a_id}.{SERVICE_TYPE}"
+    assert a.instance_name == f"{a_id}@{net}.{SERVICE_TYPE}"
 
     # c sees a and b, they see c: each counts the other network and reports nothing of it.
     await wait_until(lambda: a.stats["other_network"] >= 1 and c.stats["other_network"] >= 2)
@@ -117,6 +117,26 @@ async def test_nodes_find_each_other_and_ignore_other_networks(
     assert [p.id for p in a.peers()] == [b_id]
     assert not any(p.id == a_id for p in seen_a.all), "a node never reports itself"
     assert a.stats["duplicate_id"] == 0, "nor mistakes its own record for a duplicate"
+
+
+async def test_two_networks_reusing_an_id_keep_their_peers(
+    make_node: MakeNode, net: str, wait_until: WaitUntil
+) -> None:
+    """Both networks have a node `shared` (ids like n0, n1 repeat across networks): each
+    announces under a name of its own network, so neither's record drops the other."""
+    shared, watcher_id = uid("n"), uid("w")
+    ours, _ = make_node(net, shared, port=3001)
+    theirs, _ = make_node(f"other-{net}", shared, port=3002)
+    watcher, seen = make_node(net, watcher_id, port=3003)
+    await asyncio.gather(ours.start(), watcher.start())
+    await wait_until(lambda: shared in seen.peers, within=5)
+    await theirs.start()
+    assert theirs.instance_name != ours.instance_name
+    assert theirs.instance_name == f"{shared}@other-{net}.{SERVICE_TYPE}"  # not renamed
+    await wait_until(lambda: watcher.stats["other_network"] >= 1, within=5)
+    await asyncio.sleep(0.3)  # on purpose: a late record must not take our peer away
+    assert [p.id for p in watcher.peers()] == [shared] and seen.gone == []
+    assert seen.peers[shared].broker == "mqtt://127.0.0.1:3001"
 
 
 async def test_close_sends_goodbye(make_node: MakeNode, net: str, wait_until: WaitUntil) -> None:
@@ -196,7 +216,7 @@ async def test_same_id_twice_is_renamed_and_reported_once(
     observer, seen = make_node(net, None)
     await asyncio.gather(first.start(), observer.start())
     await second.start()  # probes after first announced: zeroconf renames it
-    assert second.instance_name == f"{dup}-2.{SERVICE_TYPE}"
+    assert second.instance_name == f"{dup}@{net}-2.{SERVICE_TYPE}"
 
     await wait_until(lambda: observer.stats["duplicate_id"] >= 1, within=5)
     assert [p.broker for p in seen.all] == ["mqtt://127.0.0.1:2001"]

@@ -1,14 +1,16 @@
 """Zero-configuration discovery: announce this node and find peers on the LAN over mDNS/DNS-SD.
 
-Each node registers ``<id>._p2pfl._tcp.local.`` (python-zeroconf, asyncio API) with its home
-broker's port, its addresses and the TXT record of :mod:`p2pfl.discovery.mdns_record`. It browses
+Each node registers ``<id>@<network>._p2pfl._tcp.local.`` (python-zeroconf, asyncio API) with
+its home broker's port, its addresses and the TXT record of :mod:`p2pfl.discovery.mdns_record`
+(DESIGN.md names the instance ``<id>``: the network in it keeps two networks that reuse ids
+apart). It browses
 the same service type, resolves every instance that appears or changes, and reports the peers of
 its network through ``on_peer``; a goodbye (graceful stop) reports ``on_gone``.
 
 The TXT ``id`` is the truth, not the instance name: zeroconf probes the name before announcing
 it and, when another responder on the LAN already holds it (two processes started with the same
-id), renames ours to ``<id>-2`` (we pass ``allow_name_change``). Receivers then see two instances
-with one id; they report the first and count the second as ``duplicate_id``.
+id), renames ours to ``<id>@<network>-2`` (we pass ``allow_name_change``). Receivers then see
+two instances with one id; they report the first and count the second as ``duplicate_id``.
 
 mDNS is not a crash detector. A killed peer sends no goodbye; browsers drop it only when its PTR
 record expires (zeroconf announces PTR/TXT with a 4500 s TTL and SRV/A with 120 s, and clamps a
@@ -158,7 +160,11 @@ class Mdns:
         if not self._announce:
             return
         try:
-            info = self._service_info(instance_label(str(self.node_id)) + "." + SERVICE_TYPE)
+            # The network in the name: two networks on one LAN that reuse an id (n0, n1, ...)
+            # must not announce under one name (a record of the other network arriving under
+            # our peer's name would drop our peer).
+            label = instance_label(f"{self.node_id}@{self.network}")
+            info = self._service_info(label + "." + SERVICE_TYPE)
             wanted = info.name
             broadcast = await self._zc.async_register_service(info, allow_name_change=True)
         except BaseException:
