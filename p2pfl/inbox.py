@@ -22,7 +22,7 @@ import numpy as np
 from p2pfl.config import NodeConfig
 from p2pfl.discovery.shuffle import MAX_SHUFFLE
 from p2pfl.protocol import chunking
-from p2pfl.protocol.envelope import Envelope, peek, unpack_envelope
+from p2pfl.protocol.envelope import Envelope, Header, peek, unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.protocol.model import ModelMessage, container_limit, model_from_envelope
 from p2pfl.secagg import MAX_SENDERS, masked_layout
@@ -229,13 +229,7 @@ class Inbox:
                 # who says it, before anything of the body is decoded or reassembled
                 header = peek(data)
                 src = header.src
-                shuffle = header.kind == "shuffle" and self.on_shuffle is not None
-                if shuffle and len(data) > MAX_SHUFFLE:
-                    raise ProtocolError(f"oversize: a view exchange of {len(data)} bytes")
-                if self.trust is not None:
-                    await _off_loop_if(big, self.trust.verify, header)
-                if self.admitted is not None and not shuffle and not self.admitted(src):
-                    raise ProtocolError("unknown sender: not a live peer of this node")
+                await self._check_sender(header, len(data), big)
             env = await _off_loop_if(big, self._unpack, data)
             src = env.src
             if env.net != self.net:
@@ -282,6 +276,16 @@ class Inbox:
         while len(by_round) > _ROUNDS_PER_SENDER:
             del by_round[min(by_round)]
         self.arrived.set()
+
+    async def _check_sender(self, header: Header, size: int, big: bool) -> None:
+        """The signature and admission of a message's sender (raises ProtocolError)."""
+        shuffle = header.kind == "shuffle" and self.on_shuffle is not None
+        if shuffle and size > MAX_SHUFFLE:
+            raise ProtocolError(f"oversize: a view exchange of {size} bytes")
+        if self.trust is not None:
+            await _off_loop_if(big, self.trust.verify, header)
+        if self.admitted is not None and not shuffle and not self.admitted(header.src):
+            raise ProtocolError("unknown sender: not a live peer of this node")
 
     def _unpack(self, data: Payload) -> Envelope:
         return unpack_envelope(
