@@ -305,9 +305,11 @@ def test_fidelity_default_scenario_batched_against_node_engine(
     """The default scenario (16 nodes, each schedule, seed 0) on both engines: the same
     batches and merges, so the first rounds agree to float rounding; from there the two
     arithmetics (vmapped vs per-model kernels) drift apart chaotically, node by node, and only
-    the outcome is comparable: the final mean accuracy within 2 points. (Measured: first three
-    rounds equal; finals 0.855/0.868 ring, 0.770/0.779 random-walk, 0.923/0.927 mesh; single
-    mid-run rounds up to 10 points apart, so issue 15's "within 2 points per round" is not met.)
+    the outcome is comparable: the mean accuracy of the last five rounds within 2 points. One
+    round is not: how the drift falls differs with the CPU's kernels (the final round, ring:
+    0.855/0.868 on one machine, 0.850/0.888 on another, where the last five rounds' means were
+    0.833/0.835; random-walk 0.774/0.788, mesh 0.917/0.921), so issue 15's "within 2 points per
+    round" is not met.
     The node engine's run is `p2pfl sim` with no arguments, shared with the acceptance test.
     """
     out = tmp_path / "batched"
@@ -329,7 +331,9 @@ def test_fidelity_default_scenario_batched_against_node_engine(
     for schedule in ("ring", "random-walk", "partial-mesh"):
         for r in (1, 2, 3):
             assert batched[(schedule, r)] == pytest.approx(node[(schedule, r)], abs=0.005)
-        assert batched[(schedule, 25)] == pytest.approx(node[(schedule, 25)], abs=0.02)
+        last = range(21, 26)
+        outcome = [sum(curve[(schedule, r)] for r in last) / len(last) for curve in (node, batched)]
+        assert outcome[1] == pytest.approx(outcome[0], abs=0.02), schedule
 
 
 @pytest.mark.parametrize("schedule", ["ring", "random-walk", "partial-mesh"])
