@@ -37,7 +37,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-component-update", "--disable-sync",
                   "--window-size=1400,1500"]  # fmt: skip
 FAST = ["--model", "mlp", "--local-epochs", "1", "--seed", "0", "--telemetry-interval", "1",
-        "--num-partitions", "3", "--rounds", "60", "--run-name", "browser-demo",
+        "--num-partitions", "3", "--rounds", "100000", "--run-name", "browser-demo",
         "--tag", "suite=web"]  # fmt: skip
 
 
@@ -140,6 +140,23 @@ def test_a_browser_shows_a_live_network_of_three_nodes(
         # ... and the page follows within 5 s.
         WebDriverWait(driver, 5, poll_frequency=0.1).until(lambda _: shown.text != before)
         driver.save_screenshot(str(tmp_path / "dashboard.png"))
+
+        # Issue 17: a node paused by hand shows `paused: <reason>` in its row.
+        paused = subprocess.run(
+            [sys.executable, "-m", "p2pfl", "pause", "--state-dir", str(tmp_path / "w2")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert paused.returncode == 0, paused.stderr
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def status_of_w2() -> str:
+            try:  # the rows are redrawn every second: an element found may be gone by .text
+                cell = '#nodes tbody tr[data-node="w2"] td.status'
+                return str(driver.find_element(By.CSS_SELECTOR, cell).text)
+            except StaleElementReferenceException:
+                return ""
+
+        wait.until(lambda _: status_of_w2() == "paused: manual", message=logs())
     finally:
         if driver is not None:
             driver.quit()

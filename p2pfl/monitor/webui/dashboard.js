@@ -113,7 +113,9 @@ function dashboard() {
     const rows = nodes.map((n) => {
       const tr = el("tr", null, n.status);
       tr.dataset.node = n.id;
-      const cells = [n.id, n.status, n.round ?? "–", num(n.accuracy, 4), num(n.loss, 4),
+      // A paused node says why (`--when` window, charging, ..., or `p2pfl pause`: manual).
+      const status = n.status === "paused" && n.paused ? "paused: " + n.paused : n.status;
+      const cells = [n.id, status, n.round ?? "–", num(n.accuracy, 4), num(n.loss, 4),
         num(n.epsilon, 2), n.cpu === null ? "–" : num(n.cpu, 0) + " %", bytes(n.rss),
         bytes(n.bytes_in), bytes(n.bytes_out), n.peers ?? "–"];
       cells.forEach((c, i) => tr.appendChild(el("td", String(c), i === 1 ? "status " + n.status : "")));
