@@ -83,17 +83,20 @@ class Gossip:
         # A peer that finished round r and left (or paused) already did its part in round r:
         # keep it in round r's plan so its departure does not reshuffle who merges what (a
         # re-planned peer would wait for a model of round r that nobody sends any more).
-        done = [p for p, last in self.membership.finished.items() if last >= r]
+        done = {p for p, last in self.membership.finished.items() if last >= r}
         for p in self.view.live():
             info = self.view.get(p)
             if info is not None and info.paused is not None and (info.round or 0) >= r:
-                done.append(p)
-        extra = set(done) - set(live)
+                done.add(p)
+        extra = done.difference(live)
         return sorted([*live, *extra]) if extra else live
 
-    def plan_targets(self, r: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Whom to send round `r`'s model to, and whose round-`r` models to expect."""
-        live = self.round_view(r)
+    def plan_targets(
+        self, r: int, live: list[str] | None = None
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Whom to send round `r`'s model to, and whose round-`r` models to expect (`live`:
+        round `r`'s view when the caller has it already)."""
+        live = self.round_view(r) if live is None else live
         plan = self.schedule.plan(self.node_id, live, r)
         expect = plan.expect_from
         if self.config.mode == "sync" and self.schedule.name == "random-walk":
@@ -199,12 +202,13 @@ class Gossip:
         """Sync mode: wait for the expected senders' round-r models, re-planning on view changes."""
         deadline = self.clock() + self.config.round_timeout
         view_version = self.view.version
-        members = set(self.round_view(r))
-        _, first = self.plan_targets(r)
+        members = self.round_view(r)
+        _, first = self.plan_targets(r, members)
         past: dict[str, float] = {}  # expected senders whose presence says they left round r
         while not self._stopping():
-            _, expect = self.plan_targets(r)
-            if members <= set(self.round_view(r)):
+            live = self.round_view(r)
+            _, expect = self.plan_targets(r, live)
+            if set(members) <= set(live):
                 # Nobody left, but a peer may have joined or resumed: the senders the new plan
                 # adds sent their round-r model as planned before (or come back past round r),
                 # so only the ones expected from the start are waited for. A departure re-plans
