@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol, Self, runtime_checkable
+from typing import Final, Self
 
 from p2pfl.transport.address import BrokerAddress
 
@@ -89,23 +89,52 @@ class ReceivedMessages:
         self._queue.put_nowait(_CLOSED)
 
 
-@runtime_checkable
-class Transport(Protocol):
-    """Publish/subscribe with MQTT semantics: wildcards, retained messages, a will."""
+class Transport(ABC):
+    """Publish/subscribe with MQTT semantics: wildcards, retained messages, a will.
 
-    stats: TransportStats
+    `MqttTransport` (real brokers) and `MemoryTransport` (the simulator's bus) share this base:
+    it checks every topic, filter and payload against MQTT's rules and the payload limit, keeps
+    the subscriptions and the bounded queue of received messages; each transport moves the
+    bytes (the `_connect`, `_subscribe`, `_unsubscribe` and `_publish` steps).
+    """
+
+    def __init__(self, client_id: str, max_inbox: int, max_inbox_bytes: int, max_payload: int):
+        self.client_id = client_id
+        self.max_payload = max_payload
+        self.stats = TransportStats()
+        self._inbox = ReceivedMessages(max_inbox, max_inbox_bytes)
+        self._patterns: dict[str, None] = {}
+        self._will: Message | None = None
+        self._state = "new"  # -> (connecting ->) connected -> (closing ->) closed
+
+    @property
+    def inbox_bytes(self) -> int:
+        """Payload bytes received and not yet taken by `messages()`."""
+        return self._inbox.bytes
 
     async def connect(self, will: Message | None = None) -> None:
         """Connect; `will` is published by the broker if this client vanishes without `close`."""
-        ...
+        if self._state != "new":
+            raise TransportError(f"{self.client_id}: connect() called twice")
+        if will is not None:
+            validate_topic(will.topic)
+        self._will = will
+        await self._connect()
 
     async def subscribe(self, pattern: str) -> None:
         """Receive messages whose topic matches `pattern` (MQTT `+`/`#` wildcards)."""
-        ...
+        self._check_open()
+        validate_pattern(pattern)
+        if pattern not in self._patterns:
+            self._patterns[pattern] = None
+            await self._subscribe(pattern)
 
     async def unsubscribe(self, pattern: str) -> None:
         """Stop receiving messages for `pattern`."""
-        ...
+        self._check_open()
+        if pattern in self._patterns:
+            del self._patterns[pattern]
+            await self._unsubscribe(pattern)
 
     async def publish(
         self,
@@ -117,23 +146,57 @@ class Transport(Protocol):
         broker: str | None = None,
     ) -> None:
         """Send `payload` to `topic` on `broker` (a URI; None = the home broker)."""
-        ...
+        self._check_open()
+        validate_publish(topic, payload, qos, self.max_payload)
+        await self._publish(topic, payload, qos, retain, broker)
 
+    async def messages(self) -> AsyncIterator[Message]:
+        """Messages for this client's subscriptions; ends when the transport closes."""
+        while (message := await self._inbox.get()) is not None:
+            yield message
+
+    @abstractmethod
     async def flush(self) -> None:
         """Wait until every message published so far was accepted by its broker (or dropped)."""
-        ...
 
-    def messages(self) -> AsyncIterator[Message]:
-        """Messages for this client's subscriptions; ends when the transport closes."""
-        ...
-
+    @abstractmethod
     async def close(self) -> None:
         """Disconnect gracefully: queued messages are flushed and the will is not published."""
-        ...
 
+    @abstractmethod
     async def abort(self) -> None:
         """Drop the connection abruptly, as a crash would: the broker publishes the will."""
-        ...
+
+    @abstractmethod
+    async def _connect(self) -> None:
+        """Connect (with `self._will`), ending in state `connected` or raising TransportError."""
+
+    @abstractmethod
+    async def _subscribe(self, pattern: str) -> None:
+        """Subscribe to a new, valid `pattern`."""
+
+    @abstractmethod
+    async def _unsubscribe(self, pattern: str) -> None:
+        """Unsubscribe from `pattern`, which was subscribed."""
+
+    @abstractmethod
+    async def _publish(
+        self, topic: str, payload: Payload, qos: int, retain: bool, broker: str | None
+    ) -> None:
+        """Send a publish already checked against MQTT's rules and `max_payload`."""
+
+    def _receive(self, message: Message) -> str | None:
+        """Queue a received message and count it; or why not (the caller counts it dropped)."""
+        refused = self._inbox.put(message)
+        if refused is None:
+            self.stats.received_messages += 1
+            self.stats.received_bytes += len(message.payload)
+        return refused
+
+    def _check_open(self) -> None:
+        if self._state != "connected":
+            state = "closed" if self._state in ("closing", "closed") else "not connected"
+            raise TransportError(f"{self.client_id}: transport is {state}")
 
 
 TransportFactory = Callable[[str, str], Transport]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from p2pfl.transport.base import (
     MAX_INBOX,
@@ -30,13 +30,9 @@ from p2pfl.transport.base import (
     MAX_PAYLOAD,
     Message,
     Payload,
-    ReceivedMessages,
+    Transport,
     TransportError,
-    TransportStats,
     topic_matches,
-    validate_pattern,
-    validate_publish,
-    validate_topic,
 )
 
 log = logging.getLogger(__name__)
@@ -183,8 +179,8 @@ def _collect(
         _collect(child, levels, i + 1, dollar, out)
 
 
-class MemoryTransport:
-    """A client of a `MemoryBus`; implements `Transport`. The `broker` argument is ignored.
+class MemoryTransport(Transport):
+    """A client of a `MemoryBus`. The `broker` argument of `publish` is ignored.
 
     The limits are those of `MqttOptions`; 0 means no bound for the inbox ones.
     """
@@ -198,71 +194,31 @@ class MemoryTransport:
         max_inbox_bytes: int = MAX_INBOX_BYTES,
         max_payload: int = MAX_PAYLOAD,
     ) -> None:
+        super().__init__(client_id, max_inbox, max_inbox_bytes, max_payload)
         self.bus = bus
-        self.client_id = client_id
-        self.stats = TransportStats()
-        self.max_payload = max_payload
-        self._inbox = ReceivedMessages(max_inbox, max_inbox_bytes)
-        self._patterns: dict[str, None] = {}
-        self._will: Message | None = None
-        self._state = "new"
 
     def __repr__(self) -> str:
         return f"MemoryTransport({self.client_id!r}, {self._state})"
 
-    @property
-    def inbox_bytes(self) -> int:
-        """Payload bytes received and not yet taken by `messages()`."""
-        return self._inbox.bytes
-
-    async def connect(self, will: Message | None = None) -> None:
-        """Join the bus; `will` is published when this client aborts."""
-        if self._state != "new":
-            raise TransportError(f"{self.client_id}: connect() called twice")
-        if will is not None:
-            validate_topic(will.topic)
+    async def _connect(self) -> None:
         self.bus._attach(self)
-        self._will = will
         self._state = "connected"
 
-    async def subscribe(self, pattern: str) -> None:
-        """Receive messages matching `pattern`; retained ones are delivered at once."""
-        self._check_connected()
-        validate_pattern(pattern)
-        if pattern not in self._patterns:
-            self._patterns[pattern] = None
-            self.bus._subscribe(pattern, self)
+    async def _subscribe(self, pattern: str) -> None:
+        self.bus._subscribe(pattern, self)  # retained messages are delivered at once
 
-    async def unsubscribe(self, pattern: str) -> None:
-        """Stop receiving messages for `pattern`."""
-        self._check_connected()
-        if pattern in self._patterns:
-            del self._patterns[pattern]
-            self.bus._unsubscribe(pattern, self)
+    async def _unsubscribe(self, pattern: str) -> None:
+        self.bus._unsubscribe(pattern, self)
 
-    async def publish(
-        self,
-        topic: str,
-        payload: Payload,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        broker: str | None = None,
+    async def _publish(
+        self, topic: str, payload: Payload, qos: int, retain: bool, broker: str | None
     ) -> None:
-        """Deliver `payload` to every subscriber of `topic` on the bus."""
-        self._check_connected()
-        validate_publish(topic, payload, qos, self.max_payload)
         self.stats.published_messages += 1
         self.stats.published_bytes += len(payload)
         self.stats.dropped += self.bus._route(self.client_id, topic, payload, retain)
 
     async def flush(self) -> None:
         """Nothing to wait for: the bus routes a message during `publish`."""
-
-    async def messages(self) -> AsyncIterator[Message]:
-        """Messages for this client's subscriptions, until it is closed or aborted."""
-        while (message := await self._inbox.get()) is not None:
-            yield message
 
     async def close(self) -> None:
         """Leave the bus without publishing the will."""
@@ -284,17 +240,9 @@ class MemoryTransport:
         self._state = "closed"
         self._inbox.close()
 
-    def _check_connected(self) -> None:
-        if self._state != "connected":
-            state = "closed" if self._state == "closed" else "not connected"
-            raise TransportError(f"{self.client_id}: transport is {state}")
-
     def _deliver(self, message: Message) -> None:
         # A delayed delivery may land after this client left; the network lost it.
         if self._state != "connected":
             return
-        if self._inbox.put(message) is not None:
+        if self._receive(message) is not None:
             self.stats.dropped += 1
-            return
-        self.stats.received_messages += 1
-        self.stats.received_bytes += len(message.payload)

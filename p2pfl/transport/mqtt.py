@@ -25,17 +25,7 @@ from collections.abc import AsyncIterator
 import aiomqtt
 
 from p2pfl.transport.address import BrokerAddress, parse_broker_uri
-from p2pfl.transport.base import (
-    Message,
-    Payload,
-    ReceivedMessages,
-    TransportError,
-    TransportStats,
-    topic_matches,
-    validate_pattern,
-    validate_publish,
-    validate_topic,
-)
+from p2pfl.transport.base import Message, Payload, Transport, TransportError, topic_matches
 from p2pfl.transport.link import Link
 from p2pfl.transport.options import MqttOptions
 from p2pfl.transport.outbox import Outgoing
@@ -48,7 +38,7 @@ def _address(uri: str) -> BrokerAddress:
     return parse_broker_uri(uri)
 
 
-class MqttTransport:
+class MqttTransport(Transport):
     """`Transport` over MQTT brokers; subscriptions on the home broker, publishes anywhere."""
 
     def __init__(
@@ -59,24 +49,19 @@ class MqttTransport:
     ) -> None:
         if not client_id:
             raise ValueError("client_id must not be empty")
+        self.options = opts = options or MqttOptions()
+        super().__init__(client_id, opts.max_inbox, opts.max_inbox_bytes, opts.max_payload)
         self.home = parse_broker_uri(home) if isinstance(home, str) else home
-        self.client_id = client_id
-        self.options = options or MqttOptions()
-        self.stats = TransportStats()
-        self._patterns: dict[str, None] = {}
-        self._inbox = ReceivedMessages(self.options.max_inbox, self.options.max_inbox_bytes)
         self._links: dict[BrokerAddress, Link] = {}
         self._running: set[Link] = set()
         self._home_link: Link | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        self._state = "new"
         self._aborting = False
         self._seq = itertools.count()
         self._failure: BaseException | None = None
         self._drop_reasons: set[str] = set()
-        self._will: Message | None = None
 
     def __repr__(self) -> str:
         return f"MqttTransport({self.client_id!r}, home={self.home.uri}, {self._state})"
@@ -85,11 +70,6 @@ class MqttTransport:
     def connected(self) -> bool:
         """Whether the home broker connection is up right now."""
         return self._home_link is not None and self._home_link.connected.is_set()
-
-    @property
-    def inbox_bytes(self) -> int:
-        """Payload bytes received and not yet taken by `messages()`."""
-        return self._inbox.bytes
 
     @property
     def brokers(self) -> list[str]:
@@ -101,13 +81,8 @@ class MqttTransport:
         """The topic filters subscribed to (re-subscribed after every reconnect)."""
         return list(self._patterns)
 
-    async def connect(self, will: Message | None = None) -> None:
-        """Connect to the home broker; TransportError if it is not reachable in time."""
-        if self._state != "new":
-            raise TransportError(f"{self.client_id}: connect() called twice")
-        if will is not None:
-            validate_topic(will.topic)
-        self._will = will
+    async def _connect(self) -> None:
+        # TransportError if the home broker is not reachable in `connect_timeout`.
         home = self._link(self.home, self.client_id, home=True)
         self._home_link = home
         self._links[self.home] = home
@@ -138,42 +113,24 @@ class MqttTransport:
             f"{home.last_error or 'timed out'}"
         ) from self._failure
 
-    async def subscribe(self, pattern: str) -> None:
-        """Subscribe on the home broker; kept across reconnects."""
-        self._check_open()
-        validate_pattern(pattern)
-        if pattern in self._patterns:
-            return
-        self._patterns[pattern] = None
+    async def _subscribe(self, pattern: str) -> None:
+        # on the home broker; kept across reconnects
         home, client = self._home_link, self._home_client()
         if home is not None and client is not None:
             # A broken connection here is fine: the link subscribes again when it reconnects.
             with contextlib.suppress(aiomqtt.MqttError):
                 await home.until_down(client.subscribe(pattern, qos=1))
 
-    async def unsubscribe(self, pattern: str) -> None:
-        """Unsubscribe on the home broker."""
-        self._check_open()
-        if pattern not in self._patterns:
-            return
-        del self._patterns[pattern]
+    async def _unsubscribe(self, pattern: str) -> None:
         home, client = self._home_link, self._home_client()
         if home is not None and client is not None:
             with contextlib.suppress(aiomqtt.MqttError):
                 await home.until_down(client.unsubscribe(pattern))
 
-    async def publish(
-        self,
-        topic: str,
-        payload: Payload,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        broker: str | None = None,
+    async def _publish(
+        self, topic: str, payload: Payload, qos: int, retain: bool, broker: str | None
     ) -> None:
-        """Queue `payload` for `topic` on `broker` (None = home); returns without waiting."""
-        self._check_open()
-        validate_publish(topic, payload, qos, self.options.max_payload)
+        # queued for the link to `broker` (None = home); returns without waiting
         address = self.home if broker is None else _address(broker)
         link = self._links.get(address) or self._open_link(address)
         item = Outgoing(next(self._seq), topic, payload, qos, retain)
@@ -190,7 +147,7 @@ class MqttTransport:
 
     async def messages(self) -> AsyncIterator[Message]:
         """Messages for the subscriptions, until the transport is closed."""
-        while (message := await self._inbox.get()) is not None:
+        async for message in super().messages():
             yield message
         if self._failure is not None:
             raise TransportError(f"{self.client_id}: transport failed") from self._failure
@@ -234,12 +191,9 @@ class MqttTransport:
         """
         if not self.wanted(message.topic):
             return
-        refused = self._inbox.put(message)
+        refused = self._receive(message)
         if refused is not None:
             self.dropped(1, refused)
-            return
-        self.stats.received_messages += 1
-        self.stats.received_bytes += len(message.payload)
 
     def dropped(self, count: int, reason: str) -> None:
         """Count `count` lost messages; the first loss for each reason is logged as a warning."""
@@ -330,11 +284,6 @@ class MqttTransport:
         if home is None or not home.connected.is_set():
             return None
         return home.client
-
-    def _check_open(self) -> None:
-        if self._state != "connected":
-            state = {"new": "not connected", "connecting": "not connected"}.get(self._state)
-            raise TransportError(f"{self.client_id}: transport is {state or 'closed'}")
 
     async def _wait_runner(self) -> None:
         if self._runner is not None:
