@@ -95,8 +95,10 @@ class NodeCounters:
     """What a node has done so far; reported every round and in telemetry."""
 
     rounds: int = 0
+    """Rounds this node finished since it started (with walkers: its local training steps)."""
     models_sent: int = 0
     models_received: int = 0
+    """Models accepted into the inbox; refused ones count in `rejected` instead."""
     bytes_sent: int = 0
     bytes_received: int = 0
     # Presence records (joins, heartbeats, leaves) and shuffles delivered to this node: the

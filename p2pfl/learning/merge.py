@@ -40,7 +40,13 @@ Weights = dict[str, np.ndarray]
 
 _Number = TypeVar("_Number", int, float)
 
-RuleFunction = Callable[[Sequence[Weights], Sequence[float] | None], Weights]
+Models = Sequence[Weights]
+Ages = Sequence[float] | None
+"""Each model's weight in a merge (its age, for ``weighted``); None: equal."""
+Senders = Sequence[str] | None
+"""Who sent ``models[1:]`` (rules with a memory of senders use it)."""
+
+RuleFunction = Callable[[Models, Ages], Weights]
 
 CLIPPED_FACTOR = 2.0
 """tau is this many times the median recent distance to honest-looking neighbours."""
@@ -78,23 +84,12 @@ class Merge(Protocol):
     @property
     def name(self) -> str: ...
 
-    def __call__(
-        self,
-        models: Sequence[Weights],
-        weights: Sequence[float] | None = None,
-        *,
-        senders: Sequence[str] | None = None,
-    ) -> Weights:
+    def __call__(self, models: Models, weights: Ages = None, *, senders: Senders = None) -> Weights:
         """Merge; ``senders`` name who sent ``models[1:]`` (rules with a memory use them)."""
         ...
 
     def adopt(
-        self,
-        own: Weights,
-        tokens: Sequence[Weights],
-        weights: Sequence[float] | None = None,
-        *,
-        senders: Sequence[str] | None = None,
+        self, own: Weights, tokens: Models, weights: Ages = None, *, senders: Senders = None
     ) -> Weights:
         """The model a walker node continues from once ``tokens`` reached it."""
         ...
@@ -111,25 +106,14 @@ class MergeRule:
     name: str
     function: RuleFunction
 
-    def __call__(
-        self,
-        models: Sequence[Weights],
-        weights: Sequence[float] | None = None,
-        *,
-        senders: Sequence[str] | None = None,
-    ) -> Weights:
+    def __call__(self, models: Models, weights: Ages = None, *, senders: Senders = None) -> Weights:
         return self.function(models, weights)
 
     def anchor(self, weights: Weights) -> None:
         """Stateless rules need no starting point."""
 
     def adopt(
-        self,
-        own: Weights,
-        tokens: Sequence[Weights],
-        weights: Sequence[float] | None = None,
-        *,
-        senders: Sequence[str] | None = None,
+        self, own: Weights, tokens: Models, weights: Ages = None, *, senders: Senders = None
     ) -> Weights:
         """Walkers: the token replaces ``own`` (several tokens met here: the rule merges them).
 
@@ -261,24 +245,13 @@ class ClippedGossip:
         """The share of tau that ``sender``'s next model may move this node by, in (0, 1]."""
         return self._standing.get(sender, STANDING_START)
 
-    def __call__(
-        self,
-        models: Sequence[Weights],
-        weights: Sequence[float] | None = None,
-        *,
-        senders: Sequence[str] | None = None,
-    ) -> Weights:
+    def __call__(self, models: Models, weights: Ages = None, *, senders: Senders = None) -> Weights:
         """``models[0]`` is the node's own; ``weights`` are checked and ignored."""
         _check(models, weights)
         return self._step(models[0], models[1:], share=1.0 / len(models), senders=senders)
 
     def adopt(
-        self,
-        own: Weights,
-        tokens: Sequence[Weights],
-        weights: Sequence[float] | None = None,
-        *,
-        senders: Sequence[str] | None = None,
+        self, own: Weights, tokens: Models, weights: Ages = None, *, senders: Senders = None
     ) -> Weights:
         """Walkers: ``own + mean_j clip_{tau_j}(token_j - own)`` instead of the token outright.
 

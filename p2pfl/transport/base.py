@@ -42,13 +42,16 @@ class Message:
 
 @dataclass(slots=True)
 class TransportStats:
-    """Counters of one transport; `dropped` counts messages lost here, in either direction."""
+    """Counters of one transport since it was made."""
 
     published_messages: int = 0
+    """Publishes accepted for sending (the broker or bus may still lose them: see `dropped`)."""
     published_bytes: int = 0
     received_messages: int = 0
+    """Messages put in the received queue for the node (not those dropped on arrival)."""
     received_bytes: int = 0
     dropped: int = 0
+    """Messages lost here, in either direction: a full queue, a broker given up on."""
     reconnects: int = 0
 
 
