@@ -29,13 +29,15 @@ Examples:
 Without --state-dir, the default state dir of --network and --id is used (as p2pfl run does).
 """
 
-app = typer.Typer(
-    name="keys",
-    help="This node's signing identity and the keys it trusts (trusted_keys).",
-    epilog=EPILOG,
-    no_args_is_help=True,
-    rich_markup_mode=None,
-)
+
+def _typer(name: str, summary: str, epilog: str) -> typer.Typer:
+    """A command group; its epilog is printed as written (no rich markup)."""
+    return typer.Typer(
+        name=name, help=summary, epilog=epilog, no_args_is_help=True, rich_markup_mode=None
+    )
+
+
+app = _typer("keys", "This node's signing identity and the keys it trusts (trusted_keys).", EPILOG)
 
 StateDirOption = typer.Option(
     None, "--state-dir", help="The node's state dir. [default: that of --network and --id]"
@@ -172,12 +174,8 @@ Without --ca-file, the network key is kept in ~/.local/state/p2pfl/ca/NETWORK.ke
 ($XDG_STATE_HOME/p2pfl/ca/NETWORK.key).
 """
 
-ca_app = typer.Typer(
-    name="ca",
-    help="A network key that admits nodes by certificate (p2pfl run --trust ca).",
-    epilog=CA_EPILOG,
-    no_args_is_help=True,
-    rich_markup_mode=None,
+ca_app = _typer(
+    "ca", "A network key that admits nodes by certificate (p2pfl run --trust ca).", CA_EPILOG
 )
 app.add_typer(ca_app, name="ca")
 
