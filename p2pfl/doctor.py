@@ -98,7 +98,8 @@ class BrokerCheck:
     """One broker address of a node: ``tcp`` and ``mqtt`` are ``"ok"`` or why not."""
 
     uri: str
-    tcp: str
+    tcp: str = NOT_TRIED
+    """``"ok"``, or why no TCP connection opened."""
     mqtt: str = NOT_TRIED
 
     @property
@@ -375,7 +376,7 @@ def render(report: Report, console: Console) -> None:
         verdict = n.verdict.partition(" at ")[0]
         network = "--peer" if n.source == "static" else n.network
         head = [n.id, network, f"{_mark(n.verdict)} {verdict}"]
-        for b in n.brokers or (BrokerCheck("-", NOT_TRIED),):
+        for b in n.brokers or (BrokerCheck("-"),):
             nodes.add_row(*head[:2], b.uri, _mark(b.tcp), _mark(b.mqtt), head[2])
             head = ["", "", ""]
     console.print(nodes)

@@ -99,13 +99,14 @@ class NodeCounters:
     models_sent: int = 0
     models_received: int = 0
     """Models accepted into the inbox; refused ones count in `rejected` instead."""
+    rejected: Counter[str] = field(default_factory=Counter)
+    """Messages refused, by reason (see `reason_label`)."""
     bytes_sent: int = 0
     bytes_received: int = 0
     # Presence records (joins, heartbeats, leaves) and shuffles delivered to this node: the
     # membership's cost (`p2pfl bench scale`), bounded by the view size in a sampled network.
     membership_received: int = 0
     diverged: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
 
     @property
     def rejected_total(self) -> int:

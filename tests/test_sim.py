@@ -19,12 +19,12 @@ pytestmark = pytest.mark.timeout(300)
 
 TINY = """
 name = "tiny"
-nodes = 4
 compare = ["ring", "random-walk", "partial-mesh"]
+nodes = 4
 
 [node]
-mode = "sync"
 rounds = 3
+mode = "sync"
 model = "logreg"
 local_epochs = 1
 degree = 2

@@ -132,11 +132,11 @@ class PeerView:
     ) -> None:
         if ttl <= 0:
             raise ValueError(f"peer ttl must be > 0 seconds, got {ttl}")
+        self.configured = frozenset(configured)
         self.own_id = own_id
         self.ttl = ttl
         self.max_peers = max_peers
         self.new_peers = new_peers
-        self.configured = frozenset(configured)
         self._clock = clock
         self._peers: dict[str, PeerInfo] = {}
         self._joined: dict[str, float] = {}  # when each peer joined the view

@@ -78,7 +78,6 @@ def run_monitor(
             raise ValueError(f"--wait must be >= 0, got {wait}")
         if metrics_port is not None and not 0 <= metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be 0-65535, got {metrics_port}")
-        static = [StaticPeer.parse(text) for text in peers]
         bind = None if web is None else Bind.parse(web)
         if bind is not None:
             check_exposure(bind, web_token)
@@ -98,8 +97,8 @@ def run_monitor(
         monitor = Monitor(
             network,
             brokers=brokers,
-            peers=static,
             interfaces=interfaces,
+            peers=[StaticPeer.parse(text) for text in peers],
             use_mdns=mdns,
             stale_after=stale_after,
             forget_after=forget_after,
