@@ -30,6 +30,7 @@ once): the caller drops it without counting a refusal.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -65,6 +66,24 @@ highest one accepted from a sender is still taken, once."""
 _WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
 KEYS_PER_PEER = 16
 """Keys pinned (and replay windows kept) per place in the view: room for churn over a long run."""
+SIGNATURES_REMEMBERED = 16_384
+"""Signature checks remembered per process (about 4 MB): see :func:`signature_ok`."""
+
+
+@functools.lru_cache(maxsize=SIGNATURES_REMEMBERED)
+def signature_ok(pk: bytes, sig: bytes, digest: bytes) -> bool:
+    """Whether ``sig`` is ``pk``'s Ed25519 signature of ``digest`` (domain-separated).
+
+    Remembered for the last :data:`SIGNATURES_REMEMBERED` checks in this process: the answer
+    is a function of the three values, and the same signed message is checked many times where
+    many nodes share a process (the simulator: every receiver of a presence record) or where a
+    copy arrives twice (MQTT QoS 1). The digest is SHA-256 of the signed message, so another
+    message matching a remembered entry would be a SHA-256 collision."""
+    try:
+        Ed25519PublicKey.from_public_bytes(pk).verify(sig, SIG_DOMAIN + digest)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 class Duplicate(Exception):
@@ -175,11 +194,8 @@ class Trust:
         with self._lock:
             pending = self._check_key(header.src, header.pk)
         digest = header.digest()
-        try:
-            key = Ed25519PublicKey.from_public_bytes(header.pk)
-            key.verify(header.sig, SIG_DOMAIN + digest)
-        except (InvalidSignature, ValueError):
-            raise ProtocolError(f"bad signature on a message from {header.src!r}") from None
+        if not signature_ok(header.pk, header.sig, digest):
+            raise ProtocolError(f"bad signature on a message from {header.src!r}")
         if pending:
             self._certify(header.src, header.pk, None if cert is None else cert())
         with self._lock:

@@ -13,9 +13,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from p2pfl.certs import issue
 from p2pfl.discovery.presence import presence_certificate
 from p2pfl.identity import Identity, TrustedKeys, public_bytes
-from p2pfl.protocol.envelope import Envelope, pack_envelope
+from p2pfl.protocol.envelope import Envelope, pack_envelope, peek
 from p2pfl.protocol.errors import ProtocolError
-from p2pfl.trust import KEYS_PER_PEER, REPLAY_WINDOW, Duplicate, Trust, trust_label
+from p2pfl.trust import (
+    KEYS_PER_PEER,
+    REPLAY_WINDOW,
+    Duplicate,
+    Trust,
+    signature_ok,
+    trust_label,
+)
 
 NOW = 1_000_000.0
 
@@ -86,6 +93,33 @@ def test_a_key_swapped_in_by_an_attacker_does_not_verify() -> None:
     data = message(real)
     forged = data.replace(real.public_raw, mallory.public_raw)
     assert refused(trust(), forged).startswith("bad signature")
+
+
+def test_a_remembered_signature_check_never_admits_what_verify_would_refuse(
+    tmp_path: Path,
+) -> None:
+    """Signature checks are remembered per process (many simulated nodes hear one record):
+    a remembered good signature must not carry a tampered copy, another key, or a key that
+    this node's policy does not trust."""
+    real, mallory = Identity.generate(), Identity.generate()
+    data = message(real, body={"round": 3})
+    signature_ok.cache_clear()
+    assert trust().check(data).src == "n1"
+    assert signature_ok.cache_info().currsize == 1
+    assert trust().check(data).src == "n1"  # another node: the check is remembered
+    assert signature_ok.cache_info().hits == 1
+    tampered = bytearray(data)
+    tampered[-1] ^= 0x01
+    assert refused(trust(), bytes(tampered)).startswith("bad signature")
+    forged = data.replace(real.public_raw, mallory.public_raw)
+    assert refused(trust(), forged).startswith("bad signature")
+    TrustedKeys(tmp_path).add("n1", mallory.public)  # n1 is mallory's name here
+    assert refused(trust("allowlist", tmp_path), data).startswith("untrusted")
+    header = peek(data)
+    assert header.pk is not None and header.sig is not None
+    assert signature_ok(header.pk, header.sig, header.digest())
+    assert not signature_ok(mallory.public_raw, header.sig, header.digest())
+    assert not signature_ok(header.pk, header.sig[::-1], header.digest())
 
 
 def test_replays_and_stale_or_future_messages_are_refused() -> None:
