@@ -80,6 +80,23 @@ def test_peek_needs_the_wire_order() -> None:
         peek(msgpack.packb(fields(src="x" * 5000)))
 
 
+def test_peek_remembers_small_messages_by_content_and_never_a_mutable_one() -> None:
+    me = Identity.generate()
+    packed = bytes(pack_envelope(Envelope(1, "presence", "lab", "n1", 3, 2.0, {"r": 1}), me))
+    first = peek(packed)
+    again = peek(bytes(bytearray(packed)))  # equal bytes, another object: another receiver
+    assert again is first
+    fresh = peek(bytearray(packed))  # mutable: read anew every time
+    assert fresh is not first and fresh.digest() == first.digest() == again.digest()
+    changed = bytearray(packed)
+    changed[-1] ^= 0x01  # the body's value, same length
+    other = peek(bytes(changed))
+    assert other is not first and other.digest() != first.digest()
+    assert (other.src, other.seq) == (first.src, first.seq)
+    big = bytes(pack_envelope(Envelope(1, "log", "lab", "n1", 4, 2.0, {"b": b"x" * 5000}), me))
+    assert peek(big) is not peek(big)  # above HEADER_MAX: not remembered
+
+
 def test_create_stamps_current_version_and_time() -> None:
     before = time.time()
     env = Envelope.create("bye", {}, net="lab", src="n1", seq=0)
