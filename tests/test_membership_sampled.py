@@ -272,6 +272,34 @@ async def test_an_answer_is_merged_and_an_offer_answered_with_our_entries(lone: 
     assert "friend" in lone.peer.membership.sampler.records
 
 
+async def test_only_ring_neighbours_are_watched_and_shuffles_keep_the_rest_alive(
+    lone: Lone,
+) -> None:
+    """A ring node subscribes to the presence of its near members only (the schedule talks to
+    no one else): a view change in its random part costs no subscription and no retained
+    record. The rest of the view lives on what shuffles bring: a fresher record of a member
+    refreshes it, an older one does not."""
+    keys = {f"p{i:02d}": Identity.generate() for i in range(12)}
+    await lone.shuffle([lone.record(name, key) for name, key in keys.items()])
+    peer = lone.peer
+    members = peer.view.live()
+    assert len(members) == 12
+    near = set(sampling.near(peer.id, members, sampling.ring_keys("ring"), sampling.NEAR))
+    watched = {t.rsplit("/", 1)[-1] for t in peer.transport._patterns if "/presence/" in t}
+    assert watched == near and len(near) == 2 * sampling.NEAR
+    far = sorted(set(members) - near)[0]
+    seen = peer.view.get(far)
+    assert seen is not None
+    stale = lone.record(far, keys[far], ts_offset=-5.0)
+    await lone.shuffle([stale])
+    after_stale = peer.view.get(far)
+    assert after_stale is not None and after_stale.last_seen == seen.last_seen
+    await asyncio.sleep(0.01)
+    await lone.shuffle([lone.record(far, keys[far])])
+    refreshed = peer.view.get(far)
+    assert refreshed is not None and refreshed.last_seen > seen.last_seen
+
+
 SAMPLED = small_scenario("sampled", 40, degree=4, view_size=16, shuffle_interval=0.25)
 
 

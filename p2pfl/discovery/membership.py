@@ -30,6 +30,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import replace
 
 from p2pfl.config import NodeConfig
+from p2pfl.discovery import sampling
 from p2pfl.discovery.addresses import is_loopback
 from p2pfl.discovery.dial import first_reachable, probe
 from p2pfl.discovery.peerview import PeerInfo, PeerView
@@ -445,6 +446,11 @@ class Membership:
         sampler = self.sampler
         assert sampler is not None
         new = {p: c for p, c in candidates.items() if p not in self.view and p != self.node_id}
+        for peer, (record, payload) in candidates.items():
+            # a member we do not watch is kept alive by the newer records shuffles bring
+            if peer in self.view and sampler.fresher(peer, payload):
+                sampler.keep(peer, payload)
+                await self._heard(peer, record)
         view = self.view.live()
         keep = sampler.choose(view, list(new), list(sent))
         for peer in view:
@@ -469,6 +475,11 @@ class Membership:
             await self.transport.unsubscribe(self._listening)
             log.debug("sampled view has contacts=%d: stopped listening", len(members))
             self._listening = None
+        if sampler.rings:
+            # The schedule talks to ring neighbours only: their presence (heartbeats, will,
+            # bye) is watched; the rest of the view lives on what shuffles bring, which spares
+            # a retained record on every change of the view's random part.
+            members = set(sampling.near(self.node_id, members, sampler.rings, sampling.NEAR))
         for peer in sorted(self._watched - members):
             self._watched.discard(peer)
             await self.transport.unsubscribe(topics.presence(self.net, peer))
@@ -508,8 +519,8 @@ class Membership:
         else:
             header = peek(data)
             src, ts, record = header.src, header.ts, None
-        if src == self.node_id or src in self.view:
-            return None  # we hear our view members ourselves
+        if src == self.node_id or src in self._watched:
+            return None  # we hear the members we watch ourselves
         if abs(time.time() - ts) > self.config.presence_ttl:
             raise ProtocolError("stale presence record")
         if record is not None:

@@ -167,6 +167,11 @@ class Sampler:
         """Keep a view member's latest presence record (verified) to pass on, with its age."""
         self.records[peer] = (record, peek(record).ts)
 
+    def fresher(self, peer: str, record: bytes) -> bool:
+        """Whether ``record`` (verified) was made after the one kept of ``peer``."""
+        kept = self.records.get(peer)
+        return kept is None or peek(record).ts > kept[1]
+
     def newer(self, peer: str, seq: int) -> bool:
         """Whether a record of ``peer`` with ``seq`` is newer than the last one taken (and
         take it); kept for view members only."""
