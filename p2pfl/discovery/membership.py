@@ -9,7 +9,9 @@ static and mDNS peers are taken as live.
 
 In a sampled network (``view_size`` > 0; DESIGN.md, Membership at scale) a node keeps only a
 bounded view, kept by shuffles with its members (:mod:`p2pfl.discovery.shuffle`): it listens
-to the presence of its view members only, and finds its first contacts on one seed bucket
+to the presence of the view members its schedule talks to only (ring neighbours; every member
+on a random walk), the rest being kept alive by the records shuffles bring, and finds its first
+contacts on one seed bucket
 (every node also sends its heartbeat to a random one), or on every node's presence when the
 bucket stays quiet (a small network). Its membership cost is then bounded by the view size.
 
