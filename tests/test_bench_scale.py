@@ -29,9 +29,10 @@ def test_start_up_ends_when_the_last_node_begins_its_first_round() -> None:
     assert row["start-up s"] == 10.0
     assert row["wall/round s"] == 2.0  # (16 - 10) / 3
     assert row["membership msgs/node/round"] == 2.2  # (6 + 7) / 2 nodes / 3 rounds
+    assert row["membership msgs/node/s"] == 0.41  # (6 + 7) / 2 nodes / 16 s
     # a node that never reported: the size measured nothing
-    assert _from_records(records, nodes=3) == {"done": 0, **dict.fromkeys(
-        ["start-up s", "wall/round s", "membership msgs/node/round"])}  # fmt: skip
+    nothing = dict.fromkeys(c for c in COLUMNS if c != "peak RSS MB")
+    assert _from_records(records, nodes=3) == {"done": 0, **nothing}
 
 
 @pytest.mark.slow  # two child simulations: about half a minute on 2 cores

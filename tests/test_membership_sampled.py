@@ -275,18 +275,24 @@ async def test_an_answer_is_merged_and_an_offer_answered_with_our_entries(lone: 
 async def test_only_ring_neighbours_are_watched_and_shuffles_keep_the_rest_alive(
     lone: Lone,
 ) -> None:
-    """A ring node subscribes to the presence of its near members only (the schedule talks to
-    no one else): a view change in its random part costs no subscription and no retained
-    record. The rest of the view lives on what shuffles bring: a fresher record of a member
-    refreshes it, an older one does not."""
-    keys = {f"p{i:02d}": Identity.generate() for i in range(12)}
-    await lone.shuffle([lone.record(name, key) for name, key in keys.items()])
+    """A ring node with a full view subscribes to the presence of its near members only (the
+    schedule talks to no one else): a view change in its random part costs no subscription
+    and no retained record. The rest of the view lives on what shuffles bring: a fresher
+    record of a member refreshes it, an older one does not."""
     peer = lone.peer
+    keys = {f"p{i:02d}": Identity.generate() for i in range(20)}
+    records = [lone.record(name, key) for name, key in keys.items()]
+
+    def watched() -> set[str]:
+        return {t.rsplit("/", 1)[-1] for t in peer.transport._patterns if "/presence/" in t}
+
+    await lone.shuffle(records[:10])
+    assert watched() == set(peer.view.live())  # not full (a small network): watched whole
+    await lone.shuffle(records[10:])
     members = peer.view.live()
-    assert len(members) == 12
+    assert len(members) == 16
     near = set(sampling.near(peer.id, members, sampling.ring_keys("ring"), sampling.NEAR))
-    watched = {t.rsplit("/", 1)[-1] for t in peer.transport._patterns if "/presence/" in t}
-    assert watched == near and len(near) == 2 * sampling.NEAR
+    assert watched() == near and len(near) == 2 * sampling.NEAR
     far = sorted(set(members) - near)[0]
     seen = peer.view.get(far)
     assert seen is not None

@@ -7,7 +7,8 @@ last. Per size, from the child's metrics and its resource usage:
   (every node first waits to have heard every other's presence);
 - wall per round: from then until the last node reported its last round, per round;
 - peak RSS of the child process;
-- membership messages (presence records delivered) per node per round, start-up included.
+- membership messages (presence records and shuffles delivered) per node per round, start-up
+  included, and per second of the run.
 The baseline is the smallest size: each column's growth factor per doubling of N (1: flat,
 2: linear in N, 4: quadratic). Each size has a time cap; a size past it says so in its row,
 with whatever it measured before the cap, and the bench goes on.
@@ -32,7 +33,10 @@ from p2pfl.simulation.report import read_metrics
 from p2pfl.simulation.scenario import load_scenario
 
 SCENARIO = Path(p2pfl.__file__).resolve().parent.parent / "sim" / "large.toml"
-COLUMNS = ["start-up s", "wall/round s", "peak RSS MB", "membership msgs/node/round"]
+COLUMNS = [
+    "start-up s", "wall/round s", "peak RSS MB", "membership msgs/node/round",
+    "membership msgs/node/s",
+]  # fmt: skip
 
 
 def run(options: BenchOptions) -> BenchResult:
@@ -145,4 +149,7 @@ def _from_records(records: list[dict[str, Any]], nodes: int) -> dict[str, Any]:
     row["start-up s"] = round(startup, 3)
     row["wall/round s"] = round((finish - startup) / done, 3)
     row["membership msgs/node/round"] = round(membership / nodes / done, 1)
+    # per second too: membership timers run on the wall clock, and one process's rounds last
+    # longer the more nodes share its cores, so per round grows where per second does not
+    row["membership msgs/node/s"] = round(membership / nodes / finish, 2)
     return row

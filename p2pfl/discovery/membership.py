@@ -477,10 +477,11 @@ class Membership:
             await self.transport.unsubscribe(self._listening)
             log.debug("sampled view has contacts=%d: stopped listening", len(members))
             self._listening = None
-        if sampler.rings:
-            # The schedule talks to ring neighbours only: their presence (heartbeats, will,
-            # bye) is watched; the rest of the view lives on what shuffles bring, which spares
-            # a retained record on every change of the view's random part.
+        if sampler.rings and len(members) >= sampler.size:
+            # A full view (a network larger than it) of a schedule that talks to ring
+            # neighbours only: their presence (heartbeats, will, bye) is watched; the rest of
+            # the view lives on what shuffles bring, which spares a retained record on every
+            # change of its random part. A smaller network is watched whole, as unsampled.
             members = set(sampling.near(self.node_id, members, sampler.rings, sampling.NEAR))
         for peer in sorted(self._watched - members):
             self._watched.discard(peer)
