@@ -85,6 +85,7 @@ def test_a_browser_shows_a_live_network_of_three_nodes(
 ) -> None:
     if (why := _browser_missing()) is not None:
         pytest.skip(why)
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -114,7 +115,10 @@ def test_a_browser_shows_a_live_network_of_three_nodes(
         assert url.startswith("http://127.0.0.1:")
         driver = _chromium(tmp_path / "chromium-profile")
         driver.get(url)
-        wait = WebDriverWait(driver, 120, poll_frequency=0.2)
+        # the rows are redrawn every second: a row found may be gone when it is read; try again
+        wait = WebDriverWait(
+            driver, 120, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException]
+        )
 
         def rows() -> list[str]:
             return [r.get_attribute("data-node") for r in
@@ -147,14 +151,10 @@ def test_a_browser_shows_a_live_network_of_three_nodes(
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert paused.returncode == 0, paused.stderr
-        from selenium.common.exceptions import StaleElementReferenceException
 
         def status_of_w2() -> str:
-            try:  # the rows are redrawn every second: an element found may be gone by .text
-                cell = '#nodes tbody tr[data-node="w2"] td.status'
-                return str(driver.find_element(By.CSS_SELECTOR, cell).text)
-            except StaleElementReferenceException:
-                return ""
+            cell = '#nodes tbody tr[data-node="w2"] td.status'
+            return str(driver.find_element(By.CSS_SELECTOR, cell).text)
 
         wait.until(lambda _: status_of_w2() == "paused: manual", message=logs())
     finally:
