@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from p2pfl.learning.datasets import Dataset
 from p2pfl.learning.merge import average, parse_merge
@@ -93,6 +94,29 @@ def test_one_full_batch_per_epoch_equals_torch_learner(name: str) -> None:
         result = learner.evaluate()
         assert float(accuracy[0]) == pytest.approx(result.accuracy)
         assert float(loss[0]) == pytest.approx(result.loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d"])
+def test_evaluating_many_nodes_at_once_equals_each_node_alone(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes of a model without convolutions are evaluated in vmapped chunks (three of them
+    here): each node's accuracy and loss must be its own model's on the test set."""
+    monkeypatch.setattr("p2pfl.simulation.stacked._EVAL_ROWS", 2 * 40)
+    torch.manual_seed(0)
+    model = build_model(name, (16,), 3, seed=1)
+    models = StackedModels(model, 5)
+    models.flat += torch.randn_like(models.flat)
+    x, y = torch.randn(40, 16), torch.randint(0, 3, (40,))
+    nodes = torch.tensor([4, 0, 2, 3, 1])
+    accuracy, loss = models.evaluate(nodes, x, y)
+    for k, i in enumerate(nodes.tolist()):
+        model.load_state_dict(models.weights_of(i), strict=False)
+        with torch.no_grad():
+            logits = model(x)
+        want = (logits.argmax(dim=-1) == y).double().mean()
+        assert float(accuracy[k]) == pytest.approx(float(want))
+        assert float(loss[k]) == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
 
 
 def test_minibatches_of_uneven_shards_equal_the_daemons_learner() -> None:

@@ -32,6 +32,9 @@ __all__ = ["StackedModels", "unbatchable"]
 
 # Nodes trained in one vmap call (bounds gradient and activation memory for 10,000 nodes).
 _TRAIN_CHUNK = 2048
+# Nodes x test samples evaluated in one vmap call (bounds activation memory: 256k rows of
+# `mlp`'s 100 hidden units are 100 MB).
+_EVAL_ROWS = 1 << 18
 
 
 def unbatchable(model: nn.Module, in_shape: tuple[int, ...], n_classes: int) -> str | None:
@@ -69,6 +72,10 @@ class StackedModels:
         self.flat = init.repeat(n, 1).contiguous()
         self.momentum = torch.zeros_like(self.flat)
         self._grad_fn = vmap(grad(self._loss, has_aux=True))
+        self._eval_logits = vmap(self._logits, in_dims=(0, None))
+        self._linear = not any(
+            isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()
+        )  # no convolution: evaluate nodes in vmapped chunks
 
     @property
     def size(self) -> int:
@@ -234,16 +241,25 @@ class StackedModels:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Accuracy and mean cross-entropy of each of `nodes` on (`x`, `y`).
 
-        One node at a time: with the whole test set as one batch, the model's own kernels are
-        several times faster than their `vmap`ped (grouped) form, which only pays off for the
-        small batches of training.
+        A model with convolutions runs one node at a time: with the whole test set as one
+        batch, its own kernels are several times faster than their `vmap`ped (grouped) form.
+        Without (linear layers), `vmap` over a chunk of nodes sharing `x` is batched matrix
+        products: 2.5x faster than one node at a time for `mlp` (1,000 nodes, 1,000 samples).
         """
         accuracy = torch.empty(len(nodes), dtype=torch.float64)
         loss = torch.empty(len(nodes), dtype=torch.float64)
-        for k, i in enumerate(nodes.tolist()):
-            logits = self._logits(self.weights_of(i), x)
-            loss[k] = F.cross_entropy(logits, y).double()
-            accuracy[k] = (logits.argmax(dim=-1) == y).double().mean()
+        order = nodes.tolist()
+        chunk = max(1, _EVAL_ROWS // max(1, len(x))) if self._linear else 1
+        for k in range(0, len(order), chunk):
+            rows = order[k : k + chunk]
+            if self._linear:
+                logits = self._eval_logits(self.views(self.flat[rows]), x)
+            else:
+                logits = self._logits(self.weights_of(rows[0]), x).unsqueeze(0)
+            ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(rows)), reduction="none")
+            loss[k : k + len(rows)] = ce.view(len(rows), -1).mean(dim=1).double()
+            hits = logits.argmax(dim=-1) == y
+            accuracy[k : k + len(rows)] = hits.double().mean(dim=1)
         return accuracy, loss
 
     def weights_of(self, i: int) -> dict[str, torch.Tensor]:
