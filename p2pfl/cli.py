@@ -143,6 +143,7 @@ Examples:
   p2pfl sim sim/default.toml --schedule ring --rounds 50 --seed 1 --out results/ring
   p2pfl sim sim/default.toml --seed 0 --json > summary.json
   p2pfl sim sim/attacks.toml --matrix         # attack x merge rule x schedule, one table
+  p2pfl sim sim/attacks.toml --merge clipped --seeds 0,1  # mean over two seeds
   p2pfl sim sim/dp.toml                       # accuracy against the DP budget epsilon
   p2pfl sim sim/batched.toml                  # 1,024 nodes, batched engine
   p2pfl sim --schedule partial-mesh --dp-epsilon 8 --dp-delta 1e-5
@@ -170,7 +171,14 @@ def sim(
         "[default: the scenario's engine; else batched from 128 nodes when it can run the "
         "scenario, else node]",
     ),
-    seed: int | None = typer.Option(None, help="Seed: data split, init, schedule, faults."),
+    seed: int | None = typer.Option(
+        None, help="Seed: data split, init, schedule, faults; replaces the scenario's seeds."
+    ),
+    seeds: str | None = typer.Option(
+        None,
+        help="Run the bench once per seed, e.g. 0,1,2, and show the mean over them "
+        "(--matrix implied); replaces the scenario's seeds.",
+    ),
     merge: str | None = typer.Option(
         None,
         help="Merge rule: clipped[:F] | average | weighted[:C] | median | trimmed-mean:F | "
@@ -215,8 +223,8 @@ def sim(
         False,
         "--matrix",
         help="Run every attack x merge rule x schedule (x DP budget) (the scenario's attacks, "
-        "compare_merges and compare_dp) and print one table of mean honest accuracy, clean "
-        "run included. On by itself when the scenario lists any of them.",
+        "compare_merges and compare_dp), once per seed (seeds), and print one table of mean "
+        "honest accuracy, clean run included. On by itself when the scenario lists any of them.",
     ),
 ) -> None:
     """Simulate a whole network on this machine and compare schedules (no broker needed)."""
@@ -227,9 +235,12 @@ def sim(
     from p2pfl.transport.base import TransportError
 
     overrides = {"nodes": nodes, "schedule": schedule, "rounds": rounds, "engine": engine,
-                 "seed": seed,
+                 "seed": seed, "seeds": seeds,
                  "merge": merge, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
                  "dp_max_grad_norm": dp_max_grad_norm}  # fmt: skip
+    if seed is not None and seeds is not None:
+        typer.echo("config error: give --seed or --seeds, not both", err=True)
+        raise typer.Exit(code=2)
     loaded, matrix = _load_or_exit(
         lambda: prepare(
             scenario, overrides, broker=broker, processes=processes, matrix=matrix, shard=shard

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -221,7 +221,8 @@ def test_dtypes_are_preserved_and_counters_rounded(rule: Merge) -> None:
             "bn.num_batches_tracked": np.array(counter, np.int64),
             "mask": np.array([True, False]),
         }
-        for v, counter in zip((1.0, 2.0, 3.0, 4.0, 5.0), (10, 11, 13, 12, 14), strict=True)
+        # norms within 2x of the first's: clipped leaves out a model whose norm is further off
+        for v, counter in zip((1.0, 1.25, 1.5, 1.75, 2.0), (10, 11, 13, 12, 14), strict=True)
     ]
     merged = rule(models, [1.0] * 5)
     for name, tensor in models[0].items():
@@ -479,7 +480,8 @@ def test_a_ring_node_whose_training_diverged_trusts_its_last_trusted_senders() -
         merged.append(rule([diverged, vector(0.0)], senders=[name])["w"][0])
         taus.append(rule.tau)
     assert taus[:2] == [2.0, 2.0]  # two far senders among four are not yet a majority
-    np.testing.assert_allclose(merged[:2], [99.0, 99.0])  # clipped to tau / 2
+    # ... and their models' norm (0) is off the node's (100): left out while it is no outlier
+    np.testing.assert_allclose(merged[:2], [100.0, 100.0])
     assert taus[2:] == [100.0, 100.0]  # three of four are: it trusts them, halfway each
     np.testing.assert_allclose(merged[2:], [50.0, 50.0])
     assert rule.standing("c") == rule.standing("d") == 1.0  # and holds nothing against them
@@ -502,6 +504,76 @@ def test_a_sender_pulling_towards_the_origin_loses_standing_though_it_looks_near
     blank = ClippedGossip()
     blank([vector(0.0, 0.0), vector(1.0, 0.0)], senders=["any"])
     assert blank.standing("any") == STANDING_START + 0.25
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    models=model_sets(min_models=1, max_models=1),
+    factor=st.sampled_from([-3.0, 2.5, 0.3, 1e6, 0.0]),
+)
+def test_a_model_whose_norm_is_off_the_nodes_moves_it_not_at_all(
+    models: list[Weights], factor: float
+) -> None:
+    # Clipping alone would move the node by tau x standing / 2 towards it, all along the few
+    # coordinates where it is huge; a model more than 2x off the node's norm is left out.
+    (own,) = as_float64(models)
+    size = norm(own, scaled(own, 0.0))
+    assume(1e-3 < size < float("inf"))
+    rule = ClippedGossip()
+    for _ in range(3):  # a trusted sender: full standing
+        rule([own, scaled(own, 1.1)], senders=["a"])
+    assert rule.standing("a") == 1.0
+    merged = rule([own, scaled(own, factor)], senders=["a"])
+    assert_models_close(merged, own, atol=0.0)
+    assert rule.standing("a") == 0.5  # and it counts against its sender
+
+
+@pytest.mark.parametrize("model", [(0.0, 10.0), (-10.0, 0.0), (-7.0, 7.0), (2.0, 9.8)])
+def test_a_model_not_aligned_with_the_nodes_is_left_out(model: tuple[float, float]) -> None:
+    # Noise is orthogonal to the honest models, sign-flip and ipm point away: with the node's
+    # other senders aligned, a model whose cosine with its own is below 0.2 moves it not at
+    # all, though its norm is the same and it is within the radius.
+    rule = ClippedGossip()
+    own = vector(10.0, 0.0)
+    for _ in range(3):
+        rule([own, vector(10.0, 1.0), vector(10.0, -1.0), vector(11.0, 0.0)],
+             senders=["a", "b", "c"])  # fmt: skip
+    merged = rule([own, vector(*model)], senders=["d"])
+    np.testing.assert_allclose(merged["w"], own["w"])
+    assert rule.standing("d") == STANDING_START / 2
+    # Aligned (cosine 0.29), as far (14.3) and as new, it is clipped as usual: to tau x 1/2,
+    # halfway (tau = 2 x the median distance 1).
+    merged = rule([own, vector(4.0, 13.0)], senders=["e"])
+    np.testing.assert_allclose(norm(merged, own), 2.0 * STANDING_START / 2)
+
+
+def test_a_node_whose_senders_are_all_unaligned_merges_as_before() -> None:
+    # It started from another initial model: every neighbour is nearly orthogonal to it, so
+    # it is the odd one and alignment is not asked (clipping and standing still apply).
+    own = vector(10.0, 0.0)
+    mesh = [own, vector(0.0, 10.0), vector(1.0, 10.0), vector(0.0, 9.0)]
+    merged = ClippedGossip()(mesh, senders=["a", "b", "c"])
+    assert np.all(np.abs(merged["w"] - own["w"]) > 1.0)
+    ring = ClippedGossip()
+    for name in "abcd":
+        before = ring.tau
+        moved = ring([own, vector(0.0, 10.0)], senders=[name])
+        assert not np.allclose(moved["w"], own["w"]), (name, before)
+
+
+def test_an_outlier_node_leaves_out_a_norm_off_model_beyond_the_majority() -> None:
+    # Most neighbours far: the node trusts the majority (tau = their lower median, 20), and
+    # takes a model whose norm is off its own only within that radius, not a huge one.
+    rule = ClippedGossip()
+    own = vector(10.0, 0.0)
+    for _ in range(3):  # tau = 2 x 1; every sender earns full standing
+        rule([own, vector(10.0, 1.0), vector(10.0, -1.0), vector(11.0, 0.0)],
+             senders=["a", "b", "c"])  # fmt: skip
+    merged = rule([own, vector(0.0, 10.0), vector(-10.0, 0.0), vector(1e6, 0.0)],
+                  senders=["a", "b", "c"])  # fmt: skip
+    assert rule.tau == 20.0
+    # a (14.1 away) and b (20) count in full; c is left out: 10 + (-10 - 20) / 4, 10 / 4
+    np.testing.assert_allclose(merged["w"], [2.5, 2.5])
 
 
 def test_fresh_identities_never_make_a_node_think_it_is_the_outlier() -> None:
@@ -659,14 +731,15 @@ def test_a_first_merge_takes_its_radius_from_how_far_the_node_trained() -> None:
     # A ring node's first neighbour is Byzantine: with nothing to compare with but itself, it
     # would set its own radius. The node's own training since its anchor sets it instead.
     rule = ClippedGossip()
-    rule.anchor(vector(0.0, 0.0))
-    own = vector(1.0, 0.0)  # its first local training moved it by 1
-    merged = rule([own, vector(1.0, 1000.0)], senders=["evil"])
+    rule.anchor(vector(2.0, 0.0))
+    own = vector(3.0, 0.0)  # its first local training moved it by 1
+    evil = vector(-3.0, 0.0)  # as far as a model of the same norm can be: 6
+    merged = rule([own, evil], senders=["evil"])
     assert rule.tau == 2.0
     # A new sender's standing is 1/2; one of two models in the merge: 2 x 1/2 x 1/2.
     np.testing.assert_allclose(norm(merged, own), 0.5)
     # Without an anchor (or one of another layout) the merge's own distances are all it has.
     blind = ClippedGossip()
     blind.anchor({"other": np.zeros(3)})
-    blind([own, vector(1.0, 1000.0)])
-    assert blind.tau == 2000.0
+    blind([own, evil])
+    assert blind.tau == 12.0

@@ -55,11 +55,19 @@ async def test_with_clipped_a_far_token_moves_the_node_by_at_most_tau(dataset: D
     assert isinstance(rule, ClippedGossip) and rule.tau is not None
     tau, standing = rule.tau, rule.standing("w1")
     assert standing < 1.0  # trust is earned: one near token is not enough for a full radius
-    # A Byzantine token a thousand times farther moves the node by tau x the sender's standing
-    # at most, and does not replace it.
-    after = await adopt(node, token(shifted(near, 10.0), 2))
+    # A Byzantine token far beyond the radius, of about the node's norm and aligned with it
+    # (cosine ~0.55), moves the node by tau x the sender's standing, and does not replace it.
+    rng = np.random.default_rng(0)
+    noise = {k: rng.normal(size=v.shape) for k, v in near.items()}
+    zero = {k: np.zeros_like(v) for k, v in near.items()}
+    spread = 1.5 * distance(near, zero) / distance(noise, zero)
+    far = {k: (v + spread * noise[k]).astype(v.dtype) for k, v in near.items()}
+    assert distance(far, near) > 5 * tau
+    after = await adopt(node, token(far, 2))
     assert distance(after, near) == pytest.approx(tau * standing, rel=1e-3)
-    assert node.round == 2
+    # One out of shape (every weight shifted by 10: its norm is far off) is left out.
+    assert distance(await adopt(node, token(shifted(near, 10.0), 3)), after) < 1e-5
+    assert node.round == 3
 
 
 async def test_with_average_a_token_still_replaces_the_model(dataset: Dataset) -> None:

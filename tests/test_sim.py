@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -219,6 +220,48 @@ def test_matrix_prints_every_cell_next_to_the_clean_run(tmp_path: Path) -> None:
     for attack, merge, _ in expected:
         mine = [r for r in records if (r["attack"], r["merge"]) == (attack, merge)]
         assert sum(not r["honest"] for r in mine) == (0 if attack == "clean" else 2)
+
+
+def _bench_json(tmp_path: Path, text: str, *flags: str) -> dict[str, dict[str, Any]]:
+    """`p2pfl sim --json` of a bench: its rows by "attack merge schedule", and "seeds"."""
+    out = tmp_path / "-".join(flags)
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(write(tmp_path, text)), "--json",
+         "--out", str(out), *flags],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    rows = {f"{r['attack']} {r['merge']} {r['schedule']}": r for r in data["rows"]}
+    return {"seeds": {"seeds": data.get("seeds")}, **rows}
+
+
+def test_a_bench_over_two_seeds_shows_the_mean_of_the_single_seed_runs(tmp_path: Path) -> None:
+    text = MATRIX.replace('attacks = ["sign-flip", "alie"]', 'attacks = ["sign-flip"]')
+    text = text.replace('["average", "median"]', '["average"]')
+    both = _bench_json(tmp_path, text, "--seeds", "0,1")
+    alone = [_bench_json(tmp_path, text, "--seed", str(s)) for s in (0, 1)]
+    assert both.pop("seeds") == {"seeds": [0, 1]} and alone[0].pop("seeds") == {"seeds": None}
+    cells = ["clean average ring", "sign-flip average ring"]
+    assert set(both) == set(cells)
+    # the seed changes the data split, the models and the Byzantine node: different runs
+    assert any(alone[0][c]["honest_accuracy"] != alone[1][c]["honest_accuracy"] for c in cells)
+    for cell in cells:
+        each = [run[cell]["honest_accuracy"] for run in alone]
+        assert both[cell]["per_seed"] == {"0": each[0], "1": each[1]}
+        assert both[cell]["honest_accuracy"] == pytest.approx(sum(each) / 2, abs=1e-6)
+    clean = both["clean average ring"]["honest_accuracy"]
+    attacked = both["sign-flip average ring"]
+    assert attacked["vs_clean"] == pytest.approx(attacked["honest_accuracy"] - clean, abs=1e-6)
+
+
+def test_seed_and_seeds_together_are_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(write(tmp_path, MATRIX)), "--seed", "1",
+         "--seeds", "0,1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--seed or --seeds" in result.stderr
 
 
 def test_matrix_table_in_text_mode(tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ from p2pfl.simulation.matrix import (
     matrix_markdown,
     matrix_rows,
     matrix_table,
+    mean_over_seeds,
     plot_privacy,
     privacy_axis,
+    seed_axis,
     write_matrix,
 )
 from p2pfl.simulation.scenario import load_scenario
@@ -154,3 +156,63 @@ def test_the_privacy_table_files_and_plot(tmp_path: Path) -> None:
     plot = plot_privacy(rows, tmp_path)
     assert plot is not None and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_privacy(matrix_rows(ACCURACIES), tmp_path / "none") is None
+
+
+def test_seeds_make_a_seed_axis_of_single_seed_runs() -> None:
+    bench = load_scenario(SIM_DIR / "attacks.toml", {})
+    assert bench.seeds == (0, 1, 2) and seed_axis(bench) == (0, 1, 2)
+    cell = cell_scenario(bench, "alie", "clipped", "ring", seed=2)
+    assert cell.seed == 2 and cell.seeds == () and cell.compare == ("ring",)
+    assert cell.node.model_dump(exclude={"seed"}) == bench.node.model_dump(exclude={"seed"})
+    assert cell_scenario(bench, "alie", "clipped", "ring").seed == bench.seed
+    # --seed runs one seed, as --merge runs one rule; --seeds (text) replaces the list
+    one = load_scenario(SIM_DIR / "attacks.toml", {"seed": 5})
+    assert (one.seeds, seed_axis(one)) == ((), (5,))
+    two = load_scenario(SIM_DIR / "attacks.toml", {"seeds": "3, 4"})
+    assert (two.seeds, seed_axis(two)) == ((3, 4), (3, 4))
+    assert seed_axis(load_scenario(None, {})) == (0,)
+
+
+@pytest.mark.parametrize(
+    ("seeds", "needle"),
+    [("[1, 1]", "listed twice"), ("[-1]", ">= 0"), ('"0,x"', "seeds")],
+)
+def test_bad_seeds_are_one_line(tmp_path: Path, seeds: str, needle: str) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(f'name = "s"\nseeds = {seeds}\n[node]\nrounds = 3\n')
+    with pytest.raises(ConfigError, match=needle):
+        load_scenario(path, {})
+
+
+def test_a_cell_over_seeds_is_their_mean_or_nothing() -> None:
+    assert mean_over_seeds({0: 0.9, 1: 0.6, 2: 0.75}) == 0.75
+    assert mean_over_seeds({0: 0.9}) == 0.9
+    # a seed where no honest node reported leaves the cell empty, not a mean of fewer seeds
+    assert mean_over_seeds({0: 0.9, 1: None}) is None
+
+
+SEEDED = {
+    ("clean", "clipped", "ring"): {0: 0.9, 1: 0.8},
+    ("ipm", "clipped", "ring"): {0: 0.7, 1: 0.8},
+}
+
+
+def test_the_table_of_seed_means_says_so_and_keeps_each_seed(tmp_path: Path) -> None:
+    means = {cell: mean_over_seeds(by_seed) for cell, by_seed in SEEDED.items()}
+    rows = matrix_rows(means, per_seed=SEEDED)
+    assert [(r.honest_accuracy, r.vs_clean) for r in rows] == [(0.85, 0.0), (0.75, -0.1)]
+    console = Console(record=True, width=120)
+    console.print(matrix_table(rows, "bench"))
+    text = console.export_text()
+    assert "mean over seeds 0, 1" in text and "0.750" in text and "-10.0" in text
+    markdown = matrix_markdown(rows).splitlines()
+    assert markdown[2] == "| ring | clipped | 0.850 | 0.750 | -10.0 |"
+    assert markdown[-1] == "Honest nodes' accuracy at their last round, mean over seeds 0, 1."
+    write_matrix(rows, "bench", tmp_path)
+    data = json.loads((tmp_path / "matrix.json").read_text())
+    assert data["seeds"] == [0, 1]
+    assert data["rows"][1]["per_seed"] == {"0": 0.7, "1": 0.8}
+    with (tmp_path / "matrix.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert (table[1]["honest_accuracy"], table[1]["accuracy_seed_0"]) == ("0.75", "0.7")
+    assert "per_seed" not in table[1]

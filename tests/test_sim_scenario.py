@@ -65,6 +65,7 @@ def test_the_attack_bench_is_the_acceptance_setting() -> None:
                              "label-flip", "free-rider")  # fmt: skip
     assert bench.compare == ("ring", "random-walk", "partial-mesh")
     assert {"average", "clipped"} <= set(bench.compare_merges)
+    assert bench.seeds == (0, 1, 2)  # each cell is a mean over three seeds
     # --merge picks one rule, as --schedule picks one schedule
     one = load_scenario(SIM_DIR / "attacks.toml", {"merge": "median", "schedule": "ring"})
     assert (one.compare_merges, one.node.merge, one.compare) == ((), "median", ("ring",))

@@ -1,8 +1,8 @@
 """What `p2pfl sim` shows: a progress bar while it runs, a comparison table and files after.
 
 `run_sim` runs a scenario once per schedule; `run_matrix` runs the attack bench (every attack
-with every merge rule and schedule, and DP budget, see `p2pfl.simulation.matrix`) with the same
-engine.
+with every merge rule and schedule, and DP budget, once per seed, see `p2pfl.simulation.matrix`)
+with the same engine.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,16 @@ from p2pfl.simulation.engine import Record, ScheduleRun, Simulation, check_priva
 from p2pfl.simulation.html_report import overlays, write_html
 from p2pfl.simulation.matrix import (
     Cell,
+    MatrixRow,
     axes,
     cell_scenario,
     matrix_json,
     matrix_rows,
     matrix_table,
+    mean_over_seeds,
     plot_privacy,
     privacy_axis,
+    seed_axis,
     write_matrix,
 )
 from p2pfl.simulation.procs import run_in_processes
@@ -83,7 +86,9 @@ def prepare(
             if broker is None:
                 raise ValueError("--shard needs --broker: the shards meet on a shared broker")
             parse_shard(shard, loaded.nodes)
-        matrix = matrix or bool(loaded.attacks or loaded.compare_merges or loaded.compare_dp)
+        matrix = matrix or bool(
+            loaded.attacks or loaded.compare_merges or loaded.compare_dp or loaded.seeds
+        )
         if matrix and broker is not None:
             raise ValueError("--matrix runs on the in-memory bus only; drop --broker")
         check_model(loaded.node.model)
@@ -231,8 +236,8 @@ def _run_engine(
 
 
 class _CellRecorder:
-    """Writes one bench cell's records, tagged with its attack and merge rule, and shows the
-    honest nodes' mean accuracy on its progress bar."""
+    """Writes one bench cell's records, tagged with its attack and merge rule (and DP budget,
+    seed), and shows the honest nodes' mean accuracy on its progress bar."""
 
     def __init__(
         self,
@@ -243,13 +248,16 @@ class _CellRecorder:
         attack: str,
         merge: str,
         dp: str | None = None,
+        seed: int | None = None,
     ) -> None:
         self.writer = writer
         self.progress = progress
         self.task = task
-        self.tag: dict[str, str] = {"attack": attack, "merge": merge}
+        self.tag: dict[str, str | int] = {"attack": attack, "merge": merge}
         if dp is not None:
             self.tag["dp"] = dp
+        if seed is not None:
+            self.tag["seed"] = seed
         self.latest: dict[str, float] = {}
 
     def __call__(self, record: Record) -> None:
@@ -260,66 +268,104 @@ class _CellRecorder:
         self.progress.update(self.task, advance=1, acc=f"acc {mean:.3f}")
 
 
+BenchRun = tuple[str, str, str, str | None, int]
+"""One run of the bench: (attack, merge, schedule, DP budget or None, seed)."""
+
+
+def _bench_runs(scenario: Scenario) -> list[BenchRun]:
+    """Every run of the bench, seed by seed, in the table's order within a seed."""
+    attacks, merges = axes(scenario)
+    budgets: tuple[str | None, ...] = privacy_axis(scenario) or (None,)
+    return [(a, m, s, dp, seed) for seed in seed_axis(scenario) for s in scenario.compare
+            for m in merges for dp in budgets for a in attacks]  # fmt: skip
+
+
+def _run_cell(cell: Scenario, dataset: Dataset, recorder: _CellRecorder) -> dict[str, Any]:
+    """One bench run (a single-schedule scenario): its schedule's summary, empty when no
+    node reported."""
+    (schedule,) = cell.compare
+    simulation = Simulation(cell, on_record=recorder, dataset=dataset)
+    (run,) = asyncio.run(simulation.run())
+    result = summarize(run.records, wall_seconds={schedule: run.wall_seconds})
+    reached: dict[str, Any] = result["schedules"].get(schedule, {})
+    return reached
+
+
 def run_matrix(
     scenario: Scenario, *, out: Path, json_out: bool, plots: bool = True
 ) -> list[dict[str, Any]]:
-    """Run every (attack, merge rule, schedule[, DP budget]) of `scenario` with a progress bar
-    over the runs; print one table (or, with `json_out`, its rows as JSON) and write it into
-    `out`, with the plot of accuracy against epsilon when there is a privacy axis.
+    """Run every (attack, merge rule, schedule[, DP budget]) of `scenario`, once per seed of
+    its seed axis, with a progress bar over the runs; print one table (or, with `json_out`,
+    its rows as JSON) and write it into `out`, with the plot of accuracy against epsilon when
+    there is a privacy axis.
 
-    Every cell is a single-schedule run of the same engine with the same seed and rounds; the
-    dataset is loaded once. `metrics.jsonl` holds every cell's records, tagged with `attack`
-    and `merge` (and `dp`).
+    Every cell is a single-schedule run of the same engine with the same rounds, once per
+    seed (the dataset loaded once per seed: the seed draws the data and its split); with a
+    seed axis the table shows the mean over the seeds. `metrics.jsonl` holds every run's
+    records, tagged with `attack` and `merge` (and `dp`, and `seed` with a seed axis).
     """
     console = Console(stderr=True)
     setup_logging("text", "warning")
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    attacks, merges = axes(scenario)
-    budgets: tuple[str | None, ...] = privacy_axis(scenario) or (None,)
-    cells = [(a, m, s, dp) for s in scenario.compare for m in merges for dp in budgets
-             for a in attacks]  # fmt: skip
+    bench = _bench_runs(scenario)
     config = scenario.node_config(scenario.compare[0], 0, "n01")
-    dataset = load_dataset(config.dataset, seed=config.seed)
+    datasets = {s: load_dataset(config.dataset, seed=s) for s in seed_axis(scenario)}
     per_run = scenario.nodes * config.rounds if config.rounds else None
-    accuracies: dict[Cell, float | None] = {}
-    spent: dict[Cell, float | None] = {}
+    accuracies: dict[Cell, dict[int, float | None]] = defaultdict(dict)
+    spent: dict[Cell, dict[int, float | None]] = defaultdict(dict)
+    tag_seed = bool(scenario.seeds)
 
     with (
         MetricsWriter(out) as writer,
         _progress(console, json_out, width=40) as progress,
     ):
-        runs = progress.add_task(f"{scenario.name}: runs", total=len(cells), acc="")
+        runs = progress.add_task(f"{scenario.name}: runs", total=len(bench), acc="")
         rounds = progress.add_task("", total=per_run, acc="")
-        for attack, merge, schedule, dp in cells:
+        for attack, merge, schedule, dp, seed in bench:
             what = " · ".join(x for x in (attack, merge, schedule) if x)
-            what += "" if dp is None else f" · dp {dp}"
+            what += ("" if dp is None else f" · dp {dp}") + (f" · seed {seed}" if tag_seed else "")
             progress.reset(rounds, description=f"  {what}", acc="")
-            recorder = _CellRecorder(writer, progress, rounds, attack=attack, merge=merge, dp=dp)
-            cell = cell_scenario(scenario, attack, merge, schedule, dp)
-            simulation = Simulation(cell, on_record=recorder, dataset=dataset)
-            (run,) = asyncio.run(simulation.run())
-            result = summarize(run.records, wall_seconds={schedule: run.wall_seconds})
-            reached = result["schedules"].get(schedule, {})  # nothing if no node reported
+            recorder = _CellRecorder(writer, progress, rounds, attack=attack, merge=merge, dp=dp,
+                                     seed=seed if tag_seed else None)  # fmt: skip
+            cell = cell_scenario(scenario, attack, merge, schedule, dp, seed=seed)
+            reached = _run_cell(cell, datasets[seed], recorder)
             key: Cell = (attack, merge, schedule) if dp is None else (attack, merge, schedule, dp)
-            accuracies[key] = reached.get("final_mean_accuracy")
-            spent[key] = reached.get("max_epsilon")
+            accuracies[key][seed] = reached.get("final_mean_accuracy")
+            spent[key][seed] = reached.get("max_epsilon")
             progress.advance(runs)
 
-    rows = matrix_rows(accuracies, spent)
-    written = write_matrix(rows, scenario.name, out)
+    rows = matrix_rows(
+        {cell: mean_over_seeds(by_seed) for cell, by_seed in accuracies.items()},
+        {cell: _most(by_seed.values()) for cell, by_seed in spent.items()},
+        per_seed=accuracies if tag_seed else None,
+    )
+    _show_matrix(rows, scenario.name, out, json_out=json_out, plots=plots)
+    return [row.model_dump() for row in rows]
+
+
+def _most(values: Iterable[float | None]) -> float | None:
+    """The most epsilon any run of a cell spent (None: no DP in it)."""
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def _show_matrix(
+    rows: list[MatrixRow], name: str, out: Path, *, json_out: bool, plots: bool
+) -> None:
+    """Write the bench's files (and privacy plot) in `out`; print its table or JSON rows."""
+    written = write_matrix(rows, name, out)
     if plots and (drawn := plot_privacy(rows, out)) is not None:
         written.append(drawn)
     if json_out:
-        sys.stdout.write(matrix_json(rows, scenario.name))
-    else:
-        stdout = Console()
-        if not stdout.is_terminal:
-            stdout = Console(width=160)  # piped: no terminal width to follow
-        stdout.print(matrix_table(rows, scenario.name))
-        files = ", ".join(p.name for p in [out / "metrics.jsonl", *written])
-        stdout.print(f"[dim]wrote {files} in {out}[/dim]")
-    return [row.model_dump() for row in rows]
+        sys.stdout.write(matrix_json(rows, name))
+        return
+    stdout = Console()
+    if not stdout.is_terminal:
+        stdout = Console(width=160)  # piped: no terminal width to follow
+    stdout.print(matrix_table(rows, name))
+    files = ", ".join(p.name for p in [out / "metrics.jsonl", *written])
+    stdout.print(f"[dim]wrote {files} in {out}[/dim]")
 
 
 def _progress(console: Console, json_out: bool, *, width: int, acc: str = "") -> Progress:

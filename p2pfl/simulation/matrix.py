@@ -9,6 +9,12 @@ is then also one DP budget (`dp_epsilon`, or `none`: no DP), with the most epsil
 the line spent, and `plot_privacy` draws accuracy against epsilon. Each cell is an ordinary
 single-schedule scenario (`cell_scenario`), run by the same
 engine as any other; this module only lays the cells out and writes the table.
+
+A scenario's `seeds` (e.g. `[0, 1, 2]`) runs every cell once per seed, each with its own data
+split, initial models, Byzantine nodes and network draws, and each cell of the table is the
+mean over the seeds (`vs_clean` compares means over the same seeds); the rows keep every
+seed's figure (`per_seed`). One seed's last round is noisy on sparse schedules (a ring node
+that heard only a Byzantine peer that round), so the bench's figures are meant as such means.
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ __all__ = [
     "matrix_markdown",
     "matrix_rows",
     "matrix_table",
+    "mean_over_seeds",
     "plot_privacy",
     "privacy_axis",
+    "seed_axis",
     "write_matrix",
 ]
 
@@ -59,12 +67,16 @@ class MatrixRow(BaseModel):
     # epsilon any of its nodes spent. Left out of the files and JSON without one.
     dp_epsilon: str | None = None
     max_epsilon: float | None = None
+    # With a seed axis (seeds): each seed's honest accuracy; honest_accuracy is their mean.
+    # Left out of the files and JSON without one.
+    per_seed: dict[int, float | None] | None = None
 
 
 Cell = tuple[str, str, str] | tuple[str, str, str, str]
 """(attack, merge, schedule), or with a privacy axis (attack, merge, schedule, dp label)."""
 
 _PRIVACY_FIELDS = {"dp_epsilon", "max_epsilon"}
+_SEED_FIELDS = {"per_seed"}
 
 
 def dp_label(value: float | str | None) -> str:
@@ -81,8 +93,28 @@ def _private(rows: Sequence[MatrixRow]) -> bool:
     return any(r.dp_epsilon is not None for r in rows)
 
 
+def _seeds(rows: Sequence[MatrixRow]) -> list[int]:
+    """The seeds the rows' figures are means over; empty without a seed axis."""
+    return list(dict.fromkeys(s for r in rows for s in (r.per_seed or {})))
+
+
 def _dump(row: MatrixRow, private: bool) -> dict[str, Any]:
-    return row.model_dump(exclude=None if private else _PRIVACY_FIELDS)
+    left_out = (set() if private else _PRIVACY_FIELDS) | (set() if row.per_seed else _SEED_FIELDS)
+    return row.model_dump(exclude=left_out)
+
+
+def seed_axis(scenario: Scenario) -> tuple[int, ...]:
+    """The seeds the bench runs each cell with: `seeds`, else the node's seed alone."""
+    return scenario.seeds or (scenario.seed,)
+
+
+def mean_over_seeds(values: Mapping[int, float | None]) -> float | None:
+    """A cell's figure over its seeds: their mean; None when some seed has none (no honest
+    node reported), so that a cell never averages fewer seeds than its clean run."""
+    known = [v for v in values.values() if v is not None]
+    if not known or len(known) < len(values):
+        return None
+    return round(sum(known) / len(known), 6)
 
 
 def axes(scenario: Scenario) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -100,12 +132,20 @@ def axes(scenario: Scenario) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def cell_scenario(
-    scenario: Scenario, attack: str, merge: str, schedule: str, dp: str | None = None
+    scenario: Scenario,
+    attack: str,
+    merge: str,
+    schedule: str,
+    dp: str | None = None,
+    *,
+    seed: int | None = None,
 ) -> Scenario:
     """The single run behind one cell: one schedule, one merge rule, one attack (or none),
-    and with `dp` (a `dp_label`) one DP budget (`none`: DP off)."""
+    with `dp` (a `dp_label`) one DP budget (`none`: DP off), and with `seed` that seed."""
     node = scenario.node.model_dump(include=scenario.node.model_fields_set)
     node["merge"] = merge
+    if seed is not None:
+        node["seed"] = seed
     if dp is not None:
         node["dp_epsilon"] = None if dp == "none" else float(dp)
     faults = scenario.faults.model_dump()
@@ -114,7 +154,7 @@ def cell_scenario(
     else:
         faults["byzantine"]["behaviour"] = attack
     data = scenario.model_dump(
-        exclude={"node", "faults", "attacks", "compare_merges", "compare_dp"}
+        exclude={"node", "faults", "attacks", "compare_merges", "compare_dp", "seeds"}
     )
     data.update(compare=[schedule], node=node, faults=faults)
     return Scenario.model_validate(data)
@@ -123,19 +163,22 @@ def cell_scenario(
 def matrix_rows(
     accuracies: Mapping[Cell, float | None],
     spent: Mapping[Cell, float | None] | None = None,
+    per_seed: Mapping[Cell, Mapping[int, float | None]] | None = None,
 ) -> list[MatrixRow]:
     """Rows from (attack, merge, schedule[, dp]) -> mean honest accuracy, in the mapping's
-    order; `spent`: the most epsilon a node of each cell spent (privacy axis)."""
+    order; `spent`: the most epsilon a node of each cell spent (privacy axis); `per_seed`:
+    each cell's accuracy by seed (seed axis; `accuracies` then holds their means)."""
     rows = []
     for cell, acc in accuracies.items():
         attack, merge, schedule, *dp = cell
         clean_cell: Cell = ("clean", merge, schedule, dp[0]) if dp else ("clean", merge, schedule)
         clean = accuracies.get(clean_cell)
         delta = None if acc is None or clean is None else round(acc - clean, 6)
+        by_seed = None if per_seed is None else dict(per_seed[cell])
         rows.append(MatrixRow(attack=attack, merge=merge, schedule=schedule,
                               honest_accuracy=acc, vs_clean=delta,
                               dp_epsilon=dp[0] if dp else None,
-                              max_epsilon=(spent or {}).get(cell)))  # fmt: skip
+                              max_epsilon=(spent or {}).get(cell), per_seed=by_seed))  # fmt: skip
     return rows
 
 
@@ -179,7 +222,7 @@ def matrix_table(rows: Sequence[MatrixRow], scenario: str) -> Table:
     private = _private(rows)
     attacked = attacks != ["clean"] or not private
     # min_width: room for the title and caption above a bench of one or two attacks
-    table = sim_table(f"{scenario}: mean honest accuracy", min_width=72)
+    table = sim_table(f"{scenario}: mean honest accuracy{_over(rows)}", min_width=72)
     table.add_column("merge", no_wrap=True)
     if private:
         table.add_column("dp\nepsilon", justify="right", no_wrap=True)
@@ -201,7 +244,7 @@ def matrix_table(rows: Sequence[MatrixRow], scenario: str) -> Table:
             *([_spent(row)] if private else []),
         )
         previous = schedule
-    table.caption = "honest nodes' accuracy at their last round"
+    table.caption = f"honest nodes' accuracy at their last round{_over(rows)}"
     if attacked:
         table.caption += "; worst vs clean in points"
     if private:
@@ -209,8 +252,17 @@ def matrix_table(rows: Sequence[MatrixRow], scenario: str) -> Table:
     return table
 
 
+def _over(rows: Sequence[MatrixRow]) -> str:
+    """`, mean over seeds 0, 1, 2` with a seed axis (`, seed 3` for one); else nothing."""
+    seeds = _seeds(rows)
+    if len(seeds) == 1:
+        return f", seed {seeds[0]}"
+    return f", mean over seeds {', '.join(map(str, seeds))}" if seeds else ""
+
+
 def matrix_markdown(rows: Sequence[MatrixRow]) -> str:
-    """The same table in Markdown, for a README."""
+    """The same table in Markdown, for a README (with a seed axis, a line under it says
+    which seeds it is the mean over)."""
     attacks, lines, cells = _layout(rows)
     private = _private(rows)
     attacked = attacks != ["clean"] or not private
@@ -235,13 +287,19 @@ def matrix_markdown(rows: Sequence[MatrixRow]) -> str:
             *([_spent(row)] if private else []),
         ]
         out.append("| " + " | ".join(values) + " |")
+    if over := _over(rows):  # a table of means says so under it
+        out += ["", f"Honest nodes' accuracy at their last round{over}."]
     return "\n".join(out) + "\n"
 
 
 def matrix_json(rows: Sequence[MatrixRow], scenario: str) -> str:
-    """`{"scenario": ..., "rows": [...]}` as stable, indented JSON text."""
+    """`{"scenario": ..., "rows": [...]}` as stable, indented JSON text; with a seed axis
+    also `"seeds": [...]`, and each row's `per_seed` (seed -> accuracy, keys as text)."""
     private = _private(rows)
-    data: dict[str, Any] = {"scenario": scenario, "rows": [_dump(r, private) for r in rows]}
+    data: dict[str, Any] = {"scenario": scenario}
+    if seeds := _seeds(rows):
+        data["seeds"] = seeds
+    data["rows"] = [_dump(r, private) for r in rows]
     return json.dumps(data, indent=2) + "\n"
 
 
@@ -250,11 +308,16 @@ def write_matrix(rows: Sequence[MatrixRow], scenario: str, out_dir: Path) -> lis
     out_dir.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
     private = _private(rows)
-    fields = [f for f in MatrixRow.model_fields if private or f not in _PRIVACY_FIELDS]
+    seeds = _seeds(rows)
+    fields = [f for f in MatrixRow.model_fields
+              if (private or f not in _PRIVACY_FIELDS) and f not in _SEED_FIELDS]  # fmt: skip
+    fields += [f"accuracy_seed_{s}" for s in seeds]  # one column per seed
     writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(_dump(row, private))
+        flat = _dump(row, private)
+        by_seed = flat.pop("per_seed", None) or {}
+        writer.writerow(flat | {f"accuracy_seed_{s}": by_seed.get(s) for s in seeds})
     contents = (text.getvalue(), matrix_markdown(rows), matrix_json(rows, scenario))
     paths = [out_dir / name for name in MATRIX_FILES]
     for path, content in zip(paths, contents, strict=True):

@@ -3,8 +3,9 @@
 A scenario file has top-level `name`, `description`, `nodes`, `engine` (`node` or `batched`)
 and `compare` (the schedules to run it with, one run each), optionally `attacks` and
 `compare_merges` (the attack bench: every Byzantine behaviour with every merge rule, see
-`p2pfl.simulation.matrix`) and `compare_dp` (DP budgets to compare, e.g. `[1, 4, 16, "none"]`,
-in the same table), a `[node]` table with the knobs of `p2pfl run` (validated by `NodeConfig`
+`p2pfl.simulation.matrix`), `compare_dp` (DP budgets to compare, e.g. `[1, 4, 16, "none"]`,
+in the same table) and `seeds` (the bench runs every cell once per seed and reports the mean),
+a `[node]` table with the knobs of `p2pfl run` (validated by `NodeConfig`
 itself, so defaults and messages are the same), a `[network]` table (`NetworkModel`) and a
 `[faults]` table (`FaultPlan`). The built-in default is embedded below and shipped as
 `sim/default.toml` too.
@@ -123,6 +124,9 @@ class Scenario(BaseModel):
     compare_merges: tuple[str, ...] = ()
     # DP budgets (dp_epsilon) to compare in the bench's table; "none": without DP.
     compare_dp: tuple[float | Literal["none"], ...] = ()
+    # Seeds the bench runs every cell with (node.seed of each run); its table shows the mean
+    # over them. Empty: node.seed alone. A text "0,1,2" (the --seeds flag) is a list too.
+    seeds: tuple[int, ...] = ()
     node: NodeConfig = Field(default_factory=lambda: NodeConfig.model_validate({}))
     network: NetworkModel = Field(default_factory=NetworkModel)
     faults: FaultPlan = Field(default_factory=FaultPlan)
@@ -161,6 +165,22 @@ class Scenario(BaseModel):
                 raise ValueError(f'each budget is an epsilon > 0 or "none", got {v!r}')
         if len(set(value)) != len(value):
             raise ValueError("a budget is listed twice")
+        return value
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _split_seeds(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",")]
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _check_seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(v < 0 for v in value):
+            raise ValueError("a seed is a whole number >= 0")
+        if len(set(value)) != len(value):
+            raise ValueError("a seed is listed twice")
         return value
 
     @field_validator("node", mode="before")
@@ -318,7 +338,8 @@ def load_scenario(path: Path | None, overrides: Mapping[str, Any] | None = None)
 
     Overrides (None = not given): `nodes`; `engine`; `schedule` (a name or a list; replaces
     `compare`); `merge` (replaces `compare_merges` too); `dp_epsilon` (replaces `compare_dp`);
-    `name`, `description`; any other key (`rounds`, `seed`, ...) goes to `[node]`.
+    `seed` (replaces `seeds`); `seeds` (a list, or text "0,1,2"); `name`, `description`; any
+    other key (`rounds`, ...) goes to `[node]`.
     Raises ConfigError with one line per problem, naming the key.
     """
     if path is None:
@@ -344,9 +365,11 @@ def _override(data: dict[str, Any], key: str, value: Any) -> None:
         data.pop("compare_merges", None)
     if key == "dp_epsilon":
         data.pop("compare_dp", None)  # likewise, one DP budget
+    if key == "seed":
+        data.pop("seeds", None)  # and one seed
     if key == "schedule":
         data["compare"] = [value] if isinstance(value, str) else list(value)
-    elif key in ("nodes", "engine", "name", "description", "compare"):
+    elif key in ("nodes", "engine", "name", "description", "compare", "seeds"):
         data[key] = value
     else:
         if not isinstance(data.get("node"), dict):
