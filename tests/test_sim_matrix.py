@@ -10,16 +10,15 @@ import pytest
 from rich.console import Console
 
 from p2pfl.config import ConfigError
+from p2pfl.simulation import matrix
 from p2pfl.simulation.matrix import (
     axes,
     cell_scenario,
     matrix_markdown,
     matrix_rows,
     matrix_table,
-    mean_over_seeds,
     plot_privacy,
     privacy_axis,
-    seed_axis,
     write_matrix,
 )
 from p2pfl.simulation.scenario import load_scenario
@@ -160,17 +159,17 @@ def test_the_privacy_table_files_and_plot(tmp_path: Path) -> None:
 
 def test_seeds_make_a_seed_axis_of_single_seed_runs() -> None:
     bench = load_scenario(SIM_DIR / "attacks.toml", {})
-    assert bench.seeds == (0, 1, 2) and seed_axis(bench) == (0, 1, 2)
+    assert bench.seeds == (0, 1, 2) and matrix.seed_axis(bench) == (0, 1, 2)
     cell = cell_scenario(bench, "alie", "clipped", "ring", seed=2)
     assert cell.seed == 2 and cell.seeds == () and cell.compare == ("ring",)
     assert cell.node.model_dump(exclude={"seed"}) == bench.node.model_dump(exclude={"seed"})
     assert cell_scenario(bench, "alie", "clipped", "ring").seed == bench.seed
     # --seed runs one seed, as --merge runs one rule; --seeds (text) replaces the list
     one = load_scenario(SIM_DIR / "attacks.toml", {"seed": 5})
-    assert (one.seeds, seed_axis(one)) == ((), (5,))
+    assert (one.seeds, matrix.seed_axis(one)) == ((), (5,))
     two = load_scenario(SIM_DIR / "attacks.toml", {"seeds": "3, 4"})
-    assert (two.seeds, seed_axis(two)) == ((3, 4), (3, 4))
-    assert seed_axis(load_scenario(None, {})) == (0,)
+    assert (two.seeds, matrix.seed_axis(two)) == ((3, 4), (3, 4))
+    assert matrix.seed_axis(load_scenario(None, {})) == (0,)
 
 
 @pytest.mark.parametrize(
@@ -185,10 +184,10 @@ def test_bad_seeds_are_one_line(tmp_path: Path, seeds: str, needle: str) -> None
 
 
 def test_a_cell_over_seeds_is_their_mean_or_nothing() -> None:
-    assert mean_over_seeds({0: 0.9, 1: 0.6, 2: 0.75}) == 0.75
-    assert mean_over_seeds({0: 0.9}) == 0.9
+    assert matrix.mean_over_seeds({0: 0.9, 1: 0.6, 2: 0.75}) == 0.75
+    assert matrix.mean_over_seeds({0: 0.9}) == 0.9
     # a seed where no honest node reported leaves the cell empty, not a mean of fewer seeds
-    assert mean_over_seeds({0: 0.9, 1: None}) is None
+    assert matrix.mean_over_seeds({0: 0.9, 1: None}) is None
 
 
 SEEDED = {
@@ -198,7 +197,7 @@ SEEDED = {
 
 
 def test_the_table_of_seed_means_says_so_and_keeps_each_seed(tmp_path: Path) -> None:
-    means = {cell: mean_over_seeds(by_seed) for cell, by_seed in SEEDED.items()}
+    means = {cell: matrix.mean_over_seeds(by_seed) for cell, by_seed in SEEDED.items()}
     rows = matrix_rows(means, per_seed=SEEDED)
     assert [(r.honest_accuracy, r.vs_clean) for r in rows] == [(0.85, 0.0), (0.75, -0.1)]
     console = Console(record=True, width=120)
