@@ -146,8 +146,10 @@ class ClippedGossip:
     by at most tau/(n+1), and the whole merge by at most n*tau/(n+1) < tau; changing one
     neighbour's model arbitrarily changes the result by at most 2*tau/(n+1). With every
     neighbour within its radius (and its norm within a factor 2 of the node's, below) it is
-    exactly ``average``. A non-finite or overflowing
-    difference counts as a neighbour that sent x itself. It needs no majority within one
+    exactly ``average``. n counts the models taken: one left out (out of shape, below) or
+    whose difference is non-finite or overflows is not counted, as if it had not come, so
+    the bounds hold with n the models taken (leaving a model out raises the others' shares
+    from 1/(n+1) to 1/n, a change below tau/(n+1) in all). It needs no majority within one
     merge, so it works with one neighbour per round (ring, random walk) and for walker tokens
     (:meth:`adopt`).
 
@@ -199,9 +201,9 @@ class ClippedGossip:
     (``senders=None``) always have standing 1.
 
     Shape (our addition): a model that is out of shape is not only held against its sender,
-    it is left out of the merge (radius 0). Out of shape is a norm more than ``STANDING_NORM``
-    (2) times off the node's own, or a cosine with the node's model below ``ALIGN_MIN``
-    (0.2). Clipping bounds a step's length, not where it goes:
+    it is left out of the merge (not counted in n). Out of shape is a norm more than
+    ``STANDING_NORM`` (2) times off the node's own, or a cosine with the node's model below
+    ``ALIGN_MIN`` (0.2). Clipping bounds a step's length, not where it goes:
 
     - a model huge in a few coordinates (an attacker, or a peer whose training diverged, sent
       up to fp16's range) moves the node by tau*s/(n+1) along those few coordinates, a step
@@ -220,25 +222,30 @@ class ClippedGossip:
       reference, and 0.2 leaves the honest spread a wide margin.
 
     Alignment is not asked when most of the node's last senders (this merge's models, filled
-    up to ``OUTLIER_SENDERS`` with the latest from the last other senders) sent unaligned
-    models: the node is then the odd one, e.g. it started from another initial model, and
-    clipping and standing alone apply, as before. A node that is the outlier (below) takes a
-    model out of shape when it lies within the majority's radius: its own norm is then the
-    odd one, and this is how it comes back. A huge model is left out even then: a sender
-    whose latest models were far can make a ring node believe it is the outlier, and that
-    is how the huge models got in.
+    up to ``OUTLIER_SENDERS`` with the latest from the last other senders; two or more) sent
+    unaligned models, and the norm is not asked when most of them sent models off the node's
+    norm: the node is then the odd one (it started from another initial model, or its own
+    training blew its norm up), and clipping and standing alone apply, as before. Without the
+    norm vote a node whose norm grew fivefold while its radius was large left every honest
+    model out for the rest of its run (``sim/attacks.toml``, ``scaled``, mesh: two honest
+    nodes stuck at 0.2 and 0.7). A node that is the outlier (below) takes a model out of shape
+    when it lies within the majority's radius: its own norm is then the odd one, and this is
+    how it comes back.
 
     The node as the outlier. When most of its last neighbours are beyond tau (the lower
-    median of this merge's distances, filled up to ``OUTLIER_SENDERS`` (4) with the latest
-    distances from the last other senders that had earned standing, two or more in all), the
-    node itself is the odd one out: its own training diverged, or the honest models moved on
-    together. It then trusts the majority, as on a first merge (tau = that lower median, which
-    holds while fewer than half of those neighbours are Byzantine), and holds no far model
-    against its sender. Without this a node whose local training blew up would distrust every
-    honest neighbour and never come back (seen in ``sim/attacks.toml``). Looking back over
-    past merges lets a ring or random-walk node, one model per merge, see it too; counting
-    only senders with earned standing means a stream of fresh identities (Sybils) is never
-    that majority.
+    median of the distances from this merge's senders and, filled up to ``OUTLIER_SENDERS``
+    (4), the latest from the last other senders, counting only senders that had earned
+    standing (above ``STANDING_START``), two or more in all), the node itself is the odd one
+    out: its own training diverged, or the honest models moved on together. It then trusts
+    the majority, as on a first merge (tau = that lower median, which holds while fewer than
+    half of those neighbours are Byzantine), and holds no far model against its sender.
+    Without this a node whose local training blew up would distrust every honest neighbour
+    and never come back (seen in ``sim/attacks.toml``). Looking back over past merges lets a
+    ring or random-walk node, one model per merge, see it too. Counting only senders with
+    earned standing means neither a stream of fresh identities (Sybils) nor attackers new to
+    the node are ever that majority: on a mesh redrawn each round a node meets new neighbours
+    often, and three attackers among its four took a node's first merge over, their lower
+    median its radius.
     """
 
     def __init__(
@@ -260,7 +267,7 @@ class ClippedGossip:
         # then, most recent last (outlier rule).
         self._latest: OrderedDict[str, tuple[float, bool]] = OrderedDict()
         # Whether each of the last senders' latest model was aligned with the node's (shape).
-        self._aligned: OrderedDict[str, bool] = OrderedDict()
+        self._aligned: OrderedDict[str, tuple[bool, bool]] = OrderedDict()
         self.tau: float | None = None
         """The radius of the last merge or adoption (None before the first)."""
         self._last: Weights | None = None  # what the node continued from after its last merge
@@ -285,7 +292,7 @@ class ClippedGossip:
     def __call__(self, models: Models, weights: Ages = None, *, senders: Senders = None) -> Weights:
         """``models[0]`` is the node's own; ``weights`` are checked and ignored."""
         _check(models, weights)
-        return self._step(models[0], models[1:], share=1.0 / len(models), senders=senders)
+        return self._step(models[0], models[1:], own_counts=True, senders=senders)
 
     def adopt(
         self, own: Weights, tokens: Models, weights: Ages = None, *, senders: Senders = None
@@ -300,13 +307,13 @@ class ClippedGossip:
             raise ValueError(f"got {len(weights)} weights for {len(tokens)} tokens")
         if not tokens:
             raise ValueError("cannot adopt an empty list of tokens")
-        return self._step(own, tokens, share=1.0 / len(tokens), senders=senders)
+        return self._step(own, tokens, own_counts=False, senders=senders)
 
     def _step(
         self,
         own: Weights,
         others: Sequence[Weights],
-        share: float,
+        own_counts: bool,
         senders: Sequence[str] | None,
     ) -> Weights:
         if senders is not None and len(senders) != len(others):
@@ -340,6 +347,12 @@ class ClippedGossip:
             far = not d <= STANDING_FAR * tau or not in_shape  # NaN: far
             if d > 0 and not (outlier and far):
                 self._judge(name, far=far)
+        # Each model taken weighs 1/(taken + 1), the node's own included (a walker's token
+        # 1/taken): a model left out is not counted, as if it had not come. Counted as the
+        # node's own instead, it kept a node with Byzantine neighbours mostly on its own
+        # training (3/5 of its weight with two of four left out), which drifts to its labels.
+        count = sum(1 for t, d in zip(radii, distances, strict=True) if t > 0 and math.isfinite(d))
+        share = 1.0 / (count + own_counts) if count else 0.0
         merged = clipped_step(own, others, tau=radii, share=share, distances=distances)
         self.tau = tau
         self._last = merged
@@ -356,26 +369,34 @@ class ClippedGossip:
         and its cosine with the node's model at least ``ALIGN_MIN``. Alignment is not asked
         when most of this merge's models, filled up to ``OUTLIER_SENDERS`` with the latest
         from the last other senders, are unaligned: the node is then the odd one (it started
-        from another initial model), as in the outlier rule."""
+        from another initial model), as in the outlier rule. A model at a non-finite distance
+        has no vote (it is not counted, as if it had not come)."""
         own_norm = _norm(own)
         norms = [_norm(other) for other in others]
         aligned = [
             _cosine(own_norm, n, d) >= ALIGN_MIN for n, d in zip(norms, distances, strict=True)
         ]
-        votes = list(aligned)
+        near = [_norm_near(own_norm, n) for n in norms]
+        counted = [math.isfinite(d) for d in distances]
+        votes = [v for v, c in zip(zip(near, aligned, strict=True), counted, strict=True) if c]
         if senders is not None:
             now = set(senders)
-            older = [ok for name, ok in reversed(self._aligned.items()) if name not in now]
-            votes += older[: max(0, OUTLIER_SENDERS - len(aligned))]
-            for name, ok in zip(senders, aligned, strict=True):
-                self._aligned.pop(name, None)
-                self._aligned[name] = ok
+            older = [v for name, v in reversed(self._aligned.items()) if name not in now]
+            votes += older[: max(0, OUTLIER_SENDERS - len(votes))]
+            for name, v, c in zip(senders, zip(near, aligned, strict=True), counted, strict=True):
+                if c:
+                    self._aligned.pop(name, None)
+                    self._aligned[name] = v
             while len(self._aligned) > OUTLIER_SENDERS:
                 self._aligned.popitem(last=False)
-        asked = 2 * votes.count(False) <= len(votes)
+        # Not asked only when two or more votes say most are off: one sender alone (a ring
+        # node's only predecessor so far) never decides that the node is the odd one.
+        few = len(votes) < 2
+        norm_asked = few or 2 * sum(not n for n, _ in votes) <= len(votes)
+        align_asked = few or 2 * sum(not a for _, a in votes) <= len(votes)
         return [
-            _norm_near(own_norm, n) and (ok or not asked)
-            for n, ok in zip(norms, aligned, strict=True)
+            (n or not norm_asked) and (a or not align_asked)
+            for n, a in zip(near, aligned, strict=True)
         ]
 
     def _majority(self, distances: Sequence[float], senders: Sequence[str] | None) -> float:
@@ -384,16 +405,23 @@ class ClippedGossip:
         them (so a stream of fresh identities is never a majority), or 0 with fewer than two.
         A non-finite distance, like a zero one, is left out: its model counts as the node's own.
         """
-        pool = [d for d in distances if math.isfinite(d) and d > 0]
+        earned = (
+            [self.standing(name) > STANDING_START for name in senders]
+            if senders is not None
+            else [True] * len(distances)
+        )
+        pool = [
+            d for d, ok in zip(distances, earned, strict=True) if ok and math.isfinite(d) and d > 0
+        ]
         if senders is not None:
             now = set(senders)
             older = [
                 d for name, (d, ok) in reversed(self._latest.items()) if ok and name not in now
             ]
             pool += older[: max(0, OUTLIER_SENDERS - len(distances))]
-            for name, d in zip(senders, distances, strict=True):
+            for name, d, ok in zip(senders, distances, earned, strict=True):
                 self._latest.pop(name, None)
-                self._latest[name] = (d, self.standing(name) > STANDING_START and d > 0)
+                self._latest[name] = (d, ok and d > 0)
             while len(self._latest) > OUTLIER_SENDERS:
                 self._latest.popitem(last=False)
         return sorted(pool)[(len(pool) - 1) // 2] if len(pool) >= 2 else 0.0

@@ -1,8 +1,17 @@
-"""Partial-mesh schedule: a k-regular overlay (or a graph from a file); send to and expect all
-neighbours.
+"""Partial-mesh schedule: a k-regular overlay drawn anew each round (or a graph from a file);
+send to and expect all neighbours.
 
-Every node builds the same random k-regular graph from the sorted live view and the seed, so
-they agree on the overlay without exchanging it; when the view changes, the overlay re-forms.
+Every node builds the same random k-regular graph from the sorted live view, the seed and the
+round, so they agree on the overlay without exchanging it; when the view changes, the overlay
+re-forms. A new draw each round (a time-varying graph) is deliberate: on a fixed overlay a node
+with two or three Byzantine neighbours keeps them for the whole run, merges one or two honest
+models a round and drifts to its own labels, and nothing in a merge rule can give it more
+honest neighbours; drawn per round, every honest node meets the attackers about equally often
+and hears most honest peers over a run. Measured on ``sim/attacks.toml`` (clipped, 3 seeds):
+the worst attack went from 7.4 to 5.6 points under clean, and the clean run itself from 0.894
+to 0.917, as a time-varying graph mixes faster than a fixed one of the same degree. A graph
+file stays fixed: it is the overlay its author chose. A sampled network's mesh (hashed rings)
+stays fixed too: a node watches the presence of its ring neighbours only.
 The graph is built by our own code from ``random.Random.random()`` (the one draw Python keeps
 stable across versions), not by ``networkx.random_regular_graph``, whose output could change
 between networkx releases and split a network of mixed installs into disagreeing overlays.
@@ -26,7 +35,8 @@ _MAX_ATTEMPTS = 200
 
 @dataclass(frozen=True)
 class PartialMesh:
-    """Send to and expect every live neighbour in a k-regular overlay or a file-given graph.
+    """Send to and expect every live neighbour in the round's k-regular overlay or a file-given
+    graph.
 
     With ``graph``, the overlay is that graph restricted to live nodes; a live node that is not
     in the graph has no neighbours. Without it, see :func:`mesh_graph`; ``sampled`` (each
@@ -62,7 +72,7 @@ class PartialMesh:
         elif self.sampled:
             neighbours = sampling.mesh_neighbours(own_id, live, self.degree, self.seed)
         else:
-            adjacency = _regular_adjacency(len(live), self.degree, self.seed)
+            adjacency = _regular_adjacency(len(live), self.degree, self.seed, round)
             position = live.index(own_id)
             neighbours = tuple(live[i] for i in adjacency[position])
         return Plan(send_to=neighbours if holding_token else (), expect_from=neighbours)
@@ -83,8 +93,9 @@ def effective_degree(n: int, degree: int) -> int:
     return k
 
 
-def mesh_graph(view: Sequence[str], degree: int, seed: int = 0) -> nx.Graph:
-    """The k-regular overlay every node derives from ``view`` (all live trainers) and ``seed``.
+def mesh_graph(view: Sequence[str], degree: int, seed: int = 0, round: int = 0) -> nx.Graph:
+    """The k-regular overlay every node derives from ``view`` (all live trainers), ``seed`` and
+    ``round``.
 
     Node i of the graph is the i-th id in sorted order. The degree is :func:`effective_degree`.
     For k >= 2 the graph is connected (disconnected draws are redrawn; k = 2 is a single random
@@ -93,18 +104,18 @@ def mesh_graph(view: Sequence[str], degree: int, seed: int = 0) -> nx.Graph:
     ids = sorted(set(view))
     graph = nx.Graph()
     graph.add_nodes_from(ids)
-    for i, neighbours in enumerate(_regular_adjacency(len(ids), degree, seed)):
+    for i, neighbours in enumerate(_regular_adjacency(len(ids), degree, seed, round)):
         graph.add_edges_from((ids[i], ids[j]) for j in neighbours if j > i)
     return graph
 
 
 @lru_cache(maxsize=128)
-def _regular_adjacency(n: int, degree: int, seed: int) -> tuple[tuple[int, ...], ...]:
-    """Sorted neighbour positions of each of ``n`` nodes in the seeded k-regular graph."""
+def _regular_adjacency(n: int, degree: int, seed: int, round: int) -> tuple[tuple[int, ...], ...]:
+    """Sorted neighbour positions of each of ``n`` nodes in round ``round``'s k-regular graph."""
     k = effective_degree(n, degree)
     if k == 0:
         return tuple(() for _ in range(n))
-    rng = random.Random(stable_seed("partial-mesh", seed, n, k))
+    rng = random.Random(stable_seed("partial-mesh", seed, n, k, round))
     if k == n - 1:
         edges = {(a, b) for a in range(n) for b in range(a + 1, n)}
     elif k > (n - 1) // 2:
