@@ -193,7 +193,9 @@ class NodeConfig(BaseModel):
     )
     # schedule
     schedule: ScheduleName = Field("ring", description="ring | random-walk | partial-mesh.")
-    degree: int = Field(4, ge=1, description="Neighbours per node for partial-mesh.")
+    degree: int = Field(
+        4, ge=1, description="Neighbours per node for partial-mesh (a new random graph each round)."
+    )
     topology_file: Path | None = Field(
         None, description="Fixed graph (TOML edge list or GraphML) for partial-mesh."
     )
