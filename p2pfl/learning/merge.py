@@ -352,7 +352,7 @@ class ClippedGossip:
         # node's own instead, it kept a node with Byzantine neighbours mostly on its own
         # training (3/5 of its weight with two of four left out), which drifts to its labels.
         count = sum(1 for t, d in zip(radii, distances, strict=True) if t > 0 and math.isfinite(d))
-        share = 1.0 / (count + own_counts) if count else 0.0
+        share = 1.0 / (count + (1 if own_counts else 0)) if count else 0.0
         merged = clipped_step(own, others, tau=radii, share=share, distances=distances)
         self.tau = tau
         self._last = merged
@@ -377,13 +377,14 @@ class ClippedGossip:
             _cosine(own_norm, n, d) >= ALIGN_MIN for n, d in zip(norms, distances, strict=True)
         ]
         near = [_norm_near(own_norm, n) for n in norms]
+        shapes = list(zip(near, aligned, strict=True))  # (norm near, aligned) per model
         counted = [math.isfinite(d) for d in distances]
-        votes = [v for v, c in zip(zip(near, aligned, strict=True), counted, strict=True) if c]
+        votes = [v for v, c in zip(shapes, counted, strict=True) if c]
         if senders is not None:
             now = set(senders)
             older = [v for name, v in reversed(self._aligned.items()) if name not in now]
             votes += older[: max(0, OUTLIER_SENDERS - len(votes))]
-            for name, v, c in zip(senders, zip(near, aligned, strict=True), counted, strict=True):
+            for name, v, c in zip(senders, shapes, counted, strict=True):
                 if c:
                     self._aligned.pop(name, None)
                     self._aligned[name] = v
@@ -394,10 +395,7 @@ class ClippedGossip:
         few = len(votes) < 2
         norm_asked = few or 2 * sum(not n for n, _ in votes) <= len(votes)
         align_asked = few or 2 * sum(not a for _, a in votes) <= len(votes)
-        return [
-            (n or not norm_asked) and (a or not align_asked)
-            for n, a in zip(near, aligned, strict=True)
-        ]
+        return [(n or not norm_asked) and (a or not align_asked) for n, a in shapes]
 
     def _majority(self, distances: Sequence[float], senders: Sequence[str] | None) -> float:
         """The lower median of this merge's distances, filled up to ``OUTLIER_SENDERS`` with the
