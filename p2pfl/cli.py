@@ -39,6 +39,11 @@ def verbatim(epilog: str) -> str:
     return "\n\n".join(kept)
 
 
+def _node_help(field: str) -> str:
+    """A NodeConfig field's description, for a flag that sets it elsewhere than `p2pfl run`."""
+    return NodeConfig.model_fields[field].description or ""
+
+
 def _load_or_exit(load: Callable[[], M]) -> M:
     """Load a config; a bad one ends the command with its one-line message and status 2."""
     try:
@@ -179,6 +184,13 @@ def sim(
         help="Run the bench once per seed, e.g. 0,1,2, and show the mean over them "
         "(--matrix implied); replaces the scenario's seeds.",
     ),
+    model: str | None = typer.Option(None, help="Every node's model: " + _node_help("model")),
+    dataset: str | None = typer.Option(
+        None, help="The data the nodes share out: " + _node_help("dataset")
+    ),
+    partition: str | None = typer.Option(
+        None, help="How it is shared out: " + _node_help("partition")
+    ),
     merge: str | None = typer.Option(
         None,
         help="Merge rule: clipped[:F] | average | weighted[:C] | median | trimmed-mean:F | "
@@ -236,6 +248,7 @@ def sim(
 
     overrides = {"nodes": nodes, "schedule": schedule, "rounds": rounds, "engine": engine,
                  "seed": seed, "seeds": seeds,
+                 "model": model, "dataset": dataset, "partition": partition,
                  "merge": merge, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
                  "dp_max_grad_norm": dp_max_grad_norm}  # fmt: skip
     if seed is not None and seeds is not None:

@@ -88,6 +88,31 @@ def test_bad_scenario_value_is_one_line_naming_the_key(tmp_path: Path) -> None:
     assert "degree" in result.stderr and result.stderr.count("\n") == 1
 
 
+def test_model_dataset_and_partition_flags_reach_every_node(tmp_path: Path) -> None:
+    """`p2pfl sim --model/--dataset/--partition` replace the scenario's [node] keys."""
+    scenario = write(tmp_path, TINY)
+
+    def bytes_per_model(*flags: str) -> float:
+        result = subprocess.run(
+            [sys.executable, "-m", "p2pfl", "sim", str(scenario), "--schedule", "ring",
+             "--rounds", "1", "--json", "--no-plots", "--out", str(tmp_path / "o"), *flags],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        row = json.loads(result.stdout)["schedules"]["ring"]
+        return row["bytes_sent"] / row["messages_sent"]
+
+    logreg = bytes_per_model()
+    mlp = bytes_per_model("--model", "mlp", "--dataset", "mnist1d:600", "--partition", "iid")
+    assert mlp > 10 * logreg  # the mlp's weights, not the scenario's logistic regression
+    bad = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(scenario), "--model", "nosuch"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "model 'nosuch'" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def _accuracies(tmp_path: Path, text: str) -> dict[tuple[str, str, int], float]:
     scenario = load_scenario(write(tmp_path, text), {})
     runs = asyncio.run(Simulation(scenario).run())
