@@ -459,8 +459,8 @@ def test_a_node_whose_every_neighbour_is_far_trusts_the_majority() -> None:
     merged = rule([own, vector(50.0), vector(-60.0), vector(1e9)], senders=["a", "b", "c"])
     assert rule.tau == 60.0
     assert [rule.standing(x) for x in "abc"] == before
-    # Within their radii a and b count in full, the third is clipped to 60 x its standing.
-    radii = [60.0 * s for s in before]
+    # Within their radii a and b count in full, the third is clipped to 60 x its reach.
+    radii = [60.0 * rule.reach(x) for x in "abc"]
     terms = [min(50.0, radii[0]), -min(60.0, radii[1]), radii[2]]
     np.testing.assert_allclose(merged["w"], [sum(terms) / 4])
 
@@ -541,10 +541,10 @@ def test_a_model_not_aligned_with_the_nodes_is_left_out(model: tuple[float, floa
     merged = rule([own, vector(*model)], senders=["d"])
     np.testing.assert_allclose(merged["w"], own["w"])
     assert rule.standing("d") == STANDING_START / 2
-    # Aligned (cosine 0.29), as far (14.3) and as new, it is clipped as usual: to tau x 1/2,
-    # halfway (tau = 2 x the median distance 1).
+    # Aligned (cosine 0.29), as far (14.3) and as new, it is clipped as usual: to tau (a new
+    # sender's reach is all of it), halfway with the node's own (tau = 2 x the median 1).
     merged = rule([own, vector(4.0, 13.0)], senders=["e"])
-    np.testing.assert_allclose(norm(merged, own), 2.0 * STANDING_START / 2)
+    np.testing.assert_allclose(norm(merged, own), 2.0 / 2)
 
 
 def test_a_node_whose_senders_are_all_unaligned_merges_as_before() -> None:
@@ -581,7 +581,7 @@ def test_an_outlier_node_leaves_out_a_norm_off_model_beyond_the_majority() -> No
 
 def test_fresh_identities_never_make_a_node_think_it_is_the_outlier() -> None:
     # Sybils: each new name sends one far model; none has earned standing, so each merge has
-    # one counted distance and stays clipped to tau x the starting standing.
+    # one counted distance, the radius comes from the past, and each model is clipped to it.
     rule = ClippedGossip()
     own = vector(0.0)
     for _ in range(3):
@@ -590,7 +590,7 @@ def test_fresh_identities_never_make_a_node_think_it_is_the_outlier() -> None:
         tau = rule.radius([])
         merged = rule([own, vector(1e6)], senders=[f"sybil-{i}"])
         assert rule.tau == tau <= 8.0  # from the past only (it grows by F per half window)
-        np.testing.assert_allclose(merged["w"], [tau * STANDING_START / 2])
+        np.testing.assert_allclose(merged["w"], [tau / 2])
 
 
 def test_a_far_neighbour_is_remembered_as_tau_at_most() -> None:
@@ -666,21 +666,23 @@ def test_clipped_refuses_a_bad_radius() -> None:
         ClippedGossip(0.5)
 
 
-def test_a_sender_always_beyond_tau_moves_a_node_by_at_most_one_term_over_a_run() -> None:
+def test_a_sender_always_beyond_tau_moves_a_node_by_at_most_two_terms_over_a_run() -> None:
     # A ring node whose predecessor always sends a far model: its standing starts at 1/2 and
-    # halves with each far model, so the whole run moves the node by at most one full term.
+    # halves with each far model, its reach (the share of tau it may move the node by) with
+    # it from the second model on, so the whole run moves the node by at most two full terms.
     rule = ClippedGossip()
     own = vector(0.0, 0.0)
     rule([own, vector(1.0, 0.0)], senders=["honest"])
     assert rule.tau == 2.0
-    total = 0.0
+    steps = []
     for _ in range(60):
         merged = rule([own, vector(0.0, 1e6)], senders=["evil"])
-        total += norm(merged, own)
+        steps.append(norm(merged, own))
+    assert steps[:2] == pytest.approx([2.0 / 2, 2.0 / 2 / 2])  # tau x reach 1, then 1/2
     assert rule.standing("evil") < 1e-15
     # tau itself grows while every recent distance is far (by F per half window); bounded by
-    # the largest radius seen: tau/2 x (1/2 + 1/4 + ...) <= tau/2.
-    assert total <= (rule.tau or 0.0) / 2
+    # the largest radius seen: tau/2 x (1 + 1/2 + 1/4 + ...) <= tau.
+    assert sum(steps) <= (rule.tau or 0.0)
     assert rule.standing("honest") == 0.75
 
 
@@ -704,11 +706,13 @@ def test_standing_cuts_a_sender_radius_and_anonymous_models_keep_full_radius() -
     own = vector(0.0)
     rule([own, vector(1.0)], senders=["x"])  # tau = 2; near: standing 3/4
     rule([own, vector(100.0)], senders=["x"])  # far: standing 3/8 from the next model on
-    assert rule.standing("x") == 0.375
+    assert rule.standing("x") == 0.375 and rule.reach("x") == 0.75
     tau = rule.radius([])
-    # Its next model, 100 away, moves the node by tau x 3/8 x 1/2 (one of two in the merge).
+    # Its next model, 100 away, moves the node by tau x 3/4 x 1/2 (one of two in the merge):
+    # below the starting standing, each halving halves the share of tau it may move by.
     merged = rule([own, vector(100.0)], senders=["x"])
-    np.testing.assert_allclose(merged["w"], [tau * 0.375 / 2])
+    np.testing.assert_allclose(merged["w"], [tau * 0.75 / 2])
+    assert rule.reach("x") == 0.375
     twin = ClippedGossip()
     twin._recent.extend(rule._recent)  # the same past, no sender named
     tau = twin.radius([])
@@ -739,8 +743,8 @@ def test_a_first_merge_takes_its_radius_from_how_far_the_node_trained() -> None:
     evil = vector(2.0, 4.0)  # 4.1 away, yet in shape (norm 4.5, cosine 0.45)
     merged = rule([own, evil], senders=["evil"])
     assert rule.tau == 2.0
-    # A new sender's standing is 1/2; one of two models in the merge: 2 x 1/2 x 1/2.
-    np.testing.assert_allclose(norm(merged, own), 0.5)
+    # Clipped to tau (a new sender's reach), one of two models in the merge: 2 x 1/2.
+    np.testing.assert_allclose(norm(merged, own), 1.0)
     # Without an anchor (or one of another layout) the merge's own distances are all it has.
     blind = ClippedGossip()
     blind.anchor({"other": np.zeros(3)})
@@ -772,8 +776,8 @@ def test_fresh_senders_that_are_most_of_a_merge_never_make_the_node_the_outlier(
     evil = vector(100.0, 10.0)
     merged = rule([own, vector(10.0, 1.0), evil, evil, evil], senders=["h", "x", "y", "z"])
     assert rule.tau == 2.0
-    # Every term is within tau x its standing (1/2), over the five models of the merge.
-    assert norm(merged, own) <= 4 * rule.tau * STANDING_START / 5 + 1e-9
+    # Every term is within tau, over the five models of the merge.
+    assert norm(merged, own) <= 4 * rule.tau / 5 + 1e-9
 
 
 def test_a_node_whose_norm_blew_up_comes_back_to_its_neighbours() -> None:
