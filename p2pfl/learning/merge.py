@@ -139,20 +139,18 @@ class ClippedGossip:
 
         x_new = x + 1/(n+1) * sum_j clip_{tau_j}(x_j - x),  clip_t(v) = v * min(1, t / ||v||)
 
-    with ||.|| the L2 norm over all floating-point tensors together (a step counter says
-    nothing about how far apart two models are; integer and bool tensors move by the same
-    fraction as the rest of their model) and tau_j = tau * r_j <= tau, r_j in (0, 1] the
-    sender's reach (from its standing, below). The bound: whatever neighbour j sends, its
-    term moves the node by at most tau/(n+1), and the whole merge by at most n*tau/(n+1) <
-    tau; changing one neighbour's model arbitrarily changes the result by at most
-    2*tau/(n+1). With every
+    with ||.|| the L2 norm over all floating-point tensors together (a step counter says nothing
+    about how far apart two models are; integer and bool tensors move by the same fraction as
+    the rest of their model) and tau_j = tau * r_j <= tau, r_j in (0, 1] the sender's reach
+    (from its standing, below). The bound: whatever neighbour j sends, its term moves the node
+    by at most tau/(n+1), and the whole merge by at most n*tau/(n+1) < tau; changing one
+    neighbour's model arbitrarily changes the result by at most 2*tau/(n+1). With every
     neighbour within its radius (and its norm within a factor 2 of the node's, below) it is
-    exactly ``average``. n counts the models taken: one left out (out of shape, below) or
-    whose difference is non-finite or overflows is not counted, as if it had not come, so
-    the bounds hold with n the models taken (leaving a model out raises the others' shares
-    from 1/(n+1) to 1/n, a change below tau/(n+1) in all). It needs no majority within one
-    merge, so it works with one neighbour per round (ring, random walk) and for walker tokens
-    (:meth:`adopt`).
+    exactly ``average``. n counts the models taken: one left out (out of shape, below) or whose
+    difference is non-finite or overflows is not counted, as if it had not come, so the bounds
+    hold with n the models taken (leaving a model out raises the others' shares from 1/(n+1) to
+    1/n, a change below tau/(n+1) in all). It needs no majority within one merge, so it works
+    with one neighbour per round (ring, random walk) and for walker tokens (:meth:`adopt`).
 
     The radius. The paper's adaptive rule picks each node's tau from the current distances
     to its neighbours: the distance beyond which the farthest neighbours, holding the assumed
@@ -201,10 +199,10 @@ class ClippedGossip:
     moves a node by up to tau/(n+1) each, as the paper's bound allows, never more.
 
     A model whose norm is more than ``STANDING_NORM`` (2) times off the node's own also
-    counts as far: honest models trained from one start keep about the same
-    norm yet sit nearly a norm apart when their data differ, so a model near the origin (a
-    zero model, ``ipm``'s -0.1 x the honest mean, what a ``scaled`` attacker sends once its
-    own model has overflowed) is as near as an honest one and only its norm gives it away;
+    counts as far: honest models trained from one start keep about the same norm yet sit
+    nearly a norm apart when their data differ, so a model near the origin (a zero model,
+    ``ipm``'s -0.1 x the honest mean, what a ``scaled`` attacker sends once its own model
+    has overflowed) is as near as an honest one and only its norm gives it away;
     on the exponential ring such senders kept full standing and cost 30 points. Standing is
     kept for the last ``STANDING_MEMORY`` (4096) senders judged; models with no sender named
     (``senders=None``) always have standing 1.
