@@ -249,6 +249,14 @@ class NodeConfig(BaseModel):
     local_epochs: int = Field(3, ge=1, description="Local epochs per round.")
     batch_size: int = Field(32, ge=1, description="Batch size.")
     mu: float = Field(0.0, ge=0, description="FedProx proximal term; 0 = off.")
+    max_grad_norm: float = Field(
+        10.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Clip each local step's gradient to this norm (0 = off; not with DP-SGD, "
+        "which clips per sample): a merge that lands the model on a steep slope (a poisoned "
+        "or diverged neighbour) cannot make its training blow up. Honest steps stay under it.",
+    )
     # differential privacy (learning/privacy.py): DP-SGD, off unless dp_epsilon is given
     dp_epsilon: float | None = Field(
         None,

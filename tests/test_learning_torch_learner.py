@@ -182,9 +182,36 @@ def test_adam_option_trains(blobs: Dataset) -> None:
     assert learner.evaluate().loss < before
 
 
+def test_max_grad_norm_bounds_every_step_from_a_steep_start(blobs: Dataset) -> None:
+    # A merge that lands the model where the loss is steep (here: every weight times 30, so
+    # the logits are huge): plain SGD (no momentum) moves it by lr x the gradient's norm a
+    # step, so with the clip no step is longer than lr x max_grad_norm; without, they are.
+    lr, clip = 0.1, 1.0
+    moved = {}
+    for max_grad_norm in (0.0, clip):
+        learner = build_learner(
+            "mlp", blobs, None, seed=0, lr=lr, momentum=0.0, local_epochs=1,
+            max_grad_norm=max_grad_norm,
+        )  # fmt: skip
+        learner.set_weights({k: 30 * w for k, w in learner.get_weights().items()})
+        start = learner.get_weights()
+        steps = len(learner.train_loader)
+        learner.fit()
+        moved[max_grad_norm] = _distance(start, learner.get_weights()) / steps
+    assert moved[clip] <= lr * clip + 1e-5
+    assert moved[0.0] > 3 * lr * clip
+
+
 @pytest.mark.parametrize(
     "opts",
-    [{"optimizer": "rmsprop"}, {"lr": 0.0}, {"local_epochs": 0}, {"mu": -1.0}],
+    [
+        {"optimizer": "rmsprop"},
+        {"lr": 0.0},
+        {"local_epochs": 0},
+        {"mu": -1.0},
+        {"max_grad_norm": -1.0},
+        {"max_grad_norm": float("nan")},
+    ],
 )
 def test_bad_options_are_rejected(blobs: Dataset, opts: dict[str, object]) -> None:
     with pytest.raises(ValueError):

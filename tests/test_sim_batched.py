@@ -71,12 +71,15 @@ def stacked(model: torch.nn.Module, data: Dataset, shards: list) -> StackedModel
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn1d"])
-def test_one_full_batch_per_epoch_equals_torch_learner(name: str) -> None:
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.05])
+def test_one_full_batch_per_epoch_equals_torch_learner(name: str, max_grad_norm: float) -> None:
     """Batch size >= every shard: each epoch is one batch, whatever the order, so the stacked
-    step must match the daemon's own learner (SGD, momentum, weight decay, FedProx) exactly."""
+    step must match the daemon's own learner (SGD, momentum, weight decay, FedProx, the
+    gradient clip: 0.05 clips every step here) exactly."""
     data, shards = toy_data([5, 9, 12], features=16)
     models = stacked(build_model(name, (16,), 3, seed=1), data, shards)
     opts = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "mu": 0.5}
+    opts["max_grad_norm"] = max_grad_norm
     models.fit(torch.arange(3), epochs=3, batch_size=16, **opts)
     for i, shard in enumerate(shards):
         train, test = make_loaders(data, shard, batch_size=16)

@@ -66,6 +66,7 @@ class TorchLearner:
         weight_decay: float = 0.0,
         local_epochs: int = 3,
         mu: float = 0.0,
+        max_grad_norm: float = 0.0,
         n_classes: int,
         device: str | torch.device = "cpu",
         seed: int | None = None,
@@ -74,11 +75,19 @@ class TorchLearner:
     ) -> None:
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-        if lr <= 0 or local_epochs < 1 or mu < 0 or weight_decay < 0 or n_classes < 1:
+        if (
+            lr <= 0
+            or local_epochs < 1
+            or mu < 0
+            or weight_decay < 0
+            or not max_grad_norm >= 0
+            or n_classes < 1
+        ):
             raise ValueError(
-                f"need lr > 0, local_epochs >= 1, mu >= 0, weight_decay >= 0, n_classes >= 1; "
-                f"got lr={lr}, local_epochs={local_epochs}, mu={mu}, "
-                f"weight_decay={weight_decay}, n_classes={n_classes}"
+                f"need lr > 0, local_epochs >= 1, mu >= 0, weight_decay >= 0, "
+                f"max_grad_norm >= 0, n_classes >= 1; got lr={lr}, local_epochs={local_epochs}, "
+                f"mu={mu}, weight_decay={weight_decay}, max_grad_norm={max_grad_norm}, "
+                f"n_classes={n_classes}"
             )
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -88,6 +97,9 @@ class TorchLearner:
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.local_epochs = local_epochs
         self.mu = mu
+        # DP-SGD clips each sample's gradient itself (Opacus); a second, global clip would
+        # only shrink its noisy step.
+        self.max_grad_norm = max_grad_norm if dp is None else 0.0
         self.n_classes = n_classes
         if seed is not None:
             _seed_sampler(train, seed)
@@ -191,6 +203,8 @@ class TorchLearner:
                         )
                         loss = loss + 0.5 * self.mu * prox
                     loss.backward()
+                    if self.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                     self._optimizer.step()
                     if len(y):
                         epoch_loss += data_loss.item() * len(y)
@@ -285,6 +299,7 @@ class LearnerOptions(TypedDict, total=False):
     weight_decay: float
     local_epochs: int
     mu: float
+    max_grad_norm: float
     device: str | torch.device
     dp: DPSettings | None
     dp_noise_seed: int | None
@@ -351,6 +366,7 @@ def learner_from_config(
         momentum=config.momentum,
         local_epochs=config.local_epochs,
         mu=config.mu,
+        max_grad_norm=config.max_grad_norm,
         dp=dp,
         dp_noise_seed=dp_noise_seed,
     )

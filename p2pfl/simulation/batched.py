@@ -221,6 +221,7 @@ class _BatchedRun:
         losses = self.models.fit(
             torch.tensor(training, dtype=torch.long), epochs=c.local_epochs,
             batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, mu=c.mu,
+            max_grad_norm=c.max_grad_norm,
         )  # fmt: skip
         fit_seconds = time.perf_counter() - started
         trained = set(training)

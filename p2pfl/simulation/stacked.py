@@ -180,13 +180,14 @@ class StackedModels:
         momentum: float,
         weight_decay: float = 0.0,
         mu: float = 0.0,
+        max_grad_norm: float = 0.0,
     ) -> torch.Tensor:
         """Train `nodes` (indices) for `epochs` epochs of SGD each on its own shard; returns
         the mean training loss of each node's last epoch (`[N]`, NaN for the others)."""
         losses = torch.full((self.n,), float("nan"), dtype=torch.float64)
         for chunk in nodes.split(_TRAIN_CHUNK):
             losses[chunk] = self._fit_chunk(
-                chunk, epochs, batch_size, lr, momentum, weight_decay, mu
+                chunk, epochs, batch_size, lr, momentum, weight_decay, mu, max_grad_norm
             )
         return losses
 
@@ -199,6 +200,7 @@ class StackedModels:
         momentum: float,
         weight_decay: float,
         mu: float,
+        max_grad_norm: float,
     ) -> torch.Tensor:
         p, buf = self.flat[chunk], self.momentum[chunk]
         anchor = p.clone() if mu > 0 else None
@@ -218,10 +220,13 @@ class StackedModels:
                 w = (pos < sizes[rows, None]).float()
                 samples = index[rows].gather(1, pos)
                 g, loss = self._grads(self.views(p_rows), self.x[samples], self.labels[samples], w)
-                if weight_decay:
-                    g = g + weight_decay * p_rows
                 if anchor is not None:
                     g = g + mu * (p_rows - anchor[rows])
+                if max_grad_norm:  # as torch.nn.utils.clip_grad_norm_, row by row
+                    coef = max_grad_norm / (g.norm(dim=1, keepdim=True) + 1e-6)
+                    g = g * coef.clamp(max=1.0)
+                if weight_decay:  # after the clip, as SGD's own weight decay
+                    g = g + weight_decay * p_rows
                 buf_rows = momentum * buf_rows + g if momentum else g
                 p_rows = p_rows - lr * buf_rows
                 if every:
