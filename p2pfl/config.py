@@ -255,7 +255,7 @@ class NodeConfig(BaseModel):
         allow_inf_nan=False,
         description="Clip each local step's gradient to this norm (0 = off; not with DP-SGD, "
         "which clips per sample): a merge that lands the model on a steep slope (a poisoned "
-        "or diverged neighbour) cannot make its training blow up. Honest steps stay under it.",
+        "or diverged neighbour) cannot make its training blow up; honest steps rarely reach it.",
     )
     # differential privacy (learning/privacy.py): DP-SGD, off unless dp_epsilon is given
     dp_epsilon: float | None = Field(
