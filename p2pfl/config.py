@@ -188,7 +188,8 @@ class NodeConfig(BaseModel):
     min_peers: int | None = Field(
         None,
         ge=0,
-        description="Wait (up to --round-timeout) for this many live peers before round 1. "
+        description="Wait (up to --round-timeout, or until peers train without this node) for "
+        "this many live peers before round 1. "
         "[default: all static peers if sync]",
     )
     # schedule

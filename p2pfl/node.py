@@ -149,8 +149,12 @@ class Node:
             self.inbox.on_shuffle = self.membership.on_shuffle
         self.peer_watch = PeerWatch(
             self.config, self.view, self.membership, node_id=self.node_id, stop=self._stop,
-            clock=self.clock,
+            clock=self.clock, peers_train=self._peers_train,
         )  # fmt: skip
+
+    def _peers_train(self) -> bool:
+        """Whether peers train already: a model of theirs came, or one is past our round."""
+        return bool(self.inbox) or self.gossip.peers_round() > self.round
 
     def _secure_aggregation(self) -> SecureAggregation | None:
         if not self.config.secure_aggregation:

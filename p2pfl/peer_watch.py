@@ -1,5 +1,6 @@
-"""Whether a node has the peers it should: it waits for them at the start, and warns once per
-stretch of rounds without any, with the likely cause (`Membership.diagnose`)."""
+"""Whether a node has the peers it should: it waits for them at the start (until they train
+without it), and warns once per stretch of rounds without any, with the likely cause
+(`Membership.diagnose`)."""
 
 from __future__ import annotations
 
@@ -29,13 +30,18 @@ class PeerWatch:
         node_id: str,
         stop: asyncio.Event,
         clock: Callable[[], float],
+        peers_train: Callable[[], bool] = lambda: False,
     ) -> None:
         self.config, self.view, self.membership = config, view, membership
         self.node_id, self.stop, self.clock = node_id, stop, clock
+        self.peers_train = peers_train
         self._alone_rounds = 0  # consecutive rounds without a live peer
 
     async def wait_for_peers(self) -> None:
-        """Sync mode starts together: wait for the expected peers, at most one round timeout."""
+        """Sync mode starts together: wait for the expected peers, at most one round timeout,
+        and no longer than until peers train without us (`peers_train`): a peer still missing
+        then may have finished its rounds and left before its presence reached us, and waiting
+        for it would only keep the others waiting for our models."""
         wanted = self.config.min_peers
         if wanted is None:
             static = {p.id for p in self.config.peers} - {self.node_id}
@@ -46,7 +52,12 @@ class PeerWatch:
         # The view is polled (it needs no loop): often at first, when peers start together,
         # then every half second, so a node left waiting costs next to no CPU.
         pause = 0.05
-        while len(self.view.live()) < wanted and self.clock() < deadline and not self.stopping:
+        while (
+            len(self.view.live()) < wanted
+            and self.clock() < deadline
+            and not self.stopping
+            and not self.peers_train()
+        ):
             try:
                 async with asyncio.timeout(pause):
                     await self.stop.wait()
@@ -59,11 +70,16 @@ class PeerWatch:
         if live >= wanted or self.stopping:
             log.info("starting with peers=%d wanted=%d", live, wanted)
             return
+        why = (
+            ": peers train already"
+            if self.peers_train()
+            else f" after {self.config.round_timeout:g}s"
+        )
         log.warning(
-            "starting with peers=%d wanted=%d after %gs: %s",
+            "starting with peers=%d wanted=%d%s: %s",
             live,
             wanted,
-            self.config.round_timeout,
+            why,
             await self.membership.diagnose(),
         )
         if live == 0:

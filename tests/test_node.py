@@ -736,3 +736,38 @@ async def test_a_node_alone_for_some_rounds_warns_once(
         f"no live peer for {LONELY_ROUNDS} rounds, training alone: no peer is configured "
         "(--peer ID=mqtt://HOST:PORT) and mDNS is off"
     ]
+
+
+async def test_a_node_starts_once_its_peers_train_without_it(
+    dataset: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start wait is for starting together: once peers train (their models come, their
+    presence says a round), a node that still misses a peer starts too, instead of waiting
+    out the round timeout for one that may have finished its run already."""
+    bus = MemoryBus()
+    ids = ["s0", "s1", "s2"]
+    reports = Reports()
+    common: dict[str, Any] = {"rounds": 3, "discovery": ("static", "presence")}
+    # s2 also expects a peer that never comes; a wait for it would outlast the test
+    late = {**dict.fromkeys(ids, BUS), "ghost": "mqtt://127.0.0.1:1"}
+    nodes = [
+        make_node(
+            dataset,
+            MemoryTransport(bus, i),
+            i,
+            k,
+            on_round=reports.hook(i),
+            peers=late if i == "s2" else dict.fromkeys(ids, BUS),
+            round_timeout=600.0,
+            **common,
+        )
+        for k, i in enumerate(ids)
+    ]
+    with caplog.at_level(logging.INFO, logger="p2pfl.peer_watch"):
+        async with asyncio.timeout(45):
+            await asyncio.gather(*(n.run() for n in nodes))
+    for node in nodes:
+        assert reports.rounds(node.node_id) == [1, 2, 3], node.node_id
+    said = [r.getMessage() for r in caplog.records if "starting with" in r.getMessage()]
+    assert any(m.startswith("starting with peers=2 wanted=3: peers train already") for m in said)
+    assert sum(m.startswith("starting with peers=2 wanted=2") for m in said) == 2, said

@@ -593,10 +593,11 @@ class Membership:
                     "its broker port is open and the address it advertises is right"
                 )
             elif self.presence_on:
+                open_port = f"is TCP port {port} open on this machine? " if port else ""
                 causes.append(
                     f"peer {peer_id}: its broker answers but its presence never arrived here; "
-                    f"it may not reach this node at {', '.join(self.advertised)} (is TCP port "
-                    f"{port} open on this machine? is --advertise right?)"
+                    f"it may not reach this node at {', '.join(self.advertised)} ({open_port}"
+                    "is --advertise right?)"
                 )
         if len(silent) > 5:
             causes.append(f"and {len(silent) - 5} more peers not live")
