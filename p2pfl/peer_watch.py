@@ -30,7 +30,7 @@ class PeerWatch:
         node_id: str,
         stop: asyncio.Event,
         clock: Callable[[], float],
-        peers_train: Callable[[], bool] = lambda: False,
+        peers_train: Callable[[], bool],
     ) -> None:
         self.config, self.view, self.membership = config, view, membership
         self.node_id, self.stop, self.clock = node_id, stop, clock
