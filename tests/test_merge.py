@@ -458,7 +458,9 @@ def test_a_node_whose_every_neighbour_is_far_trusts_the_majority() -> None:
     before = [rule.standing(x) for x in "abc"]
     merged = rule([own, vector(50.0), vector(-60.0), vector(1e9)], senders=["a", "b", "c"])
     assert rule.tau == 60.0
-    assert [rule.standing(x) for x in "abc"] == before
+    after = [rule.standing(x) for x in "abc"]
+    # a and b lie within the majority's radius and earn standing; c is not held to account
+    assert after[0] > before[0] and after[1] > before[1] and after[2] == before[2]
     # Within their radii a and b count in full, the third is clipped to 60 x its reach.
     radii = [60.0 * rule.reach(x) for x in "abc"]
     terms = [min(50.0, radii[0]), -min(60.0, radii[1]), radii[2]]
@@ -693,7 +695,7 @@ def test_trust_is_earned_and_an_unlucky_honest_sender_regains_it() -> None:
     for _ in range(2):
         rule([own, vector(1.0), vector(-1.0)], senders=["a", "b"])  # tau = 2, both near
     assert rule.standing("a") == rule.standing("b") == 1.0
-    rule([own, vector(1.6), vector(-1.0)], senders=["a", "b"])  # a beyond 0.75 tau once
+    rule([own, vector(2.5), vector(-1.0)], senders=["a", "b"])  # a beyond tau once
     assert rule.standing("a") == 0.5 and rule.standing("b") == 1.0
     rule([own, vector(1.0), vector(-1.0)], senders=["a", "b"])
     assert rule.standing("a") == 0.75
