@@ -262,7 +262,10 @@ class Gossip:
         # counted on its model.
         live = set(self.view.live())
         finished = self.membership.finished
-        fresh = [m for m in self.inbox.take(r) if m.src in live or m.src in finished]
+        # Sync: whose round-r model we waited for; one that never came means we fell behind.
+        expected = self.plan_targets(r)[1] if self.config.mode == "sync" else ()
+        taken = self.inbox.take(r, expected)
+        fresh = [m for m in taken if m.src in live or m.src in finished]
         if self.secure is not None:
             merged_masked, count = await self.secure.merge(own, r, fresh)
             if merged_masked is None:
@@ -276,8 +279,9 @@ class Gossip:
         senders = [m.src for m in fresh]
         merged = await asyncio.to_thread(partial(self.merge, senders=senders), models, ages)
         await asyncio.to_thread(self.learner.set_weights, merged)
-        # Rounds are adopted from the furthest peer, so a restarted node catches up; never
-        # beyond the ceiling (the inbox took no model above it, but the view may have changed).
+        # Rounds are adopted from the furthest peer, so a node that fell behind catches up (in
+        # sync mode the inbox gives a later round's model only then); never beyond the ceiling
+        # (the inbox took no model above it, but the view may have changed).
         top = min(max(m.round for m in fresh), self.round_ceiling())
         return len(fresh), top - 1
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -338,29 +338,45 @@ class Inbox:
         """The round-r model buffered from `src`, if any."""
         return self._models.get(src, {}).get(r)
 
-    def take(self, r: int) -> list[ReceivedModel]:
+    def take(self, r: int, expected: Collection[str] = ()) -> list[ReceivedModel]:
         """The models to merge at round r: the newest per sender, within the allowed lag.
 
-        In sync mode a neighbour one round ahead (it does not wait for us) keeps its round-r+1
-        model buffered for our next round; a neighbour further ahead is taken at once, so a
-        node that fell behind catches up instead of trailing forever.
+        In sync mode a model of a later round waits in the buffer for its round: a neighbour
+        ahead of us (one that does not wait for us) would otherwise make us skip rounds by
+        timing alone, and the same seed would give another run. A node catches up only on
+        evidence that it fell behind: a sender it `expected` this round whose round-r model
+        neither came nor was merged (that sender is past round r, or we resumed from a
+        checkpoint); then models two or more rounds ahead are taken at once, so it does not
+        trail forever. A neighbour's next round stays buffered even then (we play it next).
         """
         taken: list[ReceivedModel] = []
         kept: dict[str, dict[int, ReceivedModel]] = {}
         oldest = r - self.config.max_round_lag
+        sync = self.config.mode == "sync"
+        behind = not sync or any(self._skipped(p, r) for p in expected)
+        ahead = r + 1 if sync else r  # rounds above this are taken when behind
         for src, by_round in self._models.items():
-            now = [m for rr, m in by_round.items() if oldest <= rr <= r or rr > r + 1]
-            if self.config.mode == "sync" and r + 1 in by_round:
-                kept[src] = {r + 1: by_round[r + 1]}
-            else:
-                now.extend(m for rr, m in by_round.items() if rr == r + 1)
-            if now:
-                newest = max(now, key=lambda m: m.round)
+            now = [m for rr, m in by_round.items() if oldest <= rr <= r]
+            if behind:
+                now.extend(m for rr, m in by_round.items() if rr > ahead)
+            newest = max(now, key=lambda m: m.round, default=None)
+            last = r if newest is None else max(r, newest.round)
+            later = {rr: m for rr, m in by_round.items() if rr > last}
+            if later:
+                kept[src] = later
+            if newest is not None:
                 taken.append(newest)
                 self._merged[src] = max(self._merged.get(src, 0), newest.round)
         self._models = kept
         # Merge in a fixed order: float sums then do not depend on arrival order.
         return sorted(taken, key=lambda m: m.src)
+
+    def _skipped(self, src: str, r: int) -> bool:
+        """Whether `src`'s round-r model neither came (buffered, within the lag) nor was merged."""
+        if self._merged.get(src, 0) >= r:
+            return False
+        oldest = r - self.config.max_round_lag
+        return not any(oldest <= rr <= r for rr in self._models.get(src, ()))
 
     def take_newest(self) -> list[ReceivedModel]:
         """Every sender's newest model (walker tokens), emptying the buffer."""

@@ -26,8 +26,8 @@ def weights() -> dict[str, np.ndarray]:
     return {"w": rng.standard_normal((64, 32)).astype(np.float32), "b": np.zeros(32, np.float32)}
 
 
-def inbox() -> Inbox:
-    config = NodeConfig.model_validate({"network": NET, "id": "me"})
+def inbox(mode: str = "async") -> Inbox:
+    config = NodeConfig.model_validate({"network": NET, "id": "me", "mode": mode})
     box = Inbox(config, NodeCounters(), clock=time.monotonic)
     box.layout = layout(weights())
     return box
@@ -188,17 +188,66 @@ def test_log_once_entries_are_bounded_whatever_ids_peers_make_up(
 
 
 async def test_a_model_taken_ahead_of_its_round_still_counts_as_that_rounds_model() -> None:
-    """A node catching up at round 4 takes a peer's round-6 model at once; at round 6 it must
-    not wait for that peer's round-6 model again (it merged it already)."""
-    box = inbox()
+    """A node catching up at round 4 (the peer it expected is at round 6) takes that peer's
+    round-6 model at once; at round 6 it must not wait for that peer's round-6 model again."""
+    box = inbox("sync")
     model = encode_model(weights(), net=NET, src="peer", seq=1, round=6, age=1.0)
     await box.accept(bytes(model), lowest=0, highest=10)
-    assert [m.round for m in box.take(4)] == [6]
+    assert [m.round for m in box.take(4, expected=["peer"])] == [6]
     assert box.newest_round("peer") == 6 and not box  # nothing buffered, round 6 merged
     box.drop_models()  # a pause: what was merged before it no longer counts
     assert box.newest_round("peer") == 0
     again = encode_model(weights(), net=NET, src="peer", seq=2, round=6, age=1.0)
     await box.accept(bytes(again), lowest=0, highest=10)
-    box.take(4)
+    box.take(4, expected=["peer"])
     box.forget("peer")
     assert box.newest_round("peer") == 0
+
+
+async def offer(box: Inbox, src: str, *rounds: int) -> None:
+    for seq, r in enumerate(rounds, 1):
+        model = encode_model(weights(), net=NET, src=src, seq=seq, round=r, age=1.0)
+        await box.accept(bytes(model), lowest=0, highest=20)
+
+
+async def test_sync_keeps_a_later_rounds_model_for_its_round_when_nothing_says_we_are_behind() -> (
+    None
+):
+    """A random-walk neighbour that runs ahead sends its round-6 model while we are in round
+    4: merging it now would skip round 5 by timing alone (a same-seed run would differ)."""
+    box = inbox("sync")
+    await offer(box, "mine", 4)  # the sender we expected: its round-4 model came
+    await offer(box, "ahead", 6, 7)
+    assert [(m.src, m.round) for m in box.take(4, expected=["mine"])] == [("mine", 4)]
+    assert box.newest_round("ahead") == 7 and box  # both still buffered
+    assert box.take(5, expected=[]) == []
+    assert [(m.src, m.round) for m in box.take(6, expected=["ahead"])] == [("ahead", 6)]
+    assert [(m.src, m.round) for m in box.take(7, expected=[])] == [("ahead", 7)]
+    assert not box
+
+
+async def test_sync_catches_up_only_when_an_expected_sender_is_past_the_round() -> None:
+    box = inbox("sync")
+    await offer(box, "expected", 5, 7)  # its round-4 model never came: it is past round 4
+    await offer(box, "other", 6)
+    taken = box.take(4, expected=["expected"])
+    # Two or more rounds ahead is taken at once from everyone; the next round is played next.
+    assert [(m.src, m.round) for m in taken] == [("expected", 7), ("other", 6)]
+    assert not box  # the round-5 model is older than what was merged from its sender
+
+
+async def test_sync_an_expected_model_merged_ahead_is_not_a_sign_of_falling_behind() -> None:
+    box = inbox("sync")
+    await offer(box, "peer", 6)
+    box.take(4, expected=["peer"])  # caught up: peer's round 6 merged
+    await offer(box, "later", 8)
+    assert box.take(6, expected=["peer"]) == []  # peer's round 6 is merged: not behind
+    assert box.newest_round("later") == 8
+
+
+async def test_async_takes_every_senders_newest_model_at_once() -> None:
+    box = inbox()
+    await offer(box, "a", 3, 5)
+    await offer(box, "b", 9)
+    assert [(m.src, m.round) for m in box.take(4)] == [("a", 5), ("b", 9)]
+    assert not box
