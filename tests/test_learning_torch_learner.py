@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -173,6 +175,34 @@ def test_momentum_survives_set_weights_until_reset(blobs: Dataset) -> None:
     reset.reset_optimizer()
     reset.fit()
     assert _distance(reset.get_weights(), expected) < 1e-5
+
+
+_IDLE_LEARNER = """
+import sys
+import numpy as np
+from p2pfl.learning.datasets import Dataset
+from p2pfl.learning.torch_learner import build_learner
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(64, 8)).astype(np.float32), rng.integers(0, 3, 64)
+learner = build_learner("mlp", Dataset("blobs", x, y, x, y, 3), None)
+learner.evaluate()
+learner.set_weights(learner.get_weights())
+learner.reset_optimizer()
+print("idle", "torch._dynamo" in sys.modules)
+learner.fit()
+print("trained", "torch._dynamo" in sys.modules)
+"""
+
+
+def test_a_learner_makes_its_optimizer_at_its_first_fit() -> None:
+    # Any torch optimizer imports torch._dynamo (about 70 MB of an idle daemon's ~340): a node
+    # that has not trained yet (waiting for its first peer) holds neither. In a fresh
+    # interpreter, since this one has long imported it.
+    out = subprocess.run(
+        [sys.executable, "-c", _IDLE_LEARNER], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["idle", "False", "trained", "True"]
 
 
 def test_adam_option_trains(blobs: Dataset) -> None:

@@ -52,6 +52,10 @@ class TorchLearner:
     The learner never changes torch's global thread settings; the caller decides them.
     Methods are serialized by an internal lock; call them from a worker thread
     (`asyncio.to_thread`), never on an event loop while a fit may be running.
+
+    Without DP the optimizer is made at the first fit, not here: creating any torch optimizer
+    imports `torch._dynamo` (about 70 MB), which a node waiting for its first peer, or one
+    that never trains, need not hold.
     """
 
     def __init__(
@@ -104,7 +108,7 @@ class TorchLearner:
         if seed is not None:
             _seed_sampler(train, seed)
         self._lock = threading.Lock()
-        self._optimizer = self._new_optimizer()
+        self._optimizer: torch.optim.Optimizer | None = None  # made by the first fit
         self.privacy: PrivacyBudget | None = None
         self._refused = False  # the budget is spent: said once, nothing trains any more
         if dp is not None:
@@ -112,7 +116,7 @@ class TorchLearner:
                 raise ValueError("mu: FedProx's proximal term cannot be trained with DP-SGD")
             self._optimizer, self.train_loader, self.privacy, self._dp_hooks = make_private(
                 self.model,
-                self._optimizer,
+                self._new_optimizer(),
                 train,
                 dp,
                 local_epochs=local_epochs,
@@ -156,12 +160,12 @@ class TorchLearner:
     def reset_optimizer(self) -> None:
         """Drop optimizer state (momentum buffers, Adam moments and step counts)."""
         with self._lock:
-            if self.privacy is not None:
+            if self.privacy is not None and self._optimizer is not None:
                 # The DP optimizer wraps this one (and feeds the accountant): keep it, drop
                 # only its state, which is all a new optimizer would differ in.
                 self._optimizer.state.clear()
                 return
-            self._optimizer = self._new_optimizer()
+            self._optimizer = None  # the next fit starts a fresh one
 
     def fit(self) -> FitResult:
         """Train `local_epochs` epochs over the local training data.
@@ -183,6 +187,9 @@ class TorchLearner:
                         self.privacy.spent_after(1),
                     )
                 return FitResult(float("nan"), 0, time.perf_counter() - start)
+            if self._optimizer is None:
+                self._optimizer = self._new_optimizer()
+            optimizer = self._optimizer
             self.model.train()
             params = [p for p in self.model.parameters() if p.requires_grad]
             anchor = [p.detach().clone() for p in params] if self.mu > 0 else []
@@ -192,7 +199,7 @@ class TorchLearner:
                 epoch_loss, epoch_samples = 0.0, 0
                 for xb, yb in self.train_loader:
                     x, y = xb.to(self.device), yb.to(self.device)
-                    self._optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=True)
                     # Poisson sampling (DP) may draw an empty batch: its step is still taken
                     # (the noise and the accountant count it), its loss is not averaged in.
                     data_loss = F.cross_entropy(self.model(x), y)
@@ -205,7 +212,7 @@ class TorchLearner:
                     loss.backward()
                     if self.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                    self._optimizer.step()
+                    optimizer.step()
                     if len(y):
                         epoch_loss += data_loss.item() * len(y)
                         epoch_samples += len(y)
