@@ -27,7 +27,7 @@ from p2pfl.discovery.peerview import NewPeerBucket, PeerView
 from p2pfl.gossip import Gossip
 from p2pfl.identity import Identity
 from p2pfl.inbox import Inbox, NodeCounters
-from p2pfl.learning.learner import EvalResult, FitResult, Learner
+from p2pfl.learning.learner import EvalResult, FitResult, Learner, prepare
 from p2pfl.learning.merge import parse_merge
 from p2pfl.pausing import Pausing
 from p2pfl.peer_watch import LONELY_ROUNDS, PeerWatch
@@ -242,6 +242,7 @@ class Node:
 
     async def _train_loop(self) -> None:
         await self.peer_watch.wait_for_peers()
+        await asyncio.to_thread(prepare, self.learner)  # made while idle, it cost ~70 MB
         deadline = None if self.config.duration is None else self.clock() + self.config.duration
         walkers = self.config.walkers
         if walkers:

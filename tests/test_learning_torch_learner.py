@@ -189,20 +189,22 @@ learner.evaluate()
 learner.set_weights(learner.get_weights())
 learner.reset_optimizer()
 print("idle", "torch._dynamo" in sys.modules)
+learner.prepare()
+print("prepared", "torch._dynamo" in sys.modules)
 learner.fit()
-print("trained", "torch._dynamo" in sys.modules)
 """
 
 
-def test_a_learner_makes_its_optimizer_at_its_first_fit() -> None:
+def test_a_learner_makes_its_optimizer_when_told_training_starts() -> None:
     # Any torch optimizer imports torch._dynamo (about 70 MB of an idle daemon's ~340): a node
-    # that has not trained yet (waiting for its first peer) holds neither. In a fresh
-    # interpreter, since this one has long imported it.
+    # that has not trained yet (waiting for its first peer) holds neither; the node calls
+    # prepare() once its peers are there. In a fresh interpreter, since this one has long
+    # imported it.
     out = subprocess.run(
         [sys.executable, "-c", _IDLE_LEARNER], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["idle", "False", "trained", "True"]
+    assert out.stdout.split() == ["idle", "False", "prepared", "True"]
 
 
 def test_adam_option_trains(blobs: Dataset) -> None:

@@ -95,3 +95,11 @@ def privacy_of(learner: Learner) -> PrivacyAccount | None:
     """The learner's privacy budget when it trains with DP (its `privacy` attribute), else None."""
     account: PrivacyAccount | None = getattr(learner, "privacy", None)
     return account
+
+
+def prepare(learner: Learner) -> None:
+    """Let the learner make what training needs before its first fit (`TorchLearner.prepare`:
+    its optimizer); nothing for a learner without that method."""
+    ready = getattr(learner, "prepare", None)
+    if callable(ready):
+        ready()

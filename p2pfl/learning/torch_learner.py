@@ -53,9 +53,10 @@ class TorchLearner:
     Methods are serialized by an internal lock; call them from a worker thread
     (`asyncio.to_thread`), never on an event loop while a fit may be running.
 
-    Without DP the optimizer is made at the first fit, not here: creating any torch optimizer
-    imports `torch._dynamo` (about 70 MB), which a node waiting for its first peer, or one
-    that never trains, need not hold.
+    Without DP the optimizer is made by `prepare()` or the first fit, not here: creating any
+    torch optimizer imports `torch._dynamo` (about 70 MB and, with four daemons starting on
+    two cores, seconds), which a node waiting for its first peer need not hold. A node calls
+    `prepare()` once its peers are there, so that cost is not its first round's.
     """
 
     def __init__(
@@ -156,6 +157,12 @@ class TorchLearner:
                 for name, target in state.items():
                     # torch.tensor copies, so read-only arrays (decoded from bytes) are fine.
                     target.copy_(torch.tensor(np.asarray(weights[name])))
+
+    def prepare(self) -> None:
+        """Make the optimizer now if it is not made yet (training is about to start)."""
+        with self._lock:
+            if self._optimizer is None:
+                self._optimizer = self._new_optimizer()
 
     def reset_optimizer(self) -> None:
         """Drop optimizer state (momentum buffers, Adam moments and step counts)."""
