@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -116,7 +116,9 @@ class Trust:
     dropped first): a Sybil flood fills them slowly (the view admits new peers at a bounded
     rate), and a departed peer's window stays, so its captured records cannot be replayed.
     Under ``ca``, ``ca_key`` is the network's public key (a key, its 32 raw bytes or its text)
-    and ``certificate`` this node's own certificate, which it shows its peers.
+    and ``certificate`` this node's own certificate, which it shows its peers. Under
+    ``allowlist``, ``keys`` (id -> raw public key) are trusted besides those of
+    ``trusted_keys`` (the simulator's nodes trust the run's own nodes).
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class Trust:
         clock: Callable[[], float] = time.time,
         ca_key: Ed25519PublicKey | bytes | str | None = None,
         certificate: bytes | None = None,
+        keys: Mapping[str, bytes] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"trust policy must be one of {POLICIES}, got {policy!r}")
@@ -152,6 +155,8 @@ class Trust:
                 source = self._known = TrustedKeys(state_dir, KNOWN_FILE)
             if source is not None:
                 self._keys = {e.node_id: public_bytes(e.key) for e in source.load()}
+        if keys is not None and policy == "allowlist":
+            self._keys.update(keys)
         self._windows: OrderedDict[str, _Window] = OrderedDict()
         self._warned: set[str] = set()
         # An embedded broker's auth plugin asks from its own thread (admit_key).

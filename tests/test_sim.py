@@ -153,6 +153,19 @@ def test_a_crashed_node_restarts_from_its_checkpoint(tmp_path: Path) -> None:
     assert others == {"n01", "n02", "n03", "n04"}
 
 
+@pytest.mark.parametrize("trust", ["allowlist", "tofu"])
+def test_under_an_allowlist_simulated_nodes_trust_each_other(tmp_path: Path, trust: str) -> None:
+    """`trust = "allowlist"` in a scenario: the run's own nodes are its allowlist (they are the
+    user's), so they merge each other's models as under tofu, and nobody else's key is taken."""
+    text = TINY.replace('compare = ["ring", "random-walk", "partial-mesh"]', 'compare = ["ring"]')
+    text = text.replace("seed = 0", f'seed = 0\ntrust = "{trust}"\nround_timeout = 8')
+    scenario = load_scenario(write(tmp_path, text), {})
+    (run,) = asyncio.run(Simulation(scenario).run())
+    assert len(run.records) == 4 * 3
+    assert all(r["merged"] == 1 for r in run.records), [r["merged"] for r in run.records]
+    assert all(r["rejected"] == 0 for r in run.records)
+
+
 def test_byzantine_nodes_are_marked_and_excluded(tmp_path: Path) -> None:
     text = TINY.replace('compare = ["ring", "random-walk", "partial-mesh"]', 'compare = ["ring"]')
     text += '\n[faults.byzantine]\ncount = 1\nbehaviour = "sign-flip"\n'

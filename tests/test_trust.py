@@ -81,6 +81,18 @@ def test_allowlist_accepts_only_trusted_keys(tmp_path: Path) -> None:
     assert refused(t, message(stranger, seq=2)).startswith("untrusted")  # forged id
 
 
+def test_an_allowlist_given_in_memory_accepts_only_its_keys() -> None:
+    """The simulator's nodes trust the run's own keys: a listed id with another key, or an id
+    not listed, is refused; `keys` pins nothing under tofu (the first key seen is pinned)."""
+    friend, stranger = Identity.generate(), Identity.generate()
+    t = trust("allowlist", keys={"n1": friend.public_raw})
+    assert t.check(message(friend)).src == "n1"
+    assert refused(t, message(stranger, seq=2)).startswith("untrusted")  # forged id
+    assert refused(t, message(stranger, src="n2")).startswith("untrusted")
+    tofu = trust("tofu", keys={"n1": friend.public_raw})
+    assert tofu.check(message(stranger)).src == "n1"
+
+
 def test_a_tampered_message_has_a_bad_signature() -> None:
     me = Identity.generate()
     data = bytearray(message(me, body={"round": 3}))

@@ -336,6 +336,13 @@ class _ScheduleRun:
                 max_peers=config.max_peers,
                 max_skew=config.max_clock_skew,
                 ca_key=config.ca_key,
+                # allowlist: the run's nodes are the user's own, the list (their keys
+                # outlive crashes); no other key is taken
+                keys=(
+                    {m.node_id: m.identity.public_raw for m in self.members}
+                    if config.trust == "allowlist"
+                    else None
+                ),
             ),
             # Every simulated peer is the user's own and all start together: rationing
             # new peers would only delay a large run's start by minutes.
