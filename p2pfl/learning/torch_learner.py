@@ -109,7 +109,7 @@ class TorchLearner:
         if seed is not None:
             _seed_sampler(train, seed)
         self._lock = threading.Lock()
-        self._optimizer: torch.optim.Optimizer | None = None  # made by the first fit
+        self._optimizer: torch.optim.Optimizer | None = None  # by prepare() or the first fit
         self.privacy: PrivacyBudget | None = None
         self._refused = False  # the budget is spent: said once, nothing trains any more
         if dp is not None:
