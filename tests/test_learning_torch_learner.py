@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from p2pfl.learning.datasets import Dataset, load_dataset
 from p2pfl.learning.learner import Learner
 from p2pfl.learning.partition import partition
-from p2pfl.learning.torch_learner import TorchLearner, build_learner
+from p2pfl.learning.torch_learner import TorchLearner, build_learner, make_loaders
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,27 @@ def test_learner_seed_fixes_order_of_a_shuffling_loader(blobs: Dataset) -> None:
         learner.fit()
         results.append(learner.get_weights())
     assert _distance(results[0], results[1]) == 0
+
+
+def test_loaders_fetch_the_batches_a_plain_dataloader_would(blobs: Dataset) -> None:
+    """make_loaders fetches a batch with one index per tensor (not one per sample): the
+    batches, their order and dtypes are a plain seeded DataLoader's, epoch after epoch."""
+    idx = np.arange(0, len(blobs.y_train), 3)
+    train, test = make_loaders(blobs, idx, batch_size=16, seed=5)
+    plain = DataLoader(
+        TensorDataset(torch.tensor(blobs.x_train[idx]), torch.tensor(blobs.y_train[idx])),
+        batch_size=16,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(5),
+    )
+    for _ in range(3):
+        ours, theirs = list(train), list(plain)
+        assert len(ours) == len(theirs) > 1
+        for (x, y), (xp, yp) in zip(ours, theirs, strict=True):
+            assert torch.equal(x, xp) and torch.equal(y, yp)
+            assert (x.dtype, y.dtype) == (xp.dtype, yp.dtype)
+    ((x, y),) = list(test)  # the whole test split in one batch, in order
+    assert torch.equal(x, torch.tensor(blobs.x_test)) and torch.equal(y, torch.tensor(blobs.y_test))
 
 
 def _unshuffled_learner(blobs: Dataset) -> TorchLearner:
