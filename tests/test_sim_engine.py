@@ -122,6 +122,30 @@ def run_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def test_nodes_run_their_membership_timers_on_the_dilated_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`time_dilation`: every node the engine builds has its shuffle interval and presence TTL
+    (so its heartbeat) stretched by the factor, and the run trains as usual."""
+    built: list[Any] = []
+    real_node = engine.Node
+
+    def node(config: Any, *args: Any, **kwargs: Any) -> Any:
+        built.append(config)
+        return real_node(config, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "Node", node)
+    path = tmp_path / "dilated.toml"
+    text = SMALL.format(rounds=2).replace(
+        'compare = ["ring"]', 'compare = ["ring"]\ntime_dilation = 3'
+    )
+    path.write_text(text + "presence_ttl = 20.0\nshuffle_interval = 0.5\n")
+    records = run_records(path)
+    assert sorted(r["node"] for r in records if r["round"] == 2) == ["n01", "n02", "n03"]
+    assert len(built) == 3
+    assert all((c.presence_ttl, c.shuffle_interval) == (60.0, 1.5) for c in built)
+
+
 def test_a_crashed_node_comes_back_when_nobody_else_is_left(tmp_path: Path) -> None:
     """Its restart is due at round 51, which nobody will reach: the supervisor, woken by the
     last other node's end, brings it back to finish its own rounds."""

@@ -188,6 +188,8 @@ def test_name_defaults_to_the_file_name(tmp_path: Path) -> None:
         ('compare_merges = ["average", "mode"]\n[node]\nrounds = 3', "compare_merges: unknown"),
         ('compare_merges = ["median", "median"]\n[node]\nrounds = 3', "compare_merges: a merge"),
         ("[node]\nrounds = 3\n[faults.stragglers]\nslowdown = 0.5", "faults.stragglers.slowdown"),
+        ("time_dilation = 0.5\n[node]\nrounds = 3", 'time_dilation: a factor >= 1 or "auto"'),
+        ('time_dilation = "fast"\n[node]\nrounds = 3', "time_dilation"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -233,3 +235,14 @@ def test_a_topology_file_is_found_beside_the_scenario(
         load_scenario(write(tmp_path, text), {})
     scenario = load_scenario(write(tmp_path, text), {"schedule": "partial-mesh"})
     assert scenario.node.topology_file == tmp_path / "graph.toml"
+
+
+def test_membership_runs_dilated_past_a_hundred_or_so_nodes(tmp_path: Path) -> None:
+    """`time_dilation = "auto"`: real time up to REAL_TIME_NODES nodes, then nodes / that (one
+    event loop runs them all); a number is taken as given."""
+    small = load_scenario(write(tmp_path, "[node]\nrounds = 3"), {})
+    assert small.time_dilation == "auto" and small.dilation == 1.0
+    assert load_scenario(write(tmp_path, "[node]\nrounds = 3"), {"nodes": 128}).dilation == 1.0
+    assert load_scenario(write(tmp_path, "[node]\nrounds = 3"), {"nodes": 1024}).dilation == 8.0
+    given = load_scenario(write(tmp_path, "time_dilation = 2.5\n[node]\nrounds = 3"), {})
+    assert given.dilation == 2.5

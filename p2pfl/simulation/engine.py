@@ -309,7 +309,17 @@ class _ScheduleRun:
         self.changed.set()  # a crash to do now, or a restart that may be due
 
     def build(self, member: _Member) -> Node:
-        # One shared bus: presence is the membership; everyone starts together.
+        # One shared bus: presence is the membership; everyone starts together. Membership
+        # timers run on the scenario's dilated clock (Scenario.dilation).
+        dilation = self.scenario.dilation
+        stretched = (
+            {
+                "presence_ttl": self.base.presence_ttl * dilation,
+                "shuffle_interval": self.base.shuffle_interval * dilation,
+            }
+            if dilation != 1
+            else {}
+        )
         config = self.scenario.node_config(
             self.schedule,
             member.index,
@@ -317,6 +327,7 @@ class _ScheduleRun:
             discovery=("presence",),
             min_peers=self.wanted if member.restarts == 0 else 0,
             telemetry_interval=0.0,  # nobody watches; the engine records every round
+            **stretched,
         )
         node = Node(
             config,

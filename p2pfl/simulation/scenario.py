@@ -100,6 +100,11 @@ jitter_ms = 2.0
 """The built-in scenario; `sim/default.toml` holds the same text."""
 
 
+REAL_TIME_NODES = 128
+"""Nodes whose membership timers one event loop keeps up with in real time (`p2pfl bench
+scale`: start-up is flat up to 64 nodes, twice as long at 256): `Scenario.dilation`."""
+
+
 def _node_id(index: int, nodes: int) -> str:
     # n01, n02, ...: 1-based like the shipped topology files, zero-padded so ids sort by index
     return f"n{index + 1:0{max(2, len(str(nodes)))}d}"
@@ -127,6 +132,9 @@ class Scenario(BaseModel):
     # Seeds the bench runs every cell with (node.seed of each run); its table shows the mean
     # over them. Empty: node.seed alone. A text "0,1,2" (the --seeds flag) is a list too.
     seeds: tuple[int, ...] = ()
+    # The node engine stretches its nodes' membership timers by this factor (see `dilation`):
+    # "auto" is nodes / REAL_TIME_NODES, at least 1.
+    time_dilation: float | Literal["auto"] = "auto"
     node: NodeConfig = Field(default_factory=lambda: NodeConfig.model_validate({}))
     network: NetworkModel = Field(default_factory=NetworkModel)
     faults: FaultPlan = Field(default_factory=FaultPlan)
@@ -166,6 +174,18 @@ class Scenario(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("a budget is listed twice")
         return value
+
+    @field_validator("time_dilation", mode="before")
+    @classmethod
+    def _check_dilation(cls, value: Any) -> Any:
+        # before the union's own parsing: one line for any bad value, not one per member
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError('a factor >= 1 or "auto"')
+        if not 1 <= value < float("inf"):
+            raise ValueError('a factor >= 1 or "auto"')
+        return float(value)
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -300,6 +320,24 @@ class Scenario(BaseModel):
     def node_ids(self) -> list[str]:
         """The nodes' ids, by index; sorted order is index order."""
         return [_node_id(i, self.nodes) for i in range(self.nodes)]
+
+    @property
+    def dilation(self) -> float:
+        """How many times slower than on its own machine a simulated node's membership runs.
+
+        The node engine runs every node's protocol, and with the GIL much of its training,
+        on one event loop, so a round of N nodes lasts about N times as long as on N
+        machines. Wall-clock membership timers (shuffles, heartbeats) would then fire about
+        N times as often per round as in the network simulated, and past a hundred or so
+        nodes their work alone would saturate the loop (shuffles were most of it at 1,024
+        nodes). The engine stretches `shuffle_interval` and `presence_ttl` (a heartbeat is a
+        third of it) by this factor: their ratios, so the protocol's behaviour, stay as
+        configured, and per round a node does about the membership work it would do on its
+        own machine. 1 up to :data:`REAL_TIME_NODES` nodes: small runs keep real time.
+        """
+        if self.time_dilation == "auto":
+            return max(1.0, self.nodes / REAL_TIME_NODES)
+        return float(self.time_dilation)
 
     @property
     def seed(self) -> int:
