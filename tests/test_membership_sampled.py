@@ -35,6 +35,7 @@ from p2pfl.protocol import topics
 from p2pfl.protocol.envelope import Envelope, pack_envelope, unpack_envelope
 from p2pfl.protocol.errors import ProtocolError
 from p2pfl.simulation.engine import node_ids
+from p2pfl.topology.base import stable_seed
 from p2pfl.transport.memory import MemoryBus, MemoryTransport
 from p2pfl.trust import Trust
 from tests.helpers import small_scenario
@@ -154,6 +155,61 @@ async def test_membership_traffic_per_node_does_not_grow_with_the_network() -> N
                 # the inbox, the view members' presence, and nothing else once settled
                 assert len(peer.transport._patterns) <= 1 + 16
     assert per_node[96] < 1.5 * per_node[32], per_node
+
+
+async def test_a_joining_node_reads_its_seed_bucket_then_its_group_then_everyone() -> None:
+    """A sampled node's first contacts: the retained records of its own seed bucket (about
+    N / 256 of a network of N), its group's 16 buckets only once its own gave no contact
+    within a shuffle interval, every node's presence only when those stay short of contacts
+    for a few more. Here no record is a usable contact, so it goes through every stage."""
+    bus = MemoryBus()
+    seeder = MemoryTransport(bus, "seeder")
+    await seeder.connect()
+    joiner = Peer(bus, "joiner", schedule="ring", view_size=16)
+    membership, sampler = joiner.membership, joiner.membership.sampler
+    assert sampler is not None
+    now = [0.0]
+    membership._clock = lambda: now[0]
+    ids = [f"x{i:04d}" for i in range(2048)]
+    bucket = {i: stable_seed("seed", i) % topics.SEED_BUCKETS for i in ids}
+    for node_id in ids:
+        topic = topics.seed(NET, bucket[node_id], node_id)
+        await seeder.publish(topic, b"not a record", qos=1, retain=True)
+    first = sampler.listen // topics.SEED_GROUP * topics.SEED_GROUP
+    group = range(first, first + topics.SEED_GROUP)
+    read: Counter[str] = Counter()
+
+    async def receive() -> None:
+        async for message in joiner.transport.messages():
+            stage = "seed" if "/seed/" in message.topic else message.topic.split("/")[-2]
+            read[stage] += message.topic.rsplit("/", 1)[-1] != "joiner"
+            await membership.on_message(message)
+
+    await joiner.transport.connect()
+    task = asyncio.create_task(receive())
+    try:
+        await membership.start()
+        await asyncio.sleep(0.1)
+        own = sum(1 for i in ids if bucket[i] == sampler.listen)
+        assert read["seed"] == own < 2048 / 64  # not a sixteenth of the network
+        interval = membership.config.shuffle_interval
+        now[0] = 0.5 * interval
+        await membership._bootstrap(interval)  # not yet: the bucket may still give contacts
+        await asyncio.sleep(0.1)
+        assert read["seed"] == own
+        now[0] = 1.5 * interval
+        await membership._bootstrap(interval)  # its own bucket gave nobody: the group's
+        await asyncio.sleep(0.1)
+        assert read["seed"] == sum(1 for i in ids if bucket[i] in group)
+        assert read["presence"] == 0
+        now[0] += 3.5 * interval
+        await membership._bootstrap(interval)  # still nobody: every node's presence
+        await asyncio.sleep(0.1)
+        assert membership._listening == (topics.presence_all(NET),)
+    finally:
+        task.cancel()
+        await joiner.transport.close()
+        await seeder.close()
 
 
 # ---- attacks: a shuffle is hostile until each entry proves itself -----------------------------

@@ -142,7 +142,7 @@ class Membership:
         # bucket or every node's presence; None once it has some), and the view members whose
         # presence it subscribed to.
         self.sampler = Sampler(config, node_id) if config.view_size and self.presence_on else None
-        self._listening: str | None = None
+        self._listening: tuple[str, ...] = ()
         self._hinted = asyncio.Event()
         self._listening_since = 0.0
         self._watched: set[str] = set()
@@ -163,7 +163,7 @@ class Membership:
     async def start(self) -> None:
         """Listen for presence, introduce ourselves to the static peers, announce."""
         if self.sampler is not None:
-            await self._listen(topics.seed_bucket(self.net, self.sampler.listen))
+            await self._listen((topics.seed_bucket(self.net, self.sampler.listen),))
         elif self.presence_on:
             await self.transport.subscribe(topics.presence_all(self.net))
         for peer in self.config.peers:
@@ -191,7 +191,7 @@ class Membership:
             return
         if kind != "presence" or peer_id == self.node_id or not message.payload:
             return
-        if self.sampler is not None and self._listening is None and peer_id not in self.view:
+        if self.sampler is not None and not self._listening and peer_id not in self.view:
             return  # left over from a subscription dropped since: not read at all
         try:
             # A sampled node re-subscribes to members' retained records as its view changes:
@@ -473,10 +473,11 @@ class Membership:
             return
         members = set(self.view.live())
         sampler.observe(sorted(members))
-        if self._listening is not None and len(members) >= min(SEEDS, sampler.size):
-            await self.transport.unsubscribe(self._listening)
+        if self._listening and len(members) >= min(SEEDS, sampler.size):
+            for pattern in self._listening:
+                await self.transport.unsubscribe(pattern)
             log.debug("sampled view has contacts=%d: stopped listening", len(members))
-            self._listening = None
+            self._listening = ()
         if sampler.rings and len(members) >= sampler.size:
             # A full view (a network larger than it) of a schedule that talks to ring
             # neighbours only: their presence (heartbeats, will, bye) is watched; the rest of
@@ -490,26 +491,38 @@ class Membership:
             self._watched.add(peer)
             await self.transport.subscribe(topics.presence(self.net, peer))
 
-    async def _listen(self, pattern: str) -> None:
-        if self._listening == pattern:
+    async def _listen(self, patterns: tuple[str, ...]) -> None:
+        if self._listening == patterns:
             return
-        if self._listening is not None:
-            await self.transport.unsubscribe(self._listening)
-        await self.transport.subscribe(pattern)
-        self._listening, self._listening_since = pattern, self._clock()
+        for pattern in self._listening:
+            if pattern not in patterns:
+                await self.transport.unsubscribe(pattern)
+        for pattern in patterns:
+            if pattern not in self._listening:  # a bucket read already is not read again
+                await self.transport.subscribe(pattern)
+        self._listening, self._listening_since = patterns, self._clock()
 
     async def _bootstrap(self, interval: float) -> None:
-        """Without enough contacts: listen on a seed bucket; if it stays quiet for a few
-        shuffle intervals (a small network), on every node's presence."""
+        """Without enough contacts: listen on a seed bucket (about N / 256 records); when it
+        is empty after a shuffle interval, or short of contacts after a few, on the buckets
+        of its group (N / 16); if those stay short for a few more intervals (a small
+        network), on every node's presence."""
         sampler = self.sampler
         assert sampler is not None
-        if len(self.view.live()) >= min(SEEDS, sampler.size):
+        contacts = len(self.view.live())
+        if contacts >= min(SEEDS, sampler.size):
             return
-        bucket = topics.seed_bucket(self.net, sampler.listen)
-        if self._listening is None:
+        bucket = (topics.seed_bucket(self.net, sampler.listen),)
+        group = topics.seed_group(self.net, sampler.listen)
+        waited = self._clock() - self._listening_since
+        if not self._listening:
             await self._listen(bucket)
-        elif self._listening == bucket and self._clock() - self._listening_since > 3 * interval:
-            await self._listen(topics.presence_all(self.net))
+        elif self._listening == bucket and (
+            waited > 3 * interval or (not contacts and waited > interval)
+        ):
+            await self._listen(group)
+        elif self._listening == group and waited > 3 * interval:
+            await self._listen((topics.presence_all(self.net),))
 
     def _entry(self, data: bytes) -> tuple[str, PresenceRecord] | None:
         """A shuffled presence record, verified (None: one we need not read); ProtocolError

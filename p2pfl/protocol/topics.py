@@ -13,7 +13,9 @@ from p2pfl.protocol.errors import ProtocolError
 
 PREFIX = "p2pfl/v1"
 MAX_NAME_LENGTH = 64
-SEED_BUCKETS = 16
+SEED_BUCKETS = 256
+SEED_GROUP = 16
+"""Seed buckets a joining node reads at once when its own one is empty (a smaller network)."""
 
 TopicKind = Literal["inbox", "presence", "telemetry", "log"]
 
@@ -96,13 +98,20 @@ def _record(net: str, kind: str, node_id: str) -> str:
 def seed(net: str, bucket: int, node_id: str) -> str:
     """Where a node of a sampled network (``view_size``) also keeps its presence record
     (retained), in its own one of :data:`SEED_BUCKETS` buckets: a joining node reads one
-    bucket for its first contacts, instead of every node's presence."""
+    bucket for its first contacts (N / 256 records), instead of every node's presence."""
     return f"{_base(net)}/seed/{bucket % SEED_BUCKETS}/{validate_name(node_id, 'node id')}"
 
 
 def seed_bucket(net: str, bucket: int) -> str:
     """Subscription matching the heartbeats sent to one seed bucket."""
     return f"{_base(net)}/seed/{bucket % SEED_BUCKETS}/+"
+
+
+def seed_group(net: str, bucket: int) -> tuple[str, ...]:
+    """Subscriptions to the :data:`SEED_GROUP` seed buckets around ``bucket`` (its own among
+    them): where a joining node looks when its own bucket is empty."""
+    first = bucket % SEED_BUCKETS // SEED_GROUP * SEED_GROUP
+    return tuple(seed_bucket(net, b) for b in range(first, first + SEED_GROUP))
 
 
 def presence_all(net: str) -> str:
