@@ -329,11 +329,12 @@ class Scenario(BaseModel):
         on one event loop, so a round of N nodes lasts about N times as long as on N
         machines. Wall-clock membership timers (shuffles, heartbeats) would then fire about
         N times as often per round as in the network simulated, and past a hundred or so
-        nodes their work alone would saturate the loop (shuffles were most of it at 1,024
-        nodes). The engine stretches `shuffle_interval` and `presence_ttl` (a heartbeat is a
-        third of it) by this factor: their ratios, so the protocol's behaviour, stay as
-        configured, and per round a node does about the membership work it would do on its
-        own machine. 1 up to :data:`REAL_TIME_NODES` nodes: small runs keep real time.
+        nodes their work would crowd out the rest (shuffles held about 40% of the GIL in a
+        256-node profile). The engine stretches `shuffle_interval` and `presence_ttl` (a
+        heartbeat is a third of it) by this factor: their ratios, so the protocol's
+        behaviour, stay as configured, and per round a node does about the membership work
+        it would do on its own machine. 1 up to :data:`REAL_TIME_NODES` nodes: small runs
+        keep real time.
         """
         if self.time_dilation == "auto":
             return max(1.0, self.nodes / REAL_TIME_NODES)
