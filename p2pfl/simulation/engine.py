@@ -201,6 +201,16 @@ class _ScheduleRun:
         self.ids = ids = node_ids(scenario.nodes)
         base = self.base = scenario.node_config(schedule, 0, ids[0])
         seed = self.seed = base.seed
+        # Membership timers run on the scenario's dilated clock (Scenario.dilation).
+        dilation = scenario.dilation
+        self.stretched: dict[str, float] = (
+            {
+                "presence_ttl": base.presence_ttl * dilation,
+                "shuffle_interval": base.shuffle_interval * dilation,
+            }
+            if dilation != 1
+            else {}
+        )
         # Everyone starts together and waits for its peers: all of them, or with a sampled
         # view (view_size, which shuffles keep about full) half a view, then for its ring
         # neighbours to settle.
@@ -309,17 +319,7 @@ class _ScheduleRun:
         self.changed.set()  # a crash to do now, or a restart that may be due
 
     def build(self, member: _Member) -> Node:
-        # One shared bus: presence is the membership; everyone starts together. Membership
-        # timers run on the scenario's dilated clock (Scenario.dilation).
-        dilation = self.scenario.dilation
-        stretched = (
-            {
-                "presence_ttl": self.base.presence_ttl * dilation,
-                "shuffle_interval": self.base.shuffle_interval * dilation,
-            }
-            if dilation != 1
-            else {}
-        )
+        # One shared bus: presence is the membership; everyone starts together.
         config = self.scenario.node_config(
             self.schedule,
             member.index,
@@ -327,7 +327,7 @@ class _ScheduleRun:
             discovery=("presence",),
             min_peers=self.wanted if member.restarts == 0 else 0,
             telemetry_interval=0.0,  # nobody watches; the engine records every round
-            **stretched,
+            **self.stretched,
         )
         node = Node(
             config,

@@ -181,9 +181,8 @@ class Scenario(BaseModel):
         # before the union's own parsing: one line for any bad value, not one per member
         if value == "auto":
             return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError('a factor >= 1 or "auto"')
-        if not 1 <= value < float("inf"):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not 1 <= value < float("inf"):
             raise ValueError('a factor >= 1 or "auto"')
         return float(value)
 
