@@ -103,15 +103,17 @@ def test_one_full_batch_per_epoch_equals_torch_learner(name: str, max_grad_norm:
 def test_evaluating_many_nodes_at_once_equals_each_node_alone(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Nodes of a model without convolutions are evaluated in vmapped chunks (three of them
-    here): each node's accuracy and loss must be its own model's on the test set."""
+    """Nodes of a model without convolutions are evaluated in vmapped chunks (of two here),
+    those of a model with convolutions one by one, in runs (of 16: two) on two threads: each
+    node's accuracy and loss must be its own model's on the test set, in the order asked."""
     monkeypatch.setattr("p2pfl.simulation.stacked._EVAL_ROWS", 2 * 40)
+    monkeypatch.setattr("p2pfl.simulation.stacked._WORKERS", 2)
     torch.manual_seed(0)
     model = build_model(name, (16,), 3, seed=1)
-    models = StackedModels(model, 5)
+    models = StackedModels(model, 20)
     models.flat += torch.randn_like(models.flat)
     x, y = torch.randn(40, 16), torch.randint(0, 3, (40,))
-    nodes = torch.tensor([4, 0, 2, 3, 1])
+    nodes = torch.randperm(20)
     accuracy, loss = models.evaluate(nodes, x, y)
     for k, i in enumerate(nodes.tolist()):
         model.load_state_dict(models.weights_of(i), strict=False)
@@ -140,6 +142,37 @@ def test_minibatches_of_uneven_shards_equal_the_daemons_learner() -> None:
         got = models.weights(models.flat[i].numpy())
         for key, want in learner.get_weights().items():
             np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d"])
+def test_training_in_chunks_of_nodes_equals_training_all_at_once(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes are trained in cache-sized chunks (`chunk_rows`), two chunks at a time on two
+    threads: 40 nodes in chunks of 16 (the least) must end with the weights, momentum and
+    losses of one call over all 40 (each thread runs its own copy of the model), and a chunk's
+    shards set its own number of steps without changing what a node computes."""
+    sizes = [3 + (7 * i) % 23 for i in range(40)]
+    data, shards = toy_data(sizes, features=16)
+
+    def trained() -> tuple[StackedModels, torch.Tensor]:
+        models = stacked(build_model(name, (16,), 3, seed=3), data, shards)
+        fits = [models.fit(torch.arange(40), epochs=2, batch_size=4, lr=0.05, momentum=0.9)]
+        fits.append(models.fit(torch.arange(40), epochs=2, batch_size=4, lr=0.05, momentum=0.9))
+        return models, torch.stack(fits)
+
+    whole, whole_losses = trained()
+    assert whole.chunk_rows(4) >= 40
+    monkeypatch.setattr("p2pfl.simulation.stacked._TRAIN_BYTES", 1)
+    monkeypatch.setattr("p2pfl.simulation.stacked._WORKERS", 2)
+    threads = torch.get_num_threads()
+    chunked, chunked_losses = trained()
+    assert torch.get_num_threads() == threads  # the workers' one intra-op thread is undone
+    assert chunked.chunk_rows(4) == 16
+    torch.testing.assert_close(chunked.flat, whole.flat, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked.momentum, whole.momentum, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked_losses, whole_losses, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(whole.flat[0], whole.flat[39])  # every node trained its own shard
 
 
 def test_average_mixing_step_equals_the_merge_rule(tmp_path: Path) -> None:
