@@ -37,9 +37,10 @@ __all__ = ["StackedModels", "unbatchable"]
 
 # Bytes of one vmap call's per-node state (parameters, momentum, gradient, one minibatch's
 # activations): nodes are trained in chunks of about this size, which keep a chunk's tensors in
-# the CPU's caches across its steps. Measured on 2 cores (one step of 1,024 nodes): cnn1d 2.0 s
-# in one chunk, 0.9 s in chunks of 64; mlp best at 128-512 nodes, logreg at 2,048.
-_TRAIN_BYTES = 64 << 20
+# the CPU's caches across its steps. Measured on 2 cores, one step of 1,024 nodes: cnn1d 2.0 s
+# in one chunk, 0.9 s in chunks of 64; an epoch of sim/batched.toml's 1,024 shards (two
+# threads, below) 3.6 s at 64 MB (75 cnn1d nodes a chunk), 2.6-3.0 s at 16-32 MB.
+_TRAIN_BYTES = 32 << 20
 _TRAIN_CHUNK = 2048  # at most this many nodes in one call (bounds memory for 10,000 nodes)
 # Threads that train (and evaluate) chunks side by side, each with one intra-op thread; None:
 # torch's intra-op thread count. Chunks of small models are too small for torch to spread one
