@@ -223,8 +223,8 @@ class NodeConfig(BaseModel):
     # learning
     dataset: str = Field(
         "mnist1d",
-        description="mnist1d | mnist1d:N (N generated MNIST-1D samples, a fifth of them the "
-        "test set; cached) | digits | npz:PATH.",
+        description="mnist1d | mnist1d:N (N generated MNIST-1D samples: a fifth of them, at most "
+        "1,000, the test set, the rest training data; cached) | digits | npz:PATH.",
     )
     partition: str = Field("iid", description="iid | dirichlet:ALPHA | shards:K.")
     num_partitions: int = Field(1, ge=1, description="How many shares the dataset is cut into.")
