@@ -13,6 +13,11 @@ batches as the node engine's learner), and step k takes positions [kB, (k+1)B) o
 masked past the node's size, the last batch short. Only nodes with samples left in the epoch
 compute and step at all; the others wait (their momentum does not move them either), exactly
 as a per-node loop that stopped earlier.
+
+Nodes are trained in chunks small enough for a chunk's tensors to stay in the CPU's caches
+through its steps (`chunk_rows`), and chunks (like evaluation's runs of nodes) go to as many
+threads as torch has cores, one intra-op thread each: what a node computes does not depend
+on which chunk or thread it is in (beyond float rounding).
 """
 
 from __future__ import annotations
@@ -47,12 +52,12 @@ _TRAIN_CHUNK = 2048  # at most this many nodes in one call (bounds memory for 10
 # operation over the cores well: on 2 cores, two chunks at a time on one core each train
 # cnn1d 1.8x and mlp 1.9x faster than one chunk at a time on both, and evaluate 1.3x faster.
 _WORKERS: int | None = None
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 # Nodes x test samples evaluated in one vmap call (bounds activation memory: 256k rows of
 # `mlp`'s 100 hidden units are 100 MB).
 _EVAL_ROWS = 1 << 18
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def unbatchable(model: nn.Module, in_shape: tuple[int, ...], n_classes: int) -> str | None:
@@ -314,6 +319,7 @@ class StackedModels:
         batch, its own kernels are several times faster than their `vmap`ped (grouped) form.
         Without (linear layers), `vmap` over a chunk of nodes sharing `x` is batched matrix
         products: 2.5x faster than one node at a time for `mlp` (1,000 nodes, 1,000 samples).
+        Runs of nodes go to the worker threads (`_WORKERS`).
         """
         order = nodes.tolist()
         size = max(1, _EVAL_ROWS // max(1, len(x))) if self._linear else 1
