@@ -77,8 +77,10 @@ def unbatchable(model: nn.Module, in_shape: tuple[int, ...], n_classes: int) -> 
     return None
 
 
-def _activations(model: nn.Module, sample: torch.Tensor) -> int:
-    """Values one sample leaves behind in `model`'s layers (the outputs of its leaf modules)."""
+def _activations(model: nn.Module, samples: torch.Tensor) -> int:
+    """Values one sample leaves behind in `model`'s layers (the outputs of its leaf modules),
+    from a forward pass over `samples` (two, as `unbatchable`'s probe: one could trip a layer
+    that needs a batch)."""
     total = 0
 
     def count(_module: nn.Module, _inputs: object, output: object) -> None:
@@ -89,11 +91,11 @@ def _activations(model: nn.Module, sample: torch.Tensor) -> int:
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            model(sample)
+            model(samples)
     finally:
         for hook in hooks:
             hook.remove()
-    return max(1, total)
+    return max(1, total // max(1, len(samples)))
 
 
 class StackedModels:
@@ -174,7 +176,7 @@ class StackedModels:
         self.index = torch.zeros(self.n, width, dtype=torch.long)
         for i, shard in enumerate(shards):
             self.index[i, : len(shard)] = torch.from_numpy(np.asarray(shard, dtype=np.int64))
-        self._activations = _activations(self.model, self.x[:1])
+        self._activations = _activations(self.model, self.x[:2])
 
     def chunk_rows(self, batch_size: int) -> int:
         """Nodes trained in one `vmap` call: `_TRAIN_BYTES` of per-node state, 16 to
