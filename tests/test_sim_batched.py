@@ -99,18 +99,26 @@ def test_one_full_batch_per_epoch_equals_torch_learner(name: str, max_grad_norm:
         assert float(loss[0]) == pytest.approx(result.loss, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn1d"])
+@pytest.mark.parametrize("name", ["mlp", "cnn1d", "cnn1d one by one"])
 def test_evaluating_many_nodes_at_once_equals_each_node_alone(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Nodes of a model without convolutions are evaluated in vmapped chunks (of two here),
-    those of a model with convolutions one by one, in runs (of 16: two) on two threads: each
-    node's accuracy and loss must be its own model's on the test set, in the order asked."""
+    """Nodes of a model without convolutions are evaluated in vmapped chunks (of two here);
+    cnn1d's through its written-out forward, three nodes x 16 samples a call (the last call of
+    a run shorter, the samples in three parts), or one by one where that does not apply; in
+    runs of 16 nodes on two threads. Each node's accuracy and loss must be its own model's on
+    the test set, in the order asked."""
     monkeypatch.setattr("p2pfl.simulation.stacked._EVAL_ROWS", 2 * 40)
+    monkeypatch.setattr("p2pfl.simulation.stacked._EVAL_NODES", 3)
+    monkeypatch.setattr("p2pfl.simulation.stacked._EVAL_SAMPLES", 16)
     monkeypatch.setattr("p2pfl.simulation.stacked._WORKERS", 2)
     torch.manual_seed(0)
-    model = build_model(name, (16,), 3, seed=1)
+    model = build_model(name.split()[0], (16,), 3, seed=1)
     models = StackedModels(model, 20)
+    assert (models._fast is not None) == name.startswith("cnn1d")
+    if name == "cnn1d one by one":
+        models._fast_checked = True  # as if the check had found it wrong
+        models._fast = None
     models.flat += torch.randn_like(models.flat)
     x, y = torch.randn(40, 16), torch.randint(0, 3, (40,))
     nodes = torch.randperm(20)

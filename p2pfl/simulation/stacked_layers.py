@@ -1,0 +1,184 @@
+"""One forward pass of many copies of a model, written out as grouped convolutions and `bmm`.
+
+`torch.func.vmap` runs N copies of a `Conv1d` as one grouped convolution on tensors laid out
+`[batch, N x channels, length]`, and in that layout two of PyTorch's CPU kernels are slow:
+max-pooling with indices (what autograd needs) and the weight gradient of a convolution with
+one input channel. Measured on one core, 37 cnn1d nodes x 32 samples: max-pool forward 10 ms
+where the same data with channels last takes 0.9; the first convolution's forward and backward
+14 ms against 1.4; a whole training step ~55 ms against ~25.
+
+`stacked_forward(model)` computes the same function for models built only from the layers
+below, channels last (`[batch, length, N x channels]` in memory, a 2-d convolution of height 1),
+where oneDNN's grouped convolutions and PyTorch's pooling run along contiguous channels. It
+matches modules by exact type: anything else (another layer, a subclass with its own forward)
+gives None and the caller keeps `vmap`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from p2pfl.learning.models import Cnn1d
+
+__all__ = ["StackedForward", "stacked_forward"]
+
+# (parameters as named `[rows, *shape]` tensors, inputs `[rows, batch, *sample]`) -> logits
+# `[rows, batch, classes]`: row r's model applied to row r's inputs.
+StackedForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+# Layers that act on each value alone, whatever the layout (and never in place: see `_plan`).
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
+
+
+@dataclass
+class _Acts:
+    """Activations of `rows` models: `[rows, batch, *features]`, or with `conv` the grouped
+    layout `[batch, rows x channels, 1, length]` with channels last in memory."""
+
+    x: torch.Tensor
+    rows: int
+    conv: bool = False
+
+
+_Step = Callable[[dict[str, torch.Tensor], _Acts], _Acts]
+
+
+def stacked_forward(model: nn.Module) -> StackedForward | None:
+    """`model`'s forward for many rows of parameters at once, or None if it has a layer (or a
+    forward) this module does not write out."""
+    steps = _plan(model, "")
+    if steps is None:
+        return None
+
+    def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        acts = _Acts(x, rows=x.shape[0])
+        for step in steps:
+            acts = step(params, acts)
+        return _rows_first(acts).x
+
+    return forward
+
+
+def _plan(module: nn.Module, prefix: str) -> list[_Step] | None:
+    kind = type(module)
+    if kind is nn.Sequential:
+        children = list(module.named_children())
+        for k in range(len(children) - 1):
+            # relu(max(a, b)) is max(relu(a), relu(b)), gradients too (the first largest
+            # input gets them when it is > 0, else none does): pooling first halves ReLU's work.
+            if type(children[k][1]) is nn.ReLU and type(children[k + 1][1]) is nn.MaxPool1d:
+                children[k], children[k + 1] = children[k + 1], children[k]
+        steps: list[_Step] = []
+        for name, child in children:
+            inner = _plan(child, f"{prefix}{name}.")
+            if inner is None:
+                return None
+            steps += inner
+        return steps
+    if (
+        isinstance(module, Cnn1d) and kind is Cnn1d
+    ):  # its forward: one channel when samples are 1-d, features, head
+        features = _plan(module.features, f"{prefix}features.")
+        head = _plan(module.head, f"{prefix}head.")
+        if features is None or head is None:
+            return None
+        return [_one_channel, *features, *head]
+    if isinstance(module, nn.Conv1d) and kind is nn.Conv1d:
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return None
+        return [_conv(module, prefix)]
+    if isinstance(module, nn.MaxPool1d) and kind is nn.MaxPool1d and not module.return_indices:
+        return [_max_pool(module)]
+    if kind is nn.Flatten and module.start_dim == 1 and module.end_dim == -1:
+        return [_flatten]
+    if kind is nn.Linear:
+        return [_linear(prefix)]
+    if kind in _ELEMENTWISE and not getattr(module, "inplace", False):
+        return [lambda _params, acts: _Acts(module(acts.x), acts.rows, acts.conv)]
+    return None
+
+
+def _one_channel(_params: dict[str, torch.Tensor], acts: _Acts) -> _Acts:
+    return _Acts(acts.x.unsqueeze(2), acts.rows) if acts.x.dim() == 3 else acts
+
+
+def _grouped(acts: _Acts) -> _Acts:
+    """`[rows, batch, channels, length]` -> `[batch, rows x channels, 1, length]`, channels last."""
+    if acts.conv:
+        return acts
+    rows, batch, channels, length = acts.x.shape
+    x = acts.x.permute(1, 3, 0, 2).contiguous().view(batch, length, rows * channels)
+    return _Acts(x.permute(0, 2, 1).unsqueeze(2), rows, conv=True)
+
+
+def _rows_first(acts: _Acts) -> _Acts:
+    """The grouped layout back to `[rows, batch, channels, length]` (a view)."""
+    if not acts.conv:
+        return acts
+    batch, _, _, length = acts.x.shape
+    x = acts.x.view(batch, acts.rows, -1, length).permute(1, 0, 2, 3)
+    return _Acts(x, acts.rows)
+
+
+def _conv(module: nn.Conv1d, prefix: str) -> _Step:
+    (stride,), (dilation,) = module.stride, module.dilation
+    (padding,) = cast(tuple[int], module.padding)  # not "same" / "valid": see `_plan`
+    groups = module.groups
+
+    def step(params: dict[str, torch.Tensor], acts: _Acts) -> _Acts:
+        acts = _grouped(acts)
+        weight = params[prefix + "weight"]  # [rows, out, in / groups, kernel]
+        bias = params.get(prefix + "bias")
+        x = F.conv2d(
+            acts.x,
+            weight.reshape(-1, weight.shape[2], 1, weight.shape[3]),
+            None if bias is None else bias.reshape(-1),
+            stride=(1, stride),
+            padding=(0, padding),
+            dilation=(1, dilation),
+            groups=acts.rows * groups,
+        )
+        return _Acts(x, acts.rows, conv=True)
+
+    return step
+
+
+def _max_pool(module: nn.MaxPool1d) -> _Step:
+    def one(value: int | tuple[int, ...]) -> int:
+        return value if isinstance(value, int) else value[0]
+
+    kernel, padding, dilation = one(module.kernel_size), one(module.padding), one(module.dilation)
+    stride = one(module.stride) if module.stride else kernel
+
+    def step(_params: dict[str, torch.Tensor], acts: _Acts) -> _Acts:
+        acts = _grouped(acts)
+        x = F.max_pool2d(
+            acts.x, (1, kernel), (1, stride), (0, padding), (1, dilation), module.ceil_mode
+        )
+        return _Acts(x, acts.rows, conv=True)
+
+    return step
+
+
+def _flatten(_params: dict[str, torch.Tensor], acts: _Acts) -> _Acts:
+    acts = _rows_first(acts)
+    return _Acts(acts.x.flatten(2), acts.rows)
+
+
+def _linear(prefix: str) -> _Step:
+    def step(params: dict[str, torch.Tensor], acts: _Acts) -> _Acts:
+        acts = _rows_first(acts)
+        if acts.x.dim() != 3:
+            raise ValueError("a stacked Linear takes [rows, batch, features]")
+        weight, bias = params[prefix + "weight"], params.get(prefix + "bias")
+        if bias is None:
+            return _Acts(torch.bmm(acts.x, weight.transpose(1, 2)), acts.rows)
+        return _Acts(torch.baddbmm(bias.unsqueeze(1), acts.x, weight.transpose(1, 2)), acts.rows)
+
+    return step
