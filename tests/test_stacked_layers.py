@@ -66,6 +66,8 @@ def test_logits_and_gradients_equal_vmap_of_the_modules_forward(name: str) -> No
 
     want_logits = vmap(lambda p, xs: functional_call(model, p, (xs,)))(params, x)
     want_grads = vmap(grad(loss))(params, x, y)
+    with torch.no_grad():  # side-by-side pooling windows take a max without indices here
+        torch.testing.assert_close(forward(params, x), want_logits, rtol=1e-5, atol=1e-6)
     leaves = {key: value.detach().requires_grad_() for key, value in params.items()}
     logits = forward(leaves, x)
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-6)
