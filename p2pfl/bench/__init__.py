@@ -31,6 +31,7 @@ BENCHES: dict[str, Bench] = {
     for b in [
         Bench("overhead", "simulator vs the same training in a bare loop, 16/64(/256) nodes"),
         Bench("scale", "64/256/1,024 simulated nodes: start-up, round, RSS, membership growth"),
+        Bench("batched", "a round of 256 (1,024) cnn1d nodes stacked vs one node at a time"),
         Bench("transport", "model transfers through Mosquitto and amqtt vs plain aiomqtt"),
         Bench("daemon", "8 real p2pfl run processes vs the same training in a bare loop"),
         Bench("convergence", "each schedule against centralized training: to 0.80 and 0.90"),
