@@ -62,7 +62,7 @@ _WORKERS: int | None = None
 # 10,000 mlp nodes on 1,000 samples took 10.1 s at 262,144 rows, 4.8 s at 16,384 (2 cores).
 _EVAL_ROWS = 1 << 14
 # Models with convolutions, written out (`stacked_layers`): nodes x test samples in one call.
-# One core, cnn1d on 1,000 samples: 4 x 250 5.8-6.3 ms a node, one node's own kernels on all
+# One core, cnn1d on 1,000 samples: 4 x 250 4.6 ms a node, one node's own kernels on all
 # 1,000 at once 6.4, 16 x 1,000 18 (activations out of the caches).
 _EVAL_NODES = 4
 _EVAL_SAMPLES = 250
