@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from p2pfl.learning.models import build_model
 from p2pfl.simulation.stacked import StackedModels
-from p2pfl.simulation.stacked_layers import stacked_forward
+from p2pfl.simulation.stacked_layers import _tile_max, stacked_forward
 
 
 def odd_convnet() -> nn.Module:
@@ -121,3 +121,28 @@ def test_a_model_the_written_out_forward_gets_wrong_trains_through_vmap() -> Non
         steps = zip(params.values(), grads, strict=True)
         want = torch.cat([(p - 0.1 * g).detach().reshape(-1) for p, g in steps])
         torch.testing.assert_close(models.flat[i], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 3])
+@pytest.mark.parametrize("length", [12, 13])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_pooling_side_by_side_windows_equals_max_pool(kernel: int, length: int, ties: bool) -> None:
+    """The written-out pooling of side-by-side windows (`_tile_max`, with `_PairMax`'s own
+    gradient for windows of two) against `max_pool2d` on the same channels-last tensor: the
+    same values, and the same gradient, the first largest value of a window taking it when
+    values tie (rounded inputs tie often), a tail shorter than a window getting none."""
+    torch.manual_seed(kernel * 100 + length)
+    x = torch.randn(3, 8, 1, length).to(memory_format=torch.channels_last)
+    if ties:
+        x = x.round()
+    want_x = x.clone().requires_grad_()
+    want = F.max_pool2d(want_x, (1, kernel), (1, kernel))
+    got_x = x.clone().requires_grad_()
+    got = _tile_max(got_x.permute(0, 2, 3, 1), kernel).permute(0, 3, 1, 2)
+    assert torch.equal(got, want)
+    upstream = torch.randn_like(want)
+    (want_grad,) = torch.autograd.grad(want, want_x, upstream)
+    (got_grad,) = torch.autograd.grad(got, got_x, upstream)
+    assert torch.equal(got_grad, want_grad)
+    with torch.no_grad():
+        assert torch.equal(_tile_max(x.permute(0, 2, 3, 1), kernel).permute(0, 3, 1, 2), want)
