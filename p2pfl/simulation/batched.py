@@ -13,7 +13,7 @@ Where the node engine runs N real `Node`s, this one keeps N models of one archit
    called per node on that node's received models (`clipped` keeps its state per node);
 5. every live node is evaluated on the test set (at most `TEST_SAMPLES` of it, the same
    samples for every node and round) and reports a record, the same fields as the node
-   engine's.
+   engine's; in bfloat16 where the CPU computes it natively (scenario key `eval_precision`).
 
 Crashes and churn come from the same `FaultPlan`: a crashed node neither trains nor sends nor
 receives, drops out of everyone's view (so the plans re-form without it), and comes back with
@@ -47,7 +47,7 @@ from p2pfl.simulation.attacks import alie, alie_z, flip_labels, ipm, poison
 from p2pfl.simulation.engine import Record, ScheduleRun, node_ids
 from p2pfl.simulation.network import LinkDelay
 from p2pfl.simulation.scenario import Scenario
-from p2pfl.simulation.stacked import StackedModels, unbatchable
+from p2pfl.simulation.stacked import StackedModels, bfloat16_is_fast, unbatchable
 from p2pfl.topology import PartialMesh, mesh_graph, node_schedule
 
 __all__ = ["BATCHED_FROM", "BatchedSimulation", "engine_for", "model_refusal", "refusal"]
@@ -144,7 +144,7 @@ class _BatchedRun:
         self.result = ScheduleRun(schedule)
         parts = partition(dataset.y_train, len(ids), config.partition, seed=seed)
         model = build_model(config.model, dataset.in_shape, dataset.n_classes, seed=config.seed)
-        self.models = StackedModels(model, len(ids))
+        self.models = StackedModels(model, len(ids), eval_dtype=eval_dtype(scenario))
         faults = scenario.faults
         self.attack = faults.byzantine
         self.byzantine = {self.position[b] for b in faults.byzantine_ids(ids, seed)}
@@ -378,6 +378,15 @@ def _test_subset(n: int, seed: int) -> np.ndarray:
     if n <= TEST_SAMPLES:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, TEST_SAMPLES, replace=False))
+
+
+def eval_dtype(scenario: Scenario) -> torch.dtype:
+    """What the batched engine evaluates in: the scenario's `eval_precision`, "auto" being
+    bfloat16 where the CPU computes it natively (`bfloat16_is_fast`)."""
+    precision = scenario.eval_precision
+    if precision == "auto":
+        precision = "bfloat16" if bfloat16_is_fast() else "float32"
+    return torch.bfloat16 if precision == "bfloat16" else torch.float32
 
 
 def engine_for(scenario: Scenario, **context: Any) -> str:

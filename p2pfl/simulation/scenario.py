@@ -1,7 +1,8 @@
 """Scenarios: what a simulation runs, as one validated, immutable pydantic model from TOML.
 
-A scenario file has top-level `name`, `description`, `nodes`, `engine` (`node` or `batched`)
-and `compare` (the schedules to run it with, one run each), optionally `attacks` and
+A scenario file has top-level `name`, `description`, `nodes`, `engine` (`node` or `batched`),
+`eval_precision` (the batched engine's evaluation: `auto`, `float32`, `bfloat16`) and
+`compare` (the schedules to run it with, one run each), optionally `attacks` and
 `compare_merges` (the attack bench: every Byzantine behaviour with every merge rule, see
 `p2pfl.simulation.matrix`), `compare_dp` (DP budgets to compare, e.g. `[1, 4, 16, "none"]`,
 in the same table) and `seeds` (the bench runs every cell once per seed and reports the mean),
@@ -122,6 +123,11 @@ class Scenario(BaseModel):
     # as stacked tensors, see `p2pfl.simulation.batched`); None: batched from 128 nodes when
     # it can run the scenario, else node.
     engine: Literal["node", "batched"] | None = None
+    # The batched engine's evaluation: "bfloat16" runs the test forward with bfloat16 weights
+    # and activations (float32 sums; 1.5x faster where the CPU has bfloat16 instructions, a
+    # node's accuracy within about half a point of float32's); "auto": bfloat16 on such CPUs,
+    # else float32. Training is float32 always; the node engine evaluates in float32.
+    eval_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     compare: tuple[ScheduleName, ...] = ("ring", "random-walk", "partial-mesh")
     # The attack bench (`p2pfl sim --matrix`): each behaviour with each merge rule and each
     # schedule, same seed and rounds; empty: the [faults.byzantine] behaviour, the node's merge.
