@@ -47,7 +47,12 @@ from p2pfl.simulation.attacks import alie, alie_z, flip_labels, ipm, poison
 from p2pfl.simulation.engine import Record, ScheduleRun, node_ids
 from p2pfl.simulation.network import LinkDelay
 from p2pfl.simulation.scenario import Scenario
-from p2pfl.simulation.stacked import StackedModels, bfloat16_is_fast, unbatchable
+from p2pfl.simulation.stacked import (
+    StackedModels,
+    bfloat16_is_fast,
+    keep_freed_memory,
+    unbatchable,
+)
 from p2pfl.topology import PartialMesh, mesh_graph, node_schedule
 
 __all__ = ["BATCHED_FROM", "BatchedSimulation", "engine_for", "model_refusal", "refusal"]
@@ -134,7 +139,10 @@ class _BatchedRun:
         schedule: str,
         dataset: Dataset,
         on_record: Callable[[Record], None] | None,
+        *,
+        written_out: bool = True,
     ) -> None:
+        """`written_out=False`: every model through `vmap` (`StackedModels`)."""
         self.scenario, self.on_record = scenario, on_record
         ids = self.ids = node_ids(scenario.nodes)
         self.position = {node_id: i for i, node_id in enumerate(ids)}
@@ -144,7 +152,10 @@ class _BatchedRun:
         self.result = ScheduleRun(schedule)
         parts = partition(dataset.y_train, len(ids), config.partition, seed=seed)
         model = build_model(config.model, dataset.in_shape, dataset.n_classes, seed=config.seed)
-        self.models = StackedModels(model, len(ids), eval_dtype=eval_dtype(scenario))
+        keep_freed_memory()
+        self.models = StackedModels(
+            model, len(ids), eval_dtype=eval_dtype(scenario), written_out=written_out
+        )
         faults = scenario.faults
         self.attack = faults.byzantine
         self.byzantine = {self.position[b] for b in faults.byzantine_ids(ids, seed)}

@@ -27,6 +27,7 @@ chunk or thread it is in (beyond float rounding).
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +44,7 @@ from torch.nn import functional as F
 from p2pfl.learning.merge import Weights
 from p2pfl.simulation.stacked_layers import StackedForward, stacked_forward
 
-__all__ = ["StackedModels", "bfloat16_is_fast", "unbatchable"]
+__all__ = ["StackedModels", "bfloat16_is_fast", "keep_freed_memory", "unbatchable"]
 
 # Bytes of one vmap call's per-node state (parameters, momentum, gradient, one minibatch's
 # activations): nodes are trained in chunks of about this size, which keep a chunk's tensors in
@@ -78,10 +79,9 @@ def unbatchable(model: nn.Module, in_shape: tuple[int, ...], n_classes: int) -> 
     if buffers:
         return f"it has buffers ({', '.join(buffers[:3])}), e.g. BatchNorm"
     try:
-        probe = StackedModels(model, 2)
+        probe = StackedModels(model, 2, written_out=False)  # vmap's own path
         x = torch.zeros(2, 2, *in_shape)
         y = torch.zeros(2, 2, dtype=torch.long).clamp(max=n_classes - 1)
-        probe._fast = None  # vmap's own path
         probe._grads(probe.flat, x, y, torch.ones(2, 2))
     except Exception as exc:  # any failure of vmap/functional_call on this model
         return f"torch.func.vmap cannot run it ({type(exc).__name__}: {exc})".splitlines()[0]
@@ -124,7 +124,14 @@ class StackedModels:
     with `set_data`); `evaluate` tests chosen nodes on one shared test set.
     """
 
-    def __init__(self, model: nn.Module, n: int, *, eval_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        n: int,
+        *,
+        eval_dtype: torch.dtype | None = None,
+        written_out: bool = True,
+    ) -> None:
         self.model = model
         # What `evaluate` computes in (see `bfloat16_is_fast`); training is float32.
         self.eval_dtype = eval_dtype or torch.float32
@@ -138,6 +145,8 @@ class StackedModels:
         self.flat = init.repeat(n, 1).contiguous()
         self.momentum = torch.zeros_like(self.flat)
         self._local = threading.local()  # each worker thread's own copy of `model`
+        self._pool: ThreadPoolExecutor | None = None  # `_map`'s threads
+        self._pool_size = 0
         self._grad_fn = vmap(grad(self._loss, has_aux=True))
         self._eval_logits = vmap(self._logits, in_dims=(0, None))
         self._linear = not any(
@@ -147,7 +156,10 @@ class StackedModels:
         # `_check_fast` finds it differs from vmap on the first samples it sees. Only for
         # models with convolutions: for the rest vmap's `bmm`s are faster (one step of 139 mlp
         # nodes, one core: 14 ms in vmap, 20 written out); cnn1d's is 2x vmap's.
-        self._fast: StackedForward | None = None if self._linear else stacked_forward(model)
+        # `written_out=False`: vmap for every model (the bench's comparison, `unbatchable`).
+        self._fast: StackedForward | None = None
+        if written_out and not self._linear:
+            self._fast = stacked_forward(model)
         self._fast_checked = False
 
     @property
@@ -238,16 +250,26 @@ class StackedModels:
 
     def _map(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
         """`[fn(item) for item in items]`, on `_WORKERS` threads when there is more than one
-        item (each thread with its own copy of the model and one intra-op thread)."""
-        workers = min(_WORKERS or torch.get_num_threads(), len(items))
-        if workers <= 1:
+        item (each thread with its own copy of the model and one intra-op thread).
+
+        The threads live as long as this object: new threads for every call (two a round)
+        took new memory from the OS for their allocations, ~300,000 page faults a round of
+        sim/batched.toml (`keep_freed_memory` is the other half of that)."""
+        size = _WORKERS or torch.get_num_threads()
+        if min(size, len(items)) <= 1:
             return [fn(item) for item in items]
+        if self._pool is None or self._pool_size != size:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool, self._pool_size = ThreadPoolExecutor(size), size
 
-        def own_model() -> None:
-            self._local.model = copy.deepcopy(self.model)
+        def task(item: _T) -> _R:
+            if not hasattr(self._local, "model"):
+                self._local.model = copy.deepcopy(self.model)
+            return fn(item)
 
-        with _one_intra_op_thread(), ThreadPoolExecutor(workers, initializer=own_model) as pool:
-            return list(pool.map(fn, items))
+        with _one_intra_op_thread():
+            return list(self._pool.map(task, items))
 
     def _loss(
         self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
@@ -427,6 +449,24 @@ class StackedModels:
     def weights_of(self, i: int) -> dict[str, torch.Tensor]:
         """Node `i`'s parameters as named tensors (views)."""
         return {name: view[0] for name, view in self.views(self.flat[i : i + 1]).items()}
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed memory for reuse instead of giving it back to the OS
+    (a larger trim threshold; blocks up to 256 MB from its heaps, not `mmap`): a training
+    step's activations are freed and allocated again step after step, and each time they came
+    back from the OS as new pages (~300,000 page faults, ~1 s of system time a round of
+    sim/batched.toml). Process-wide, for the batched engine's process; peak memory is what
+    it was. Nothing where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (or not a POSIX dlopen)
+        return
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    mallopt(_M_MMAP_THRESHOLD, 256 << 20)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 @contextmanager
