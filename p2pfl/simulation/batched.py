@@ -154,8 +154,9 @@ class _BatchedRun:
         model = build_model(config.model, dataset.in_shape, dataset.n_classes, seed=config.seed)
         keep_freed_memory()
         self.models = StackedModels(
-            model, len(ids), eval_dtype=eval_dtype(scenario), written_out=written_out
-        )
+            model, len(ids), eval_dtype=eval_dtype(scenario), written_out=written_out,
+            train_dtype=torch.bfloat16 if scenario.train_precision == "bfloat16" else None,
+        )  # fmt: skip
         faults = scenario.faults
         self.attack = faults.byzantine
         self.byzantine = {self.position[b] for b in faults.byzantine_ids(ids, seed)}

@@ -104,6 +104,18 @@ def prepare(
 
 
 def _engine(scenario: Scenario, broker: str | None, matrix: bool) -> str:
+    """The engine to run with (ValueError: `_pick_engine`'s, or bfloat16 training on the node
+    engine, which trains each node's own learner in float32)."""
+    chosen = _pick_engine(scenario, broker, matrix)
+    if chosen == "node" and scenario.train_precision != "float32":
+        raise ValueError(
+            f"train_precision = {scenario.train_precision!r}: only the batched engine trains in "
+            "it (the node engine trains in float32); use --engine batched or drop the key"
+        )
+    return chosen
+
+
+def _pick_engine(scenario: Scenario, broker: str | None, matrix: bool) -> str:
     """The engine to run with. One the scenario (or --engine) names must be able to run it
     (ValueError saying why not); an automatic choice of `batched` falls back to `node`."""
     chosen = engine_for(scenario, broker=broker, matrix=matrix)

@@ -1,11 +1,12 @@
 """Scenarios: what a simulation runs, as one validated, immutable pydantic model from TOML.
 
 A scenario file has top-level `name`, `description`, `nodes`, `engine` (`node` or `batched`),
-`eval_precision` (the batched engine's evaluation: `auto`, `float32`, `bfloat16`) and
-`compare` (the schedules to run it with, one run each), optionally `attacks` and
-`compare_merges` (the attack bench: every Byzantine behaviour with every merge rule, see
-`p2pfl.simulation.matrix`), `compare_dp` (DP budgets to compare, e.g. `[1, 4, 16, "none"]`,
-in the same table) and `seeds` (the bench runs every cell once per seed and reports the mean),
+`eval_precision` (the batched engine's evaluation: `auto`, `float32`, `bfloat16`),
+`train_precision` (its training steps: `float32`, `bfloat16`) and `compare` (the schedules
+to run it with, one run each), optionally `attacks` and `compare_merges` (the attack bench:
+every Byzantine behaviour with every merge rule, see `p2pfl.simulation.matrix`),
+`compare_dp` (DP budgets to compare, e.g. `[1, 4, 16, "none"]`, in the same table) and
+`seeds` (the bench runs every cell once per seed and reports the mean),
 a `[node]` table with the knobs of `p2pfl run` (validated by `NodeConfig`
 itself, so defaults and messages are the same), a `[network]` table (`NetworkModel`) and a
 `[faults]` table (`FaultPlan`). The built-in default is embedded below and shipped as
@@ -128,6 +129,10 @@ class Scenario(BaseModel):
     # node's accuracy within about half a point of float32's); "auto": bfloat16 on such CPUs,
     # else float32. Training is float32 always; the node engine evaluates in float32.
     eval_precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # The batched engine's training steps: "bfloat16" runs forward and backward in bfloat16
+    # (mixed precision: float32 parameters, momentum and updates; ~2x faster steps where the
+    # CPU has bfloat16 instructions, gradients ~5% off float32's). The node engine refuses it.
+    train_precision: Literal["float32", "bfloat16"] = "float32"
     compare: tuple[ScheduleName, ...] = ("ring", "random-walk", "partial-mesh")
     # The attack bench (`p2pfl sim --matrix`): each behaviour with each merge rule and each
     # schedule, same seed and rounds; empty: the [faults.byzantine] behaviour, the node's merge.
@@ -380,10 +385,10 @@ class Scenario(BaseModel):
 def load_scenario(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Scenario:
     """Read a scenario file (None: the built-in default), apply CLI overrides, validate.
 
-    Overrides (None = not given): `nodes`; `engine`; `schedule` (a name or a list; replaces
-    `compare`); `merge` (replaces `compare_merges` too); `dp_epsilon` (replaces `compare_dp`);
-    `seed` (replaces `seeds`); `seeds` (a list, or text "0,1,2"); `name`, `description`; any
-    other key (`rounds`, ...) goes to `[node]`.
+    Overrides (None = not given): `nodes`; `engine`; `eval_precision`; `train_precision`;
+    `schedule` (a name or a list; replaces `compare`); `merge` (replaces `compare_merges`
+    too); `dp_epsilon` (replaces `compare_dp`); `seed` (replaces `seeds`); `seeds` (a list,
+    or text "0,1,2"); `name`, `description`; any other key (`rounds`, ...) goes to `[node]`.
     Raises ConfigError with one line per problem, naming the key.
     """
     if path is None:
@@ -413,7 +418,10 @@ def _override(data: dict[str, Any], key: str, value: Any) -> None:
         data.pop("seeds", None)  # and one seed
     if key == "schedule":
         data["compare"] = [value] if isinstance(value, str) else list(value)
-    elif key in ("nodes", "engine", "name", "description", "compare", "seeds"):
+    elif key in (
+        "nodes", "engine", "name", "description", "compare", "seeds", "eval_precision",
+        "train_precision",
+    ):  # fmt: skip
         data[key] = value
     else:
         if not isinstance(data.get("node"), dict):

@@ -130,11 +130,16 @@ class StackedModels:
         n: int,
         *,
         eval_dtype: torch.dtype | None = None,
+        train_dtype: torch.dtype | None = None,
         written_out: bool = True,
     ) -> None:
         self.model = model
         # What `evaluate` computes in (see `bfloat16_is_fast`); training is float32.
         self.eval_dtype = eval_dtype or torch.float32
+        # What a training step's forward and backward compute in: with bfloat16, parameters
+        # and samples are rounded to it for the step and the gradient comes back as float32
+        # (parameters, momentum and the SGD update stay float32: mixed precision).
+        self.train_dtype = train_dtype or torch.float32
         named = [(name, p.detach()) for name, p in model.named_parameters()]
         self.names = [name for name, _ in named]
         self.shapes = [tuple(p.shape) for _, p in named]
@@ -274,7 +279,7 @@ class StackedModels:
     def _loss(
         self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ce = F.cross_entropy(self._logits(params, x), y, reduction="none")
+        ce = F.cross_entropy(self._logits(params, x).float(), y, reduction="none")
         loss = (ce * w).sum() / w.sum().clamp(min=1.0)
         return loss, loss.detach()
 
@@ -282,18 +287,20 @@ class StackedModels:
         self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's gradient (`[rows, P]`) and loss on its own minibatch, for the rows of
-        parameters `flat`."""
+        parameters `flat`, computed in `train_dtype` (the gradient returned as float32)."""
+        flat, x = flat.to(self.train_dtype), x.to(self.train_dtype)
         if self._fast is None:
             grads, loss = self._grad_fn(self.views(flat), x, y, w)
             rows = x.shape[0]
-            return torch.cat([grads[name].reshape(rows, -1) for name in self.names], dim=1), loss
+            g = torch.cat([grads[name].reshape(rows, -1) for name in self.names], dim=1)
+            return g.float(), loss
         # Rows' parameters are disjoint: the gradient of the summed losses is each row's own.
         leaf = flat.detach().requires_grad_()
-        logits = self._fast(self.views(leaf), x)
+        logits = self._fast(self.views(leaf), x).float()
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(w)
         loss = (ce * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
         (g,) = torch.autograd.grad(loss.sum(), leaf)
-        return g, loss.detach()
+        return g.float(), loss.detach()
 
     def _check_fast(self, x: torch.Tensor) -> None:
         """Keep the written-out forward only if it gives vmap's logits on two of `x`'s samples
