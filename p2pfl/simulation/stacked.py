@@ -295,12 +295,18 @@ class StackedModels:
             g = torch.cat([grads[name].reshape(rows, -1) for name in self.names], dim=1)
             return g.float(), loss
         # Rows' parameters are disjoint: the gradient of the summed losses is each row's own.
-        leaf = flat.detach().requires_grad_()
-        logits = self._fast(self.views(leaf), x).float()
+        # Each tensor its own contiguous leaf (not views of one `[rows, P]` leaf, whose
+        # gradient autograd would build as one zero-filled `[rows, P]` sum per tensor).
+        leaves = {
+            name: view.detach().to(memory_format=torch.contiguous_format).requires_grad_()
+            for name, view in self.views(flat).items()
+        }
+        logits = self._fast(leaves, x).float()
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(w)
         loss = (ce * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
-        (g,) = torch.autograd.grad(loss.sum(), leaf)
-        return g.float(), loss.detach()
+        grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+        rows = x.shape[0]
+        return torch.cat([g.reshape(rows, -1) for g in grads], dim=1).float(), loss.detach()
 
     def _check_fast(self, x: torch.Tensor) -> None:
         """Keep the written-out forward only if it gives vmap's logits on two of `x`'s samples
