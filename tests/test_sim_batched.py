@@ -372,10 +372,12 @@ def test_fidelity_default_scenario_batched_against_node_engine(
     half a point); from there the two arithmetics (stacked vs per-model kernels) drift apart
     chaotically, node by node (from round 2 or 3; with `--merge average` too), and only the
     outcome is comparable: the mean accuracy of the last five rounds within 4 points.
-    How fast they drift depends on the CPU's kernels. On an AMD EPYC (2 cores, c6c8c5d):
-    three rounds within 0.1 point, last five within 1.3, single rounds up to 3.9 apart (2 of
-    75 beyond 2 points). Float rounding alone does as much: the node engine against itself
-    with oneDNN's convolutions off differs by up to 2.5 points a round (4 of 75 beyond 2), so
+    How fast they drift depends on the CPU's kernels. On an AMD EPYC (2 cores, 67a0ca1, the
+    batched engine evaluating in bfloat16 there: `eval_precision` "auto"): three rounds
+    within 0.1 point, last five within 1.3, single rounds up to 3.8 apart (2 of 75 beyond 2
+    points; the same in float32 at c6c8c5d). Float rounding alone does as much: the node
+    engine against itself with oneDNN's convolutions off differs by up to 2.5 points a round
+    (4 of 75 beyond 2), so
     issue 15's "within 2 points per round" is not a bound any non-bit-identical engine meets
     here. Before 80e1cda the node engine's sync random walk skipped rounds by arrival timing
     and its last five rounds were 3 points off.

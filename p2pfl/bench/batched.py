@@ -67,10 +67,11 @@ def run(options: BenchOptions) -> BenchResult:
         "test samples; loading the data and building the models are not timed. sim/batched.toml "
         "runs 100 such rounds (and the merges, ~0.1 s a round) at 1,024 nodes."
     )
-    dtype = str(eval_dtype(scenario)).removeprefix("torch.")
+    evaluates = str(eval_dtype(scenario)).removeprefix("torch.")
     result.notes.append(
-        f'The batched engine evaluates in {dtype} here (eval_precision "auto": bfloat16 where '
-        "the CPU has bfloat16 instructions), the learners in float32; training is float32 in both."
+        f"The batched engine trains in {scenario.train_precision} and evaluates in {evaluates} "
+        "here (the scenario's train_precision and eval_precision: see README, Two engines); "
+        "the learners train and evaluate in float32."
     )
     return result
 
