@@ -22,6 +22,10 @@ through its steps (`chunk_rows`), nodes of like shard sizes together (a step is 
 longest batch in it), and chunks (like evaluation's runs of nodes) go to as many threads as
 torch has cores, one intra-op thread each: what a node computes does not depend on which
 chunk or thread it is in (beyond float rounding).
+
+Precision: parameters, momentum and updates are float32; a training step's forward and
+backward run in `train_dtype` (float32 unless asked: bfloat16 is mixed precision) and
+evaluation in `eval_dtype` (the batched engine picks bfloat16 where the CPU has it natively).
 """
 
 from __future__ import annotations
@@ -134,7 +138,7 @@ class StackedModels:
         written_out: bool = True,
     ) -> None:
         self.model = model
-        # What `evaluate` computes in (see `bfloat16_is_fast`); training is float32.
+        # What `evaluate` computes in (see `bfloat16_is_fast`); training: `train_dtype`.
         self.eval_dtype = eval_dtype or torch.float32
         # What a training step's forward and backward compute in: with bfloat16, parameters
         # and samples are rounded to it for the step and the gradient comes back as float32
