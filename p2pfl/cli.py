@@ -187,7 +187,7 @@ def sim(
         None,
         "--train-precision",
         help="float32 | bfloat16: what the batched engine's training steps compute in "
-        "(bfloat16: mixed precision, ~2x faster steps with bfloat16 instructions, results not "
+        "(bfloat16: mixed precision, ~1.4x faster training with bfloat16 instructions, results not "
         "float32's). [default: the scenario's, else float32]",
     ),
     seed: int | None = typer.Option(

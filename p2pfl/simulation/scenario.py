@@ -127,11 +127,12 @@ class Scenario(BaseModel):
     # The batched engine's evaluation: "bfloat16" runs the test forward with bfloat16 weights
     # and activations (float32 sums; 1.5x faster where the CPU has bfloat16 instructions, a
     # node's accuracy within about half a point of float32's); "auto": bfloat16 on such CPUs,
-    # else float32. Training is float32 always; the node engine evaluates in float32.
+    # else float32. Training: `train_precision`; the node engine evaluates in float32.
     eval_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     # The batched engine's training steps: "bfloat16" runs forward and backward in bfloat16
-    # (mixed precision: float32 parameters, momentum and updates; ~2x faster steps where the
-    # CPU has bfloat16 instructions, gradients ~5% off float32's). The node engine refuses it.
+    # (mixed precision: float32 parameters, momentum and updates; ~1.4x faster training where
+    # the CPU has bfloat16 instructions, gradients ~5% off float32's). The node engine refuses
+    # it.
     train_precision: Literal["float32", "bfloat16"] = "float32"
     compare: tuple[ScheduleName, ...] = ("ring", "random-walk", "partial-mesh")
     # The attack bench (`p2pfl sim --matrix`): each behaviour with each merge rule and each
