@@ -96,8 +96,10 @@ def bfloat16_is_fast() -> bool:
     """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), where oneDNN's
     bfloat16 convolutions and matrix products run 2-2.5x its float32 ones (cnn1d's
     convolutions on one Zen 4 core) and a whole cnn1d evaluation 1.5x. Elsewhere bfloat16 is
-    emulated and slower than float32."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    emulated and slower than float32. (Torch's own private probes: a release without them
+    gives False, float32, rather than an error.)"""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
 
 
 def _activations(model: nn.Module, samples: torch.Tensor) -> int:

@@ -163,7 +163,7 @@ def _max_pool(module: nn.MaxPool1d) -> _Step:
         length = acts.x.shape[3]
         if tiles and not (module.ceil_mode and length % kernel):
             # Windows side by side: the maximum of each window's k-th positions, along the
-            # channels that lie side by side in memory (`_TileMax`).
+            # channels that lie side by side in memory (`_tile_max`).
             x = _tile_max(acts.x.permute(0, 2, 3, 1), kernel).permute(0, 3, 1, 2)
         else:
             x = F.max_pool2d(
