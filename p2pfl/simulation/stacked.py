@@ -474,13 +474,14 @@ class StackedModels:
 
 
 def _leaf(view: torch.Tensor) -> torch.Tensor:
-    """A copy of `view` (`[rows, *shape]`) to differentiate against: a 1-d convolution's
-    weight `[rows, out, in, kernel]` with `in` innermost (channels last), the rest contiguous."""
+    """`view` (`[rows, *shape]`) as a leaf to differentiate against, laid out as the written-out
+    forward uses it: a 1-d convolution's weight `[rows, out, in, kernel]` with `in` innermost
+    (channels last), anything else contiguous."""
     if view.dim() == 4:
-        copy_ = view.transpose(2, 3).contiguous().transpose(2, 3)
+        laid = view.transpose(2, 3).contiguous().transpose(2, 3)
     else:
-        copy_ = view.contiguous()
-    return copy_.detach().requires_grad_()
+        laid = view.contiguous()
+    return laid.detach().requires_grad_()
 
 
 def keep_freed_memory() -> None:
