@@ -377,10 +377,9 @@ def test_fidelity_default_scenario_batched_against_node_engine(
     within 0.1 point, last five within 1.3, single rounds up to 3.8 apart (2 of 75 beyond 2
     points; the same in float32 at c6c8c5d). Float rounding alone does as much: the node
     engine against itself with oneDNN's convolutions off differs by up to 2.5 points a round
-    (4 of 75 beyond 2), so
-    issue 15's "within 2 points per round" is not a bound any non-bit-identical engine meets
-    here. Before 80e1cda the node engine's sync random walk skipped rounds by arrival timing
-    and its last five rounds were 3 points off.
+    (4 of 75 beyond 2), so issue 15's "within 2 points per round" is not a bound any
+    non-bit-identical engine meets here. Before 80e1cda the node engine's sync random walk
+    skipped rounds by arrival timing and its last five rounds were 3 points off.
     The node engine's run is `p2pfl sim` with no arguments, shared with the acceptance test.
     """
     out = tmp_path / "batched"

@@ -297,9 +297,7 @@ class StackedModels:
         flat, x = flat.to(self.train_dtype), x.to(self.train_dtype)
         if self._fast is None:
             grads, loss = self._grad_fn(self.views(flat), x, y, w)
-            rows = x.shape[0]
-            g = torch.cat([grads[name].reshape(rows, -1) for name in self.names], dim=1)
-            return g.float(), loss
+            return self._gathered([grads[name] for name in self.names]), loss
         # Rows' parameters are disjoint: the gradient of the summed losses is each row's own.
         # Each tensor its own leaf (not views of one `[rows, P]` leaf, whose gradient autograd
         # would build as one zero-filled `[rows, P]` sum per tensor), convolution weights
@@ -310,10 +308,15 @@ class StackedModels:
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(w)
         loss = (ce * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
         grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
-        out = torch.empty(x.shape[0], self.size)  # float32: layout and dtype in one copy
+        return self._gathered(grads), loss.detach()
+
+    def _gathered(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-tensor gradients (`[rows, *shape]`, in `self.names`' order, any layout and
+        dtype) as one float32 `[rows, P]`: layout and dtype in one copy per tensor."""
+        out = torch.empty(grads[0].shape[0], self.size)
         for g, view in zip(grads, self.views(out).values(), strict=True):
             view.copy_(g)
-        return out, loss.detach()
+        return out
 
     def _check_fast(self, x: torch.Tensor) -> None:
         """Keep the written-out forward only if it gives vmap's logits on two of `x`'s samples
