@@ -299,8 +299,14 @@ def read_checkpoint(path: Path, expected: ExpectedSpec | None = None) -> Checkpo
     return ckpt
 
 
+# numpy parses each array's header with `ast.literal_eval`, and CPython 3.11's AST builder is
+# not safe across threads (gh-106905: "SystemError: AST constructor recursion depth mismatch"
+# when simulated nodes resume from their checkpoints at once, each in `asyncio.to_thread`).
+_READING = threading.Lock()
+
+
 def _read_checkpoint(path: Path) -> Checkpoint:
-    with np.load(path, allow_pickle=False) as data:
+    with _READING, np.load(path, allow_pickle=False) as data:
         meta = json.loads(bytes(data[_META_KEY]).decode())
         weights = {k: data[k] for k in data.files if k != _META_KEY}
     if not isinstance(meta, dict):
