@@ -161,9 +161,11 @@ def _max_pool(module: nn.MaxPool1d) -> _Step:
     def step(_params: dict[str, torch.Tensor], acts: _Acts) -> _Acts:
         acts = _grouped(acts)
         length = acts.x.shape[3]
-        if tiles and not (module.ceil_mode and length % kernel):
+        graded = torch.is_grad_enabled() and acts.x.requires_grad
+        if tiles and not (module.ceil_mode and length % kernel) and (kernel == 2 or not graded):
             # Windows side by side: the maximum of each window's k-th positions, along the
-            # channels that lie side by side in memory (`_tile_max`).
+            # channels that lie side by side in memory (`_tile_max`); under autograd only
+            # windows of two have a gradient of their own (`_PairMax`).
             x = _tile_max(acts.x.permute(0, 2, 3, 1), kernel).permute(0, 3, 1, 2)
         else:
             x = F.max_pool2d(
@@ -178,14 +180,11 @@ def _tile_max(x: torch.Tensor, kernel: int) -> torch.Tensor:
     """Max-pooling of `[batch, 1, length, channels]` over side-by-side windows of `kernel`
     positions (the rest of `length` dropped), along the channels that lie side by side in
     memory: without autograd the maximum of each window's k-th positions (3x `max_pool2d`'s
-    kernel, 2x an `amax` over the windows), with it `_PairMax` for windows of two, else
-    `max_pool2d`."""
+    kernel, 2x an `amax` over the windows), with it `_PairMax` (windows of two only)."""
     windows = x.shape[2] // kernel
     if torch.is_grad_enabled() and x.requires_grad:
-        if kernel == 2:
-            return cast(torch.Tensor, _PairMax.apply(x))
-        pooled = F.max_pool2d(x.permute(0, 3, 1, 2), (1, kernel), (1, kernel))
-        return pooled.permute(0, 2, 3, 1)
+        assert kernel == 2, "under autograd only windows of two tile"
+        return cast(torch.Tensor, _PairMax.apply(x))
     best = x[:, :, 0 : windows * kernel : kernel]
     for k in range(1, kernel):
         best = torch.maximum(best, x[:, :, k : windows * kernel : kernel])
