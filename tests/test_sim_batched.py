@@ -304,7 +304,8 @@ def test_refusal_is_one_line_with_exit_2(tmp_path: Path, extra: list[str], field
 
 def test_async_mode_and_batchnorm_models_are_refused(tmp_path: Path) -> None:
     sc = scenario(tmp_path, TINY.replace('mode = "sync"', 'mode = "async"'))
-    assert "node.mode" in str(refusal(sc))
+    why = str(refusal(sc))
+    assert "node.mode" in why and 'mode = "sync"' in why  # names the fix
     module = tmp_path / "bn_model.py"
     module.write_text(
         "from torch import nn\n"

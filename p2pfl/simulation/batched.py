@@ -67,7 +67,10 @@ def refusal(scenario: Scenario, *, broker: str | None = None, matrix: bool = Fal
     """
     node = scenario.node
     reasons = [
-        (node.mode != "sync", f"node.mode = {node.mode!r}: it runs sync rounds only"),
+        (
+            node.mode != "sync",
+            f'node.mode = {node.mode!r}: it runs sync rounds only (mode = "sync" under [node])',
+        ),
         (node.walkers > 0, "node.walkers: it does not run walker tokens"),
         (
             node.dp_epsilon is not None or any(v != "none" for v in scenario.compare_dp),
@@ -78,8 +81,14 @@ def refusal(scenario: Scenario, *, broker: str | None = None, matrix: bool = Fal
             bool(scenario.faults.pauses) or scenario.faults.eligible_fraction < 1,
             "faults.pauses / faults.eligible_fraction: it does not pause nodes",
         ),
-        (node.optimizer != "sgd", f"node.optimizer = {node.optimizer!r}: it trains with sgd only"),
-        (node.codec != "raw", f"node.codec = {node.codec!r}: it sends models uncompressed only"),
+        (
+            node.optimizer != "sgd",
+            f'node.optimizer = {node.optimizer!r}: it trains with sgd only (optimizer = "sgd")',
+        ),
+        (
+            node.codec != "raw",
+            f'node.codec = {node.codec!r}: it sends models uncompressed only (codec = "raw")',
+        ),
         (node.rounds == 0, "node.rounds: it needs a number of rounds (not a duration)"),
         (node.duration is not None, "node.duration: it stops after rounds, not seconds"),
         (broker is not None, "--broker: it runs in one process, on no bus"),
