@@ -79,6 +79,46 @@ def test_sim_table_is_shown_without_json(tmp_path: Path) -> None:
     assert "random-walk" not in result.stdout
 
 
+def test_many_nodes_with_full_views_on_the_node_engine_get_a_note(tmp_path: Path) -> None:
+    """From 128 nodes the node engine with full views says what presence costs and how to
+    bound it; the run itself goes on (stdout keeps only the summary)."""
+    text = TINY.replace("nodes = 4", 'nodes = 128\nengine = "node"').replace(
+        "rounds = 3", "rounds = 1"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "sim", str(write(tmp_path, text)), "--schedule", "ring",
+         "--json", "--no-plots", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    note = " ".join(result.stderr.split())  # rich wraps it
+    assert "128 nodes on the node engine with full views" in note
+    assert "16,256 records a heartbeat" in note and "view_size = 32 under [node]" in note
+    assert json.loads(result.stdout)["schedules"]["ring"]["nodes"] == 128
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"nodes": 127, "engine": "node"}, {"nodes": 128, "engine": "batched"}, {"nodes": 16}],
+)
+def test_no_full_view_note_below_128_nodes_or_on_the_batched_engine(
+    overrides: dict[str, Any],
+) -> None:
+    from p2pfl.simulation.cli import full_view_note, prepare
+
+    assert full_view_note(prepare(None, overrides)[0]) is None
+
+
+def test_no_full_view_note_with_a_sampled_view(tmp_path: Path) -> None:
+    from p2pfl.simulation.cli import full_view_note, prepare
+
+    text = TINY.replace("nodes = 4", "nodes = 200").replace('"random-walk", ', "")
+    full = prepare(write(tmp_path, text), {"engine": "node"})[0]
+    assert full_view_note(full) is not None
+    sampled = write(tmp_path, text.replace("degree = 2", "degree = 2\nview_size = 32"), "v.toml")
+    assert full_view_note(prepare(sampled, {"engine": "node"})[0]) is None
+
+
 def test_bad_scenario_value_is_one_line_naming_the_key(tmp_path: Path) -> None:
     bad = write(tmp_path, TINY.replace("degree = 2", "degree = 0"), "bad.toml")
     result = subprocess.run(

@@ -31,7 +31,13 @@ from p2pfl.learning.datasets import Dataset, DatasetError, load_dataset
 from p2pfl.learning.models import check_model
 from p2pfl.learning.privacy import PrivacyError
 from p2pfl.logs import setup_logging
-from p2pfl.simulation.batched import BatchedSimulation, engine_for, model_refusal, refusal
+from p2pfl.simulation.batched import (
+    BATCHED_FROM,
+    BatchedSimulation,
+    engine_for,
+    model_refusal,
+    refusal,
+)
 from p2pfl.simulation.engine import Record, ScheduleRun, Simulation, check_privacy
 from p2pfl.simulation.html_report import overlays, write_html
 from p2pfl.simulation.matrix import (
@@ -153,6 +159,9 @@ def run_sim(
     config = scenario.node_config(scenario.compare[0], 0, "n01")
     # Loaded here, before the progress bar and any output: a bad data file is one line.
     dataset = load_dataset(config.dataset, seed=config.seed)
+    note = full_view_note(scenario)
+    if note is not None:
+        console.print(note, style="yellow", highlight=False, markup=False)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     shown = scenario.nodes  # nodes whose records this command sees
@@ -207,6 +216,20 @@ def run_sim(
         stdout.print(f"[dim]wrote {files} in {out}[/dim]")
     logging.getLogger(__name__).debug("sim done scenario=%s", scenario.name)
     return summary
+
+
+def full_view_note(scenario: Scenario) -> str | None:
+    """A note for a node-engine run of many nodes with full views, where presence alone (every
+    node hearing every other's heartbeats, N^2 records) grows to dominate the rounds."""
+    n = scenario.nodes
+    if scenario.engine != "node" or n < BATCHED_FROM or scenario.node.view_size:
+        return None
+    return (
+        f"note: {n:,} nodes on the node engine with full views (view_size = 0): every node "
+        f"hears every other's presence ({n * (n - 1):,} records a heartbeat, growing as N^2); "
+        "view_size = 32 under [node] bounds that per node (as sim/large.toml does; not with a "
+        "sync random walk, walkers or topology_file)"
+    )
 
 
 def _figures(
