@@ -151,6 +151,7 @@ Examples:
   p2pfl sim sim/attacks.toml --merge clipped --seeds 0,1  # mean over two seeds
   p2pfl sim sim/dp.toml                       # accuracy against the DP budget epsilon
   p2pfl sim sim/batched.toml                  # 1,024 nodes, batched engine
+  p2pfl sim --engine batched --kernels per-node   # the node engine's records, bit for bit
   p2pfl sim --schedule partial-mesh --dp-epsilon 8 --dp-delta 1e-5
   p2pfl sim sim/default.toml --broker mqtt://10.0.0.5:1883 --processes 2 --shard 0/2
                                               # machine A; machine B runs --shard 1/2
@@ -189,6 +190,14 @@ def sim(
         help="float32 | bfloat16: what the batched engine's training steps compute in "
         "(bfloat16: mixed precision, ~1.4x faster training with bfloat16 instructions, results not "
         "float32's). [default: the scenario's, else float32]",
+    ),
+    kernels: str | None = typer.Option(
+        None,
+        "--kernels",
+        help="stacked | per-node: the batched engine trains the nodes of a chunk together, or "
+        "each node with its own learner, the node engine's (float32; the node engine's records "
+        "bit for bit, at about its speed: a fidelity check). [default: the scenario's, else "
+        "stacked]",
     ),
     seed: int | None = typer.Option(
         None, help="Seed: data split, init, schedule, faults; replaces the scenario's seeds."
@@ -262,7 +271,7 @@ def sim(
 
     overrides = {"nodes": nodes, "schedule": schedule, "rounds": rounds, "engine": engine,
                  "eval_precision": eval_precision, "train_precision": train_precision,
-                 "seed": seed, "seeds": seeds,
+                 "kernels": kernels, "seed": seed, "seeds": seeds,
                  "model": model, "dataset": dataset, "partition": partition,
                  "merge": merge, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
                  "dp_max_grad_norm": dp_max_grad_norm}  # fmt: skip

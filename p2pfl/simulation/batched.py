@@ -15,6 +15,11 @@ Where the node engine runs N real `Node`s, this one keeps N models of one archit
    samples for every node and round) and reports a record, the same fields as the node
    engine's; in bfloat16 where the CPU computes it natively (scenario key `eval_precision`).
 
+With `kernels = "per-node"` each node trains and is evaluated by its own learner, the node
+engine's (`NodeLearners`), one model at a time, and `average` is the rule called per node:
+steps 2-4 are then checked bit for bit against the node engine (the same records), which the
+stacked arithmetic's float rounding hides.
+
 Crashes and churn come from the same `FaultPlan`: a crashed node neither trains nor sends nor
 receives, drops out of everyone's view (so the plans re-form without it), and comes back with
 its last model and fresh optimizer state, as a daemon restarted from its checkpoint.
@@ -42,6 +47,7 @@ from p2pfl.learning.datasets import Dataset, load_dataset
 from p2pfl.learning.merge import Merge, Weights, parse_merge
 from p2pfl.learning.models import build_model
 from p2pfl.learning.partition import partition
+from p2pfl.learning.torch_learner import TorchLearner, learner_from_config
 from p2pfl.protocol.model import encode_model
 from p2pfl.simulation.attacks import alie, alie_z, flip_labels, ipm, poison
 from p2pfl.simulation.engine import Record, ScheduleRun, node_ids
@@ -161,14 +167,11 @@ class _BatchedRun:
         self.result = ScheduleRun(schedule)
         parts = partition(dataset.y_train, len(ids), config.partition, seed=seed)
         model = build_model(config.model, dataset.in_shape, dataset.n_classes, seed=config.seed)
-        keep_freed_memory()
-        self.models = StackedModels(
-            model, len(ids), eval_dtype=eval_dtype(scenario), written_out=written_out,
-            train_dtype=torch.bfloat16 if scenario.train_precision == "bfloat16" else None,
-        )  # fmt: skip
         faults = scenario.faults
         self.attack = faults.byzantine
         self.byzantine = {self.position[b] for b in faults.byzantine_ids(ids, seed)}
+        keep_freed_memory()
+        self.models = self._models(schedule, dataset, parts, model, written_out)
         z = self.attack.z
         self.z = z if z is not None else alie_z(len(ids), len(self.byzantine))
         # Each node's batch order seeded as `learner_from_config` seeds its loader.
@@ -205,6 +208,31 @@ class _BatchedRun:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    def _models(
+        self,
+        schedule: str,
+        dataset: Dataset,
+        parts: list[np.ndarray],
+        model: torch.nn.Module,
+        written_out: bool,
+    ) -> StackedModels:
+        """The stacked models, or with `kernels = "per-node"` the node engine's learners."""
+        scenario = self.scenario
+        if scenario.kernels == "stacked":
+            return StackedModels(
+                model, len(self.ids), eval_dtype=eval_dtype(scenario), written_out=written_out,
+                train_dtype=torch.bfloat16 if scenario.train_precision == "bfloat16" else None,
+            )  # fmt: skip
+        flipped = flip_labels(dataset) if self.attack.behaviour == "label-flip" else dataset
+
+        def learner(i: int) -> TorchLearner:  # as the node engine builds node i's
+            data = flipped if i in self.byzantine else dataset
+            return learner_from_config(
+                scenario.node_config(schedule, i, self.ids[i]), data, parts[i]
+            )
+
+        return NodeLearners(model, len(self.ids), learner)
 
     def _labels(self, dataset: Dataset, parts: list[np.ndarray]) -> np.ndarray:
         """The training labels as each sample's owner sees them: a label-flipping attacker's
@@ -346,7 +374,10 @@ class _BatchedRun:
         A node that received nothing keeps what it trained, as a daemon's node does.
         """
         receivers = [i for i in live if inbound[i]]
-        if receivers and self.rules[0].name == "average":
+        # Per-node kernels merge per node too: the mixing matrix sums in float32, the rule
+        # (`merge.average`) in float64.
+        mixed_at_once = self.rules[0].name == "average" and self.scenario.kernels == "stacked"
+        if receivers and mixed_at_once:
             # Row k: receiver k's own model and each received one, weighted equally.
             rows, cols, values = [], [], []
             for k, i in enumerate(receivers):
@@ -392,6 +423,51 @@ class _BatchedRun:
                 self.models.momentum[i] = 0.0
                 self.models.reseed(i)
                 self.rules[i] = self._rule(self.models.weights(self.models.flat[i].numpy().copy()))
+
+
+class NodeLearners(StackedModels):
+    """`kernels = "per-node"`: the rows of `flat` are still the models the batched engine
+    sends and merges, but each node trains and is evaluated by its own `TorchLearner`, built
+    as the node engine builds it (same loader seed, SGD state kept across rounds, a fresh one
+    on a restart), on the worker threads one node at a time. So a round computes what the node
+    engine's nodes compute, bit for bit. `fit`'s hyperparameters are the learners' own (from
+    the same node config); `evaluate` tests on each learner's own test set (the whole one)."""
+
+    def __init__(self, model: torch.nn.Module, n: int, learner: Callable[[int], TorchLearner]):
+        super().__init__(model, n, written_out=False)
+        self._learner = learner
+        self.learners = [learner(i) for i in range(n)]
+
+    def fit(self, nodes: torch.Tensor, **_hyper: Any) -> torch.Tensor:
+        def one(i: int) -> float:
+            learner = self.learners[i]
+            learner.set_weights(self.weights(self.flat[i].numpy()))
+            loss = learner.fit().loss
+            self.flat[i] = self.row(learner.get_weights())
+            return loss
+
+        order = nodes.tolist()
+        losses = torch.full((self.n,), float("nan"), dtype=torch.float64)
+        losses[order] = torch.tensor(self._map(one, order), dtype=torch.float64)
+        return losses
+
+    def evaluate(
+        self, nodes: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        def one(i: int) -> tuple[float, float]:
+            learner = self.learners[i]
+            learner.set_weights(self.weights(self.flat[i].numpy()))
+            result = learner.evaluate()
+            return result.accuracy, result.loss
+
+        done = self._map(one, nodes.tolist())
+        accuracy = torch.tensor([a for a, _ in done], dtype=torch.float64)
+        return accuracy, torch.tensor([loss for _, loss in done], dtype=torch.float64)
+
+    def reseed(self, i: int) -> None:
+        """A restarted node: a new learner (fresh SGD state, its loader's order from the start)."""
+        super().reseed(i)
+        self.learners[i] = self._learner(i)
 
 
 def _test_subset(n: int, seed: int) -> np.ndarray:

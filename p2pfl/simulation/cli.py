@@ -159,9 +159,7 @@ def run_sim(
     config = scenario.node_config(scenario.compare[0], 0, "n01")
     # Loaded here, before the progress bar and any output: a bad data file is one line.
     dataset = load_dataset(config.dataset, seed=config.seed)
-    note = full_view_note(scenario)
-    if note is not None:
-        console.print(note, style="yellow", highlight=False, markup=False)
+    _say(console, full_view_note(scenario))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     shown = scenario.nodes  # nodes whose records this command sees
@@ -216,6 +214,11 @@ def run_sim(
         stdout.print(f"[dim]wrote {files} in {out}[/dim]")
     logging.getLogger(__name__).debug("sim done scenario=%s", scenario.name)
     return summary
+
+
+def _say(console: Console, note: str | None) -> None:
+    if note is not None:
+        console.print(note, style="yellow", highlight=False, markup=False)
 
 
 def full_view_note(scenario: Scenario) -> str | None:

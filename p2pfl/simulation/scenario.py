@@ -2,7 +2,8 @@
 
 A scenario file has top-level `name`, `description`, `nodes`, `engine` (`node` or `batched`),
 `eval_precision` (the batched engine's evaluation: `auto`, `float32`, `bfloat16`),
-`train_precision` (its training steps: `float32`, `bfloat16`) and `compare` (the schedules
+`train_precision` (its training steps: `float32`, `bfloat16`), `kernels` (its arithmetic:
+`stacked`, or `per-node` for the node engine's results bit for bit) and `compare` (the schedules
 to run it with, one run each), optionally `attacks` and `compare_merges` (the attack bench:
 every Byzantine behaviour with every merge rule, see `p2pfl.simulation.matrix`),
 `compare_dp` (DP budgets to compare, e.g. `[1, 4, 16, "none"]`, in the same table) and
@@ -134,6 +135,12 @@ class Scenario(BaseModel):
     # the CPU has bfloat16 instructions, gradients ~5% off float32's). The node engine refuses
     # it.
     train_precision: Literal["float32", "bfloat16"] = "float32"
+    # The batched engine's arithmetic: "stacked" trains (and evaluates) the nodes of a chunk
+    # together; "per-node" has each node's own learner, the node engine's, train and evaluate
+    # it alone (float32), so the batched engine's records are the node engine's bit for bit
+    # (what it simulates: sync rounds, no network delays) at about the node engine's
+    # training cost: a check of its schedules, merges and faults, not a way to go fast.
+    kernels: Literal["stacked", "per-node"] = "stacked"
     compare: tuple[ScheduleName, ...] = ("ring", "random-walk", "partial-mesh")
     # The attack bench (`p2pfl sim --matrix`): each behaviour with each merge rule and each
     # schedule, same seed and rounds; empty: the [faults.byzantine] behaviour, the node's merge.
@@ -257,6 +264,11 @@ class Scenario(BaseModel):
 
         if self.node.rounds == 0 and self.node.duration is None:
             problem(("node", "rounds"), "set rounds (or duration): a simulation must end", 0)
+        if self.kernels == "per-node":
+            why = "kernels = 'per-node' computes in float32 (the node engine's learners)"
+            for key in ("train_precision", "eval_precision"):
+                if getattr(self, key) == "bfloat16":
+                    problem((key,), why, "bfloat16")
         if self.node.rounds == 0 and any(v != "none" for v in self.compare_dp):
             problem(
                 ("node", "rounds"),
@@ -387,6 +399,7 @@ def load_scenario(path: Path | None, overrides: Mapping[str, Any] | None = None)
     """Read a scenario file (None: the built-in default), apply CLI overrides, validate.
 
     Overrides (None = not given): `nodes`; `engine`; `eval_precision`; `train_precision`;
+    `kernels`;
     `schedule` (a name or a list; replaces `compare`); `merge` (replaces `compare_merges`
     too); `dp_epsilon` (replaces `compare_dp`); `seed` (replaces `seeds`); `seeds` (a list,
     or text "0,1,2"); `name`, `description`; any other key (`rounds`, ...) goes to `[node]`.
@@ -421,7 +434,7 @@ def _override(data: dict[str, Any], key: str, value: Any) -> None:
         data["compare"] = [value] if isinstance(value, str) else list(value)
     elif key in (
         "nodes", "engine", "name", "description", "compare", "seeds", "eval_precision",
-        "train_precision",
+        "train_precision", "kernels",
     ):  # fmt: skip
         data[key] = value
     else:
