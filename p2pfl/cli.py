@@ -196,8 +196,8 @@ def sim(
         "--kernels",
         help="stacked | per-node: the batched engine trains the nodes of a chunk together, or "
         "each node with its own learner, the node engine's (float32; the node engine's records "
-        "bit for bit, at about its speed: a fidelity check). [default: the scenario's, else "
-        "stacked]",
+        "bit for bit without crashes or network faults, at about its speed: a fidelity "
+        "check). [default: the scenario's, else stacked]",
     ),
     seed: int | None = typer.Option(
         None, help="Seed: data split, init, schedule, faults; replaces the scenario's seeds."

@@ -17,8 +17,9 @@ Where the node engine runs N real `Node`s, this one keeps N models of one archit
 
 With `kernels = "per-node"` each node trains and is evaluated by its own learner, the node
 engine's (`NodeLearners`), one model at a time, and `average` is the rule called per node:
-steps 2-4 are then checked bit for bit against the node engine (the same records), which the
-stacked arithmetic's float rounding hides.
+steps 2-4 are then checked bit for bit against the node engine (the same records, without
+crashes or network faults, which the node engine plays on its clock), which the stacked
+arithmetic's float rounding hides.
 
 Crashes and churn come from the same `FaultPlan`: a crashed node neither trains nor sends nor
 receives, drops out of everyone's view (so the plans re-form without it), and comes back with

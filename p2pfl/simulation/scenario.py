@@ -138,8 +138,9 @@ class Scenario(BaseModel):
     # The batched engine's arithmetic: "stacked" trains (and evaluates) the nodes of a chunk
     # together; "per-node" has each node's own learner, the node engine's, train and evaluate
     # it alone (float32), so the batched engine's records are the node engine's bit for bit
-    # (what it simulates: sync rounds, no network delays) at about the node engine's
-    # training cost: a check of its schedules, merges and faults, not a way to go fast.
+    # (sync rounds without crashes, churn, loss or partitions, which the node engine plays on
+    # its clock) at about the node engine's training cost: a check of its schedules, merges
+    # and Byzantine faults, not a way to go fast.
     kernels: Literal["stacked", "per-node"] = "stacked"
     compare: tuple[ScheduleName, ...] = ("ring", "random-walk", "partial-mesh")
     # The attack bench (`p2pfl sim --matrix`): each behaviour with each merge rule and each
