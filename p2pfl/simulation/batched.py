@@ -441,8 +441,7 @@ class NodeLearners(StackedModels):
 
     def fit(self, nodes: torch.Tensor, **_hyper: Any) -> torch.Tensor:
         def one(i: int) -> float:
-            learner = self.learners[i]
-            learner.set_weights(self.weights(self.flat[i].numpy()))
+            learner = self._loaded(i)
             loss = learner.fit().loss
             self.flat[i] = self.row(learner.get_weights())
             return loss
@@ -456,14 +455,18 @@ class NodeLearners(StackedModels):
         self, nodes: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         def one(i: int) -> tuple[float, float]:
-            learner = self.learners[i]
-            learner.set_weights(self.weights(self.flat[i].numpy()))
-            result = learner.evaluate()
+            result = self._loaded(i).evaluate()
             return result.accuracy, result.loss
 
         done = self._map(one, nodes.tolist())
         accuracy = torch.tensor([a for a, _ in done], dtype=torch.float64)
         return accuracy, torch.tensor([loss for _, loss in done], dtype=torch.float64)
+
+    def _loaded(self, i: int) -> TorchLearner:
+        """Node `i`'s learner holding its row of `flat` (merges change the rows)."""
+        learner = self.learners[i]
+        learner.set_weights(self.weights(self.flat[i].numpy()))
+        return learner
 
     def reseed(self, i: int) -> None:
         """A restarted node: a new learner (fresh SGD state, its loader's order from the start)."""
